@@ -1,0 +1,112 @@
+// The 4-bit codebooks and the decision thresholds that pick a code, shared by the CPU and CUDA kernels.
+// python/qlora/codebook.py holds the same tables; tests/test_quantize_4bit.py checks that they agree bit for bit.
+// Hex literals keep every value exact: the thresholds are bitsandbytes' decimal constants rounded to float32.
+#pragma once
+
+#include "qlora/common.cuh"
+
+namespace qlora {
+
+enum class QuantType : int { NF4 = 0, FP4 = 1 };
+
+// Codebook value of each 4-bit code, in code order.
+#define QLORA_NF4_VALUES                                                                              \
+  {-0x1p+0f,         -0x1.647362p-1f, -0x1.0cd660p-1f, -0x1.946540p-2f, -0x1.23449ap-2f, -0x1.7a6a7ep-3f, \
+   -0x1.74f0e2p-4f,  0x0p+0f,         0x1.45f5fep-4f,  0x1.4995c6p-3f,  0x1.f809bap-3f,  0x1.5a0674p-2f,  \
+   0x1.c34970p-2f,   0x1.200f56p-1f,  0x1.722766p-1f,  0x1p+0f}
+
+// FP4 (1 sign, 2 exponent, 1 mantissa bit) scaled so that the largest magnitude is 1; code 8 is -0.
+#define QLORA_FP4_VALUES                                                                              \
+  {0x0p+0f,          0x1.555556p-8f,  0x1.555556p-1f,  0x1p+0f,         0x1.555556p-2f,  0x1p-1f,         \
+   0x1.555556p-3f,   0x1p-2f,         -0x0p+0f,        -0x1.555556p-8f, -0x1.555556p-1f, -0x1p+0f,        \
+   -0x1.555556p-2f,  -0x1p-1f,        -0x1.555556p-3f, -0x1p-2f}
+
+// NF4: code = number of thresholds strictly below the scaled value (ties go to the lower code).
+#define QLORA_NF4_THRESHOLDS                                                                          \
+  {-0x1.b239b2p-1f, -0x1.38a4e0p-1f, -0x1.d70900p-2f, -0x1.5bd4ecp-2f, -0x1.e079d8p-3f,                   \
+   -0x1.1a7178p-3f, -0x1.74f0e2p-5f, 0x1.45f5fep-5f,  0x1.ec90c6p-4f,  0x1.a0cfc0p-3f,                    \
+   0x1.2b05a8p-2f,  0x1.8ea7f2p-2f,  0x1.00da06p-1f,  0x1.491b5ep-1f,  0x1.b913b2p-1f}
+
+// FP4: rank of |x| = number of these below |x|; kFP4CodeOfRank maps the rank to the 3 magnitude bits.
+#define QLORA_FP4_THRESHOLDS \
+  {0x1.555572p-9f, 0x1.6p-4f, 0x1.aaaaaap-3f, 0x1.2aaaaap-2f, 0x1.aaaaacp-2f, 0x1.2aaaa0p-1f, 0x1.aaaaaap-1f}
+
+// Magnitude codes in increasing value order, one nibble each (lowest nibble first): 0,1,6,7,4,5,2,3.
+constexpr uint32_t kFP4CodeOfRank = 0x32547610u;
+
+constexpr float kNF4Values[16] = QLORA_NF4_VALUES;
+constexpr float kFP4Values[16] = QLORA_FP4_VALUES;
+constexpr float kNF4Thresholds[15] = QLORA_NF4_THRESHOLDS;
+constexpr float kFP4Thresholds[7] = QLORA_FP4_THRESHOLDS;
+
+// Branch-free binary search: each step picks the next threshold with selects on compile-time constants,
+// so the same code runs on the host and the device without a table in memory.
+QLORA_HD uint32_t nf4_code(float x) {
+  constexpr float t[15] = QLORA_NF4_THRESHOLDS;
+  const bool b3 = x > t[7];
+  const bool b2 = x > (b3 ? t[11] : t[3]);
+  const float t1 = b3 ? (b2 ? t[13] : t[9]) : (b2 ? t[5] : t[1]);
+  const bool b1 = x > t1;
+  const float t0 = b3 ? (b2 ? (b1 ? t[14] : t[12]) : (b1 ? t[10] : t[8]))
+                      : (b2 ? (b1 ? t[6] : t[4]) : (b1 ? t[2] : t[0]));
+  const bool b0 = x > t0;
+  return (b3 ? 8u : 0u) | (b2 ? 4u : 0u) | (b1 ? 2u : 0u) | (b0 ? 1u : 0u);
+}
+
+QLORA_HD uint32_t fp4_code(float x) {
+  constexpr float t[7] = QLORA_FP4_THRESHOLDS;
+  const uint32_t sign = x < 0.0f ? 8u : 0u;
+  const float a = x < 0.0f ? -x : x;  // NaN stays NaN and falls to rank 0, like bitsandbytes
+  const bool b2 = a > t[3];
+  const bool b1 = a > (b2 ? t[5] : t[1]);
+  const float t0 = b2 ? (b1 ? t[6] : t[4]) : (b1 ? t[2] : t[0]);
+  const bool b0 = a > t0;
+  const uint32_t rank = (b2 ? 4u : 0u) | (b1 ? 2u : 0u) | (b0 ? 1u : 0u);
+  return sign | ((kFP4CodeOfRank >> (4u * rank)) & 0xfu);
+}
+
+template <QuantType QT>
+QLORA_HD uint32_t code_4bit(float scaled) {
+  if constexpr (QT == QuantType::NF4) {
+    return nf4_code(scaled);
+  } else {
+    return fp4_code(scaled);
+  }
+}
+
+// Index of the nearest entry of a sorted 256-entry code for x, exactly as bitsandbytes' 8-bit
+// blockwise quantizer finds it: a 7-step binary search, then a comparison with the float midpoint
+// of the neighbours, ties going to the search's final pivot.
+QLORA_HD uint32_t code_8bit(const float* code, float x) {
+  int pivot = 127, upper_pivot = 255, lower_pivot = 0;
+  float lower = -1.0f, upper = 1.0f;
+  float val = code[pivot];
+  for (int step = 64; step > 0; step >>= 1) {
+    if (x > val) {
+      lower_pivot = pivot;
+      lower = val;
+      pivot += step;
+    } else {
+      upper_pivot = pivot;
+      upper = val;
+      pivot -= step;
+    }
+    val = code[pivot];
+  }
+  if (upper_pivot == 255) upper = code[upper_pivot];
+  if (lower_pivot == 0) lower = code[lower_pivot];
+  if (x > val) {
+    const float midpoint = (upper + val) * 0.5f;
+    return x > midpoint ? upper_pivot : pivot;
+  }
+  const float midpoint = (lower + val) * 0.5f;
+  return x < midpoint ? lower_pivot : pivot;
+}
+
+QLORA_HD bool valid_blocksize_4bit(int64_t blocksize) {
+  return blocksize >= 32 && blocksize <= 4096 && (blocksize & (blocksize - 1)) == 0;
+}
+
+constexpr int kAbsmaxBlocksize = 256;  // second-level (double quantization) block size
+
+}  // namespace qlora

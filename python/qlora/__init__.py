@@ -1,0 +1,16 @@
+"""qlora: QLoRA fine-tuning on one GPU.
+
+Frozen base weights in 4 bits (NF4 or FP4, bitsandbytes-compatible), trainable LoRA adapters, and
+optimizer states that page out of GPU memory. Every kernel is a torch op, ``torch.ops.qlora.*``.
+"""
+
+import torch  # noqa: F401  (loads libtorch before the operator library)
+
+from . import _C  # noqa: F401  (registers torch.ops.qlora.*)
+from . import _ops  # noqa: F401  (fake kernels)
+from .codebook import dynamic_map
+from .quantization import QuantState, dequantize_4bit, quantize_4bit
+
+__version__ = "0.1.0"
+
+__all__ = ["QuantState", "quantize_4bit", "dequantize_4bit", "dynamic_map"]
