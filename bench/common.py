@@ -1,0 +1,190 @@
+"""Timing, device ceilings and reporting shared by every bench/bench_<stem>.py module.
+
+Each module defines ``run(ctx: Context) -> list[Row]``; ``python -m bench`` runs them all, prints one
+table and writes JSON and a PNG plot.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import itertools
+import json
+import os
+import platform
+import statistics
+import time
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+import torch
+
+
+@dataclasses.dataclass
+class Row:
+    bench: str            # module stem, e.g. "quantize_4bit"
+    case: str             # what is measured, e.g. "dequantize nf4+dq"
+    shape: str            # e.g. "8192x28672"
+    impl: str             # "qlora", "bitsandbytes", "torch bf16", ...
+    us: float             # median time in microseconds
+    bytes: float = 0.0    # fewest bytes the op must move (read + write)
+    flops: float = 0.0
+    note: str = ""
+
+    @property
+    def gbps(self) -> float:
+        return self.bytes / self.us / 1e3 if self.us else 0.0
+
+    @property
+    def tflops(self) -> float:
+        return self.flops / self.us / 1e6 if self.us else 0.0
+
+
+@dataclasses.dataclass
+class Context:
+    device: torch.device
+    quick: bool                     # small sizes (CPU, or a smoke run)
+    bnb: Optional[object]           # the bitsandbytes module when importable on this device
+    copy_gbps: float                # measured device-to-device copy bandwidth, bytes read + written
+    matmul_tflops: float            # measured bf16 matmul rate
+
+    @property
+    def cuda(self) -> bool:
+        return self.device.type == "cuda"
+
+
+def _import_bnb():
+    try:
+        import bitsandbytes  # noqa: F401
+        return bitsandbytes
+    except Exception:  # not installed, or installed without a usable native library
+        return None
+
+
+def rotating(make_inputs: Callable[[], tuple], bytes_per_set: float, min_total: float = 2.5 * 60e6, max_sets: int = 16):
+    """Enough independent input sets that cycling through them never hits a warm L2 (60 MB on H100/H200)."""
+    count = max(1, min(max_sets, int(min_total // max(bytes_per_set, 1)) + 1))
+    sets = [make_inputs() for _ in range(count)]
+    return itertools.cycle(sets).__next__
+
+
+def time_us(fn: Callable[[], object], device: torch.device, warmup_ms: float = 25, rep_ms: float = 100) -> float:
+    """Median time of fn() in µs: CUDA events via triton's do_bench when present, else a host clock."""
+    if device.type == "cuda":
+        try:
+            from triton.testing import do_bench
+            return do_bench(fn, warmup=warmup_ms, rep=rep_ms, return_mode="median") * 1e3
+        except ImportError:
+            return _time_events(fn)
+    fn()
+    samples = []
+    deadline = time.perf_counter() + rep_ms / 1e3
+    while len(samples) < 5 or (time.perf_counter() < deadline and len(samples) < 200):
+        t0 = time.perf_counter()
+        fn()
+        samples.append(time.perf_counter() - t0)
+    return statistics.median(samples) * 1e6
+
+
+def _time_events(fn, reps: int = 50) -> float:
+    for _ in range(5):
+        fn()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times) * 1e3
+
+
+@functools.lru_cache(maxsize=None)
+def measure_ceilings(device_str: str) -> tuple[float, float]:
+    """(copy GB/s counting read + write, bf16 matmul TFLOP/s) measured on this device now."""
+    device = torch.device(device_str)
+    if device.type != "cuda":
+        return 0.0, 0.0
+    src = torch.empty(2**30, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    copy_us = time_us(lambda: dst.copy_(src), device)
+    a = torch.randn(8192, 8192, dtype=torch.bfloat16, device=device)
+    b = torch.randn(8192, 8192, dtype=torch.bfloat16, device=device)
+    mm_us = time_us(lambda: a @ b, device)
+    del src, dst, a, b
+    torch.cuda.empty_cache()
+    return 2 * 2**30 / copy_us / 1e3, 2 * 8192**3 / mm_us / 1e6
+
+
+def make_context(device: str, quick: bool) -> Context:
+    dev = torch.device(device)
+    copy_gbps, mm_tflops = measure_ceilings(str(dev))
+    return Context(dev, quick, _import_bnb() if dev.type == "cuda" else None, copy_gbps, mm_tflops)
+
+
+def environment(ctx: Context) -> dict:
+    env = {"date": time.strftime("%Y-%m-%d"), "torch": torch.__version__, "python": platform.python_version(),
+           "device": str(ctx.device), "copy_GBps": round(ctx.copy_gbps, 1), "bf16_matmul_TFLOPs": round(ctx.matmul_tflops, 1)}
+    if ctx.cuda:
+        env["gpu"] = torch.cuda.get_device_name(ctx.device)
+    else:
+        env["cpu"] = platform.processor() or platform.machine()
+    if ctx.bnb is not None:
+        env["bitsandbytes"] = ctx.bnb.__version__
+    return env
+
+
+def format_table(rows: Sequence[Row], ctx: Context) -> str:
+    """One line per case and shape: each implementation's µs, qlora's bandwidth and its speed-up over the others."""
+    groups: dict[tuple, dict[str, Row]] = {}
+    for r in rows:
+        groups.setdefault((r.bench, r.case, r.shape), {})[r.impl] = r
+    impls = list(dict.fromkeys(r.impl for r in rows))
+    head = f"{'case':34} {'shape':18}" + "".join(f"{i[:16]:>17}" for i in impls) + f"{'GB/s':>9}{'of copy':>9}  ratios"
+    lines = [head, "-" * len(head)]
+    for (bench, case, shape), by_impl in groups.items():
+        cells = "".join(f"{by_impl[i].us:>15.1f}µs" if i in by_impl else f"{'':>17}" for i in impls)
+        ours = by_impl.get("qlora")
+        gbps = f"{ours.gbps:>9.0f}" if ours and ours.bytes else f"{'':>9}"
+        frac = f"{ours.gbps / ctx.copy_gbps:>8.0%} " if ours and ours.bytes and ctx.copy_gbps else f"{'':>9}"
+        ratios = "  ".join(f"{i}/qlora={by_impl[i].us / ours.us:.2f}x" for i in by_impl if ours and i != "qlora")
+        lines.append(f"{case[:34]:34} {shape[:18]:18}{cells}{gbps}{frac}  {ratios}")
+    return "\n".join(lines)
+
+
+def write_reports(rows: Sequence[Row], ctx: Context, out_dir: Path) -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    payload = {"environment": environment(ctx),
+               "rows": [dict(dataclasses.asdict(r), gbps=r.gbps, tflops=r.tflops) for r in rows]}
+    (out_dir / "results.json").write_text(json.dumps(payload, indent=1))
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib not installed: no plot written")
+        return
+    benches = list(dict.fromkeys(r.bench for r in rows))
+    fig, axes = plt.subplots(len(benches), 1, figsize=(11, 3.2 * len(benches)), squeeze=False)
+    for ax, bench in zip(axes[:, 0], benches):
+        sub = [r for r in rows if r.bench == bench]
+        labels = list(dict.fromkeys(f"{r.case}\n{r.shape}" for r in sub))
+        impls = list(dict.fromkeys(r.impl for r in sub))
+        width = 0.8 / len(impls)
+        for k, impl in enumerate(impls):
+            xs, ys = [], []
+            for j, label in enumerate(labels):
+                hit = [r for r in sub if r.impl == impl and f"{r.case}\n{r.shape}" == label]
+                if hit:
+                    xs.append(j + k * width)
+                    ys.append(hit[0].us)
+            ax.bar(xs, ys, width, label=impl)
+        ax.set_xticks([j + 0.4 - width / 2 for j in range(len(labels))], labels, fontsize=7)
+        ax.set_yscale("log")
+        ax.set_ylabel("µs (log)")
+        ax.set_title(f"{bench} on {environment(ctx).get('gpu', environment(ctx).get('cpu'))}", fontsize=9)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out_dir / "results.png", dpi=110)
+    plt.close(fig)
