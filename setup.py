@@ -51,9 +51,14 @@ class CMakeBuild(build_ext):
         subprocess.check_call(["cmake", "-S", str(ROOT), "-B", str(build_dir), *args])
         jobs = os.environ.get("MAX_JOBS", str(os.cpu_count() or 1))
         subprocess.check_call(["cmake", "--build", str(build_dir), "-j", jobs])
-        if self.editable_mode or self.inplace:
-            # setuptools copies only the extension module into the source tree; the library it links goes too.
-            shutil.copy2(out_dir / OPS_LIBRARY, ROOT / "python" / "qlora" / OPS_LIBRARY)
+
+    def copy_extensions_to_source(self):
+        # setuptools copies only the extension module into the source tree; the library it links goes too.
+        super().copy_extensions_to_source()
+        inplace, self.inplace = self.inplace, False
+        built = Path(self.get_ext_fullpath("qlora._C")).parent / OPS_LIBRARY
+        self.inplace = inplace
+        shutil.copy2(built, ROOT / "python" / "qlora" / OPS_LIBRARY)
 
     def get_outputs(self):
         outputs = super().get_outputs()
