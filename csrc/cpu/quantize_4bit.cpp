@@ -29,9 +29,10 @@ void quantize_blocks(const T* A, uint8_t* packed, float* absmax, int64_t n, int6
       const float block_absmax = bits_float(m);
       const float inv = inverse_scale(block_absmax);
       absmax[b] = block_absmax;
+      const Bucket* buckets = host_buckets<QT>();
       for (int64_t i = start; i < stop; i += 2) {
-        const uint32_t hi = code_4bit<QT>(static_cast<float>(A[i]) * inv);
-        const uint32_t lo = i + 1 < stop ? code_4bit<QT>(static_cast<float>(A[i + 1]) * inv) : code_4bit<QT>(0.0f);
+        const uint32_t hi = code_4bit<QT>(static_cast<float>(A[i]) * inv, buckets);
+        const uint32_t lo = code_4bit<QT>(i + 1 < stop ? static_cast<float>(A[i + 1]) * inv : 0.0f, buckets);
         packed[i / 2] = static_cast<uint8_t>((hi << 4) | lo);
       }
     }

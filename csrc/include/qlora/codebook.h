@@ -3,6 +3,8 @@
 // Hex literals keep every value exact: the thresholds are bitsandbytes' decimal constants rounded to float32.
 #pragma once
 
+#include <limits>
+
 #include "qlora/common.cuh"
 
 namespace qlora {
@@ -39,38 +41,75 @@ constexpr float kFP4Values[16] = QLORA_FP4_VALUES;
 constexpr float kNF4Thresholds[15] = QLORA_NF4_THRESHOLDS;
 constexpr float kFP4Thresholds[7] = QLORA_FP4_THRESHOLDS;
 
-// Branch-free binary search: each step picks the next threshold with selects on compile-time constants,
-// so the same code runs on the host and the device without a table in memory.
-QLORA_HD uint32_t nf4_code(float x) {
-  constexpr float t[15] = QLORA_NF4_THRESHOLDS;
-  const bool b3 = x > t[7];
-  const bool b2 = x > (b3 ? t[11] : t[3]);
-  const float t1 = b3 ? (b2 ? t[13] : t[9]) : (b2 ? t[5] : t[1]);
-  const bool b1 = x > t1;
-  const float t0 = b3 ? (b2 ? (b1 ? t[14] : t[12]) : (b1 ? t[10] : t[8]))
-                      : (b2 ? (b1 ? t[6] : t[4]) : (b1 ? t[2] : t[0]));
-  const bool b0 = x > t0;
-  return (b3 ? 8u : 0u) | (b2 ? 4u : 0u) | (b1 ? 2u : 0u) | (b0 ? 1u : 0u);
+// Code search by bucket: the scaled value's bucket (32 equal buckets over [-1, 1] for NF4, 16 over |x| in
+// [0, 1] for FP4) holds at most one threshold, so the code is the bucket's base count plus one comparison.
+// Buckets are narrower than the closest pair of thresholds, and no threshold lies within 1e-3 of a bucket
+// edge, so a value rounded into the neighbouring bucket still gets the right code; the tests probe every
+// threshold and its neighbours on both sides.
+struct Bucket {
+  float threshold;  // the threshold inside the bucket, or +inf
+  uint32_t base;    // thresholds below the bucket
+};
+
+template <int N>
+struct BucketTable {
+  Bucket bucket[N];
+};
+
+template <int N, int T>
+constexpr BucketTable<N> make_buckets(const float (&thresholds)[T], float lo) {
+  BucketTable<N> table{};
+  const float width = (1.0f - lo) / N;
+  for (int b = 0; b < N; ++b) {
+    const float edge = lo + b * width;
+    table.bucket[b] = {std::numeric_limits<float>::infinity(), 0};
+    for (int i = 0; i < T; ++i) {
+      if (thresholds[i] < edge) table.bucket[b].base += 1;
+      else if (thresholds[i] < edge + width) table.bucket[b].threshold = thresholds[i];
+    }
+  }
+  return table;
 }
 
-QLORA_HD uint32_t fp4_code(float x) {
-  constexpr float t[7] = QLORA_FP4_THRESHOLDS;
+constexpr int kNF4Buckets = 32;
+constexpr int kFP4Buckets = 16;
+constexpr BucketTable<kNF4Buckets> kNF4BucketTable = make_buckets<kNF4Buckets>(kNF4Thresholds, -1.0f);
+constexpr BucketTable<kFP4Buckets> kFP4BucketTable = make_buckets<kFP4Buckets>(kFP4Thresholds, 0.0f);
+
+// Bucket of v >= 0 scaled by `per_unit` buckets per 1.0; NaN and negatives go to bucket 0.
+QLORA_HD int bucket_index(float v, float per_unit, int count) {
+  const float f = v * per_unit;
+  return f >= 0.0f ? (f < static_cast<float>(count - 1) ? static_cast<int>(f) : count - 1) : 0;
+}
+
+QLORA_HD uint32_t nf4_code(float x, const Bucket* buckets) {
+  const Bucket b = buckets[bucket_index(x + 1.0f, kNF4Buckets / 2.0f, kNF4Buckets)];
+  return b.base + (x > b.threshold ? 1u : 0u);  // NaN: bucket 0, no comparison holds, code 0
+}
+
+QLORA_HD uint32_t fp4_code(float x, const Bucket* buckets) {
   const uint32_t sign = x < 0.0f ? 8u : 0u;
   const float a = x < 0.0f ? -x : x;  // NaN stays NaN and falls to rank 0, like bitsandbytes
-  const bool b2 = a > t[3];
-  const bool b1 = a > (b2 ? t[5] : t[1]);
-  const float t0 = b2 ? (b1 ? t[6] : t[4]) : (b1 ? t[2] : t[0]);
-  const bool b0 = a > t0;
-  const uint32_t rank = (b2 ? 4u : 0u) | (b1 ? 2u : 0u) | (b0 ? 1u : 0u);
+  const Bucket b = buckets[bucket_index(a, kFP4Buckets, kFP4Buckets)];
+  const uint32_t rank = b.base + (a > b.threshold ? 1u : 0u);
   return sign | ((kFP4CodeOfRank >> (4u * rank)) & 0xfu);
 }
 
 template <QuantType QT>
-QLORA_HD uint32_t code_4bit(float scaled) {
+QLORA_HD uint32_t code_4bit(float scaled, const Bucket* buckets) {
   if constexpr (QT == QuantType::NF4) {
-    return nf4_code(scaled);
+    return nf4_code(scaled, buckets);
   } else {
-    return fp4_code(scaled);
+    return fp4_code(scaled, buckets);
+  }
+}
+
+template <QuantType QT>
+constexpr const Bucket* host_buckets() {
+  if constexpr (QT == QuantType::NF4) {
+    return kNF4BucketTable.bucket;
+  } else {
+    return kFP4BucketTable.bucket;
   }
 }
 

@@ -9,6 +9,8 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include <algorithm>
+
 #include "qlora/codebook.h"
 
 namespace qlora {
@@ -92,10 +94,23 @@ __device__ __forceinline__ uint32_t warp_max_over(uint32_t m, int lanes) {
 // One thread per 8 consecutive elements; the blocksize/8 threads of a quantization block reduce their
 // absmax with shuffles (and through shared memory when the block spans several warps).
 // THREADS: the CTA size, at least blocksize/8 so that a block never straddles two CTAs.
+// Device copies of the code-search buckets (codebook.h), staged into shared memory by each CTA.
+static __constant__ BucketTable<kNF4Buckets> kNF4BucketsDevice = kNF4BucketTable;
+static __constant__ BucketTable<kFP4Buckets> kFP4BucketsDevice = kFP4BucketTable;
+
+template <QuantType QT>
+__device__ __forceinline__ void stage_buckets(Bucket* smem) {
+  constexpr int count = QT == QuantType::NF4 ? kNF4Buckets : kFP4Buckets;
+  if (threadIdx.x < count)
+    smem[threadIdx.x] = QT == QuantType::NF4 ? kNF4BucketsDevice.bucket[threadIdx.x] : kFP4BucketsDevice.bucket[threadIdx.x];
+}
+
 template <typename T, QuantType QT, int THREADS>
 __global__ void __launch_bounds__(THREADS) quantize_4bit_kernel(const T* __restrict__ A, uint8_t* __restrict__ packed,
                                                                  float* __restrict__ absmax, int64_t n, int log2_blocksize) {
   __shared__ uint32_t warp_max[THREADS / 32];
+  __shared__ Bucket buckets[kNF4Buckets];
+  stage_buckets<QT>(buckets);
   const int64_t e0 = (static_cast<int64_t>(blockIdx.x) * THREADS + threadIdx.x) * kElemsPerThread;
   float v[kElemsPerThread];
   if (e0 + kElemsPerThread <= n) {
@@ -110,10 +125,10 @@ __global__ void __launch_bounds__(THREADS) quantize_4bit_kernel(const T* __restr
 
   const int group_threads = (1 << log2_blocksize) / kElemsPerThread;
   m = warp_max_over(m, min(group_threads, 32));
+  const int warp = threadIdx.x / 32;
+  if (threadIdx.x % 32 == 0) warp_max[warp] = m;
+  __syncthreads();  // also publishes the staged buckets
   if (group_threads > 32) {
-    const int warp = threadIdx.x / 32;
-    if (threadIdx.x % 32 == 0) warp_max[warp] = m;
-    __syncthreads();
     const int group_warps = group_threads / 32;
     const int first = warp / group_warps * group_warps;
     for (int w = first; w < first + group_warps; ++w) m = max(m, warp_max[w]);
@@ -124,8 +139,8 @@ __global__ void __launch_bounds__(THREADS) quantize_4bit_kernel(const T* __restr
   uint32_t word = 0;
 #pragma unroll
   for (int j = 0; j < kElemsPerThread / 2; ++j) {
-    const uint32_t hi = code_4bit<QT>(v[2 * j] * inv);
-    const uint32_t lo = code_4bit<QT>(v[2 * j + 1] * inv);
+    const uint32_t hi = code_4bit<QT>(v[2 * j] * inv, buckets);
+    const uint32_t lo = code_4bit<QT>(v[2 * j + 1] * inv, buckets);
     word |= ((hi << 4) | lo) << (8 * j);
   }
   if (e0 + kElemsPerThread <= n) {
@@ -235,34 +250,40 @@ __global__ void __launch_bounds__(kDequantizeThreads) dequantize_4bit_kernel(
   __syncthreads();
   const AbsmaxReader read_absmax{absmax, qabsmax, absmax2, smem_code2, offset != nullptr ? *offset : 0.0f};
   const int64_t num_bytes = (n + 1) / 2;
-  const int64_t first_unit = static_cast<int64_t>(blockIdx.x) * kDequantizeThreads * kDequantizeUnits;
-  uint32_t words[kDequantizeUnits];
+  const int64_t num_units = (n + kElemsPerThread - 1) / kElemsPerThread;
+  constexpr int64_t tile = static_cast<int64_t>(kDequantizeThreads) * kDequantizeUnits;
+  // Persistent CTAs: the lookup tables above are built once per CTA, not once per tile.
+  for (int64_t first_unit = blockIdx.x * tile; first_unit < num_units; first_unit += static_cast<int64_t>(gridDim.x) * tile) {
+    uint32_t words[kDequantizeUnits];
 #pragma unroll
-  for (int u = 0; u < kDequantizeUnits; ++u) {
-    const int64_t b0 = (first_unit + u * kDequantizeThreads + threadIdx.x) * 4;
-    words[u] = 0;
-    if (b0 + 4 <= num_bytes) {
-      words[u] = __ldg(reinterpret_cast<const uint32_t*>(packed + b0));
-    } else {
-      for (int j = 0; j < 4 && b0 + j < num_bytes; ++j) words[u] |= static_cast<uint32_t>(packed[b0 + j]) << (8 * j);
+    for (int u = 0; u < kDequantizeUnits; ++u) {
+      const int64_t b0 = (first_unit + u * kDequantizeThreads + threadIdx.x) * 4;
+      words[u] = 0;
+      if (b0 + 4 <= num_bytes) {
+        words[u] = __ldg(reinterpret_cast<const uint32_t*>(packed + b0));
+      } else {
+        for (int j = 0; j < 4 && b0 + j < num_bytes; ++j) words[u] |= static_cast<uint32_t>(packed[b0 + j]) << (8 * j);
+      }
     }
-  }
 #pragma unroll
-  for (int u = 0; u < kDequantizeUnits; ++u) {
-    const int64_t e0 = (first_unit + u * kDequantizeThreads + threadIdx.x) * kElemsPerThread;
-    if (e0 >= n) break;
-    const float scale = read_absmax(e0 >> log2_blocksize);
-    float v[kElemsPerThread];
+    for (int u = 0; u < kDequantizeUnits; ++u) {
+      const int64_t e0 = (first_unit + u * kDequantizeThreads + threadIdx.x) * kElemsPerThread;
+      if (e0 >= n) break;
+      const float scale = read_absmax(e0 >> log2_blocksize);
+      float v[kElemsPerThread];
 #pragma unroll
-    for (int j = 0; j < 4; ++j) {
-      const float2 pair = pair_lut[(words[u] >> (8 * j)) & 0xffu];
-      v[2 * j] = pair.x * scale;
-      v[2 * j + 1] = pair.y * scale;
-    }
-    if (e0 + kElemsPerThread <= n) {
-      VecIO<T>::store8(out + e0, v);
-    } else {
-      for (int i = 0; e0 + i < n; ++i) out[e0 + i] = VecIO<T>::from_float(v[i]);
+      for (int j = 0; j < 4; ++j) {
+        const float2 pair = pair_lut[(words[u] >> (8 * j)) & 0xffu];
+        v[2 * j] = pair.x * scale;
+        v[2 * j + 1] = pair.y * scale;
+      }
+      if (e0 + kElemsPerThread <= n) {
+        VecIO<T>::store8(out + e0, v);
+      } else {
+#pragma unroll
+        for (int i = 0; i < kElemsPerThread; ++i)  // constant indices keep v in registers
+          if (e0 + i < n) out[e0 + i] = VecIO<T>::from_float(v[i]);
+      }
     }
   }
 }
@@ -311,24 +332,30 @@ inline cudaError_t launch_double_quantize(const float* absmax, const float* code
   return cudaGetLastError();
 }
 
+template <typename T, QuantType QT>
+cudaError_t launch_dequantize_4bit_as(const uint8_t* packed, const float* absmax, const uint8_t* qabsmax,
+                                      const float* absmax2, const float* code2, const float* offset, T* out, int64_t n,
+                                      int64_t blocksize, cudaStream_t stream) {
+  // One full wave of persistent CTAs: a partial last wave would leave SMs idle for its whole length.
+  static const int resident = resident_ctas_per_sm(dequantize_4bit_kernel<T, QT>, kDequantizeThreads);
+  const int64_t per_cta = static_cast<int64_t>(kDequantizeThreads) * kDequantizeUnits * kElemsPerThread;
+  const int64_t grid = std::min<int64_t>((n + per_cta - 1) / per_cta, int64_t{multiprocessor_count()} * resident);
+  dequantize_4bit_kernel<T, QT><<<static_cast<unsigned>(grid), kDequantizeThreads, 0, stream>>>(
+      packed, absmax, qabsmax, absmax2, code2, offset, out, n, log2_exact(blocksize));
+  return cudaGetLastError();
+}
+
 // Either absmax (plain) or qabsmax + absmax2 + code2 + offset (double-quantized) is non-null.
 template <typename T>
 cudaError_t launch_dequantize_4bit(const uint8_t* packed, const float* absmax, const uint8_t* qabsmax,
                                    const float* absmax2, const float* code2, const float* offset, T* out, int64_t n,
                                    int64_t blocksize, QuantType quant_type, cudaStream_t stream) {
   if (n == 0) return cudaSuccess;
-  const int64_t per_cta = static_cast<int64_t>(kDequantizeThreads) * kDequantizeUnits * kElemsPerThread;
-  const int64_t grid = (n + per_cta - 1) / per_cta;
-  if (grid > 0x7fffffff) return cudaErrorInvalidConfiguration;
-  const int log2_blocksize = log2_exact(blocksize);
-  if (quant_type == QuantType::NF4) {
-    dequantize_4bit_kernel<T, QuantType::NF4><<<static_cast<unsigned>(grid), kDequantizeThreads, 0, stream>>>(
-        packed, absmax, qabsmax, absmax2, code2, offset, out, n, log2_blocksize);
-  } else {
-    dequantize_4bit_kernel<T, QuantType::FP4><<<static_cast<unsigned>(grid), kDequantizeThreads, 0, stream>>>(
-        packed, absmax, qabsmax, absmax2, code2, offset, out, n, log2_blocksize);
-  }
-  return cudaGetLastError();
+  return quant_type == QuantType::NF4
+             ? launch_dequantize_4bit_as<T, QuantType::NF4>(packed, absmax, qabsmax, absmax2, code2, offset, out, n,
+                                                            blocksize, stream)
+             : launch_dequantize_4bit_as<T, QuantType::FP4>(packed, absmax, qabsmax, absmax2, code2, offset, out, n,
+                                                            blocksize, stream);
 }
 
 }  // namespace qlora
