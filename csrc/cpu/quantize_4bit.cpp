@@ -15,7 +15,8 @@ namespace qlora {
 namespace {
 
 constexpr int kMeanThreads = 256;  // mirrors the CUDA kernels' reduction shape
-constexpr int kMeanChunk = kMeanThreads * 32;
+constexpr int kMeanPerThread = 8;
+constexpr int kMeanChunk = kMeanThreads * kMeanPerThread;
 
 template <typename T, QuantType QT>
 void quantize_blocks(const T* A, uint8_t* packed, float* absmax, int64_t n, int64_t blocksize) {
@@ -60,8 +61,9 @@ std::tuple<at::Tensor, at::Tensor> quantize_4bit_cpu(const at::Tensor& A, int64_
   return {packed, absmax};
 }
 
-// The mean of the absmax in exactly the CUDA kernels' order: per chunk, thread t adds elements t, t+256, ...;
-// then a halving tree over the 256 thread sums; then the same two steps over the chunk sums.
+// The mean of the absmax in exactly the CUDA kernels' order: per chunk, thread t adds its 8 consecutive
+// elements; a halving tree over the 256 thread sums; then thread t adds chunk sums t, t+256, ... and the
+// same tree again.
 double tree_sum(std::vector<double>& lanes) {
   for (int stride = kMeanThreads / 2; stride > 0; stride >>= 1)
     for (int t = 0; t < stride; ++t) lanes[t] += lanes[t + stride];
@@ -76,8 +78,8 @@ float absmax_mean(const float* absmax, int64_t n) {
     for (int64_t c = begin; c < end; ++c) {
       for (int t = 0; t < kMeanThreads; ++t) {
         double acc = 0.0;
-        for (int j = 0; j < kMeanChunk / kMeanThreads; ++j) {
-          const int64_t i = c * kMeanChunk + j * kMeanThreads + t;
+        for (int j = 0; j < kMeanPerThread; ++j) {
+          const int64_t i = c * kMeanChunk + t * kMeanPerThread + j;
           if (i < n) acc += static_cast<double>(absmax[i]);
         }
         lanes[t] = acc;

@@ -113,6 +113,21 @@ constexpr const Bucket* host_buckets() {
   }
 }
 
+// Both decoded values of every packed byte (high nibble first), so a decoder reads two elements at once.
+struct alignas(8) FloatPair {
+  float x, y;
+};
+
+struct PairTable {
+  FloatPair pair[256];
+};
+
+constexpr PairTable make_pair_table(const float (&values)[16]) {
+  PairTable table{};
+  for (int byte = 0; byte < 256; ++byte) table.pair[byte] = {values[byte >> 4], values[byte & 15]};
+  return table;
+}
+
 // Index of the nearest entry of a sorted 256-entry code for x, exactly as bitsandbytes' 8-bit
 // blockwise quantizer finds it: a 7-step binary search, then a comparison with the float midpoint
 // of the neighbours, ties going to the search's final pivot.

@@ -15,16 +15,19 @@
 
 namespace qlora {
 
-// Elements one thread quantizes or dequantizes per step: 16 bytes of bf16/fp16 in, 4 packed bytes out.
-constexpr int kElemsPerThread = 8;
+// Quantize: 16 elements a thread (two 16-byte loads of bf16/fp16, 8 packed bytes out); a block of
+// blocksize elements is blocksize/16 consecutive threads, so the 256-thread CTA holds whole blocks.
+constexpr int kQuantizeElems = 16;
 constexpr int kQuantizeThreads = 256;
+// Dequantize: a unit is 4 packed bytes -> 8 elements (one 16-byte bf16 store); each thread loads
+// kDequantizeUnits units and their scales before decoding any, so that several loads are in flight.
+constexpr int kDequantizeElems = 8;
 constexpr int kDequantizeThreads = 256;
-// Each dequantize thread handles this many 8-element units, loaded before any is used, so that
-// several loads are in flight per thread.
 constexpr int kDequantizeUnits = 4;
-// Absmax values summed by one block of the mean's first pass (kMeanThreads threads, strided).
+// The absmax mean: each CTA sums kMeanChunk values (8 consecutive per thread), then one CTA sums the chunks.
 constexpr int kMeanThreads = 256;
-constexpr int kMeanChunk = kMeanThreads * 32;
+constexpr int kMeanPerThread = 8;
+constexpr int kMeanChunk = kMeanThreads * kMeanPerThread;
 
 template <typename T> struct VecIO;
 
@@ -91,12 +94,12 @@ __device__ __forceinline__ uint32_t warp_max_over(uint32_t m, int lanes) {
   return m;
 }
 
-// One thread per 8 consecutive elements; the blocksize/8 threads of a quantization block reduce their
-// absmax with shuffles (and through shared memory when the block spans several warps).
-// THREADS: the CTA size, at least blocksize/8 so that a block never straddles two CTAs.
-// Device copies of the code-search buckets (codebook.h), staged into shared memory by each CTA.
+// Device copies of the code-search buckets and of the decoded byte pairs (codebook.h), which each CTA
+// stages into shared memory.
 static __constant__ BucketTable<kNF4Buckets> kNF4BucketsDevice = kNF4BucketTable;
 static __constant__ BucketTable<kFP4Buckets> kFP4BucketsDevice = kFP4BucketTable;
+static __constant__ PairTable kNF4PairsDevice = make_pair_table(kNF4Values);
+static __constant__ PairTable kFP4PairsDevice = make_pair_table(kFP4Values);
 
 template <QuantType QT>
 __device__ __forceinline__ void stage_buckets(Bucket* smem) {
@@ -105,25 +108,27 @@ __device__ __forceinline__ void stage_buckets(Bucket* smem) {
     smem[threadIdx.x] = QT == QuantType::NF4 ? kNF4BucketsDevice.bucket[threadIdx.x] : kFP4BucketsDevice.bucket[threadIdx.x];
 }
 
-template <typename T, QuantType QT, int THREADS>
-__global__ void __launch_bounds__(THREADS) quantize_4bit_kernel(const T* __restrict__ A, uint8_t* __restrict__ packed,
-                                                                 float* __restrict__ absmax, int64_t n, int log2_blocksize) {
-  __shared__ uint32_t warp_max[THREADS / 32];
+template <typename T, QuantType QT>
+__global__ void __launch_bounds__(kQuantizeThreads, 6) quantize_4bit_kernel(const T* __restrict__ A, uint8_t* __restrict__ packed,
+                                                                          float* __restrict__ absmax, int64_t n,
+                                                                          int log2_blocksize) {
+  __shared__ uint32_t warp_max[kQuantizeThreads / 32];
   __shared__ Bucket buckets[kNF4Buckets];
   stage_buckets<QT>(buckets);
-  const int64_t e0 = (static_cast<int64_t>(blockIdx.x) * THREADS + threadIdx.x) * kElemsPerThread;
-  float v[kElemsPerThread];
-  if (e0 + kElemsPerThread <= n) {
+  const int64_t e0 = (static_cast<int64_t>(blockIdx.x) * kQuantizeThreads + threadIdx.x) * kQuantizeElems;
+  float v[kQuantizeElems];
+  if (e0 + kQuantizeElems <= n) {
     VecIO<T>::load8(A + e0, v);
+    VecIO<T>::load8(A + e0 + 8, v + 8);
   } else {
 #pragma unroll
-    for (int i = 0; i < kElemsPerThread; ++i) v[i] = e0 + i < n ? VecIO<T>::to_float(A[e0 + i]) : 0.0f;
+    for (int i = 0; i < kQuantizeElems; ++i) v[i] = e0 + i < n ? VecIO<T>::to_float(A[e0 + i]) : 0.0f;
   }
   uint32_t m = 0;
 #pragma unroll
-  for (int i = 0; i < kElemsPerThread; ++i) m = max(m, abs_bits(v[i]));
+  for (int i = 0; i < kQuantizeElems; ++i) m = max(m, abs_bits(v[i]));
 
-  const int group_threads = (1 << log2_blocksize) / kElemsPerThread;
+  const int group_threads = (1 << log2_blocksize) / kQuantizeElems;
   m = warp_max_over(m, min(group_threads, 32));
   const int warp = threadIdx.x / 32;
   if (threadIdx.x % 32 == 0) warp_max[warp] = m;
@@ -136,18 +141,20 @@ __global__ void __launch_bounds__(THREADS) quantize_4bit_kernel(const T* __restr
   const float block_absmax = bits_float(m);
   const float inv = inverse_scale(block_absmax);
 
-  uint32_t word = 0;
+  uint32_t words[2] = {0, 0};
 #pragma unroll
-  for (int j = 0; j < kElemsPerThread / 2; ++j) {
+  for (int j = 0; j < kQuantizeElems / 2; ++j) {
     const uint32_t hi = code_4bit<QT>(v[2 * j] * inv, buckets);
     const uint32_t lo = code_4bit<QT>(v[2 * j + 1] * inv, buckets);
-    word |= ((hi << 4) | lo) << (8 * j);
+    words[j / 4] |= ((hi << 4) | lo) << (8 * (j % 4));
   }
-  if (e0 + kElemsPerThread <= n) {
-    *reinterpret_cast<uint32_t*>(packed + e0 / 2) = word;
+  if (e0 + kQuantizeElems <= n) {
+    *reinterpret_cast<uint2*>(packed + e0 / 2) = make_uint2(words[0], words[1]);
   } else if (e0 < n) {
     const int64_t bytes = (n - e0 + 1) / 2;
-    for (int j = 0; j < bytes; ++j) packed[e0 / 2 + j] = static_cast<uint8_t>(word >> (8 * j));
+#pragma unroll
+    for (int j = 0; j < kQuantizeElems / 2; ++j)
+      if (j < bytes) packed[e0 / 2 + j] = static_cast<uint8_t>(words[j / 4] >> (8 * (j % 4)));
   }
   if (e0 < n && (threadIdx.x & (group_threads - 1)) == 0) absmax[e0 >> log2_blocksize] = block_absmax;
 }
@@ -160,41 +167,43 @@ __device__ __forceinline__ double block_sum_fixed_order(double acc, double* smem
     if (threadIdx.x < stride) smem[threadIdx.x] += smem[threadIdx.x + stride];
     __syncthreads();
   }
-  const double total = smem[0];
-  __syncthreads();
-  return total;
+  return smem[0];
 }
 
-__global__ void __launch_bounds__(kMeanThreads) absmax_partial_sums_kernel(const float* __restrict__ absmax,
-                                                                            double* __restrict__ partial, int64_t n) {
+// Pass 1 of the mean: one double per chunk of kMeanChunk absmax values.
+static __global__ void __launch_bounds__(kMeanThreads) absmax_partial_sums_kernel(const float* __restrict__ absmax,
+                                                                                   double* __restrict__ partial,
+                                                                                   int64_t n) {
   __shared__ double smem[kMeanThreads];
-  const int64_t base = static_cast<int64_t>(blockIdx.x) * kMeanChunk;
+  const int64_t first = static_cast<int64_t>(blockIdx.x) * kMeanChunk + threadIdx.x * kMeanPerThread;
   double acc = 0.0;
-  for (int j = 0; j < kMeanChunk / kMeanThreads; ++j) {
-    const int64_t i = base + j * kMeanThreads + threadIdx.x;
-    if (i < n) acc += static_cast<double>(absmax[i]);
-  }
+#pragma unroll
+  for (int j = 0; j < kMeanPerThread; ++j)
+    if (first + j < n) acc += static_cast<double>(absmax[first + j]);
   const double total = block_sum_fixed_order(acc, smem);
   if (threadIdx.x == 0) partial[blockIdx.x] = total;
 }
 
-// One CTA per block of 256 absmax values. Every CTA sums the partial sums itself (in the same fixed
-// order), which costs a few hundred loads and saves a launch and a grid-wide dependency.
-__global__ void __launch_bounds__(kAbsmaxBlocksize) double_quantize_kernel(
-    const float* __restrict__ absmax, const double* __restrict__ partial, int64_t num_partials,
-    const float* __restrict__ code, uint8_t* __restrict__ qabsmax, float* __restrict__ absmax2,
-    float* __restrict__ offset_out, int64_t n) {
-  static_assert(kAbsmaxBlocksize == kMeanThreads, "one thread per absmax in the second pass");
+// Pass 2: one CTA adds the chunk sums and writes the mean as float32.
+static __global__ void __launch_bounds__(kMeanThreads) absmax_mean_kernel(const double* __restrict__ partial,
+                                                                           int64_t num_partials, int64_t n,
+                                                                           float* __restrict__ offset) {
   __shared__ double smem[kMeanThreads];
+  double acc = 0.0;
+  for (int64_t i = threadIdx.x; i < num_partials; i += kMeanThreads) acc += partial[i];
+  const double total = block_sum_fixed_order(acc, smem);
+  if (threadIdx.x == 0) *offset = static_cast<float>(total / static_cast<double>(n));
+}
+
+// Pass 3: one CTA per block of 256 absmax values: absmax - mean as 8-bit codes and the block's scale.
+static __global__ void __launch_bounds__(kAbsmaxBlocksize) double_quantize_kernel(
+    const float* __restrict__ absmax, const float* __restrict__ offset, const float* __restrict__ code,
+    uint8_t* __restrict__ qabsmax, float* __restrict__ absmax2, int64_t n) {
   __shared__ float smem_code[256];
   __shared__ uint32_t warp_max[kAbsmaxBlocksize / 32];
   smem_code[threadIdx.x] = code[threadIdx.x];
-  double acc = 0.0;
-  for (int64_t i = threadIdx.x; i < num_partials; i += kMeanThreads) acc += partial[i];
-  const float offset = static_cast<float>(block_sum_fixed_order(acc, smem) / static_cast<double>(n));
-
   const int64_t i = static_cast<int64_t>(blockIdx.x) * kAbsmaxBlocksize + threadIdx.x;
-  const float centered = i < n ? absmax[i] - offset : 0.0f;
+  const float centered = i < n ? absmax[i] - *offset : 0.0f;
   const uint32_t m = warp_max_over(abs_bits(centered), 32);
   if (threadIdx.x % 32 == 0) warp_max[threadIdx.x / 32] = m;
   __syncthreads();
@@ -203,24 +212,8 @@ __global__ void __launch_bounds__(kAbsmaxBlocksize) double_quantize_kernel(
   for (int w = 0; w < kAbsmaxBlocksize / 32; ++w) block_max = max(block_max, warp_max[w]);
   const float scale = bits_float(block_max);
   if (i < n) qabsmax[i] = static_cast<uint8_t>(code_8bit(smem_code, centered * inverse_scale(scale)));
-  if (threadIdx.x == 0) {
-    absmax2[blockIdx.x] = scale;
-    if (blockIdx.x == 0) *offset_out = offset;
-  }
+  if (threadIdx.x == 0) absmax2[blockIdx.x] = scale;
 }
-
-// Absmax of block `b`, plain or double-quantized (code2[q] * absmax2 + offset, rounded as bitsandbytes does).
-struct AbsmaxReader {
-  const float* absmax;     // plain absmax, or nullptr when double-quantized
-  const uint8_t* qabsmax;  // 8-bit codes of absmax - offset
-  const float* absmax2;    // one per 256 codes
-  const float* code2;      // 256-entry second-level code, staged in shared memory by the kernel
-  float offset;
-  __device__ __forceinline__ float operator()(int64_t b) const {
-    if (absmax != nullptr) return __ldg(absmax + b);
-    return mul_then_add(code2[__ldg(qabsmax + b)], __ldg(absmax2 + b / kAbsmaxBlocksize), offset);
-  }
-};
 
 template <typename T, QuantType QT>
 __global__ void __launch_bounds__(kDequantizeThreads) dequantize_4bit_kernel(
@@ -228,60 +221,62 @@ __global__ void __launch_bounds__(kDequantizeThreads) dequantize_4bit_kernel(
     const float* __restrict__ absmax2, const float* __restrict__ code2, const float* __restrict__ offset,
     T* __restrict__ out, int64_t n, int log2_blocksize) {
   // Both values of every byte, so one shared-memory load decodes two elements.
-  __shared__ float2 pair_lut[256];
+  __shared__ FloatPair pair_lut[256];
   __shared__ float smem_code2[256];
-  {
-    constexpr float values_nf4[16] = QLORA_NF4_VALUES;
-    constexpr float values_fp4[16] = QLORA_FP4_VALUES;
-    float values[16];
-#pragma unroll
-    for (int i = 0; i < 16; ++i) values[i] = QT == QuantType::NF4 ? values_nf4[i] : values_fp4[i];
-    for (int byte = threadIdx.x; byte < 256; byte += kDequantizeThreads) {
-      float hi = 0.0f, lo = 0.0f;
-#pragma unroll
-      for (int i = 0; i < 16; ++i) {
-        hi = (byte >> 4) == i ? values[i] : hi;
-        lo = (byte & 15) == i ? values[i] : lo;
-      }
-      pair_lut[byte] = make_float2(hi, lo);
-      if (code2 != nullptr) smem_code2[byte] = code2[byte];
-    }
+  for (int byte = threadIdx.x; byte < 256; byte += kDequantizeThreads) {
+    pair_lut[byte] = QT == QuantType::NF4 ? kNF4PairsDevice.pair[byte] : kFP4PairsDevice.pair[byte];
+    if (code2 != nullptr) smem_code2[byte] = code2[byte];
   }
   __syncthreads();
-  const AbsmaxReader read_absmax{absmax, qabsmax, absmax2, smem_code2, offset != nullptr ? *offset : 0.0f};
+  const bool double_quant = absmax == nullptr;
+  const float mean = double_quant ? *offset : 0.0f;
   const int64_t num_bytes = (n + 1) / 2;
-  const int64_t num_units = (n + kElemsPerThread - 1) / kElemsPerThread;
+  const int64_t num_units = (n + kDequantizeElems - 1) / kDequantizeElems;
   constexpr int64_t tile = static_cast<int64_t>(kDequantizeThreads) * kDequantizeUnits;
-  // Persistent CTAs: the lookup tables above are built once per CTA, not once per tile.
+  // Persistent CTAs: the tables above are staged once per CTA, not once per tile.
   for (int64_t first_unit = blockIdx.x * tile; first_unit < num_units; first_unit += static_cast<int64_t>(gridDim.x) * tile) {
     uint32_t words[kDequantizeUnits];
+    float scales[kDequantizeUnits];  // plain absmax, or absmax2 of the unit's block when double-quantized
+    uint32_t qcodes[kDequantizeUnits];
 #pragma unroll
     for (int u = 0; u < kDequantizeUnits; ++u) {
-      const int64_t b0 = (first_unit + u * kDequantizeThreads + threadIdx.x) * 4;
+      const int64_t unit = first_unit + u * kDequantizeThreads + threadIdx.x;
+      const int64_t b0 = unit * 4;
       words[u] = 0;
+      scales[u] = 0.0f;
+      qcodes[u] = 0;
+      if (unit >= num_units) continue;
       if (b0 + 4 <= num_bytes) {
         words[u] = __ldg(reinterpret_cast<const uint32_t*>(packed + b0));
       } else {
         for (int j = 0; j < 4 && b0 + j < num_bytes; ++j) words[u] |= static_cast<uint32_t>(packed[b0 + j]) << (8 * j);
       }
+      const int64_t block = (unit * kDequantizeElems) >> log2_blocksize;
+      if (double_quant) {
+        qcodes[u] = __ldg(qabsmax + block);
+        scales[u] = __ldg(absmax2 + block / kAbsmaxBlocksize);
+      } else {
+        scales[u] = __ldg(absmax + block);
+      }
     }
 #pragma unroll
     for (int u = 0; u < kDequantizeUnits; ++u) {
-      const int64_t e0 = (first_unit + u * kDequantizeThreads + threadIdx.x) * kElemsPerThread;
+      const int64_t e0 = (first_unit + u * kDequantizeThreads + threadIdx.x) * kDequantizeElems;
       if (e0 >= n) break;
-      const float scale = read_absmax(e0 >> log2_blocksize);
-      float v[kElemsPerThread];
+      // code2[q] * absmax2 + mean, rounded twice as bitsandbytes does.
+      const float scale = double_quant ? mul_then_add(smem_code2[qcodes[u]], scales[u], mean) : scales[u];
+      float v[kDequantizeElems];
 #pragma unroll
       for (int j = 0; j < 4; ++j) {
-        const float2 pair = pair_lut[(words[u] >> (8 * j)) & 0xffu];
+        const FloatPair pair = pair_lut[(words[u] >> (8 * j)) & 0xffu];
         v[2 * j] = pair.x * scale;
         v[2 * j + 1] = pair.y * scale;
       }
-      if (e0 + kElemsPerThread <= n) {
+      if (e0 + kDequantizeElems <= n) {
         VecIO<T>::store8(out + e0, v);
       } else {
 #pragma unroll
-        for (int i = 0; i < kElemsPerThread; ++i)  // constant indices keep v in registers
+        for (int i = 0; i < kDequantizeElems; ++i)  // constant indices keep v in registers
           if (e0 + i < n) out[e0 + i] = VecIO<T>::from_float(v[i]);
       }
     }
@@ -300,18 +295,14 @@ template <typename T>
 cudaError_t launch_quantize_4bit(const T* A, uint8_t* packed, float* absmax, int64_t n, int64_t blocksize,
                                  QuantType quant_type, cudaStream_t stream) {
   if (n == 0) return cudaSuccess;
-  const int log2_blocksize = log2_exact(blocksize);
-  const bool wide = blocksize / kElemsPerThread > kQuantizeThreads;  // only blocksize 4096
-  const int threads = wide ? 2 * kQuantizeThreads : kQuantizeThreads;
-  const int64_t grid = (n + static_cast<int64_t>(threads) * kElemsPerThread - 1) / (threads * kElemsPerThread);
+  constexpr int64_t per_cta = static_cast<int64_t>(kQuantizeThreads) * kQuantizeElems;
+  const int64_t grid = (n + per_cta - 1) / per_cta;
   if (grid > 0x7fffffff) return cudaErrorInvalidConfiguration;
-  const dim3 g(static_cast<unsigned>(grid));
+  const int log2_blocksize = log2_exact(blocksize);
   if (quant_type == QuantType::NF4) {
-    if (wide) quantize_4bit_kernel<T, QuantType::NF4, 2 * kQuantizeThreads><<<g, threads, 0, stream>>>(A, packed, absmax, n, log2_blocksize);
-    else quantize_4bit_kernel<T, QuantType::NF4, kQuantizeThreads><<<g, threads, 0, stream>>>(A, packed, absmax, n, log2_blocksize);
+    quantize_4bit_kernel<T, QuantType::NF4><<<static_cast<unsigned>(grid), kQuantizeThreads, 0, stream>>>(A, packed, absmax, n, log2_blocksize);
   } else {
-    if (wide) quantize_4bit_kernel<T, QuantType::FP4, 2 * kQuantizeThreads><<<g, threads, 0, stream>>>(A, packed, absmax, n, log2_blocksize);
-    else quantize_4bit_kernel<T, QuantType::FP4, kQuantizeThreads><<<g, threads, 0, stream>>>(A, packed, absmax, n, log2_blocksize);
+    quantize_4bit_kernel<T, QuantType::FP4><<<static_cast<unsigned>(grid), kQuantizeThreads, 0, stream>>>(A, packed, absmax, n, log2_blocksize);
   }
   return cudaGetLastError();
 }
@@ -324,11 +315,10 @@ inline cudaError_t launch_double_quantize(const float* absmax, const float* code
   if (n == 0) return cudaSuccess;
   const int64_t num_partials = absmax_num_partials(n);
   absmax_partial_sums_kernel<<<static_cast<unsigned>(num_partials), kMeanThreads, 0, stream>>>(absmax, partial, n);
-  cudaError_t err = cudaGetLastError();
-  if (err != cudaSuccess) return err;
+  absmax_mean_kernel<<<1, kMeanThreads, 0, stream>>>(partial, num_partials, n, offset);
   const int64_t blocks = (n + kAbsmaxBlocksize - 1) / kAbsmaxBlocksize;
-  double_quantize_kernel<<<static_cast<unsigned>(blocks), kAbsmaxBlocksize, 0, stream>>>(
-      absmax, partial, num_partials, code, qabsmax, absmax2, offset, n);
+  double_quantize_kernel<<<static_cast<unsigned>(blocks), kAbsmaxBlocksize, 0, stream>>>(absmax, offset, code, qabsmax,
+                                                                                         absmax2, n);
   return cudaGetLastError();
 }
 
@@ -338,7 +328,7 @@ cudaError_t launch_dequantize_4bit_as(const uint8_t* packed, const float* absmax
                                       int64_t blocksize, cudaStream_t stream) {
   // One full wave of persistent CTAs: a partial last wave would leave SMs idle for its whole length.
   static const int resident = resident_ctas_per_sm(dequantize_4bit_kernel<T, QT>, kDequantizeThreads);
-  const int64_t per_cta = static_cast<int64_t>(kDequantizeThreads) * kDequantizeUnits * kElemsPerThread;
+  const int64_t per_cta = static_cast<int64_t>(kDequantizeThreads) * kDequantizeUnits * kDequantizeElems;
   const int64_t grid = std::min<int64_t>((n + per_cta - 1) / per_cta, int64_t{multiprocessor_count()} * resident);
   dequantize_4bit_kernel<T, QT><<<static_cast<unsigned>(grid), kDequantizeThreads, 0, stream>>>(
       packed, absmax, qabsmax, absmax2, code2, offset, out, n, log2_exact(blocksize));
