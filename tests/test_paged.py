@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import gc
 import warnings
 
@@ -16,8 +17,11 @@ from conftest import cuda_only
 GiB = 2**30
 
 
+@functools.lru_cache(maxsize=None)
 def _pageable() -> bool:
-    """Whether this GPU pages unified memory; a paged_empty that falls back must say so in a warning."""
+    """Whether this GPU pages unified memory; a paged_empty that falls back must say so in a warning.
+
+    Cached: the warning is issued once per process, so only the first call can see it."""
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         t = paged_empty((1024,), device="cuda")
