@@ -12,3 +12,30 @@ TORCH_LIBRARY(qlora, m) {
       "dequantize_4bit(Tensor packed, Tensor absmax, int blocksize, str quant_type, SymInt[] shape, "
       "ScalarType dtype, Tensor? absmax2=None, Tensor? code2=None, Tensor? offset=None) -> Tensor");
 }
+
+// ---- paged optimizers: unified memory and fused AdamW ------------------------------------------------------
+TORCH_LIBRARY_FRAGMENT(qlora, m) {
+  // An uninitialised tensor in CUDA unified memory, which the driver pages between the GPU and the host
+  // under memory pressure; refuses to allocate more than the GPU has free. On a GPU without concurrent
+  // managed access it warns and returns ordinary device memory; on the CPU it is an ordinary tensor.
+  m.def("paged_empty(SymInt[] size, ScalarType dtype, Device device) -> Tensor");
+  // Migrates a paged tensor's pages to its GPU (to_device) or to the host, ordered on the current stream.
+  // A no-op for tensors that are not paged.
+  m.def("paged_prefetch(Tensor t, bool to_device=True) -> ()");
+  // Sets the preferred location of a paged tensor's pages: "device", "host", or "none" to clear it.
+  m.def("paged_advise(Tensor t, str location=\"device\") -> ()");
+  // Whether a tensor lives in unified memory.
+  m.def("is_paged(Tensor t) -> bool");
+  // One AdamW step over many tensors with float32 states; steps[i] is tensor i's step count, already
+  // incremented. lr_tensor, when given, overrides lr. Elements whose gradient is not finite are skipped.
+  m.def(
+      "adamw_32bit(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, "
+      "Tensor[] steps, float lr, float beta1, float beta2, float eps, float weight_decay, "
+      "Tensor? lr_tensor=None) -> ()");
+  // The same with 8-bit blockwise states in bitsandbytes' layout: state1/state2 uint8 codes of qmap1 (signed)
+  // and qmap2 (unsigned dynamic code), absmax1/absmax2 one float32 per block of 256 elements.
+  m.def(
+      "adamw_8bit_blockwise(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] state1, Tensor(c!)[] state2, "
+      "Tensor(d!)[] absmax1, Tensor(e!)[] absmax2, Tensor qmap1, Tensor qmap2, Tensor[] steps, float lr, "
+      "float beta1, float beta2, float eps, float weight_decay, Tensor? lr_tensor=None) -> ()");
+}

@@ -10,6 +10,7 @@ from . import _C  # noqa: F401  (registers torch.ops.qlora.*)
 from . import _ops  # noqa: F401  (fake kernels)
 from .codebook import dynamic_map
 from .quantization import QuantState, dequantize_4bit, quantize_4bit
+from . import optim  # noqa: E402  (qlora.optim: fused and paged AdamW)
 
 __version__ = "0.1.0"
 

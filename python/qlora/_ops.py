@@ -29,3 +29,37 @@ def _double_quantize_fake(absmax, code):
 @torch.library.register_fake("qlora::dequantize_4bit")
 def _dequantize_4bit_fake(packed, absmax, blocksize, quant_type, shape, dtype, absmax2=None, code2=None, offset=None):
     return packed.new_empty(shape, dtype=dtype)
+
+
+# ---- paged optimizers ---------------------------------------------------------------------------------------
+
+@torch.library.register_fake("qlora::paged_empty")
+def _paged_empty_fake(size, dtype, device):
+    return torch.empty(size, dtype=dtype, device=device)
+
+
+@torch.library.register_fake("qlora::paged_prefetch")
+def _paged_prefetch_fake(t, to_device=True):
+    return None
+
+
+@torch.library.register_fake("qlora::paged_advise")
+def _paged_advise_fake(t, location="device"):
+    return None
+
+
+@torch.library.register_fake("qlora::is_paged")
+def _is_paged_fake(t):
+    return False
+
+
+@torch.library.register_fake("qlora::adamw_32bit")
+def _adamw_32bit_fake(params, grads, exp_avgs, exp_avg_sqs, steps, lr, beta1, beta2, eps, weight_decay,
+                      lr_tensor=None):
+    return None
+
+
+@torch.library.register_fake("qlora::adamw_8bit_blockwise")
+def _adamw_8bit_blockwise_fake(params, grads, state1, state2, absmax1, absmax2, qmap1, qmap2, steps, lr, beta1,
+                               beta2, eps, weight_decay, lr_tensor=None):
+    return None

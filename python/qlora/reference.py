@@ -7,6 +7,8 @@ the kernels bit for bit.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from .codebook import (ABSMAX_BLOCKSIZE, FP4_CODE_OF_RANK, FP4_THRESHOLDS, NF4_THRESHOLDS, code_values)
@@ -102,3 +104,90 @@ def dequantize_4bit(packed, absmax, blocksize, quant_type, shape, dtype, absmax2
     values = code_values(quant_type, device=packed.device)[codes]
     scale = absmax.repeat_interleave(blocksize)[:n]
     return (values * scale).to(dtype).reshape(shape)
+
+
+# ---- AdamW (the fused optimizer ops) ------------------------------------------------------------------------
+# Every float32 operation below is one torch op, rounded once, in the kernels' order, so the reference
+# reproduces the kernels' bits; the per-tensor constants are computed in Python floats (double) as the
+# kernels compute them.
+
+OPTIMIZER_BLOCKSIZE = 256
+_CODE_TOP_INDEX = (127, 63, 191, 31, 95, 159, 223)
+
+
+def _pow_int(base: float, e: int) -> float:
+    result = 1.0
+    while e > 0:
+        if e & 1:
+            result *= base
+        base *= base
+        e >>= 1
+    return result
+
+
+def adamw_scalars(lr: float, step: float, beta1: float, beta2: float, eps: float, weight_decay: float) -> dict:
+    """The per-tensor float32 constants of one AdamW step (bias corrections as torch.optim.AdamW)."""
+    t = int(step)
+    bc1 = 1.0 - _pow_int(beta1, t)
+    bc2 = 1.0 - _pow_int(beta2, t)
+    f32 = lambda x: torch.tensor(x, dtype=torch.float32)  # noqa: E731
+    return {"decay": f32(1.0 - lr * weight_decay), "one_minus_beta1": f32(1.0 - beta1), "beta2": f32(beta2),
+            "one_minus_beta2": f32(1.0 - beta2), "neg_step_size": f32(-(lr / bc1)), "bc2_sqrt": f32(math.sqrt(bc2)),
+            "eps": f32(eps)}
+
+
+def adamw_elements(p, g, m, v, s):
+    """New (p, m, v) in float32; elements whose gradient is not finite keep their old values."""
+    s = {k: x.to(p.device) for k, x in s.items()}
+    p2 = p * s["decay"]
+    m2 = m + s["one_minus_beta1"] * (g - m)
+    v2 = v * s["beta2"] + (s["one_minus_beta2"] * g) * g
+    # A full tensor as divisor: torch turns division by a scalar into multiplication by its reciprocal.
+    # sqrt in float64 rounded once to float32 is the correctly rounded float32 sqrt (torch's float32 CPU sqrt
+    # is not always).
+    denom = torch.sqrt(v2.double()).float() / torch.full_like(v2, s["bc2_sqrt"].item()) + s["eps"]
+    p2 = p2 + (s["neg_step_size"] * m2) / denom
+    ok = torch.isfinite(g)
+    return torch.where(ok, p2, p), torch.where(ok, m2, m), torch.where(ok, v2, v)
+
+
+def adamw_32bit(params, grads, exp_avgs, exp_avg_sqs, steps, lr, beta1, beta2, eps, weight_decay, lr_tensor=None):
+    """In-place AdamW step with float32 states, as the adamw_32bit op computes it."""
+    lr = float(lr_tensor) if lr_tensor is not None else lr
+    for p, g, m, v, step in zip(params, grads, exp_avgs, exp_avg_sqs, steps):
+        s = adamw_scalars(lr, float(step), beta1, beta2, eps, weight_decay)
+        p2, m2, v2 = adamw_elements(p.float(), g.float(), m, v, s)
+        p.copy_(p2.to(p.dtype))
+        m.copy_(m2)
+        v.copy_(v2)
+
+
+def _code_state1(code, scaled, value):
+    c = code_8bit(code, scaled)
+    mismatch = torch.signbit(code[c]) != torch.signbit(value)
+    up = mismatch & (value > 0) & (c < 255)
+    down = mismatch & (value <= 0) & (c > 0)
+    return c + up.long() - down.long()
+
+
+def adamw_8bit_blockwise(params, grads, state1, state2, absmax1, absmax2, qmap1, qmap2, steps, lr, beta1, beta2,
+                         eps, weight_decay, lr_tensor=None):
+    """In-place AdamW step with 8-bit blockwise states, as the adamw_8bit_blockwise op computes it."""
+    lr = float(lr_tensor) if lr_tensor is not None else lr
+    for p, g, c1, c2, a1, a2, step in zip(params, grads, state1, state2, absmax1, absmax2, steps):
+        s = adamw_scalars(lr, float(step), beta1, beta2, eps, weight_decay)
+        n = p.numel()
+        scale1 = a1.repeat_interleave(OPTIMIZER_BLOCKSIZE)[:n]
+        scale2 = a2.repeat_interleave(OPTIMIZER_BLOCKSIZE)[:n]
+        m = qmap1[c1.reshape(-1).long()] * scale1
+        v = qmap2[c2.reshape(-1).long()] * scale2
+        p2, m2, v2 = adamw_elements(p.reshape(-1).float(), g.reshape(-1).float(), m, v, s)
+        new1 = _absmax(_blocks(m2, OPTIMIZER_BLOCKSIZE))
+        new2 = _absmax(_blocks(v2, OPTIMIZER_BLOCKSIZE))
+        inv1 = _inverse_scale(new1).repeat_interleave(OPTIMIZER_BLOCKSIZE)[:n]
+        inv2 = _inverse_scale(new2).repeat_interleave(OPTIMIZER_BLOCKSIZE)[:n]
+        p.copy_(p2.to(p.dtype).view_as(p))
+        c1.copy_(_code_state1(qmap1, m2 * inv1, m2).to(torch.uint8).view_as(c1))
+        c2.copy_(code_8bit(qmap2, v2 * inv2).to(torch.uint8).view_as(c2))
+        a1.copy_(new1)
+        a2.copy_(new2)
