@@ -10,7 +10,9 @@ from . import _C  # noqa: F401  (registers torch.ops.qlora.*)
 from . import _ops  # noqa: F401  (fake kernels)
 from .codebook import dynamic_map
 from .quantization import QuantState, dequantize_4bit, quantize_4bit
+from .lora_linear import lora_linear_4bit
+from . import nn  # noqa: E402
 
 __version__ = "0.1.0"
 
-__all__ = ["QuantState", "quantize_4bit", "dequantize_4bit", "dynamic_map"]
+__all__ = ["QuantState", "quantize_4bit", "dequantize_4bit", "dynamic_map", "lora_linear_4bit", "nn"]

@@ -29,3 +29,6 @@ def _double_quantize_fake(absmax, code):
 @torch.library.register_fake("qlora::dequantize_4bit")
 def _dequantize_4bit_fake(packed, absmax, blocksize, quant_type, shape, dtype, absmax2=None, code2=None, offset=None):
     return packed.new_empty(shape, dtype=dtype)
+
+
+from . import _lora_linear_ops  # noqa: E402,F401  (lora_linear_4bit: fake kernel and autograd)

@@ -102,3 +102,19 @@ def dequantize_4bit(packed, absmax, blocksize, quant_type, shape, dtype, absmax2
     values = code_values(quant_type, device=packed.device)[codes]
     scale = absmax.repeat_interleave(blocksize)[:n]
     return (values * scale).to(dtype).reshape(shape)
+
+
+# ---- fused 4-bit linear + LoRA ------------------------------------------------------------------------------
+
+
+def lora_linear_4bit(x, packed, absmax, blocksize, quant_type, shape, absmax2=None, code2=None, offset=None,
+                     bias=None, lora_A=None, lora_B=None, scale=1.0, x_lora=None, path=0):
+    """y = x·Wᵀ + scale·(x_lora·Aᵀ)·Bᵀ + bias in float64, W the float32 dequantized weight. Returns float64."""
+    w = dequantize_4bit(packed, absmax, blocksize, quant_type, shape, torch.float32, absmax2, code2, offset).double()
+    y = x.double() @ w.t()
+    if bias is not None:
+        y = y + bias.double()
+    if lora_A is not None:
+        xl = (x if x_lora is None else x_lora).double()
+        y = y + scale * (xl @ lora_A.double().t()) @ lora_B.double().t()
+    return y

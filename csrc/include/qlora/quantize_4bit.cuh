@@ -150,7 +150,8 @@ __device__ __forceinline__ double block_sum_fixed_order(double acc, double* smem
   return total;
 }
 
-__global__ void __launch_bounds__(kMeanThreads) absmax_partial_sums_kernel(const float* __restrict__ absmax,
+// static: non-template kernels defined in a header would otherwise collide between translation units.
+static __global__ void __launch_bounds__(kMeanThreads) absmax_partial_sums_kernel(const float* __restrict__ absmax,
                                                                             double* __restrict__ partial, int64_t n) {
   __shared__ double smem[kMeanThreads];
   const int64_t base = static_cast<int64_t>(blockIdx.x) * kMeanChunk;
@@ -165,7 +166,7 @@ __global__ void __launch_bounds__(kMeanThreads) absmax_partial_sums_kernel(const
 
 // One CTA per block of 256 absmax values. Every CTA sums the partial sums itself (in the same fixed
 // order), which costs a few hundred loads and saves a launch and a grid-wide dependency.
-__global__ void __launch_bounds__(kAbsmaxBlocksize) double_quantize_kernel(
+static __global__ void __launch_bounds__(kAbsmaxBlocksize) double_quantize_kernel(
     const float* __restrict__ absmax, const double* __restrict__ partial, int64_t num_partials,
     const float* __restrict__ code, uint8_t* __restrict__ qabsmax, float* __restrict__ absmax2,
     float* __restrict__ offset_out, int64_t n) {
