@@ -11,6 +11,15 @@ TORCH_LIBRARY(qlora, m) {
   m.def(
       "dequantize_4bit(Tensor packed, Tensor absmax, int blocksize, str quant_type, SymInt[] shape, "
       "ScalarType dtype, Tensor? absmax2=None, Tensor? code2=None, Tensor? offset=None) -> Tensor");
+
+  // ---- fused 4-bit linear + LoRA ----
+  // y = x·dequant(W)ᵀ + scale·(x_lora·lora_Aᵀ)·lora_Bᵀ + bias, W given as dequantize_4bit's arguments with
+  // shape = [out_features, in_features]; x_lora (x after LoRA dropout) defaults to x; lora_A/lora_B/bias are
+  // optional. path: 0 chooses by M; 1 (fused small-M kernel) and 2 (dequantize + GEMM) are for benchmarking.
+  m.def(
+      "lora_linear_4bit(Tensor x, Tensor packed, Tensor absmax, int blocksize, str quant_type, SymInt[] shape, "
+      "Tensor? absmax2=None, Tensor? code2=None, Tensor? offset=None, Tensor? bias=None, Tensor? lora_A=None, "
+      "Tensor? lora_B=None, float scale=1.0, Tensor? x_lora=None, int path=0) -> Tensor");
 }
 
 // ---- paged optimizers: unified memory and fused AdamW ------------------------------------------------------

@@ -9,9 +9,11 @@ import torch  # noqa: F401  (loads libtorch before the operator library)
 from . import _C  # noqa: F401  (registers torch.ops.qlora.*)
 from . import _ops  # noqa: F401  (fake kernels)
 from .codebook import dynamic_map
+from .lora_linear import lora_linear_4bit
 from .quantization import QuantState, dequantize_4bit, quantize_4bit
+from . import nn  # noqa: E402  (qlora.nn: Linear4bit, LoraLinear4bit)
 from . import optim  # noqa: E402  (qlora.optim: fused and paged AdamW)
 
 __version__ = "0.1.0"
 
-__all__ = ["QuantState", "quantize_4bit", "dequantize_4bit", "dynamic_map"]
+__all__ = ["QuantState", "quantize_4bit", "dequantize_4bit", "dynamic_map", "lora_linear_4bit", "nn"]

@@ -63,3 +63,6 @@ def _adamw_32bit_fake(params, grads, exp_avgs, exp_avg_sqs, steps, lr, beta1, be
 def _adamw_8bit_blockwise_fake(params, grads, state1, state2, absmax1, absmax2, qmap1, qmap2, steps, lr, beta1,
                                beta2, eps, weight_decay, lr_tensor=None):
     return None
+
+
+from . import _lora_linear_ops  # noqa: E402,F401  (lora_linear_4bit: fake kernel and autograd)

@@ -191,3 +191,19 @@ def adamw_8bit_blockwise(params, grads, state1, state2, absmax1, absmax2, qmap1,
         c2.copy_(code_8bit(qmap2, v2 * inv2).to(torch.uint8).view_as(c2))
         a1.copy_(new1)
         a2.copy_(new2)
+
+
+# ---- fused 4-bit linear + LoRA ------------------------------------------------------------------------------
+
+
+def lora_linear_4bit(x, packed, absmax, blocksize, quant_type, shape, absmax2=None, code2=None, offset=None,
+                     bias=None, lora_A=None, lora_B=None, scale=1.0, x_lora=None, path=0):
+    """y = x·Wᵀ + scale·(x_lora·Aᵀ)·Bᵀ + bias in float64, W the float32 dequantized weight. Returns float64."""
+    w = dequantize_4bit(packed, absmax, blocksize, quant_type, shape, torch.float32, absmax2, code2, offset).double()
+    y = x.double() @ w.t()
+    if bias is not None:
+        y = y + bias.double()
+    if lora_A is not None:
+        xl = (x if x_lora is None else x_lora).double()
+        y = y + scale * (xl @ lora_A.double().t()) @ lora_B.double().t()
+    return y

@@ -1,0 +1,156 @@
+"""4-bit linear + LoRA (NF4 + double quantization, blocksize 64, bf16, r = 16): forward at M = 1 ... 4096, each
+CUDA path on its own for the crossover, and a LoRA layer's forward + backward.
+
+Rows (impl):
+  qlora                    torch.ops.qlora.lora_linear_4bit, automatic path
+  qlora fused              path=1, the small-M kernel (crossover rows)
+  qlora dequant+gemm       path=2, dequantize + cuBLAS (crossover rows)
+  torch bf16               F.linear + the same LoRA in plain PyTorch
+  torch bf16 no-LoRA       F.linear only
+  bitsandbytes             bnb.matmul_4bit + the same LoRA in plain PyTorch
+A row that fails is reported and skipped, so one failure does not end the run.
+"""
+
+from __future__ import annotations
+
+import math
+import traceback
+
+import torch
+import torch.nn.functional as F
+
+import qlora
+from bench.common import Context, Row, rotating, time_us
+
+SHAPES = [(4096, 4096), (8192, 8192), (28672, 8192), (8192, 28672)]  # N x K (out x in)
+MS = [1, 16, 256, 4096]
+CROSSOVER_MS = [1, 2, 4, 8, 16, 32, 64, 128, 256]
+CROSSOVER_SHAPES = [(4096, 4096), (8192, 28672)]
+LAYER = (4096, 4096, 4096)  # M, N, K for forward + backward
+QUICK_SHAPES = [(256, 512)]
+QUICK_MS = [1, 16, 64]
+R = 16
+ALPHA = 32
+DTYPE = torch.bfloat16
+
+
+def _weight_bytes(N, K, blocksize=64):
+    return N * K / 2 + N * K / blocksize + N * K / blocksize / 256 * 4
+
+
+def run(ctx: Context) -> list[Row]:
+    rows: list[Row] = []
+    dev = ctx.device
+    shapes = QUICK_SHAPES if ctx.quick else SHAPES
+    ms = QUICK_MS if ctx.quick else MS
+    scale = ALPHA / R
+
+    def add(case, shape, impl, fn, nbytes=0.0, flops=0.0, note=""):
+        try:
+            us = time_us(fn, dev)
+        except Exception as exc:  # one broken row must not end the run
+            print(f"[lora_linear] {case} {shape} {impl} failed: {type(exc).__name__}: {exc}", flush=True)
+            traceback.print_exc()
+            return
+        rows.append(Row("lora_linear", case, shape, impl, us, nbytes, flops, note))
+
+    for N, K in shapes:
+        shape = f"{N}x{K}"
+        try:
+            w = torch.randn(N, K, device=dev, dtype=DTYPE) * 0.02
+            next_q = rotating(lambda: qlora.quantize_4bit(w), _weight_bytes(N, K))
+            next_w = rotating(lambda: torch.randn(N, K, device=dev, dtype=DTYPE) * 0.02, 2 * N * K)
+            A = torch.randn(R, K, device=dev, dtype=DTYPE) / math.sqrt(K)
+            B = torch.randn(N, R, device=dev, dtype=DTYPE) * 0.01
+            next_b = None
+            if ctx.bnb is not None:
+                BF = ctx.bnb.functional
+                next_b = rotating(lambda: BF.quantize_4bit(w, blocksize=64, compress_statistics=True,
+                                                           quant_type="nf4"), _weight_bytes(N, K))
+        except Exception as exc:
+            print(f"[lora_linear] setup for {shape} failed: {type(exc).__name__}: {exc}", flush=True)
+            continue
+
+        def ours(x, path):
+            packed, qs = next_q()
+            return qlora.lora_linear_4bit(x, packed, qs, None, A, B, scale, None, path)
+
+        def bf16_lora(x):
+            return F.linear(x, next_w()) + scale * F.linear(F.linear(x, A), B)
+
+        def bnb_lora(x):
+            packed, qs = next_b()
+            return ctx.bnb.matmul_4bit(x, packed.t(), quant_state=qs) + scale * F.linear(F.linear(x, A), B)
+
+        for M in ms:
+            x = torch.randn(M, K, device=dev, dtype=DTYPE)
+            case = f"fwd M={M}"
+            flops = 2 * M * N * K + 4 * M * R * (N + K)
+            q_bytes = _weight_bytes(N, K) + 2 * M * (K + N)
+            add(case, shape, "qlora", lambda: ours(x, 0), q_bytes, flops)
+            add(case, shape, "torch bf16", lambda: bf16_lora(x), 2 * N * K + 2 * M * (K + N), flops)
+            add(case, shape, "torch bf16 no-LoRA", lambda: F.linear(x, next_w()), 2 * N * K + 2 * M * (K + N),
+                2 * M * N * K)
+            if next_b is not None:
+                add(case, shape, "bitsandbytes", lambda: bnb_lora(x), q_bytes, flops)
+
+        if not ctx.quick and (N, K) not in CROSSOVER_SHAPES:
+            continue
+        for M in QUICK_MS if ctx.quick else CROSSOVER_MS:
+            if not ctx.cuda:
+                break  # the CPU has one path
+            x = torch.randn(M, K, device=dev, dtype=DTYPE)
+            case = f"paths M={M}"
+            flops = 2 * M * N * K + 4 * M * R * (N + K)
+            q_bytes = _weight_bytes(N, K) + 2 * M * (K + N)
+            add(case, shape, "qlora", lambda: ours(x, 0), q_bytes, flops)
+            add(case, shape, "qlora fused", lambda: ours(x, 1), q_bytes, flops)
+            add(case, shape, "qlora dequant+gemm", lambda: ours(x, 2), q_bytes, flops)
+            add(case, shape, "torch bf16 no-LoRA", lambda: F.linear(x, next_w()), 2 * N * K, 2 * M * N * K)
+
+        del next_q, next_w, next_b, w
+        if ctx.cuda:
+            torch.cuda.empty_cache()
+
+    _layer_rows(ctx, add)
+    return rows
+
+
+def _layer_rows(ctx: Context, add) -> None:
+    """LoRA layer forward + backward, x requiring grad, base frozen; rows go through `add`."""
+    dev = ctx.device
+    M, N, K = (256, 256, 512) if ctx.quick else LAYER
+    shape, case = f"{N}x{K}", f"layer fwd+bwd M={M}"
+    flops = 3 * 2 * M * N * K
+    try:
+        lin = torch.nn.Linear(K, N, bias=False, device=dev, dtype=DTYPE)
+        ours = qlora.nn.LoraLinear4bit.from_linear(lin, r=R, alpha=ALPHA)
+        torch.nn.init.normal_(ours.lora_B.weight, std=0.01)
+        lin.weight.requires_grad_(False)
+        lora_A = torch.nn.Linear(K, R, bias=False, device=dev, dtype=DTYPE)
+        lora_B = torch.nn.Linear(R, N, bias=False, device=dev, dtype=DTYPE)
+        x = torch.randn(M, K, device=dev, dtype=DTYPE, requires_grad=True)
+        gy = torch.randn(M, N, device=dev, dtype=DTYPE)
+    except Exception as exc:
+        print(f"[lora_linear] layer setup failed: {type(exc).__name__}: {exc}", flush=True)
+        return
+
+    def step(forward):
+        def fn():
+            x.grad = None
+            forward(x).backward(gy)
+        return fn
+
+    scale = ALPHA / R
+    add(case, shape, "qlora", step(ours), flops=flops)
+    add(case, shape, "torch bf16", step(lambda v: lin(v) + scale * lora_B(lora_A(v))), flops=flops)
+    if ctx.bnb is not None:
+        try:
+            bnb_layer = ctx.bnb.nn.Linear4bit(K, N, bias=False, compute_dtype=DTYPE, compress_statistics=True,
+                                              quant_type="nf4")
+            bnb_layer.weight = ctx.bnb.nn.Params4bit(lin.weight.detach().cpu(), requires_grad=False,
+                                                     compress_statistics=True, quant_type="nf4", blocksize=64)
+            bnb_layer = bnb_layer.to(dev)
+            add(case, shape, "bitsandbytes", step(lambda v: bnb_layer(v) + scale * lora_B(lora_A(v))), flops=flops)
+        except Exception as exc:
+            print(f"[lora_linear] bitsandbytes layer failed: {type(exc).__name__}: {exc}", flush=True)

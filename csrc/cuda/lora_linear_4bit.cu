@@ -1,0 +1,175 @@
+// CUDA glue for lora_linear_4bit: argument checks, the choice between the fused small-M kernel and
+// dequantize + cuBLAS, allocation, the current stream.
+#include <ATen/core/Tensor.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <ATen/ops/addmm.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/mm.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include "../lora_linear_4bit_args.h"
+#include "qlora/lora_linear_4bit.cuh"
+
+namespace qlora {
+namespace {
+
+bool aligned16(const at::Tensor& t) { return reinterpret_cast<uintptr_t>(t.const_data_ptr()) % 16 == 0; }
+
+// 16-byte vector loads need an aligned start; a view that starts mid-allocation is copied first.
+at::Tensor aligned_contiguous(const at::Tensor& t) {
+  at::Tensor c = t.contiguous();
+  if (!aligned16(c)) c = c.clone();
+  return c;
+}
+
+// Why the fused kernel cannot take these arguments, or nullptr when it can.
+const char* fused_unsupported(const at::Tensor& x, const LoraLinearArgs& args) {
+  if (x.scalar_type() != at::kHalf && x.scalar_type() != at::kBFloat16)
+    return "x must be float16 or bfloat16 (float32 runs dequantize + GEMM)";
+  if (args.K % 32 != 0) return "in_features (K) must be a multiple of 32";
+  if (args.r > kFusedMaxRank) return "the LoRA rank must be at most 192";
+  if (args.M > 65535) return "x must have at most 65535 rows";
+  return nullptr;
+}
+
+template <typename F>
+void dispatch_half(at::ScalarType dtype, const F& f) {
+  if (dtype == at::kHalf) {
+    f(__half{});
+  } else {
+    TORCH_CHECK_TYPE(dtype == at::kBFloat16, "unsupported dtype ", dtype);
+    f(__nv_bfloat16{});
+  }
+}
+
+template <typename F>
+void dispatch_float(at::ScalarType dtype, const F& f) {
+  switch (dtype) {
+    case at::kFloat: f(float{}); break;
+    case at::kHalf: f(__half{}); break;
+    case at::kBFloat16: f(__nv_bfloat16{}); break;
+    default: TORCH_CHECK_TYPE(false, "unsupported dtype ", dtype);
+  }
+}
+
+at::Tensor fused_forward(const at::Tensor& x2, const at::Tensor& packed, const at::Tensor& absmax, int64_t blocksize,
+                         const LoraLinearArgs& args, const std::optional<at::Tensor>& absmax2,
+                         const std::optional<at::Tensor>& code2, const std::optional<at::Tensor>& offset,
+                         const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& lora_A,
+                         const std::optional<at::Tensor>& lora_B, double scale, const std::optional<at::Tensor>& xl2) {
+  const at::Tensor x = aligned_contiguous(x2);
+  const at::Tensor p = aligned_contiguous(packed);
+  const at::Tensor a = absmax.contiguous();
+  at::Tensor s2, c2, off, b, la, lb, xl;
+  const bool dq = args.weight.double_quant;
+  if (dq) {
+    s2 = absmax2->contiguous();
+    c2 = code2->contiguous();
+    off = offset->contiguous();
+  }
+  if (bias.has_value()) b = bias->contiguous();
+  if (args.lora) {
+    la = aligned_contiguous(*lora_A);
+    lb = lora_B->contiguous();
+    if (xl2.has_value()) xl = aligned_contiguous(*xl2);
+  }
+  const int num_sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  int splits = 1, xa_splits = 0;
+  const int64_t scratch_floats =
+      lora_linear_scratch_floats(args.M, args.N, args.K, static_cast<int>(args.r), num_sms, &splits, &xa_splits);
+  at::Tensor scratch = at::empty({std::max<int64_t>(scratch_floats, 1)}, x.options().dtype(at::kFloat));
+  at::Tensor y = at::empty({args.M, args.N}, x.options());
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  dispatch_half(x.scalar_type(), [&](auto tag) {
+    using T = decltype(tag);
+    LoraLinearParams<T> prm{};
+    prm.x = static_cast<const T*>(x.const_data_ptr());
+    prm.packed = p.const_data_ptr<uint8_t>();
+    prm.absmax = dq ? nullptr : a.const_data_ptr<float>();
+    prm.qabsmax = dq ? a.const_data_ptr<uint8_t>() : nullptr;
+    prm.absmax2 = dq ? s2.const_data_ptr<float>() : nullptr;
+    prm.code2 = dq ? c2.const_data_ptr<float>() : nullptr;
+    prm.offset = dq ? off.const_data_ptr<float>() : nullptr;
+    prm.bias = b.defined() ? static_cast<const T*>(b.const_data_ptr()) : nullptr;
+    prm.lora_B = args.lora ? static_cast<const T*>(lb.const_data_ptr()) : nullptr;
+    prm.r = static_cast<int>(args.r);
+    prm.scale = static_cast<float>(scale);
+    prm.y = static_cast<T*>(y.data_ptr());
+    prm.M = args.M;
+    prm.N = args.N;
+    prm.K = args.K;
+    prm.log2_blocksize = log2_exact(blocksize);
+    C10_CUDA_CHECK(launch_lora_linear_4bit<T>(prm, xl.defined() ? static_cast<const T*>(xl.const_data_ptr()) : nullptr,
+                                              args.lora ? static_cast<const T*>(la.const_data_ptr()) : nullptr,
+                                              scratch.data_ptr<float>(), args.weight.quant_type, num_sms, stream));
+  });
+  return y;
+}
+
+// Large M: the weight is dequantized into a temporary of x's dtype (the caching allocator hands the same block
+// back on the next call, so it acts as a reused workspace) and cuBLAS does the rest; the LoRA up-projection is
+// accumulated into the same output with beta = 1.
+at::Tensor dequantize_gemm_forward(const at::Tensor& x2, const at::Tensor& packed, const at::Tensor& absmax,
+                                   int64_t blocksize, const LoraLinearArgs& args,
+                                   const std::optional<at::Tensor>& absmax2, const std::optional<at::Tensor>& code2,
+                                   const std::optional<at::Tensor>& offset, const std::optional<at::Tensor>& bias,
+                                   const std::optional<at::Tensor>& lora_A, const std::optional<at::Tensor>& lora_B,
+                                   double scale, const std::optional<at::Tensor>& xl2) {
+  at::Tensor w = at::empty({args.N, args.K}, x2.options());
+  const at::Tensor p = aligned_contiguous(packed);
+  const at::Tensor a = absmax.contiguous();
+  const bool dq = args.weight.double_quant;
+  at::Tensor s2, c2, off;
+  if (dq) {
+    s2 = absmax2->contiguous();
+    c2 = code2->contiguous();
+    off = offset->contiguous();
+  }
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  dispatch_float(x2.scalar_type(), [&](auto tag) {
+    using T = decltype(tag);
+    C10_CUDA_CHECK(launch_dequantize_4bit<T>(
+        p.const_data_ptr<uint8_t>(), dq ? nullptr : a.const_data_ptr<float>(), dq ? a.const_data_ptr<uint8_t>() : nullptr,
+        dq ? s2.const_data_ptr<float>() : nullptr, dq ? c2.const_data_ptr<float>() : nullptr,
+        dq ? off.const_data_ptr<float>() : nullptr, static_cast<T*>(w.data_ptr()), args.N * args.K, blocksize,
+        args.weight.quant_type, stream));
+  });
+  at::Tensor y = bias.has_value() ? at::addmm(*bias, x2, w.t()) : at::mm(x2, w.t());
+  if (args.lora) {
+    const at::Tensor xa = at::mm(xl2.has_value() ? *xl2 : x2, lora_A->t());
+    y.addmm_(xa, lora_B->t(), 1.0, scale);
+  }
+  return y;
+}
+
+at::Tensor lora_linear_4bit_cuda(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& absmax,
+                                 int64_t blocksize, const std::string& quant_type, c10::SymIntArrayRef shape,
+                                 const std::optional<at::Tensor>& absmax2, const std::optional<at::Tensor>& code2,
+                                 const std::optional<at::Tensor>& offset, const std::optional<at::Tensor>& bias,
+                                 const std::optional<at::Tensor>& lora_A, const std::optional<at::Tensor>& lora_B,
+                                 double scale, const std::optional<at::Tensor>& x_lora, int64_t path) {
+  const LoraLinearArgs args = check_lora_linear_4bit_args(x, packed, absmax, blocksize, quant_type, shape, absmax2,
+                                                          code2, offset, bias, lora_A, lora_B, x_lora, path);
+  const c10::cuda::CUDAGuard guard(x.device());
+  const at::Tensor x2 = x.reshape({args.M, args.K});
+  const std::optional<at::Tensor> xl2 =
+      x_lora.has_value() ? std::optional<at::Tensor>(x_lora->reshape({args.M, args.K})) : std::nullopt;
+  const char* why_not_fused = fused_unsupported(x, args);
+  TORCH_CHECK_VALUE(path != kPathFused || why_not_fused == nullptr, "path=1 (fused small-M kernel) cannot run: ",
+                    why_not_fused == nullptr ? "" : why_not_fused);
+  const bool fused = path == kPathFused || (path == kPathAuto && why_not_fused == nullptr && args.M <= kFusedMaxM);
+  const at::Tensor y = fused ? fused_forward(x2, packed, absmax, blocksize, args, absmax2, code2, offset, bias, lora_A,
+                                             lora_B, scale, xl2)
+                             : dequantize_gemm_forward(x2, packed, absmax, blocksize, args, absmax2, code2, offset, bias,
+                                                       lora_A, lora_B, scale, xl2);
+  return y.view(args.out_shape);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(qlora, CUDA, m) { m.impl("lora_linear_4bit", &lora_linear_4bit_cuda); }
+
+}  // namespace qlora

@@ -1,0 +1,403 @@
+// Fused 4-bit linear + LoRA for small M: y = x·dequant(W)ᵀ + s·(x_lora·Aᵀ)·Bᵀ (+ bias).
+// Torch-free: raw pointers and a stream in, cudaError_t out.
+//
+// Three kernels, in stream order:
+//   lora_down_kernel      xa_partial[split][m][j] = Σ_{k in split} x_lora[m,k]·A[j,k]  (fp32, fixed order)
+//   lora_gemv_4bit_kernel the weight is streamed once: 16-byte loads of packed codes, dequantized in registers
+//                         into mma.sync A fragments; x is the B operand (the "swap AB" trick: N fills the
+//                         16-row side of m16n8k16, M the 8-column side). With one K split it also runs the
+//                         epilogue; with several it writes fp32 partial sums.
+//   lora_epilogue_kernel  (split-K only) sums the partials in fixed order, adds s·xa·B[n,:] and the bias.
+// Every sum has a fixed order, so results are bitwise reproducible.
+//
+// Layout constraints of the fused path (the caller falls back to dequantize + GEMM otherwise):
+//   K % 32 == 0: a thread's 32-element unit of a row is then one aligned 16-byte load and lies inside one
+//   quantization block (blocksizes are powers of two >= 32); x, packed, A 16-byte aligned and contiguous.
+#pragma once
+
+#include <algorithm>
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include "qlora/quantize_4bit.cuh"
+
+namespace qlora {
+
+constexpr int kGemvWarps = 4;            // warps per CTA; each owns one 16-row tile of W
+constexpr int kGemvThreads = kGemvWarps * 32;
+constexpr int kGemvChunk = 128;          // K elements a warp consumes per step (4 threads x 32 per row)
+constexpr int kGemvUnroll = 4;           // chunks whose weights are loaded before the first is used
+constexpr int kGemvMinSplitK = 512;      // smallest K range worth a split of its own
+constexpr int kGemvMaxSplits = 32;
+constexpr int kLoraDownThreads = 256;
+constexpr int kLoraDownSplitK = 4096;    // K range of one lora_down CTA
+constexpr int kEpilogueThreads = 256;
+constexpr int kMaxLoraSmemBytes = 48 * 1024;  // xa staged per CTA: rows * r floats
+
+// Element type traits for the mma operand type and the pair LUT.
+template <typename T> struct MmaType;
+
+template <> struct MmaType<__nv_bfloat16> {
+  using Pair = __nv_bfloat162;
+  __device__ static Pair pair(float lo, float hi) { return __floats2bfloat162_rn(lo, hi); }
+  __device__ static Pair splat(float x) { return __float2bfloat162_rn(x); }
+  __device__ static float round(float x) { return __bfloat162float(__float2bfloat16_rn(x)); }
+  // D = A·B + D, A 16x16 row-major, B 16x8 column-major, fp32 accumulators.
+  __device__ static void mma(float d[4], const uint32_t a[4], const uint32_t b[2]) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+  }
+};
+
+template <> struct MmaType<__half> {
+  using Pair = __half2;
+  __device__ static Pair pair(float lo, float hi) { return __floats2half2_rn(lo, hi); }
+  __device__ static Pair splat(float x) { return __float2half2_rn(x); }
+  __device__ static float round(float x) { return __half2float(__float2half_rn(x)); }
+  __device__ static void mma(float d[4], const uint32_t a[4], const uint32_t b[2]) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+  }
+};
+
+template <typename P>
+__device__ __forceinline__ uint32_t as_u32(P p) {
+  return *reinterpret_cast<uint32_t*>(&p);
+}
+
+// Arguments shared by the GEMV and epilogue kernels.
+template <typename T>
+struct LoraLinearParams {
+  const T* x;               // [M, K] contiguous
+  const uint8_t* packed;    // W [N, K] packed, two codes per byte
+  const float* absmax;      // plain absmax, or nullptr when double-quantized
+  const uint8_t* qabsmax;
+  const float* absmax2;
+  const float* code2;
+  const float* offset;
+  const T* bias;            // [N] or nullptr
+  const T* lora_B;          // [N, r] contiguous, or nullptr (no LoRA)
+  const float* xa_partial;  // [xa_splits, M, r] from lora_down_kernel
+  int xa_splits;
+  int r;
+  float scale;              // s = alpha / r
+  float* partial;           // [splits, M, N] fp32 when split-K
+  T* y;                     // [M, N]
+  int64_t M, N, K;
+  int log2_blocksize;
+};
+
+// ---- x_lora·Aᵀ ----------------------------------------------------------------------------------------
+// Grid (xa_splits, M). Warp w takes LoRA rows j = w, w+8, ...; its lanes stride the CTA's K range in 8-element
+// units and reduce with shuffles, so every (split, m, j) sum has one fixed order.
+template <typename T>
+__global__ void __launch_bounds__(kLoraDownThreads) lora_down_kernel(const T* __restrict__ x, const T* __restrict__ A,
+                                                                     float* __restrict__ xa_partial, int64_t M,
+                                                                     int64_t K, int r) {
+  const int split = blockIdx.x;
+  const int64_t m = blockIdx.y;
+  const int64_t k_begin = static_cast<int64_t>(split) * kLoraDownSplitK;
+  const int64_t k_end = K < k_begin + kLoraDownSplitK ? K : k_begin + kLoraDownSplitK;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const T* xrow = x + m * K;
+  for (int j = warp; j < r; j += kLoraDownThreads / 32) {
+    const T* arow = A + static_cast<int64_t>(j) * K;
+    float acc = 0.0f;
+#pragma unroll 4
+    for (int64_t k = k_begin + lane * 8; k < k_end; k += 32 * 8) {
+      float xv[8], av[8];
+      VecIO<T>::load8(xrow + k, xv);
+      VecIO<T>::load8(arow + k, av);
+#pragma unroll
+      for (int i = 0; i < 8; ++i) acc = fmaf(xv[i], av[i], acc);
+    }
+#pragma unroll
+    for (int offset = 16; offset > 0; offset >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, offset);
+    if (lane == 0) xa_partial[(static_cast<int64_t>(split) * M + m) * r + j] = acc;
+  }
+}
+
+// xa_s[mm][j] = s · Σ_split xa_partial[split][m0 + mm][j] for the CTA's rows, in shared memory.
+template <typename T>
+__device__ __forceinline__ void stage_lora_rows(const LoraLinearParams<T>& p, float* xa_s, int64_t m0, int rows) {
+  const int count = rows * p.r;
+  for (int i = threadIdx.x; i < count; i += blockDim.x) {
+    const int64_t m = m0 + i / p.r;
+    const int j = i % p.r;
+    float acc = 0.0f;
+    if (m < p.M)
+      for (int s = 0; s < p.xa_splits; ++s) acc += p.xa_partial[(static_cast<int64_t>(s) * p.M + m) * p.r + j];
+    xa_s[i] = acc * p.scale;
+  }
+}
+
+// bias[n] + Σ_j xa_s[mm][j]·B[n][j] in fp32.
+template <typename T>
+__device__ __forceinline__ float lora_term(const LoraLinearParams<T>& p, const float* xa_s, int mm, int64_t n) {
+  float acc = p.bias != nullptr ? VecIO<T>::to_float(p.bias[n]) : 0.0f;
+  if (p.lora_B != nullptr) {
+    const T* brow = p.lora_B + n * p.r;
+    const float* xrow = xa_s + mm * p.r;
+    for (int j = 0; j < p.r; ++j) acc = fmaf(xrow[j], VecIO<T>::to_float(brow[j]), acc);
+  }
+  return acc;
+}
+
+// ---- the fused dequantize-GEMV ------------------------------------------------------------------------------
+// Grid (ceil(N/16/kGemvWarps), splits, ceil(M/(8·MT8))). Warp = one 16-row tile of W over one K split, for
+// 8·MT8 rows of x.
+//
+// k permutation: a dot product does not care about the order of k, so each mma k-step uses whichever k the
+// registers already hold, as long as the A (weight) and B (x) fragments agree. Lane (g = lane/4, c = lane%4)
+// loads the 16 packed bytes of rows g and g+8 covering k in [k0 + 32c, k0 + 32c + 32) of a 128-wide chunk;
+// in step s (0..7) its fragment slots {2c, 2c+1, 2c+8, 2c+9} hold k0 + 32c + 4s + {0, 1, 2, 3}, i.e. packed
+// bytes 2s and 2s+1, and x[m][k0 + 32c + 4s .. +4) is one 8-byte load for the B fragment.
+//
+// Dequantization: a shared-memory LUT maps a byte to its two code values as a T pair (one 4-byte load per two
+// elements); the block scale is applied as hi + lo parts (T pairs) with one mul and one fma, so the weight is
+// within about one rounding of T(value · absmax), the value a dequantize to T would give.
+//
+// MT8: n8 tiles of x rows handled per warp (M up to 8·MT8 per grid z slice); each dequantized weight fragment
+// is reused for all of them.
+template <typename T, QuantType QT, int MT8>
+__global__ void __launch_bounds__(kGemvThreads) lora_gemv_4bit_kernel(const LoraLinearParams<T> p) {
+  using Pair = typename MmaType<T>::Pair;
+  __shared__ Pair pair_lut[256];
+  __shared__ float smem_code2[256];
+  extern __shared__ float xa_s[];  // [8·MT8][r] when LoRA or bias is fused here
+
+  constexpr int kRows = 8 * MT8;
+  const int64_t m0 = static_cast<int64_t>(blockIdx.z) * kRows;
+  {
+    constexpr float values_nf4[16] = QLORA_NF4_VALUES;
+    constexpr float values_fp4[16] = QLORA_FP4_VALUES;
+    for (int byte = threadIdx.x; byte < 256; byte += kGemvThreads) {
+      float hi = 0.0f, lo = 0.0f;
+#pragma unroll
+      for (int i = 0; i < 16; ++i) {
+        const float v = QT == QuantType::NF4 ? values_nf4[i] : values_fp4[i];
+        hi = (byte >> 4) == i ? v : hi;
+        lo = (byte & 15) == i ? v : lo;
+      }
+      // Low half = first element (high nibble), as the mma fragment wants the lower k in the low half.
+      pair_lut[byte] = MmaType<T>::pair(hi, lo);
+      if (p.code2 != nullptr) smem_code2[byte] = p.code2[byte];
+    }
+  }
+  const bool fused_epilogue = p.partial == nullptr;
+  if (fused_epilogue && p.lora_B != nullptr) stage_lora_rows(p, xa_s, m0, kRows);
+  __syncthreads();
+
+  const AbsmaxReader read_absmax{p.absmax, p.qabsmax, p.absmax2, smem_code2, p.offset != nullptr ? *p.offset : 0.0f};
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int g = lane / 4, c = lane % 4;
+  const int64_t n_tile = (static_cast<int64_t>(blockIdx.x) * kGemvWarps + warp) * 16;
+  if (n_tile >= p.N) return;  // no barrier follows
+  const int64_t rows[2] = {n_tile + g, n_tile + g + 8};
+  const bool row_ok[2] = {rows[0] < p.N, rows[1] < p.N};
+  const int64_t row_safe[2] = {row_ok[0] ? rows[0] : 0, row_ok[1] ? rows[1] : 0};
+
+  const int64_t k_per_split = (p.K + gridDim.y - 1) / gridDim.y;
+  const int64_t k_split = (k_per_split + kGemvChunk - 1) / kGemvChunk * kGemvChunk;
+  const int64_t k_begin = static_cast<int64_t>(blockIdx.y) * k_split;
+  const int64_t k_end = p.K < k_begin + k_split ? p.K : k_begin + k_split;
+
+  // x rows this lane feeds into the B fragment: m0 + 8t + g.
+  const T* xrow[MT8];
+  bool x_ok[MT8];
+#pragma unroll
+  for (int t = 0; t < MT8; ++t) {
+    const int64_t m = m0 + 8 * t + g;
+    x_ok[t] = m < p.M;
+    xrow[t] = p.x + (x_ok[t] ? m : 0) * p.K;
+  }
+
+  float acc[MT8][4];
+#pragma unroll
+  for (int t = 0; t < MT8; ++t)
+#pragma unroll
+    for (int i = 0; i < 4; ++i) acc[t][i] = 0.0f;
+
+  for (int64_t kc = k_begin; kc < k_end; kc += kGemvChunk * kGemvUnroll) {
+    // All of the group's weight loads are issued before any is used: 2·kGemvUnroll 16-byte loads in flight.
+    uint4 wq[kGemvUnroll][2];
+    float sc[kGemvUnroll][2];
+#pragma unroll
+    for (int u = 0; u < kGemvUnroll; ++u) {
+      const int64_t k = kc + u * kGemvChunk + 32 * c;
+      const bool k_ok = k < k_end;  // K % 32 == 0, so a unit is all in or all out
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const bool ok = k_ok && row_ok[h];
+        const int64_t e = row_safe[h] * p.K + (ok ? k : 0);
+        wq[u][h] = ok ? __ldg(reinterpret_cast<const uint4*>(p.packed + e / 2)) : make_uint4(0, 0, 0, 0);
+        sc[u][h] = ok ? read_absmax(e >> p.log2_blocksize) : 0.0f;
+      }
+    }
+#pragma unroll
+    for (int u = 0; u < kGemvUnroll; ++u) {
+      const int64_t k = kc + u * kGemvChunk + 32 * c;
+      // Lanes whose unit is past k_end hold zero weights; their x loads are skipped too, so they add exact zeros.
+      const bool k_ok = k < k_end;
+      Pair s_hi[2], s_lo[2];
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const float hi = MmaType<T>::round(sc[u][h]);
+        s_hi[h] = MmaType<T>::splat(hi);
+        s_lo[h] = MmaType<T>::splat(sc[u][h] - hi);
+      }
+      const uint32_t words[2][4] = {{wq[u][0].x, wq[u][0].y, wq[u][0].z, wq[u][0].w},
+                                    {wq[u][1].x, wq[u][1].y, wq[u][1].z, wq[u][1].w}};
+#pragma unroll
+      for (int s = 0; s < 8; ++s) {
+        // Bytes 2s and 2s+1 of each row: word s/2, byte pair (s%2)·2.
+        uint32_t a[4];
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          const uint32_t w = words[h][s / 2] >> (16 * (s % 2));
+          const Pair v0 = pair_lut[w & 0xffu];
+          const Pair v1 = pair_lut[(w >> 8) & 0xffu];
+          a[h] = as_u32(__hfma2(v0, s_hi[h], __hmul2(v0, s_lo[h])));      // slots 2c, 2c+1
+          a[2 + h] = as_u32(__hfma2(v1, s_hi[h], __hmul2(v1, s_lo[h])));  // slots 2c+8, 2c+9
+        }
+#pragma unroll
+        for (int t = 0; t < MT8; ++t) {
+          uint32_t b[2] = {0u, 0u};
+          if (x_ok[t] && k_ok) {
+            const uint2 xv = __ldg(reinterpret_cast<const uint2*>(xrow[t] + k + 4 * s));
+            b[0] = xv.x;
+            b[1] = xv.y;
+          }
+          MmaType<T>::mma(acc[t], a, b);
+        }
+      }
+    }
+  }
+
+  // Accumulator fragment: acc[t][0..1] = (row g, x rows 2c, 2c+1), acc[t][2..3] = (row g+8, same).
+#pragma unroll
+  for (int t = 0; t < MT8; ++t) {
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const int h = i / 2;
+      const int mm = 8 * t + 2 * c + (i % 2);
+      const int64_t m = m0 + mm;
+      if (!row_ok[h] || m >= p.M) continue;
+      const int64_t n = rows[h];
+      if (fused_epilogue) {
+        p.y[m * p.N + n] = VecIO<T>::from_float(acc[t][i] + lora_term(p, xa_s, mm, n));
+      } else {
+        p.partial[(static_cast<int64_t>(blockIdx.y) * p.M + m) * p.N + n] = acc[t][i];
+      }
+    }
+  }
+}
+
+// Split-K epilogue. Grid (ceil(N / kEpilogueThreads), ceil(M / rows_per_cta)); a thread owns column n for
+// the CTA's rows, summing the splits in order.
+template <typename T>
+__global__ void __launch_bounds__(kEpilogueThreads) lora_epilogue_kernel(const LoraLinearParams<T> p, int splits,
+                                                                         int rows_per_cta) {
+  extern __shared__ float xa_s[];  // [rows_per_cta][r]
+  const int64_t m0 = static_cast<int64_t>(blockIdx.y) * rows_per_cta;
+  const int rows = static_cast<int>(p.M - m0 < rows_per_cta ? p.M - m0 : rows_per_cta);
+  if (p.lora_B != nullptr) stage_lora_rows(p, xa_s, m0, rows);
+  __syncthreads();
+  const int64_t n = static_cast<int64_t>(blockIdx.x) * kEpilogueThreads + threadIdx.x;
+  if (n >= p.N) return;
+  for (int mm = 0; mm < rows; ++mm) {
+    const int64_t m = m0 + mm;
+    float acc = 0.0f;
+    for (int s = 0; s < splits; ++s) acc += p.partial[(static_cast<int64_t>(s) * p.M + m) * p.N + n];
+    p.y[m * p.N + n] = VecIO<T>::from_float(acc + lora_term(p, xa_s, mm, n));
+  }
+}
+
+// ---- launchers -----------------------------------------------------------------------------------------
+
+inline int lora_down_splits(int64_t K) { return static_cast<int>((K + kLoraDownSplitK - 1) / kLoraDownSplitK); }
+
+// K splits of the GEMV: enough warps that every SM streams (about 16 per SM), each split at least
+// kGemvMinSplitK long. The split length is rounded to whole chunks, so the count can come out lower.
+inline int lora_gemv_splits(int64_t N, int64_t K, int num_sms) {
+  const int64_t tiles = (N + 15) / 16;
+  const int64_t want_warps = static_cast<int64_t>(num_sms) * 16;
+  int64_t splits = (want_warps + tiles - 1) / tiles;
+  splits = std::max<int64_t>(1, std::min<int64_t>({splits, K / kGemvMinSplitK, kGemvMaxSplits}));
+  const int64_t per = ((K + splits - 1) / splits + kGemvChunk - 1) / kGemvChunk * kGemvChunk;
+  return static_cast<int>((K + per - 1) / per);
+}
+
+// x rows per grid z slice, by M: the n8 tiles one warp covers.
+inline int lora_gemv_mt8(int64_t M) { return M <= 8 ? 1 : M <= 16 ? 2 : M <= 32 ? 4 : 8; }
+
+// Rows of x whose xa (rows · r floats) one epilogue CTA stages in shared memory.
+inline int lora_epilogue_rows(int r) {
+  return r > 0 ? std::max(1, std::min(64, kMaxLoraSmemBytes / static_cast<int>(sizeof(float)) / r)) : 64;
+}
+
+// Scratch the launcher needs, in floats: xa partials then GEMV partials (both zero-sized when unused).
+inline int64_t lora_linear_scratch_floats(int64_t M, int64_t N, int64_t K, int r, int num_sms, int* splits_out,
+                                          int* xa_splits_out) {
+  const int splits = lora_gemv_splits(N, K, num_sms);
+  const int xa_splits = r > 0 ? lora_down_splits(K) : 0;
+  *splits_out = splits;
+  *xa_splits_out = xa_splits;
+  return static_cast<int64_t>(xa_splits) * M * r + (splits > 1 ? static_cast<int64_t>(splits) * M * N : 0);
+}
+
+// p.xa_partial and p.partial must point into `scratch` as lora_linear_scratch_floats laid it out; lora_A is
+// [r, K]. p.x doubles as x_lora when x_lora is nullptr.
+template <typename T>
+cudaError_t launch_lora_linear_4bit(LoraLinearParams<T> p, const T* x_lora, const T* lora_A, float* scratch,
+                                    QuantType quant_type, int num_sms, cudaStream_t stream) {
+  if (p.M == 0 || p.N == 0) return cudaSuccess;
+  int splits = 1, xa_splits = 0;
+  lora_linear_scratch_floats(p.M, p.N, p.K, p.lora_B != nullptr ? p.r : 0, num_sms, &splits, &xa_splits);
+  if (p.lora_B == nullptr) p.r = 0;
+  p.xa_splits = xa_splits;
+  p.xa_partial = scratch;
+  p.partial = splits > 1 ? scratch + static_cast<int64_t>(xa_splits) * p.M * p.r : nullptr;
+  if (p.r > 0) {
+    if (p.M > 65535) return cudaErrorInvalidConfiguration;
+    lora_down_kernel<T><<<dim3(xa_splits, static_cast<unsigned>(p.M)), kLoraDownThreads, 0, stream>>>(
+        x_lora != nullptr ? x_lora : p.x, lora_A, scratch, p.M, p.K, p.r);
+    const cudaError_t err = cudaGetLastError();
+    if (err != cudaSuccess) return err;
+  }
+  const int mt8 = lora_gemv_mt8(p.M);
+  const int64_t rows = 8 * mt8;
+  const int64_t grid_x = ((p.N + 15) / 16 + kGemvWarps - 1) / kGemvWarps;
+  const int64_t grid_z = (p.M + rows - 1) / rows;
+  if (grid_x > 0x7fffffff || grid_z > 65535) return cudaErrorInvalidConfiguration;
+  const size_t smem = splits == 1 ? static_cast<size_t>(rows) * p.r * sizeof(float) : 0;
+  if (smem > static_cast<size_t>(kMaxLoraSmemBytes)) return cudaErrorInvalidValue;
+  const dim3 grid(static_cast<unsigned>(grid_x), splits, static_cast<unsigned>(grid_z));
+  auto launch = [&](auto kernel) { kernel<<<grid, kGemvThreads, smem, stream>>>(p); };
+#define QLORA_GEMV_CASE(QT_, MT8_) \
+  if (quant_type == QT_ && mt8 == MT8_) launch(lora_gemv_4bit_kernel<T, QT_, MT8_>);
+  QLORA_GEMV_CASE(QuantType::NF4, 1) QLORA_GEMV_CASE(QuantType::NF4, 2) QLORA_GEMV_CASE(QuantType::NF4, 4)
+  QLORA_GEMV_CASE(QuantType::NF4, 8) QLORA_GEMV_CASE(QuantType::FP4, 1) QLORA_GEMV_CASE(QuantType::FP4, 2)
+  QLORA_GEMV_CASE(QuantType::FP4, 4) QLORA_GEMV_CASE(QuantType::FP4, 8)
+#undef QLORA_GEMV_CASE
+  cudaError_t err = cudaGetLastError();
+  if (err != cudaSuccess || splits == 1) return err;
+  const int epi_rows = lora_epilogue_rows(p.r);
+  const int64_t epi_y = (p.M + epi_rows - 1) / epi_rows;
+  if (epi_y > 65535) return cudaErrorInvalidConfiguration;
+  const size_t epi_smem = static_cast<size_t>(epi_rows) * p.r * sizeof(float);
+  lora_epilogue_kernel<T><<<dim3(static_cast<unsigned>((p.N + kEpilogueThreads - 1) / kEpilogueThreads),
+                                 static_cast<unsigned>(epi_y)),
+                            kEpilogueThreads, epi_smem, stream>>>(p, splits, epi_rows);
+  return cudaGetLastError();
+}
+
+}  // namespace qlora

@@ -1,0 +1,94 @@
+// Argument checks shared by the CPU and CUDA implementations of lora_linear_4bit: one wording for every
+// error, each naming the argument at fault.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/util/Exception.h>
+
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "quantize_4bit_args.h"
+
+namespace qlora {
+
+// Which implementation lora_linear_4bit runs on CUDA. Values other than kAuto are for benchmarking.
+enum LoraLinearPath : int64_t { kPathAuto = 0, kPathFused = 1, kPathDequantizeGemm = 2 };
+
+// Largest M for which the automatic choice takes the fused small-M kernel. Below it the fused kernel reads the
+// 4-bit weight once (about a quarter of a bf16 GEMM's bytes) and is bandwidth-bound; above it the tensor-core
+// GEMM of dequantize + cuBLAS wins, since the fused kernel's x traffic and mma.sync issue grow with M while the
+// dequantize cost stays fixed. To be measured: bench/bench_lora_linear.py has a row per path for M in 1..256.
+constexpr int64_t kFusedMaxM = 64;
+// Largest LoRA rank the fused kernel stages in shared memory (64 rows x r floats within 48 KB).
+constexpr int64_t kFusedMaxRank = 192;
+
+struct LoraLinearArgs {
+  DequantizeArgs weight;
+  int64_t M, N, K, r;
+  bool lora;
+  std::vector<int64_t> out_shape;  // x.shape[:-1] + [N]
+};
+
+inline LoraLinearArgs check_lora_linear_4bit_args(const at::Tensor& x, const at::Tensor& packed,
+                                                  const at::Tensor& absmax, int64_t blocksize,
+                                                  const std::string& quant_type, c10::SymIntArrayRef shape,
+                                                  const std::optional<at::Tensor>& absmax2,
+                                                  const std::optional<at::Tensor>& code2,
+                                                  const std::optional<at::Tensor>& offset,
+                                                  const std::optional<at::Tensor>& bias,
+                                                  const std::optional<at::Tensor>& lora_A,
+                                                  const std::optional<at::Tensor>& lora_B,
+                                                  const std::optional<at::Tensor>& x_lora, int64_t path) {
+  check_float_input(x, "x");
+  TORCH_CHECK_VALUE(shape.size() == 2, "shape must be the weight's [out_features, in_features], got ", shape);
+  TORCH_CHECK_VALUE(x.dim() >= 1, "x must have at least one dimension (in_features last)");
+  LoraLinearArgs args;
+  args.weight = check_dequantize_4bit_args(packed, absmax, blocksize, quant_type, shape, x.scalar_type(), absmax2,
+                                           code2, offset);
+  args.N = shape[0].expect_int();
+  args.K = shape[1].expect_int();
+  check_same_device(packed, x, "packed", "x");
+  TORCH_CHECK_VALUE(x.size(-1) == args.K, "x has ", x.size(-1), " features in its last dimension but the weight has ",
+                    args.K, " (shape ", shape, ")");
+  args.M = args.K > 0 ? x.numel() / args.K : 0;
+  if (args.K == 0) {
+    args.M = 1;
+    for (int64_t d = 0; d + 1 < x.dim(); ++d) args.M *= x.size(d);
+  }
+  args.out_shape = x.sizes().vec();
+  args.out_shape.back() = args.N;
+  if (bias.has_value()) {
+    check_dtype(*bias, x.scalar_type(), "bias");
+    check_same_device(*bias, x, "bias", "x");
+    TORCH_CHECK_VALUE(bias->dim() == 1 && bias->size(0) == args.N, "bias must have shape [", args.N, "], got ",
+                      bias->sizes());
+  }
+  TORCH_CHECK_VALUE(lora_A.has_value() == lora_B.has_value(), "lora_A and lora_B must be given together");
+  args.lora = lora_A.has_value();
+  args.r = 0;
+  if (args.lora) {
+    check_dtype(*lora_A, x.scalar_type(), "lora_A");
+    check_dtype(*lora_B, x.scalar_type(), "lora_B");
+    check_same_device(*lora_A, x, "lora_A", "x");
+    check_same_device(*lora_B, x, "lora_B", "x");
+    TORCH_CHECK_VALUE(lora_A->dim() == 2 && lora_A->size(1) == args.K && lora_A->size(0) > 0,
+                      "lora_A must have shape [r, ", args.K, "] with r >= 1, got ", lora_A->sizes());
+    args.r = lora_A->size(0);
+    TORCH_CHECK_VALUE(lora_B->dim() == 2 && lora_B->size(0) == args.N && lora_B->size(1) == args.r,
+                      "lora_B must have shape [", args.N, ", ", args.r, "] (out_features, r), got ", lora_B->sizes());
+  }
+  if (x_lora.has_value()) {
+    TORCH_CHECK_VALUE(args.lora, "x_lora is the input of the LoRA branch and needs lora_A and lora_B");
+    check_dtype(*x_lora, x.scalar_type(), "x_lora");
+    check_same_device(*x_lora, x, "x_lora", "x");
+    TORCH_CHECK_VALUE(x_lora->sizes() == x.sizes(), "x_lora must have the shape of x ", x.sizes(), ", got ",
+                      x_lora->sizes());
+  }
+  TORCH_CHECK_VALUE(path == kPathAuto || path == kPathFused || path == kPathDequantizeGemm,
+                    "path must be 0 (automatic), 1 (fused small-M kernel) or 2 (dequantize + GEMM), got ", path);
+  return args;
+}
+
+}  // namespace qlora

@@ -1,0 +1,52 @@
+"""Functional 4-bit linear + LoRA: y = x·dequant(W)ᵀ + scale·(x_lora·Aᵀ)·Bᵀ + bias, one op, differentiable."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from .quantization import QuantState
+
+__all__ = ["lora_linear_4bit", "PATH_AUTO", "PATH_FUSED", "PATH_DEQUANTIZE_GEMM"]
+
+#: Implementation choice on CUDA (``path`` argument). Anything but PATH_AUTO is meant for benchmarking.
+PATH_AUTO, PATH_FUSED, PATH_DEQUANTIZE_GEMM = 0, 1, 2
+
+
+def lora_linear_4bit(x: torch.Tensor, packed: torch.Tensor, quant_state: QuantState,
+                     bias: Optional[torch.Tensor] = None, lora_A: Optional[torch.Tensor] = None,
+                     lora_B: Optional[torch.Tensor] = None, scale: float = 1.0,
+                     x_lora: Optional[torch.Tensor] = None, path: int = PATH_AUTO) -> torch.Tensor:
+    """A frozen 4-bit linear layer with an optional LoRA adapter, forward and backward.
+
+    Parameters
+    ----------
+    x : Tensor
+        ``[..., in_features]``, float32, float16 or bfloat16; the output has x's dtype.
+    packed, quant_state :
+        The 4-bit weight ``[out_features, in_features]`` from :func:`qlora.quantize_4bit`.
+    bias : Tensor, optional
+        ``[out_features]``, x's dtype.
+    lora_A, lora_B : Tensor, optional
+        ``[r, in_features]`` and ``[out_features, r]``, x's dtype; both or neither.
+    scale : float
+        LoRA scaling, ``alpha / r``.
+    x_lora : Tensor, optional
+        Input of the LoRA branch, e.g. ``dropout(x)``; defaults to x. Passing the dropped-out tensor keeps the op
+        itself deterministic.
+    path : int
+        CUDA only: ``PATH_AUTO`` picks the fused small-M kernel for small batches (float16/bfloat16,
+        in_features % 32 == 0) and dequantize + cuBLAS otherwise; the other values force one (benchmarking).
+
+    Returns
+    -------
+    Tensor
+        ``[..., out_features]``. Gradients flow to x, x_lora, bias, lora_A and lora_B, never to the weight.
+    """
+    qs = quant_state
+    if len(qs.shape) != 2:
+        raise ValueError(f"quant_state.shape must be [out_features, in_features], got {list(qs.shape)}")
+    return torch.ops.qlora.lora_linear_4bit(x, packed, qs.absmax, qs.blocksize, qs.quant_type, list(qs.shape),
+                                            qs.absmax2, qs.code2, qs.offset, bias, lora_A, lora_B, float(scale),
+                                            x_lora, path)

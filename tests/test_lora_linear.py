@@ -1,0 +1,412 @@
+"""lora_linear_4bit: y = x·dequant(W)ᵀ + s·(x_lora·Aᵀ)·Bᵀ + bias, forward and backward, CPU and CUDA paths, and
+the nn modules built on it.
+
+Matmul accuracy is judged as flash-attention does: the error of the op against a float64 reference (from the
+float32 dequantized weight) must be at most a small multiple of the error plain PyTorch makes in the same dtype
+on the same inputs, plus a small atol.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import qlora
+from qlora import reference
+from qlora.nn import Linear4bit, LoraLinear4bit
+
+from conftest import CUDA, cuda_only
+
+OP = torch.ops.qlora.lora_linear_4bit
+MS = [1, 2, 3, 7, 16, 17, 64, 255, 4096]
+# (N, K, r, bias): K not a power of two; 100 is not a multiple of 32 (blocks straddle rows, no fused path);
+# 1000 x 4128 splits K on the GPU (4128 % 64 == 32: blocks straddle rows there too).
+SHAPES = [(72, 160, 16, True), (40, 96, 8, False), (33, 100, 64, True)]
+CUDA_SHAPES = [(1000, 4128, 16, True)]
+# dtype -> (error multiple of the PyTorch baseline, atol relative to max |reference|)
+TOL = {torch.bfloat16: (3.0, 2e-3), torch.float16: (3.0, 5e-4), torch.float32: (3.0, 1e-5)}
+
+
+def sample_inputs(device, M, N, K, r, dtype, bias=True, lora=True, x_lora=False, blocksize=64, quant_type="nf4",
+                  double_quant=True, x_shape=None):
+    """Arguments of lora_linear_4bit (as a dict) for a random weight of N x K and an M x K input."""
+    w = torch.randn(N, K, device=device) * 0.05
+    packed, qs = qlora.quantize_4bit(w, blocksize=blocksize, quant_type=quant_type, double_quant=double_quant)
+    x = torch.randn(*(x_shape or (M,)), K, device=device).to(dtype)
+    args = dict(x=x, packed=packed, absmax=qs.absmax, blocksize=qs.blocksize, quant_type=qs.quant_type,
+                shape=[N, K], absmax2=qs.absmax2, code2=qs.code2, offset=qs.offset,
+                bias=(torch.randn(N, device=device) * 0.1).to(dtype) if bias else None, lora_A=None, lora_B=None,
+                scale=2.0, x_lora=None)
+    if lora:
+        args["lora_A"] = (torch.randn(r, K, device=device) / math.sqrt(K)).to(dtype)
+        args["lora_B"] = (torch.randn(N, r, device=device) * 0.1).to(dtype)
+        if x_lora:
+            args["x_lora"] = F.dropout(x.float(), 0.25, training=True).to(dtype)
+    return args
+
+
+def torch_baseline(a):
+    """The same computation in plain PyTorch at the input's dtype (the accuracy yardstick)."""
+    dtype = a["x"].dtype
+    w = reference.dequantize_4bit(a["packed"], a["absmax"], a["blocksize"], a["quant_type"], a["shape"], dtype,
+                                  a["absmax2"], a["code2"], a["offset"])
+    y = F.linear(a["x"], w, a["bias"])
+    if a["lora_A"] is not None:
+        xl = a["x"] if a["x_lora"] is None else a["x_lora"]
+        y = y + a["scale"] * F.linear(F.linear(xl, a["lora_A"]), a["lora_B"])
+    return y
+
+
+def assert_accurate(out, ref, baseline, dtype, what="output"):
+    factor, atol_rel = TOL[dtype]
+    ref = ref.double()
+    assert out.shape == ref.shape, f"{what}: shape {tuple(out.shape)} != {tuple(ref.shape)}"
+    assert torch.isfinite(out).all(), f"{what}: non-finite values"
+    err = (out.double() - ref).abs().max().item()
+    base = (baseline.double() - ref).abs().max().item()
+    atol = atol_rel * max(ref.abs().max().item(), 1e-6)
+    assert err <= factor * base + atol, f"{what}: error {err:.3g} > {factor} x PyTorch's {base:.3g} + {atol:.3g}"
+
+
+def paths_for(device, dtype, K):
+    """Implementations to exercise: the automatic choice, and on CUDA each path the arguments allow."""
+    if device.type != "cuda":
+        return [0]
+    return [0, 2] + ([1] if dtype != torch.float32 and K % 32 == 0 else [])
+
+
+# ---- forward ----------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("M", MS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
+@pytest.mark.parametrize("shape", SHAPES + [pytest.param(s, marks=cuda_only) for s in CUDA_SHAPES], ids=str)
+def test_forward(device, M, dtype, shape):
+    N, K, r, bias = shape
+    if device.type == "cuda" and N * K > 1e5 and M > 256 and dtype != torch.bfloat16:
+        pytest.skip("one dtype is enough for the large case")
+    if device.type == "cpu" and N * K > 1e5:
+        pytest.skip("GPU-sized")
+    a = sample_inputs(device, M, N, K, r, dtype, bias=bias)
+    ref = reference.lora_linear_4bit(**a)
+    base = torch_baseline(a)
+    for path in paths_for(device, dtype, K):
+        out = OP(**a, path=path)
+        assert out.dtype == dtype
+        assert_accurate(out, ref, base, dtype, f"path {path}")
+
+
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+@pytest.mark.parametrize("double_quant", [True, False])
+@pytest.mark.parametrize("blocksize", [32, 64, 256])
+@pytest.mark.parametrize("M", [1, 9, 40])
+def test_forward_formats(device, quant_type, double_quant, blocksize, M):
+    dtype = torch.bfloat16
+    a = sample_inputs(device, M, 48, 256, 8, dtype, blocksize=blocksize, quant_type=quant_type,
+                      double_quant=double_quant)
+    ref, base = reference.lora_linear_4bit(**a), torch_baseline(a)
+    for path in paths_for(device, dtype, 256):
+        assert_accurate(OP(**a, path=path), ref, base, dtype, f"path {path}")
+
+
+@pytest.mark.parametrize("layout", ["3d", "noncontiguous", "offset_view"])
+@pytest.mark.parametrize("M", [1, 17, 300])
+def test_forward_layouts(device, layout, M):
+    dtype = torch.bfloat16
+    N, K = 56, 192
+    a = sample_inputs(device, M, N, K, 16, dtype, x_lora=True)
+    if layout == "3d":
+        a["x"] = torch.randn(M, 2, K, device=device).to(dtype)
+        a["x_lora"] = a["x"] * 0.5
+    elif layout == "noncontiguous":
+        a["x"] = torch.randn(K, M, device=device).to(dtype).t()                   # column-major
+        a["x_lora"] = torch.randn(M, 2 * K, device=device).to(dtype)[:, ::2]      # strided
+        a["lora_A"] = torch.randn(K, 16, device=device).to(dtype).t() / math.sqrt(K)
+        a["lora_B"] = torch.randn(16, N, device=device).to(dtype).t() * 0.1
+    else:  # views that start 2 bytes into their storage: not 16-byte aligned
+        a["x"] = torch.randn(M * K + 1, device=device).to(dtype)[1:].view(M, K)
+        a["x_lora"] = torch.randn(M * K + 1, device=device).to(dtype)[1:].view(M, K)
+        a["lora_A"] = (torch.randn(16 * K + 1, device=device) / math.sqrt(K)).to(dtype)[1:].view(16, K)
+    ref, base = reference.lora_linear_4bit(**a), torch_baseline(a)
+    for path in paths_for(device, dtype, K):
+        out = OP(**a, path=path)
+        assert out.shape == (*a["x"].shape[:-1], N)
+        assert_accurate(out, ref, base, dtype, f"path {path}")
+
+
+@pytest.mark.parametrize("lora, bias", [(False, False), (False, True), (True, False)])
+def test_forward_optional_parts(device, lora, bias):
+    dtype = torch.float16
+    a = sample_inputs(device, 5, 64, 128, 8, dtype, bias=bias, lora=lora)
+    ref, base = reference.lora_linear_4bit(**a), torch_baseline(a)
+    for path in paths_for(device, dtype, 128):
+        assert_accurate(OP(**a, path=path), ref, base, dtype, f"path {path}")
+
+
+def test_forward_empty_batch(device):
+    a = sample_inputs(device, 0, 40, 96, 8, torch.bfloat16)
+    for path in paths_for(device, torch.bfloat16, 96):
+        assert OP(**a, path=path).shape == (0, 40)
+
+
+@cuda_only
+@pytest.mark.parametrize("M", [1, 16, 64])
+def test_fused_writes_every_output_and_is_deterministic(M):
+    a = sample_inputs("cuda", M, 1000, 4128, 16, torch.bfloat16)
+    y1 = OP(**a, path=1)
+    y2 = OP(**a, path=1)
+    assert torch.isfinite(y1).all()
+    assert torch.equal(y1, y2), "the fused path must be bitwise reproducible"
+
+
+# ---- backward -------------------------------------------------------------------------------------------------
+
+def _grads(fn, a, names):
+    leaves = {n: a[n].detach().clone().requires_grad_() for n in names}
+    out = fn({**a, **leaves})
+    torch.manual_seed(1)
+    g = torch.randn_like(out, dtype=torch.float32).to(out.dtype)
+    out.backward(g)
+    return out, {n: leaves[n].grad for n in names}
+
+
+@pytest.mark.parametrize("M", [1, 17, 255])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+@pytest.mark.parametrize("bias, x_lora", [(True, False), (False, True)])
+def test_backward(device, M, dtype, bias, x_lora):
+    N, K, r = 72, 160, 16
+    a = sample_inputs(device, M, N, K, r, dtype, bias=bias, x_lora=x_lora)
+    names = ["x", "lora_A", "lora_B"] + (["bias"] if bias else []) + (["x_lora"] if x_lora else [])
+    _, got = _grads(lambda b: OP(**b), a, names)
+    a64 = {k: (v.double() if torch.is_tensor(v) and v.is_floating_point() and k not in ("absmax", "absmax2", "code2",
+                                                                                          "offset") else v)
+           for k, v in a.items()}
+    _, want = _grads(lambda b: reference.lora_linear_4bit(**b), a64, names)
+    _, base = _grads(torch_baseline, a, names)
+    for n in names:
+        assert got[n] is not None, f"no gradient for {n}"
+        assert got[n].dtype == dtype
+        assert_accurate(got[n], want[n], base[n], dtype, f"grad {n}")
+
+
+def test_backward_no_weight_grad_and_frozen_buffers(device):
+    a = sample_inputs(device, 4, 40, 96, 8, torch.float32)
+    x = a["x"].requires_grad_()
+    OP(**a).sum().backward()
+    assert x.grad is not None
+    assert not a["packed"].requires_grad and a["packed"].grad is None
+
+
+# ---- torch.library, CUDA graphs, torch.compile -------------------------------------------------------------------
+
+@pytest.mark.parametrize("M", [1, 33])
+@pytest.mark.parametrize("variant", ["full", "base_only", "plain_absmax"])
+def test_opcheck(device, M, variant):
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    a = sample_inputs(device, M, 40, 96, 8, dtype, lora=variant != "base_only", x_lora=variant == "full",
+                      double_quant=variant != "plain_absmax")
+    a["x"].requires_grad_()
+    if a["lora_A"] is not None:
+        a["lora_A"].requires_grad_()
+        a["lora_B"].requires_grad_()
+    torch.library.opcheck(OP, (), a)
+
+
+@cuda_only
+@pytest.mark.parametrize("M", [1, 16, 300])
+def test_cuda_graph_capture(M):
+    a = sample_inputs("cuda", M, 1000, 4128, 16, torch.bfloat16)
+    eager = OP(**a)
+    static_x = a["x"].clone()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        OP(**{**a, "x": static_x})  # warm-up (cuBLAS handles, workspaces) outside the capture
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = OP(**{**a, "x": static_x})
+    new_x = torch.randn_like(static_x)
+    static_x.copy_(new_x)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(out, OP(**{**a, "x": new_x}))
+    static_x.copy_(a["x"])
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(out, eager)
+
+
+@pytest.mark.parametrize("M", [3, 300])
+def test_compile_forward_backward(device, M):
+    torch._dynamo.reset()
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    lin = torch.nn.Linear(96, 40, bias=True).to(device, dtype)
+    module = LoraLinear4bit.from_linear(lin, r=8, alpha=16, dropout=0.0)
+    torch.nn.init.normal_(module.lora_B.weight, std=0.1)
+    x = torch.randn(2, M, 96, device=device, dtype=dtype)
+
+    def step(m, inp):
+        inp = inp.detach().requires_grad_()
+        y = m(inp)
+        y.float().square().sum().backward()
+        grads = (inp.grad, m.lora_A.weight.grad, m.lora_B.weight.grad)
+        m.zero_grad(set_to_none=True)
+        return y, grads
+
+    y_eager, g_eager = step(module, x)
+    backend = "inductor" if device.type == "cuda" else "aot_eager"
+    compiled = torch.compile(module, fullgraph=True, backend=backend)
+    y_comp, g_comp = step(compiled, x)
+    tol = dict(atol=1e-2, rtol=1e-2) if dtype == torch.bfloat16 else dict(atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(y_comp, y_eager, **tol)
+    for ge, gc in zip(g_eager, g_comp):
+        torch.testing.assert_close(gc, ge, **tol)
+
+
+# ---- bad inputs -------------------------------------------------------------------------------------------------
+
+BAD = [
+    ("x dtype", lambda a: a.update(x=a["x"].to(torch.int32)), TypeError, "x must be float32"),
+    ("x features", lambda a: a.update(x=a["x"][..., :-1]), ValueError, "x has 95 features"),
+    ("lora pair", lambda a: a.update(lora_B=None), ValueError, "lora_A and lora_B must be given together"),
+    ("lora_A shape", lambda a: a.update(lora_A=a["lora_A"][:, :-1]), ValueError, "lora_A must have shape"),
+    ("lora_B shape", lambda a: a.update(lora_B=a["lora_B"][:-1]), ValueError, "lora_B must have shape"),
+    ("lora_B rank", lambda a: a.update(lora_B=a["lora_B"][:, :-1]), ValueError, "lora_B must have shape"),
+    ("lora dtype", lambda a: a.update(lora_A=a["lora_A"].double()), TypeError, "lora_A must be"),
+    ("bias shape", lambda a: a.update(bias=a["bias"][:-1]), ValueError, "bias must have shape"),
+    ("bias dtype", lambda a: a.update(bias=a["bias"].half()), TypeError, "bias must be"),
+    ("x_lora without lora", lambda a: a.update(lora_A=None, lora_B=None, x_lora=a["x"]), ValueError,
+     "x_lora is the input"),
+    ("x_lora shape", lambda a: a.update(x_lora=a["x"][:1]), ValueError, "x_lora must have the shape of x"),
+    ("shape rank", lambda a: a.update(shape=[40 * 96]), ValueError, "shape must be the weight's"),
+    ("absmax size", lambda a: a.update(absmax=a["absmax"][:-1]), ValueError, "absmax has"),
+    ("path", lambda a: a.update(path=7), ValueError, "path must be 0"),
+]
+
+
+@pytest.mark.parametrize("name, edit, exc, message", BAD, ids=[b[0] for b in BAD])
+def test_bad_inputs(device, name, edit, exc, message):
+    a = sample_inputs(device, 3, 40, 96, 8, torch.float32)
+    a["path"] = 0
+    edit(a)
+    with pytest.raises(exc, match=message):
+        OP(**a)
+
+
+def test_bad_device_mix():
+    if not CUDA:
+        pytest.skip("needs a CUDA GPU")
+    a = sample_inputs("cuda", 3, 40, 96, 8, torch.bfloat16)
+    a["lora_A"] = a["lora_A"].cpu()
+    with pytest.raises(RuntimeError, match="lora_A is on cpu"):
+        OP(**a)
+
+
+@cuda_only
+@pytest.mark.parametrize("dtype, K, message", [(torch.float32, 96, "x must be float16 or bfloat16"),
+                                                (torch.bfloat16, 100, "multiple of 32")])
+def test_fused_path_refuses_clearly(dtype, K, message):
+    a = sample_inputs("cuda", 3, 40, K, 8, dtype)
+    with pytest.raises(ValueError, match=message):
+        OP(**a, path=1)
+    OP(**a, path=0)  # the automatic choice falls back instead
+
+
+# ---- modules ----------------------------------------------------------------------------------------------------
+
+def test_linear4bit_from_linear(device):
+    lin = torch.nn.Linear(160, 72).to(device, torch.bfloat16)
+    m = Linear4bit.from_linear(lin)
+    assert m.weight.dtype == torch.uint8 and "weight" in dict(m.named_buffers())
+    assert not any(p.requires_grad for p in m.parameters())
+    x = torch.randn(5, 160, device=device, dtype=torch.bfloat16)
+    w = m.dequantize()
+    assert w.shape == (72, 160) and w.dtype == torch.bfloat16
+    ref = x.double() @ m.dequantize(torch.float32).double().t() + lin.bias.double()
+    assert_accurate(m(x), ref, F.linear(x, w, lin.bias), torch.bfloat16)
+    # quantization error of NF4 stays near its known level (relative Frobenius ~0.09 on Gaussian-like weights)
+    rel = (w.float() - lin.weight.float()).norm() / lin.weight.float().norm()
+    assert rel < 0.15
+
+
+def test_linear4bit_from_bnb_state_dict(device):
+    lin = torch.nn.Linear(96, 40).to(device)
+    packed, qs = qlora.quantize_4bit(lin.weight.detach())
+    # bitsandbytes' Linear4bit state dict: packed codes, bias, and the quant state under "weight."
+    sd = {"weight": packed, "bias": lin.bias.detach()}
+    sd.update({f"weight.{k}": v for k, v in qs.as_dict(packed=True).items()})
+    m = Linear4bit.from_bnb_state_dict(sd, compute_dtype=torch.float32)
+    assert torch.equal(m.weight, packed) and torch.equal(m.absmax, qs.absmax)
+    assert torch.equal(m.absmax2, qs.absmax2) and torch.equal(m.offset, qs.offset)
+    x = torch.randn(3, 96, device=device)
+    expected = Linear4bit(packed, qs, lin.bias.detach(), torch.float32)(x)
+    assert torch.equal(m(x), expected)
+    with pytest.raises(ValueError, match="no 'weight' entry"):
+        Linear4bit.from_bnb_state_dict({"bias": lin.bias})
+
+
+def test_lora_linear4bit_init_and_state(device):
+    lin = torch.nn.Linear(160, 72).to(device, torch.bfloat16)
+    m = LoraLinear4bit.from_linear(lin, r=16, alpha=32, dropout=0.1)
+    assert m.scaling == 2.0
+    assert torch.count_nonzero(m.lora_B.weight) == 0
+    bound = 1 / math.sqrt(160)  # kaiming_uniform_(a=sqrt(5)) on fan_in 160
+    assert m.lora_A.weight.abs().max() <= bound and m.lora_A.weight.abs().max() > 0.5 * bound
+    x = torch.randn(4, 160, device=device, dtype=torch.bfloat16)
+    m.eval()
+    assert torch.equal(m(x), m.base(x)), "a fresh adapter (B = 0) must not change the output"
+    trainable = {n for n, p in m.named_parameters() if p.requires_grad}
+    assert trainable == {"lora_A.weight", "lora_B.weight"}
+    sd = m.adapter_state_dict()
+    assert set(sd) == {"lora_A.weight", "lora_B.weight"}
+    other = LoraLinear4bit(m.base, r=16, alpha=32)
+    torch.nn.init.normal_(m.lora_B.weight)
+    other.load_adapter_state_dict(m.adapter_state_dict())
+    assert torch.equal(other.lora_B.weight, m.lora_B.weight) and torch.equal(other.lora_A.weight, m.lora_A.weight)
+    with pytest.raises(ValueError, match="lora_A.weight has shape"):
+        LoraLinear4bit(m.base, r=8).load_adapter_state_dict(m.adapter_state_dict())
+
+
+def test_lora_linear4bit_merge_unmerge(device):
+    lin = torch.nn.Linear(96, 40).to(device, torch.float32)
+    m = LoraLinear4bit.from_linear(lin, r=8, alpha=16).eval()
+    torch.nn.init.normal_(m.lora_B.weight, std=0.1)
+    x = torch.randn(6, 96, device=device)
+    merged = m.merge()
+    assert isinstance(merged, torch.nn.Linear) and merged.weight.dtype == torch.float32
+    torch.testing.assert_close(merged(x), m(x), atol=1e-4, rtol=1e-4)
+    base = torch.nn.Linear(96, 40).to(device)
+    with torch.no_grad():
+        base.weight.copy_(m.base.dequantize(torch.float32))
+        base.bias.copy_(lin.bias)
+    m.merge_into(base)
+    torch.testing.assert_close(base(x), m(x), atol=1e-4, rtol=1e-4)
+    m.unmerge_from(base)
+    torch.testing.assert_close(base.weight, m.base.dequantize(torch.float32), atol=1e-6, rtol=0)
+    bf16 = m.merge(torch.bfloat16)
+    assert bf16.weight.dtype == torch.bfloat16
+    with pytest.raises(ValueError, match="linear.weight has shape"):
+        m.merge_into(torch.nn.Linear(95, 40).to(device))
+
+
+def test_lora_linear4bit_dropout_and_training(device):
+    lin = torch.nn.Linear(96, 40).to(device, torch.float32)
+    m = LoraLinear4bit.from_linear(lin, r=8, alpha=16, dropout=0.5)
+    torch.nn.init.normal_(m.lora_B.weight, std=0.1)
+    x = torch.randn(8, 96, device=device, requires_grad=True)
+    m.train()
+    torch.manual_seed(3)
+    y = m(x)
+    torch.manual_seed(3)
+    x_lora = F.dropout(x, 0.5, training=True)
+    a, b = m.lora_A.weight, m.lora_B.weight
+    expected = F.linear(x, m.base.dequantize(torch.float32), m.base.bias) + m.scaling * F.linear(F.linear(x_lora, a), b)
+    torch.testing.assert_close(y, expected, atol=1e-4, rtol=1e-4)
+    y.sum().backward()
+    assert m.lora_A.weight.grad is not None and m.lora_B.weight.grad is not None and x.grad is not None
+    assert m.base.weight.grad is None
+    m.eval()
+    torch.testing.assert_close(m(x), m.merge()(x), atol=1e-4, rtol=1e-4)
