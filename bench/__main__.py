@@ -44,7 +44,8 @@ def main(argv=None) -> int:
         new_rows = module.run(ctx)
         rows += new_rows
         print(f"[{stem}] {len(new_rows)} measurements in {time.time() - t0:.0f} s", flush=True)
-    write_reports(rows, ctx, Path(args.out))
+        print(format_table(new_rows, ctx), flush=True)
+        write_reports(rows, ctx, Path(args.out))  # after each benchmark, so a cut-short run keeps what it measured
     print()
     print(format_table(rows, ctx))
     print(f"\nwritten: {Path(args.out) / 'results.json'}, {Path(args.out) / 'results.png'}")

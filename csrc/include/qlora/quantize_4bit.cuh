@@ -156,6 +156,20 @@ static __global__ void __launch_bounds__(kAbsmaxBlocksize) double_quantize_kerne
   if (threadIdx.x == 0) absmax2[blockIdx.x] = scale;
 }
 
+// Absmax of block `b` for kernels that decode 4-bit weights on the fly: plain, or double-quantized
+// (code2[q] * absmax2[b / 256] + offset, rounded twice as bitsandbytes does).
+struct AbsmaxReader {
+  const float* absmax;     // plain absmax, or nullptr when double-quantized
+  const uint8_t* qabsmax;  // 8-bit codes of absmax - offset
+  const float* absmax2;    // one per 256 codes
+  const float* code2;      // 256-entry second-level code, staged in shared memory by the caller
+  float offset;
+  __device__ __forceinline__ float operator()(int64_t b) const {
+    if (absmax != nullptr) return __ldg(absmax + b);
+    return mul_then_add(code2[__ldg(qabsmax + b)], __ldg(absmax2 + b / kAbsmaxBlocksize), offset);
+  }
+};
+
 template <typename T, QuantType QT>
 __global__ void __launch_bounds__(kDequantizeThreads) dequantize_4bit_kernel(
     const uint8_t* __restrict__ packed, const float* __restrict__ absmax, const uint8_t* __restrict__ qabsmax,
