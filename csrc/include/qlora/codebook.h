@@ -76,21 +76,30 @@ constexpr int kFP4Buckets = 16;
 constexpr BucketTable<kNF4Buckets> kNF4BucketTable = make_buckets<kNF4Buckets>(kNF4Thresholds, -1.0f);
 constexpr BucketTable<kFP4Buckets> kFP4BucketTable = make_buckets<kFP4Buckets>(kFP4Thresholds, 0.0f);
 
-// Bucket of v >= 0 scaled by `per_unit` buckets per 1.0; NaN and negatives go to bucket 0.
-QLORA_HD int bucket_index(float v, float per_unit, int count) {
-  const float f = v * per_unit;
-  return f >= 0.0f ? (f < static_cast<float>(count - 1) ? static_cast<int>(f) : count - 1) : 0;
+// floor(v * per_unit + origin) clamped to [0, count - 1]; NaN goes to bucket 0. The floor is a
+// round-to-nearest of (f - 0.5) by adding 1.5 * 2^23, which keeps the float-to-int conversion (a
+// quarter-rate instruction on the GPU) out of the loop; a value that lands exactly on an edge may
+// round either way, which the bucket layout tolerates.
+QLORA_HD uint32_t bucket_index(float v, float per_unit, float origin, int count) {
+  const float f = v * per_unit + (origin - 0.5f);
+#if defined(__CUDA_ARCH__)
+  const float clamped = fminf(fmaxf(f, 0.0f), static_cast<float>(count - 1));
+#else
+  const float clamped = f > 0.0f ? (f < static_cast<float>(count - 1) ? f : static_cast<float>(count - 1)) : 0.0f;
+#endif
+  constexpr float kRoundingBias = 12582912.0f;  // 1.5 * 2^23: adding it leaves round(f) in the low mantissa bits
+  return float_bits(clamped + kRoundingBias) - float_bits(kRoundingBias);
 }
 
 QLORA_HD uint32_t nf4_code(float x, const Bucket* buckets) {
-  const Bucket b = buckets[bucket_index(x + 1.0f, kNF4Buckets / 2.0f, kNF4Buckets)];
+  const Bucket b = buckets[bucket_index(x, kNF4Buckets / 2.0f, kNF4Buckets / 2.0f, kNF4Buckets)];
   return b.base + (x > b.threshold ? 1u : 0u);  // NaN: bucket 0, no comparison holds, code 0
 }
 
 QLORA_HD uint32_t fp4_code(float x, const Bucket* buckets) {
   const uint32_t sign = x < 0.0f ? 8u : 0u;
   const float a = x < 0.0f ? -x : x;  // NaN stays NaN and falls to rank 0, like bitsandbytes
-  const Bucket b = buckets[bucket_index(a, kFP4Buckets, kFP4Buckets)];
+  const Bucket b = buckets[bucket_index(a, kFP4Buckets, 0.0f, kFP4Buckets)];
   const uint32_t rank = b.base + (a > b.threshold ? 1u : 0u);
   return sign | ((kFP4CodeOfRank >> (4u * rank)) & 0xfu);
 }
