@@ -32,8 +32,9 @@ class CMakeBuild(build_ext):
         out_dir = Path(self.get_ext_fullpath(ext.name)).resolve().parent
         build_dir = ROOT / "build" / "cmake"
         build_dir.mkdir(parents=True, exist_ok=True)
+        lib_dir = build_dir / "lib"  # stays after the build, so ctest finds the library there
         args = [
-            f"-DQLORA_OUTPUT_DIR={out_dir}",
+            f"-DQLORA_OUTPUT_DIR={lib_dir}",
             f"-DPython3_EXECUTABLE={sys.executable}",
             f"-DTORCH_ROOT={Path(torch.__file__).parent}",
             "-DCMAKE_BUILD_TYPE=Release",
@@ -51,6 +52,10 @@ class CMakeBuild(build_ext):
         subprocess.check_call(["cmake", "-S", str(ROOT), "-B", str(build_dir), *args])
         jobs = os.environ.get("MAX_JOBS", str(os.cpu_count() or 1))
         subprocess.check_call(["cmake", "--build", str(build_dir), "-j", jobs])
+        out_dir.mkdir(parents=True, exist_ok=True)
+        for built in lib_dir.iterdir():
+            if built.suffix == ".so":
+                shutil.copy2(built, out_dir / built.name)
 
     def copy_extensions_to_source(self):
         # setuptools copies only the extension module into the source tree; the library it links goes too.

@@ -188,8 +188,12 @@ __global__ void __launch_bounds__(kDequantizeThreads) dequantize_4bit_kernel(
   const int64_t num_bytes = (n + 1) / 2;
   const int64_t num_units = (n + kDequantizeElems - 1) / kDequantizeElems;
   constexpr int64_t tile = static_cast<int64_t>(kDequantizeThreads) * kDequantizeUnits;
-  // Persistent CTAs: the tables above are staged once per CTA, not once per tile.
-  for (int64_t first_unit = blockIdx.x * tile; first_unit < num_units; first_unit += static_cast<int64_t>(gridDim.x) * tile) {
+  // Persistent CTAs, each over an equal contiguous range of units: the tables above are staged once per
+  // CTA, and no CTA gets a whole extra tile while the others idle.
+  const int64_t per_cta = (num_units + gridDim.x - 1) / gridDim.x;
+  const int64_t range_begin = blockIdx.x * per_cta;
+  const int64_t range_end = min(range_begin + per_cta, num_units);
+  for (int64_t first_unit = range_begin; first_unit < range_end; first_unit += tile) {
     uint2 words[kDequantizeUnits];
     float scales[kDequantizeUnits];  // plain absmax, or absmax2 of the unit's block when double-quantized
     uint32_t qcodes[kDequantizeUnits];
@@ -200,7 +204,7 @@ __global__ void __launch_bounds__(kDequantizeThreads) dequantize_4bit_kernel(
       words[u] = make_uint2(0, 0);
       scales[u] = 0.0f;
       qcodes[u] = 0;
-      if (unit >= num_units) continue;
+      if (unit >= range_end) continue;
       if (b0 + kDequantizeElems / 2 <= num_bytes) {
         words[u] = __ldg(reinterpret_cast<const uint2*>(packed + b0));
       } else {
@@ -218,8 +222,9 @@ __global__ void __launch_bounds__(kDequantizeThreads) dequantize_4bit_kernel(
     }
 #pragma unroll
     for (int u = 0; u < kDequantizeUnits; ++u) {
-      const int64_t e0 = (first_unit + u * kDequantizeThreads + threadIdx.x) * kDequantizeElems;
-      if (e0 >= n) break;
+      const int64_t unit = first_unit + u * kDequantizeThreads + threadIdx.x;
+      if (unit >= range_end) break;
+      const int64_t e0 = unit * kDequantizeElems;
       // code2[q] * absmax2 + mean, rounded twice as bitsandbytes does.
       const float scale = double_quant ? mul_then_add(smem_code2[qcodes[u]], scales[u], mean) : scales[u];
       float v[kDequantizeElems];
