@@ -26,13 +26,14 @@ TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0a} MAX_JOBS=${MAX_JOBS:-$(nproc)
 echo "build: $(( $(date +%s) - start )) s"
 export PYTHONPATH=$PWD/python:$PWD${PYTHONPATH:+:$PYTHONPATH}
 python3 -c "import qlora, torch; print('qlora', qlora.__version__, 'archs', qlora._C.cuda_archs(), 'torch', torch.__version__)"
+ctest --test-dir build/cmake --output-on-failure 2>&1 | tail -4
 
-python3 -m pytest -q -p no:cacheprovider ${TESTS:-tests} 2>&1 | tee "$OUT/tests.log" | tail -${TEST_TAIL:-25}
+timeout ${TEST_TIMEOUT:-900} python3 -m pytest -q -p no:cacheprovider ${TESTS:-tests} 2>&1 | tee "$OUT/tests.log" | tail -${TEST_TAIL:-25}
 tests_rc=$?
 
 if [ "${BENCH:-all}" != "none" ]; then
   only=""
   [ "${BENCH:-all}" != "all" ] && only="--only ${BENCH}"
-  python3 -m bench $only --out "$OUT" 2>&1 | tee "$OUT/bench.log" | grep -v "^\[" | tail -${BENCH_TAIL:-40}
+  timeout ${BENCH_TIMEOUT:-900} python3 -m bench $only --out "$OUT" 2>&1 | tee "$OUT/bench.log" | grep -v "^\[" | tail -${BENCH_TAIL:-40}
 fi
 exit $tests_rc

@@ -32,10 +32,10 @@ int main(int argc, char** argv) {
   }
   auto quantize = c10::Dispatcher::singleton()
                       .findSchemaOrThrow("qlora::quantize_4bit", "")
-                      .typed<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, int64_t, c10::string_view)>();
+                      .typed<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, int64_t, const std::string&)>();
   auto dequantize = c10::Dispatcher::singleton()
                         .findSchemaOrThrow("qlora::dequantize_4bit", "")
-                        .typed<at::Tensor(const at::Tensor&, const at::Tensor&, int64_t, c10::string_view,
+                        .typed<at::Tensor(const at::Tensor&, const at::Tensor&, int64_t, const std::string&,
                                           c10::SymIntArrayRef, at::ScalarType, const std::optional<at::Tensor>&,
                                           const std::optional<at::Tensor>&, const std::optional<at::Tensor>&)>();
 
@@ -44,7 +44,8 @@ int main(int argc, char** argv) {
   w[0] = -2.0f;
   w[1] = 0.0f;
   w[2] = 2.0f;
-  auto [packed, absmax] = quantize.call(w, 64, "nf4");
+  const std::string nf4 = "nf4";
+  auto [packed, absmax] = quantize.call(w, 64, nf4);
   expect(packed.sizes() == at::IntArrayRef({32, 1}), "packed shape is [numel/2, 1]");
   expect(absmax.item<float>() == 2.0f, "absmax is the block's largest magnitude");
   expect(packed[0][0].item<uint8_t>() == 0x07, "first byte holds codes 0 (high nibble) and 7");
@@ -52,9 +53,9 @@ int main(int argc, char** argv) {
 
   at::manual_seed(0);
   at::Tensor x = at::randn({300, 129}, at::kBFloat16);
-  auto [p, a] = quantize.call(x, 64, "nf4");
+  auto [p, a] = quantize.call(x, 64, nf4);
   const c10::SymInt dims[] = {c10::SymInt(300), c10::SymInt(129)};
-  at::Tensor y = dequantize.call(p, a, 64, "nf4", c10::SymIntArrayRef(dims, 2), at::kBFloat16, std::nullopt,
+  at::Tensor y = dequantize.call(p, a, 64, nf4, c10::SymIntArrayRef(dims, 2), at::kBFloat16, std::nullopt,
                                  std::nullopt, std::nullopt);
   const double mean_abs_err = (y.to(at::kFloat) - x.to(at::kFloat)).abs().mean().item<double>();
   expect(y.sizes() == x.sizes() && y.scalar_type() == at::kBFloat16, "dequantize restores shape and dtype");
@@ -63,7 +64,7 @@ int main(int argc, char** argv) {
 
   bool rejected = false;
   try {
-    quantize.call(x, 48, "nf4");
+    quantize.call(x, 48, nf4);
   } catch (const c10::Error& e) {
     rejected = std::string(e.what()).find("blocksize") != std::string::npos;
   }
