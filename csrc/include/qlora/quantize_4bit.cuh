@@ -20,9 +20,9 @@ namespace qlora {
 // blocksize elements is blocksize/16 consecutive threads, so the 256-thread CTA holds whole blocks.
 constexpr int kQuantizeElems = 16;
 constexpr int kQuantizeThreads = 256;
-// Dequantize: a unit is 8 packed bytes -> 16 elements (two 16-byte bf16 stores); each thread loads
+// Dequantize: a unit is 4 packed bytes -> 8 elements (one 16-byte bf16 store); each thread loads
 // kDequantizeUnits units and their scales before decoding any, so that several loads are in flight.
-constexpr int kDequantizeElems = 16;
+constexpr int kDequantizeElems = 8;
 constexpr int kDequantizeThreads = 256;
 constexpr int kDequantizeUnits = 4;
 // The absmax mean: each CTA sums kMeanChunk values (8 consecutive per thread), then one CTA sums the chunks.
@@ -188,29 +188,23 @@ __global__ void __launch_bounds__(kDequantizeThreads) dequantize_4bit_kernel(
   const int64_t num_bytes = (n + 1) / 2;
   const int64_t num_units = (n + kDequantizeElems - 1) / kDequantizeElems;
   constexpr int64_t tile = static_cast<int64_t>(kDequantizeThreads) * kDequantizeUnits;
-  // Persistent CTAs, each over an equal contiguous range of units: the tables above are staged once per
-  // CTA, and no CTA gets a whole extra tile while the others idle.
-  const int64_t per_cta = (num_units + gridDim.x - 1) / gridDim.x;
-  const int64_t range_begin = blockIdx.x * per_cta;
-  const int64_t range_end = min(range_begin + per_cta, num_units);
-  for (int64_t first_unit = range_begin; first_unit < range_end; first_unit += tile) {
-    uint2 words[kDequantizeUnits];
+  // Persistent CTAs: the tables above are staged once per CTA, not once per tile.
+  for (int64_t first_unit = blockIdx.x * tile; first_unit < num_units; first_unit += static_cast<int64_t>(gridDim.x) * tile) {
+    uint32_t words[kDequantizeUnits];
     float scales[kDequantizeUnits];  // plain absmax, or absmax2 of the unit's block when double-quantized
     uint32_t qcodes[kDequantizeUnits];
 #pragma unroll
     for (int u = 0; u < kDequantizeUnits; ++u) {
       const int64_t unit = first_unit + u * kDequantizeThreads + threadIdx.x;
-      const int64_t b0 = unit * (kDequantizeElems / 2);
-      words[u] = make_uint2(0, 0);
+      const int64_t b0 = unit * 4;
+      words[u] = 0;
       scales[u] = 0.0f;
       qcodes[u] = 0;
-      if (unit >= range_end) continue;
-      if (b0 + kDequantizeElems / 2 <= num_bytes) {
-        words[u] = __ldg(reinterpret_cast<const uint2*>(packed + b0));
+      if (unit >= num_units) continue;
+      if (b0 + 4 <= num_bytes) {
+        words[u] = __ldg(reinterpret_cast<const uint32_t*>(packed + b0));
       } else {
-        uint64_t tail = 0;  // a scalar, not an indexed array, so it stays in registers
-        for (int j = 0; b0 + j < num_bytes; ++j) tail |= static_cast<uint64_t>(packed[b0 + j]) << (8 * j);
-        words[u] = make_uint2(static_cast<uint32_t>(tail), static_cast<uint32_t>(tail >> 32));
+        for (int j = 0; j < 4 && b0 + j < num_bytes; ++j) words[u] |= static_cast<uint32_t>(packed[b0 + j]) << (8 * j);
       }
       const int64_t block = (unit * kDequantizeElems) >> log2_blocksize;
       if (double_quant) {
@@ -222,22 +216,19 @@ __global__ void __launch_bounds__(kDequantizeThreads) dequantize_4bit_kernel(
     }
 #pragma unroll
     for (int u = 0; u < kDequantizeUnits; ++u) {
-      const int64_t unit = first_unit + u * kDequantizeThreads + threadIdx.x;
-      if (unit >= range_end) break;
-      const int64_t e0 = unit * kDequantizeElems;
+      const int64_t e0 = (first_unit + u * kDequantizeThreads + threadIdx.x) * kDequantizeElems;
+      if (e0 >= n) break;
       // code2[q] * absmax2 + mean, rounded twice as bitsandbytes does.
       const float scale = double_quant ? mul_then_add(smem_code2[qcodes[u]], scales[u], mean) : scales[u];
       float v[kDequantizeElems];
 #pragma unroll
-      for (int j = 0; j < kDequantizeElems / 2; ++j) {
-        const uint32_t word = j < 4 ? words[u].x : words[u].y;
-        const FloatPair pair = pair_lut[(word >> (8 * (j % 4))) & 0xffu];
+      for (int j = 0; j < 4; ++j) {
+        const FloatPair pair = pair_lut[(words[u] >> (8 * j)) & 0xffu];
         v[2 * j] = pair.x * scale;
         v[2 * j + 1] = pair.y * scale;
       }
       if (e0 + kDequantizeElems <= n) {
         VecIO<T>::store8(out + e0, v);
-        VecIO<T>::store8(out + e0 + 8, v + 8);
       } else {
 #pragma unroll
         for (int i = 0; i < kDequantizeElems; ++i)  // constant indices keep v in registers
