@@ -11,20 +11,11 @@
 #include <vector>
 
 #include "../adamw_args.h"
+#include "dispatch.h"
 #include "qlora/adamw.cuh"
 
 namespace qlora {
 namespace {
-
-template <typename F>
-void dispatch_float(at::ScalarType dtype, const F& f) {
-  switch (dtype) {
-    case at::kFloat: f(float{}); break;
-    case at::kHalf: f(__half{}); break;
-    case at::kBFloat16: f(__nv_bfloat16{}); break;
-    default: TORCH_CHECK_TYPE(false, "unsupported dtype ", dtype);
-  }
-}
 
 bool aligned(const void* p, uintptr_t bytes) { return reinterpret_cast<uintptr_t>(p) % bytes == 0; }
 

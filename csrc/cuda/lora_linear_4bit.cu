@@ -11,6 +11,7 @@
 #include <torch/library.h>
 
 #include "../lora_linear_4bit_args.h"
+#include "dispatch.h"
 #include "qlora/lora_linear_4bit.cuh"
 
 namespace qlora {
@@ -33,26 +34,6 @@ const char* fused_unsupported(const at::Tensor& x, const LoraLinearArgs& args) {
   if (args.r > kFusedMaxRank) return "the LoRA rank must be at most 192";
   if (args.M > 65535) return "x must have at most 65535 rows";
   return nullptr;
-}
-
-template <typename F>
-void dispatch_half(at::ScalarType dtype, const F& f) {
-  if (dtype == at::kHalf) {
-    f(__half{});
-  } else {
-    TORCH_CHECK_TYPE(dtype == at::kBFloat16, "unsupported dtype ", dtype);
-    f(__nv_bfloat16{});
-  }
-}
-
-template <typename F>
-void dispatch_float(at::ScalarType dtype, const F& f) {
-  switch (dtype) {
-    case at::kFloat: f(float{}); break;
-    case at::kHalf: f(__half{}); break;
-    case at::kBFloat16: f(__nv_bfloat16{}); break;
-    default: TORCH_CHECK_TYPE(false, "unsupported dtype ", dtype);
-  }
 }
 
 at::Tensor fused_forward(const at::Tensor& x2, const at::Tensor& packed, const at::Tensor& absmax, int64_t blocksize,

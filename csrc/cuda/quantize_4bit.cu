@@ -8,20 +8,11 @@
 #include <torch/library.h>
 
 #include "../quantize_4bit_args.h"
+#include "dispatch.h"
 #include "qlora/quantize_4bit.cuh"
 
 namespace qlora {
 namespace {
-
-template <typename F>
-void dispatch_float(at::ScalarType dtype, const F& f) {
-  switch (dtype) {
-    case at::kFloat: f(float{}); break;
-    case at::kHalf: f(__half{}); break;
-    case at::kBFloat16: f(__nv_bfloat16{}); break;
-    default: TORCH_CHECK_TYPE(false, "unsupported dtype ", dtype);
-  }
-}
 
 // 16-byte vector loads need an aligned start; a view that starts mid-allocation is copied first.
 at::Tensor aligned_contiguous(const at::Tensor& t) {
