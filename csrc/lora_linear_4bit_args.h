@@ -16,11 +16,11 @@ namespace qlora {
 // Which implementation lora_linear_4bit runs on CUDA. Values other than kAuto are for benchmarking.
 enum LoraLinearPath : int64_t { kPathAuto = 0, kPathFused = 1, kPathDequantizeGemm = 2 };
 
-// Largest M for which the automatic choice takes the fused small-M kernel. Below it the fused kernel reads the
-// 4-bit weight once (about a quarter of a bf16 GEMM's bytes) and is bandwidth-bound; above it the tensor-core
-// GEMM of dequantize + cuBLAS wins, since the fused kernel's x traffic and mma.sync issue grow with M while the
-// dequantize cost stays fixed. To be measured: bench/bench_lora_linear.py has a row per path for M in 1..256.
-constexpr int64_t kFusedMaxM = 64;
+// Largest M for which the automatic choice takes the fused small-M kernel rather than dequantize + cuBLAS.
+// Measured on the H200 (bench/bench_lora_linear.py "paths" rows, 2026-11-28, r = 16, bf16): on 8192x28672 the
+// fused kernel wins up to M = 16 (323 vs 340 us) and loses from M = 32 (481 vs 340 us); on 4096x4096 it wins up
+// to M = 64 (144 vs 204 us) and ties at M = 128. Weights of up to 4096x4096 elements keep the larger bound.
+inline int64_t fused_max_m(int64_t N, int64_t K) { return N * K <= 4096 * 4096 ? 64 : 16; }
 // Largest LoRA rank the fused kernel stages in shared memory (64 rows x r floats within 48 KB).
 constexpr int64_t kFusedMaxRank = 192;
 

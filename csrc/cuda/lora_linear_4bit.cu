@@ -141,7 +141,7 @@ at::Tensor lora_linear_4bit_cuda(const at::Tensor& x, const at::Tensor& packed, 
   const char* why_not_fused = fused_unsupported(x, args);
   TORCH_CHECK_VALUE(path != kPathFused || why_not_fused == nullptr, "path=1 (fused small-M kernel) cannot run: ",
                     why_not_fused == nullptr ? "" : why_not_fused);
-  const bool fused = path == kPathFused || (path == kPathAuto && why_not_fused == nullptr && args.M <= kFusedMaxM);
+  const bool fused = path == kPathFused || (path == kPathAuto && why_not_fused == nullptr && args.M <= fused_max_m(args.N, args.K));
   const at::Tensor y = fused ? fused_forward(x2, packed, absmax, blocksize, args, absmax2, code2, offset, bias, lora_A,
                                              lora_B, scale, xl2)
                              : dequantize_gemm_forward(x2, packed, absmax, blocksize, args, absmax2, code2, offset, bias,

@@ -196,7 +196,8 @@ __global__ void __launch_bounds__(kGemvThreads) lora_gemv_4bit_kernel(const Lora
   if (fused_epilogue && p.lora_B != nullptr) stage_lora_rows(p, xa_s, m0, kRows);
   __syncthreads();
 
-  const AbsmaxReader read_absmax{p.absmax, p.qabsmax, p.absmax2, smem_code2, p.offset != nullptr ? *p.offset : 0.0f};
+  const bool double_quant = p.absmax == nullptr;
+  const float mean = double_quant ? *p.offset : 0.0f;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int g = lane / 4, c = lane % 4;
   const int64_t n_tile = (static_cast<int64_t>(blockIdx.x) * kGemvWarps + warp) * 16;
@@ -228,8 +229,12 @@ __global__ void __launch_bounds__(kGemvThreads) lora_gemv_4bit_kernel(const Lora
 
   for (int64_t kc = k_begin; kc < k_end; kc += kGemvChunk * kGemvUnroll) {
     // All of the group's weight loads are issued before any is used: 2·kGemvUnroll 16-byte loads in flight.
+    // The scales' raw loads are issued here too; decoding a double-quantized scale (a shared-memory lookup
+    // indexed by the loaded code) waits until the compute phase, so no load in this loop waits on another.
     uint4 wq[kGemvUnroll][2];
-    float sc[kGemvUnroll][2];
+    float sc[kGemvUnroll][2];        // plain absmax, or absmax2 of the block when double-quantized
+    uint32_t qcode[kGemvUnroll][2];  // the block's 8-bit absmax code when double-quantized
+    bool in_range[kGemvUnroll][2];
 #pragma unroll
     for (int u = 0; u < kGemvUnroll; ++u) {
       const int64_t k = kc + u * kGemvChunk + 32 * c;
@@ -237,10 +242,20 @@ __global__ void __launch_bounds__(kGemvThreads) lora_gemv_4bit_kernel(const Lora
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
         const bool ok = k_ok && row_ok[h];
+        in_range[u][h] = ok;
         const int64_t e = row_safe[h] * p.K + (ok ? k : 0);
+        const int64_t block = e >> p.log2_blocksize;
         wq[u][h] = ok ? __ldg(reinterpret_cast<const uint4*>(p.packed + e / 2)) : make_uint4(0, 0, 0, 0);
-        sc[u][h] = ok ? read_absmax(e >> p.log2_blocksize) : 0.0f;
+        qcode[u][h] = ok && double_quant ? __ldg(p.qabsmax + block) : 0u;
+        sc[u][h] = !ok ? 0.0f : double_quant ? __ldg(p.absmax2 + block / kAbsmaxBlocksize) : __ldg(p.absmax + block);
       }
+    }
+    if (double_quant) {
+#pragma unroll
+      for (int u = 0; u < kGemvUnroll; ++u)
+#pragma unroll
+        for (int h = 0; h < 2; ++h)  // code2[q] * absmax2 + mean, rounded twice as bitsandbytes does
+          sc[u][h] = in_range[u][h] ? mul_then_add(smem_code2[qcode[u][h]], sc[u][h], mean) : 0.0f;
     }
 #pragma unroll
     for (int u = 0; u < kGemvUnroll; ++u) {
