@@ -139,7 +139,9 @@ def prepare_model(model: nn.Module, target_modules: _TargetModules = "all-linear
     quant_type, double_quant, blocksize :
         4-bit format of the frozen weights (bitsandbytes' defaults for QLoRA: NF4, double quantization, 64).
     compute_dtype : torch.dtype, optional
-        dtype the 4-bit layers compute in (their inputs are cast to it). None: each layer's weight dtype.
+        dtype the model computes in: the 4-bit layers cast their inputs to it and return it, and every other
+        floating-point parameter (embeddings, norms, ``lm_head``) is cast to it too, so that dtypes never mix.
+        None: each layer computes in its weight's dtype and nothing is cast.
     device : optional
         Where the quantized layers, and afterwards the rest of the model, go. None: where each weight is.
     adapter_dtype : torch.dtype
@@ -167,6 +169,8 @@ def prepare_model(model: nn.Module, target_modules: _TargetModules = "all-linear
         raise ValueError(f"dropout must be in [0, 1), got {dropout}")
     if alpha <= 0:
         raise ValueError(f"alpha must be positive, got {alpha}")
+    if quant_type not in ("nf4", "fp4"):
+        raise ValueError(f"quant_type must be 'nf4' or 'fp4', got {quant_type!r}")
     if compute_dtype not in (None, torch.float32, torch.float16, torch.bfloat16):
         raise ValueError(f"compute_dtype must be float32, float16, bfloat16 or None, got {compute_dtype}")
     names = find_target_modules(model, target_modules)
@@ -189,6 +193,8 @@ def prepare_model(model: nn.Module, target_modules: _TargetModules = "all-linear
         lora = LoraLinear4bit(base, r=r, alpha=alpha, dropout=dropout, dtype=adapter_dtype)
         model.set_submodule(name, lora)
         del layer  # the full-precision weight goes with the last reference to the layer
+    if compute_dtype is not None:
+        _cast_dense_parameters_(model, compute_dtype)
     if device is not None:
         model.to(device)
     enable_input_require_grads(model)
@@ -197,6 +203,19 @@ def prepare_model(model: nn.Module, target_modules: _TargetModules = "all-linear
     if verbose:
         print(model_report(model))
     return model
+
+
+def _cast_dense_parameters_(model: nn.Module, dtype: torch.dtype) -> None:
+    """Cast the floating-point parameters outside the 4-bit layers and their adapters (embeddings, norms,
+    lm_head, untargeted linears) to ``dtype``. The 4-bit layers return their compute dtype, so a model left in
+    another dtype would mix them (an attention's query in float32 beside a value in bfloat16, say)."""
+    skip = set()
+    for m in model.modules():
+        if isinstance(m, (Linear4bit, LoraLinear4bit)):
+            skip |= {id(p) for p in m.parameters()}
+    for p in model.parameters():
+        if id(p) not in skip and p.is_floating_point() and p.dtype != dtype:
+            p.data = p.data.to(dtype)
 
 
 def _progress(items: Sequence, enabled: bool, desc: str) -> Iterable:
