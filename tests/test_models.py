@@ -168,7 +168,7 @@ def test_prepare_model_bf16_default_on_a_float32_model():
     x = tokens()
     loss = model(input_ids=x, labels=x).loss
     loss.backward()
-    assert torch.isfinite(loss) and model.model.layers[0].self_attn.q_proj.lora_A.weight.grad.abs().sum() > 0
+    assert torch.isfinite(loss) and model.model.layers[0].self_attn.q_proj.lora_B.weight.grad.abs().sum() > 0
 
 
 def test_prepare_model_target_modules():
