@@ -13,7 +13,11 @@ from .lora_linear import lora_linear_4bit
 from .quantization import QuantState, dequantize_4bit, quantize_4bit
 from . import nn  # noqa: E402  (qlora.nn: Linear4bit, LoraLinear4bit)
 from . import optim  # noqa: E402  (qlora.optim: fused and paged AdamW)
+from .models import ModelReport, load_model, model_report, prepare_model  # noqa: E402
+from .adapters import adapter_state_dict, load_adapter, merge_model, save_adapter  # noqa: E402
 
 __version__ = "0.1.0"
 
-__all__ = ["QuantState", "quantize_4bit", "dequantize_4bit", "dynamic_map", "lora_linear_4bit", "nn"]
+__all__ = ["QuantState", "quantize_4bit", "dequantize_4bit", "dynamic_map", "lora_linear_4bit", "nn", "optim",
+           "prepare_model", "load_model", "model_report", "ModelReport", "save_adapter", "load_adapter",
+           "adapter_state_dict", "merge_model"]
