@@ -1,4 +1,4 @@
-"""The Python examples in README.md run as written."""
+"""The Python examples in README.md run as written (blocks fenced ```python notest need a real model)."""
 
 from __future__ import annotations
 
