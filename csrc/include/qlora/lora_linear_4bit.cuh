@@ -170,7 +170,10 @@ __device__ __forceinline__ float lora_term(const LoraLinearParams<T>& p, const f
 template <typename T, QuantType QT, int MT8>
 __global__ void __launch_bounds__(kGemvThreads) lora_gemv_4bit_kernel(const LoraLinearParams<T> p) {
   using Pair = typename MmaType<T>::Pair;
-  __shared__ Pair pair_lut[256];
+  __shared__ Pair pair_base[256];
+  // The byte -> pair table once per lane: lane l reads entry b at word 32·b + l, always in bank l, so the
+  // random code bytes of a warp never collide on a bank (a single 256-entry table serialised ~3-4 ways).
+  __shared__ Pair pair_lut[256 * 32];
   __shared__ float smem_code2[256];
   extern __shared__ float xa_s[];  // [8·MT8][r] when LoRA or bias is fused here
 
@@ -188,12 +191,14 @@ __global__ void __launch_bounds__(kGemvThreads) lora_gemv_4bit_kernel(const Lora
         lo = (byte & 15) == i ? v : lo;
       }
       // Low half = first element (high nibble), as the mma fragment wants the lower k in the low half.
-      pair_lut[byte] = MmaType<T>::pair(hi, lo);
+      pair_base[byte] = MmaType<T>::pair(hi, lo);
       if (p.code2 != nullptr) smem_code2[byte] = p.code2[byte];
     }
   }
   const bool fused_epilogue = p.partial == nullptr;
   if (fused_epilogue && p.lora_B != nullptr) stage_lora_rows(p, xa_s, m0, kRows);
+  __syncthreads();
+  for (int i = threadIdx.x; i < 256 * 32; i += kGemvThreads) pair_lut[i] = pair_base[i / 32];
   __syncthreads();
 
   const bool double_quant = p.absmax == nullptr;
@@ -278,8 +283,8 @@ __global__ void __launch_bounds__(kGemvThreads) lora_gemv_4bit_kernel(const Lora
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
           const uint32_t w = words[h][s / 2] >> (16 * (s % 2));
-          const Pair v0 = pair_lut[w & 0xffu];
-          const Pair v1 = pair_lut[(w >> 8) & 0xffu];
+          const Pair v0 = pair_lut[(w & 0xffu) * 32 + lane];
+          const Pair v1 = pair_lut[((w >> 8) & 0xffu) * 32 + lane];
           a[h] = as_u32(__hfma2(v0, s_hi[h], __hmul2(v0, s_lo[h])));      // slots 2c, 2c+1
           a[2 + h] = as_u32(__hfma2(v1, s_hi[h], __hmul2(v1, s_lo[h])));  // slots 2c+8, 2c+9
         }
@@ -369,6 +374,24 @@ inline int64_t lora_linear_scratch_floats(int64_t M, int64_t N, int64_t K, int r
   return static_cast<int64_t>(xa_splits) * M * r + (splits > 1 ? static_cast<int64_t>(splits) * M * N : 0);
 }
 
+// The GEMV's static shared memory (the per-lane pair table, ~34 KB) plus up to kMaxLoraSmemBytes of staged
+// LoRA rows exceeds the default 48 KB a CTA may take, so each instantiation opts in once per device.
+template <typename T, QuantType QT, int MT8>
+cudaError_t launch_lora_gemv(const LoraLinearParams<T>& p, dim3 grid, size_t smem, cudaStream_t stream) {
+  int device = 0;
+  cudaError_t err = cudaGetDevice(&device);
+  if (err != cudaSuccess) return err;
+  static bool opted_in[64] = {};
+  if (device >= 64 || !opted_in[device]) {
+    err = cudaFuncSetAttribute(lora_gemv_4bit_kernel<T, QT, MT8>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                               kMaxLoraSmemBytes);
+    if (err != cudaSuccess) return err;
+    if (device < 64) opted_in[device] = true;
+  }
+  lora_gemv_4bit_kernel<T, QT, MT8><<<grid, kGemvThreads, smem, stream>>>(p);
+  return cudaGetLastError();
+}
+
 // p.xa_partial and p.partial must point into `scratch` as lora_linear_scratch_floats laid it out; lora_A is
 // [r, K]. p.x doubles as x_lora when x_lora is nullptr.
 template <typename T>
@@ -396,14 +419,13 @@ cudaError_t launch_lora_linear_4bit(LoraLinearParams<T> p, const T* x_lora, cons
   const size_t smem = splits == 1 ? static_cast<size_t>(rows) * p.r * sizeof(float) : 0;
   if (smem > static_cast<size_t>(kMaxLoraSmemBytes)) return cudaErrorInvalidValue;
   const dim3 grid(static_cast<unsigned>(grid_x), splits, static_cast<unsigned>(grid_z));
-  auto launch = [&](auto kernel) { kernel<<<grid, kGemvThreads, smem, stream>>>(p); };
+  cudaError_t err = cudaSuccess;
 #define QLORA_GEMV_CASE(QT_, MT8_) \
-  if (quant_type == QT_ && mt8 == MT8_) launch(lora_gemv_4bit_kernel<T, QT_, MT8_>);
+  if (quant_type == QT_ && mt8 == MT8_) err = launch_lora_gemv<T, QT_, MT8_>(p, grid, smem, stream);
   QLORA_GEMV_CASE(QuantType::NF4, 1) QLORA_GEMV_CASE(QuantType::NF4, 2) QLORA_GEMV_CASE(QuantType::NF4, 4)
   QLORA_GEMV_CASE(QuantType::NF4, 8) QLORA_GEMV_CASE(QuantType::FP4, 1) QLORA_GEMV_CASE(QuantType::FP4, 2)
   QLORA_GEMV_CASE(QuantType::FP4, 4) QLORA_GEMV_CASE(QuantType::FP4, 8)
 #undef QLORA_GEMV_CASE
-  cudaError_t err = cudaGetLastError();
   if (err != cudaSuccess || splits == 1) return err;
   const int epi_rows = lora_epilogue_rows(p.r);
   const int64_t epi_y = (p.M + epi_rows - 1) / epi_rows;
