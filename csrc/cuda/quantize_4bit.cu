@@ -43,7 +43,7 @@ std::tuple<at::Tensor, at::Tensor> quantize_4bit_cuda(const at::Tensor& A, int64
 std::tuple<at::Tensor, at::Tensor, at::Tensor> double_quantize_cuda(const at::Tensor& absmax, const at::Tensor& code) {
   check_double_quantize_args(absmax, code);
   const c10::cuda::CUDAGuard guard(absmax.device());
-  const at::Tensor a = absmax.contiguous();
+  const at::Tensor a = aligned_contiguous(absmax);
   const at::Tensor c = code.contiguous();
   const int64_t n = a.numel();
   at::Tensor qabsmax = at::empty({n}, a.options().dtype(at::kByte));

@@ -136,24 +136,51 @@ static __global__ void __launch_bounds__(kMeanThreads) absmax_mean_kernel(const 
   if (threadIdx.x == 0) *offset = static_cast<float>(total / static_cast<double>(n));
 }
 
-// Pass 3: one CTA per block of 256 absmax values: absmax - mean as 8-bit codes and the block's scale.
-static __global__ void __launch_bounds__(kAbsmaxBlocksize) double_quantize_kernel(
+// Pass 3: one warp per block of 256 absmax values (8 a lane): absmax - mean as 8-bit codes and the block's
+// scale. A warp needs no barrier, and each lane's 8 code searches are independent, so their shared-memory
+// latencies overlap.
+constexpr int kDoubleQuantizeWarps = 8;
+
+static __global__ void __launch_bounds__(kDoubleQuantizeWarps * 32) double_quantize_kernel(
     const float* __restrict__ absmax, const float* __restrict__ offset, const float* __restrict__ code,
     uint8_t* __restrict__ qabsmax, float* __restrict__ absmax2, int64_t n) {
+  constexpr int kPerLane = kAbsmaxBlocksize / 32;
   __shared__ float smem_code[256];
-  __shared__ uint32_t warp_max[kAbsmaxBlocksize / 32];
-  smem_code[threadIdx.x] = code[threadIdx.x];
-  const int64_t i = static_cast<int64_t>(blockIdx.x) * kAbsmaxBlocksize + threadIdx.x;
-  const float centered = i < n ? absmax[i] - *offset : 0.0f;
-  const uint32_t m = warp_max_over(abs_bits(centered), 32);
-  if (threadIdx.x % 32 == 0) warp_max[threadIdx.x / 32] = m;
+  for (int i = threadIdx.x; i < 256; i += blockDim.x) smem_code[i] = code[i];
   __syncthreads();
-  uint32_t block_max = 0;
+  const float mean = *offset;
+  const int64_t block = static_cast<int64_t>(blockIdx.x) * kDoubleQuantizeWarps + threadIdx.x / 32;
+  const int64_t first = block * kAbsmaxBlocksize + (threadIdx.x % 32) * kPerLane;
+  float centered[kPerLane];
+  if (first + kPerLane <= n) {
+    const float4 lo = *reinterpret_cast<const float4*>(absmax + first);
+    const float4 hi = *reinterpret_cast<const float4*>(absmax + first + 4);
+    const float raw[kPerLane] = {lo.x, lo.y, lo.z, lo.w, hi.x, hi.y, hi.z, hi.w};
 #pragma unroll
-  for (int w = 0; w < kAbsmaxBlocksize / 32; ++w) block_max = max(block_max, warp_max[w]);
-  const float scale = bits_float(block_max);
-  if (i < n) qabsmax[i] = static_cast<uint8_t>(code_8bit(smem_code, centered * inverse_scale(scale)));
-  if (threadIdx.x == 0) absmax2[blockIdx.x] = scale;
+    for (int i = 0; i < kPerLane; ++i) centered[i] = raw[i] - mean;
+  } else {
+#pragma unroll
+    for (int i = 0; i < kPerLane; ++i) centered[i] = first + i < n ? absmax[first + i] - mean : 0.0f;
+  }
+  uint32_t m = 0;
+#pragma unroll
+  for (int i = 0; i < kPerLane; ++i) m = max(m, abs_bits(centered[i]));
+  m = warp_max_over(m, 32);
+  if (block * kAbsmaxBlocksize >= n) return;  // whole warps only: no shuffle follows
+  const float scale = bits_float(m);
+  const float inv = inverse_scale(scale);
+  uint32_t q[kPerLane];
+#pragma unroll
+  for (int i = 0; i < kPerLane; ++i) q[i] = code_8bit(smem_code, centered[i] * inv);
+  if (first + kPerLane <= n) {
+    *reinterpret_cast<uint2*>(qabsmax + first) =
+        make_uint2(q[0] | q[1] << 8 | q[2] << 16 | q[3] << 24, q[4] | q[5] << 8 | q[6] << 16 | q[7] << 24);
+  } else {
+#pragma unroll
+    for (int i = 0; i < kPerLane; ++i)
+      if (first + i < n) qabsmax[first + i] = static_cast<uint8_t>(q[i]);
+  }
+  if (threadIdx.x % 32 == 0) absmax2[block] = scale;
 }
 
 // Absmax of block `b` for kernels that decode 4-bit weights on the fly: plain, or double-quantized
@@ -272,8 +299,9 @@ inline cudaError_t launch_double_quantize(const float* absmax, const float* code
   absmax_partial_sums_kernel<<<static_cast<unsigned>(num_partials), kMeanThreads, 0, stream>>>(absmax, partial, n);
   absmax_mean_kernel<<<1, kMeanThreads, 0, stream>>>(partial, num_partials, n, offset);
   const int64_t blocks = (n + kAbsmaxBlocksize - 1) / kAbsmaxBlocksize;
-  double_quantize_kernel<<<static_cast<unsigned>(blocks), kAbsmaxBlocksize, 0, stream>>>(absmax, offset, code, qabsmax,
-                                                                                         absmax2, n);
+  const int64_t ctas = (blocks + kDoubleQuantizeWarps - 1) / kDoubleQuantizeWarps;
+  double_quantize_kernel<<<static_cast<unsigned>(ctas), kDoubleQuantizeWarps * 32, 0, stream>>>(absmax, offset, code,
+                                                                                                qabsmax, absmax2, n);
   return cudaGetLastError();
 }
 
