@@ -193,6 +193,18 @@ def test_non_finite_values_poison_their_block(device, bad):
     assert not torch.isfinite(qlora.dequantize_4bit(packed, qs)).any()
 
 
+def test_subnormal_blocks_match_reference(device):
+    """A block whose absmax is so small that 1/absmax overflows takes the general code search."""
+    x = torch.randn(4, 64) * 1e-39
+    x[1] = torch.randn(64)  # an ordinary block beside them
+    x[2, 7] = 0.0
+    for quant_type in QUANT_TYPES:
+        packed, absmax = torch.ops.qlora.quantize_4bit(x.to(device), 64, quant_type)
+        expected_packed, expected_absmax = ref.quantize_4bit(x, 64, quant_type)
+        assert_bits_equal(packed.cpu(), expected_packed)
+        assert_bits_equal(absmax.cpu(), expected_absmax)
+
+
 # ---- large tensors -----------------------------------------------------------------------------------
 
 @cuda_only

@@ -31,9 +31,14 @@ void quantize_blocks(const T* A, uint8_t* packed, float* absmax, int64_t n, int6
       const float inv = inverse_scale(block_absmax);
       absmax[b] = block_absmax;
       const Bucket* buckets = host_buckets<QT>();
+      const bool fast = QT == QuantType::NF4 && finite_scale(block_absmax, inv);
+      const auto code = [&](float scaled) {
+        return fast ? static_cast<uint32_t>(nf4_code_finite(scaled, kNF4FastBucketTable.bucket))
+                    : code_4bit<QT>(scaled, buckets);
+      };
       for (int64_t i = start; i < stop; i += 2) {
-        const uint32_t hi = code_4bit<QT>(static_cast<float>(A[i]) * inv, buckets);
-        const uint32_t lo = code_4bit<QT>(i + 1 < stop ? static_cast<float>(A[i + 1]) * inv : 0.0f, buckets);
+        const uint32_t hi = code(static_cast<float>(A[i]) * inv);
+        const uint32_t lo = code(i + 1 < stop ? static_cast<float>(A[i + 1]) * inv : 0.0f);
         packed[i / 2] = static_cast<uint8_t>((hi << 4) | lo);
       }
     }

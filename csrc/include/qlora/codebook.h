@@ -96,6 +96,54 @@ QLORA_HD uint32_t nf4_code(float x, const Bucket* buckets) {
   return b.base + (x > b.threshold ? 1u : 0u);  // NaN: bucket 0, no comparison holds, code 0
 }
 
+// NF4 code of a finite scaled value, by arithmetic alone (no comparison, select or min/max, which run at half
+// rate on the GPU). The table has one spare bucket on each side, so the index needs no clamp for
+// |scaled| <= 1 + 2^-20, which x * (1 / absmax) of a block with finite absmax and finite 1/absmax satisfies.
+// Returns the code as an exact small float.
+struct FastBucket {
+  float threshold;  // as in Bucket
+  float base;
+};
+
+constexpr int kNF4FastBuckets = kNF4Buckets + 2;
+
+struct FastBucketTable {
+  FastBucket bucket[kNF4FastBuckets];
+};
+
+constexpr FastBucketTable make_nf4_fast_buckets() {
+  FastBucketTable table{};
+  for (int i = 0; i < kNF4FastBuckets; ++i) {
+    const Bucket b = kNF4BucketTable.bucket[i == 0 ? 0 : i > kNF4Buckets ? kNF4Buckets - 1 : i - 1];
+    table.bucket[i] = {b.threshold, static_cast<float>(b.base)};
+  }
+  return table;
+}
+
+constexpr FastBucketTable kNF4FastBucketTable = make_nf4_fast_buckets();
+
+QLORA_HD float saturate(float v) {
+#if defined(__CUDA_ARCH__)
+  return __saturatef(v);
+#else
+  return v > 0.0f ? (v < 1.0f ? v : 1.0f) : 0.0f;
+#endif
+}
+
+QLORA_HD float nf4_code_finite(float scaled, const FastBucket* table) {
+  constexpr float kRoundingBias = 12582912.0f;  // see bucket_index
+  const float f = scaled * 16.0f + 16.5f;         // (scaled + 1) * 16, one bucket of offset, minus 1/2 for the floor
+  const FastBucket b = table[float_bits(f + kRoundingBias) - float_bits(kRoundingBias)];
+  // 1 when scaled > threshold, else 0: two different floats in one bucket differ by at least 2^-28 (the ulp of
+  // the smallest threshold), which 2^40 lifts past 1; an absent threshold (+inf) gives -inf, so 0.
+  return b.base + saturate((scaled - b.threshold) * 0x1p40f);
+}
+
+// Whether a block's codes may take nf4_code_finite: absmax and its inverse both finite.
+QLORA_HD bool finite_scale(float absmax, float inv) {
+  return float_bits(absmax) < 0x7f800000u && float_bits(inv) < 0x7f800000u;
+}
+
 QLORA_HD uint32_t fp4_code(float x, const Bucket* buckets) {
   const uint32_t sign = x < 0.0f ? 8u : 0u;
   const float a = x < 0.0f ? -x : x;  // NaN stays NaN and falls to rank 0, like bitsandbytes

@@ -39,6 +39,7 @@ __device__ __forceinline__ uint32_t warp_max_over(uint32_t m, int lanes) {
 // stages into shared memory.
 static __constant__ BucketTable<kNF4Buckets> kNF4BucketsDevice = kNF4BucketTable;
 static __constant__ BucketTable<kFP4Buckets> kFP4BucketsDevice = kFP4BucketTable;
+static __constant__ FastBucketTable kNF4FastBucketsDevice = kNF4FastBucketTable;
 static __constant__ PairTable kNF4PairsDevice = make_pair_table(kNF4Values);
 static __constant__ PairTable kFP4PairsDevice = make_pair_table(kFP4Values);
 
@@ -55,7 +56,9 @@ __global__ void __launch_bounds__(kQuantizeThreads, 6) quantize_4bit_kernel(cons
                                                                           int log2_blocksize) {
   __shared__ uint32_t warp_max[kQuantizeThreads / 32];
   __shared__ Bucket buckets[kNF4Buckets];
+  __shared__ FastBucket fast_buckets[kNF4FastBuckets];
   stage_buckets<QT>(buckets);
+  if (QT == QuantType::NF4 && threadIdx.x < kNF4FastBuckets) fast_buckets[threadIdx.x] = kNF4FastBucketsDevice.bucket[threadIdx.x];
   const int64_t e0 = (static_cast<int64_t>(blockIdx.x) * kQuantizeThreads + threadIdx.x) * kQuantizeElems;
   float v[kQuantizeElems];
   if (e0 + kQuantizeElems <= n) {
@@ -83,11 +86,31 @@ __global__ void __launch_bounds__(kQuantizeThreads, 6) quantize_4bit_kernel(cons
   const float inv = inverse_scale(block_absmax);
 
   uint32_t words[2] = {0, 0};
+  if (QT == QuantType::NF4 && finite_scale(block_absmax, inv)) {
+    // Codes as exact floats, packed by fused multiply-adds: four codes make a 16-bit value, whose bits the
+    // rounding bias exposes, and a byte permute joins two of them into a word.
+    constexpr float kRoundingBias = 12582912.0f;
 #pragma unroll
-  for (int j = 0; j < kQuantizeElems / 2; ++j) {
-    const uint32_t hi = code_4bit<QT>(v[2 * j] * inv, buckets);
-    const uint32_t lo = code_4bit<QT>(v[2 * j + 1] * inv, buckets);
-    words[j / 4] |= ((hi << 4) | lo) << (8 * (j % 4));
+    for (int w = 0; w < 2; ++w) {
+      uint32_t halves[2];
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const float* e = v + 8 * w + 4 * h;
+        const float byte0 = fmaf(nf4_code_finite(e[0] * inv, fast_buckets), 16.0f,
+                                 nf4_code_finite(e[1] * inv, fast_buckets));
+        const float byte1 = fmaf(nf4_code_finite(e[2] * inv, fast_buckets), 16.0f,
+                                 nf4_code_finite(e[3] * inv, fast_buckets));
+        halves[h] = float_bits(fmaf(byte1, 256.0f, byte0) + kRoundingBias);
+      }
+      words[w] = __byte_perm(halves[0], halves[1], 0x5410);
+    }
+  } else {
+#pragma unroll
+    for (int j = 0; j < kQuantizeElems / 2; ++j) {
+      const uint32_t hi = code_4bit<QT>(v[2 * j] * inv, buckets);
+      const uint32_t lo = code_4bit<QT>(v[2 * j + 1] * inv, buckets);
+      words[j / 4] |= ((hi << 4) | lo) << (8 * (j % 4));
+    }
   }
   if (e0 + kQuantizeElems <= n) {
     *reinterpret_cast<uint2*>(packed + e0 / 2) = make_uint2(words[0], words[1]);
