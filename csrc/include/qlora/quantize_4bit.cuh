@@ -225,14 +225,16 @@ __global__ void __launch_bounds__(kDequantizeThreads) dequantize_4bit_kernel(
     const uint8_t* __restrict__ packed, const float* __restrict__ absmax, const uint8_t* __restrict__ qabsmax,
     const float* __restrict__ absmax2, const float* __restrict__ code2, const float* __restrict__ offset,
     T* __restrict__ out, int64_t n, int log2_blocksize) {
-  // Both values of every byte, so one shared-memory load decodes two elements.
-  __shared__ FloatPair pair_lut[256];
+  // The 16 code values once per lane: value c of lane l at word 32·c + l, so a warp's lookups never share a
+  // bank, whatever the codes (a single 256-entry pair table serialised a warp's random lookups several ways).
+  __shared__ float nibble_lut[16 * 32];
   __shared__ float smem_code2[256];
-  for (int byte = threadIdx.x; byte < 256; byte += kDequantizeThreads) {
-    pair_lut[byte] = QT == QuantType::NF4 ? kNF4PairsDevice.pair[byte] : kFP4PairsDevice.pair[byte];
-    if (code2 != nullptr) smem_code2[byte] = code2[byte];
-  }
+  for (int i = threadIdx.x; i < 16 * 32; i += kDequantizeThreads)
+    nibble_lut[i] = (QT == QuantType::NF4 ? kNF4PairsDevice : kFP4PairsDevice).pair[(i / 32) << 4].x;
+  if (code2 != nullptr)
+    for (int i = threadIdx.x; i < 256; i += kDequantizeThreads) smem_code2[i] = code2[i];
   __syncthreads();
+  const float* lane_lut = nibble_lut + threadIdx.x % 32;
   const bool double_quant = absmax == nullptr;
   const float mean = double_quant ? *offset : 0.0f;
   const int64_t num_bytes = (n + 1) / 2;
@@ -271,11 +273,12 @@ __global__ void __launch_bounds__(kDequantizeThreads) dequantize_4bit_kernel(
       // code2[q] * absmax2 + mean, rounded twice as bitsandbytes does.
       const float scale = double_quant ? mul_then_add(smem_code2[qcodes[u]], scales[u], mean) : scales[u];
       float v[kDequantizeElems];
+      const uint32_t high = (words[u] >> 4) & 0x0f0f0f0fu;  // byte j's first code, in byte j
+      const uint32_t low = words[u] & 0x0f0f0f0fu;
 #pragma unroll
       for (int j = 0; j < 4; ++j) {
-        const FloatPair pair = pair_lut[(words[u] >> (8 * j)) & 0xffu];
-        v[2 * j] = pair.x * scale;
-        v[2 * j + 1] = pair.y * scale;
+        v[2 * j] = lane_lut[((high >> (8 * j)) & 0xffu) * 32] * scale;
+        v[2 * j + 1] = lane_lut[((low >> (8 * j)) & 0xffu) * 32] * scale;
       }
       if (e0 + kDequantizeElems <= n) {
         VecIO<T>::store8(out + e0, v);
