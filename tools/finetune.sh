@@ -4,10 +4,5 @@
 # passes the arguments on, e.g. `bash tools/finetune.sh --model ./my-llama --data train.jsonl --steps 1000`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-python3 -m venv .venv
-. .venv/bin/activate
-python -m pip install -q --upgrade pip
-python -m pip install -q "torch==2.14.1" numpy ninja "transformers>=4.45" "peft>=0.13" safetensors accelerate tqdm
-export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0a}
-python -m pip install -q --no-build-isolation -e .
+. tools/setup_env.sh
 qlora finetune "$@"
