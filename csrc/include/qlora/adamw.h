@@ -141,36 +141,19 @@ QLORA_HD constexpr int code_top_index(int i) { return i == 0 ? 127 : i < 3 ? 63 
 
 // Exactly code_8bit(code, x), with the first three pivots taken from top[i] = code[code_top_index(i)].
 QLORA_HD uint32_t code_8bit_top(const float* code, const float top[7], float x) {
-  int pivot = 127, upper_pivot = 255, lower_pivot = 0;
-  float lower = -1.0f, upper = 1.0f;
-  float val = top[0];
-  if (x > val) {
-    lower_pivot = pivot; lower = val; pivot = 191; val = top[2];
+  Code8bitSearch s{127, 255, 0, -1.0f, 1.0f, top[0]};
+  if (x > s.val) {
+    s.lower_pivot = s.pivot; s.lower = s.val; s.pivot = 191; s.val = top[2];
   } else {
-    upper_pivot = pivot; upper = val; pivot = 63; val = top[1];
+    s.upper_pivot = s.pivot; s.upper = s.val; s.pivot = 63; s.val = top[1];
   }
-  const bool high_half = pivot == 191;
-  if (x > val) {
-    lower_pivot = pivot; lower = val; pivot += 32; val = high_half ? top[6] : top[4];
+  const bool high_half = s.pivot == 191;
+  if (x > s.val) {
+    s.lower_pivot = s.pivot; s.lower = s.val; s.pivot += 32; s.val = high_half ? top[6] : top[4];
   } else {
-    upper_pivot = pivot; upper = val; pivot -= 32; val = high_half ? top[5] : top[3];
+    s.upper_pivot = s.pivot; s.upper = s.val; s.pivot -= 32; s.val = high_half ? top[5] : top[3];
   }
-  for (int step = 16; step > 0; step >>= 1) {
-    if (x > val) {
-      lower_pivot = pivot; lower = val; pivot += step;
-    } else {
-      upper_pivot = pivot; upper = val; pivot -= step;
-    }
-    val = code[pivot];
-  }
-  if (upper_pivot == 255) upper = code[upper_pivot];
-  if (lower_pivot == 0) lower = code[lower_pivot];
-  if (x > val) {
-    const float midpoint = (upper + val) * 0.5f;
-    return x > midpoint ? upper_pivot : pivot;
-  }
-  const float midpoint = (lower + val) * 0.5f;
-  return x < midpoint ? lower_pivot : pivot;
+  return finish_code_8bit(code, x, s, 16);
 }
 
 // Code of the first moment: the nearest signed code, moved one step toward the value when the nearest
