@@ -214,10 +214,13 @@ __global__ void __launch_bounds__(kAdamWThreads) adamw_8bit_blockwise_kernel(con
       *reinterpret_cast<uint2*>(d.state1 + e0) = w1;
       *reinterpret_cast<uint2*>(d.state2 + e0) = w2;
     } else {
-      for (int64_t i = 0; i < count; ++i) {
-        p[i] = VecIO<T>::from_float(pv[i]);
-        d.state1[e0 + i] = static_cast<uint8_t>(c1[i]);
-        d.state2[e0 + i] = static_cast<uint8_t>(c2[i]);
+#pragma unroll
+      for (int i = 0; i < kAdamWElems; ++i) {  // constant indices keep pv, c1, c2 in registers
+        if (i < count) {
+          p[i] = VecIO<T>::from_float(pv[i]);
+          d.state1[e0 + i] = static_cast<uint8_t>(c1[i]);
+          d.state2[e0 + i] = static_cast<uint8_t>(c2[i]);
+        }
       }
     }
   }
