@@ -132,12 +132,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> double_quantize_cpu(const at::Ten
 template <typename T>
 void dequantize_blocks(const uint8_t* packed, const float* values, const std::vector<float>& scales, T* out, int64_t n,
                        int64_t blocksize) {
-  at::parallel_for(0, ceil_div(n, 2), 4096, [&](int64_t begin, int64_t end) {
-    for (int64_t byte = begin; byte < end; ++byte) {
-      const int64_t i = 2 * byte;
-      const uint8_t bits = packed[byte];
-      out[i] = static_cast<T>(values[bits >> 4] * scales[i / blocksize]);
-      if (i + 1 < n) out[i + 1] = static_cast<T>(values[bits & 15] * scales[(i + 1) / blocksize]);
+  // Blocks hold an even number of elements, so every byte lies inside one block.
+  const int64_t blocks = ceil_div(n, blocksize);
+  at::parallel_for(0, blocks, std::max<int64_t>(1, 16384 / blocksize), [&](int64_t begin, int64_t end) {
+    for (int64_t b = begin; b < end; ++b) {
+      const float scale = scales[b];
+      const int64_t stop = std::min(n, (b + 1) * blocksize);
+      for (int64_t i = b * blocksize; i < stop; i += 2) {
+        const uint8_t bits = packed[i / 2];
+        out[i] = static_cast<T>(values[bits >> 4] * scale);
+        if (i + 1 < stop) out[i + 1] = static_cast<T>(values[bits & 15] * scale);
+      }
     }
   });
 }
