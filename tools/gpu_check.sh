@@ -4,6 +4,7 @@
 #
 #   tools/gpu_check.sh                    # everything
 #   TESTS="tests/test_quantize_4bit.py" BENCH="quantize_4bit" tools/gpu_check.sh
+#   FINETUNE=1 QUALITY=1 tools/gpu_check.sh   # also the default `qlora finetune` run and tools/quality_check.py
 #
 # Wheels placed in .whl/ (bitsandbytes for the side-by-side comparisons) are installed first, without
 # network access. TORCH_CUDA_ARCH_LIST defaults to 9.0a (H100/H200), MAX_JOBS to the core count.
@@ -30,6 +31,14 @@ ctest --test-dir build/cmake --output-on-failure 2>&1 | tail -4
 
 timeout ${TEST_TIMEOUT:-900} python3 -m pytest -q -p no:cacheprovider ${TESTS:-tests} 2>&1 | tee "$OUT/tests.log" | tail -${TEST_TAIL:-25}
 tests_rc=$?
+
+if [ "${FINETUNE:-0}" = "1" ]; then
+  python3 -m qlora finetune --output /tmp/qlora-finetune-out 2>&1 | tr '\r' '\n' | grep -v "it/s\]$\|step/s" > "$OUT/finetune.log"
+  tail -4 "$OUT/finetune.log"
+fi
+if [ "${QUALITY:-0}" = "1" ]; then
+  python3 tools/quality_check.py 2>&1 | tee "$OUT/quality.log" | tail -4
+fi
 
 if [ "${BENCH:-all}" != "none" ]; then
   only=""
