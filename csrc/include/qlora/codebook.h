@@ -170,24 +170,6 @@ constexpr const Bucket* host_buckets() {
   }
 }
 
-// Both decoded values of every packed byte (high nibble first), so a decoder reads two elements at once.
-struct alignas(8) FloatPair {
-  float x, y;
-};
-
-struct PairTable {
-  FloatPair pair[256];
-};
-
-constexpr PairTable make_pair_table(const float (&values)[16]) {
-  PairTable table{};
-  for (int byte = 0; byte < 256; ++byte) table.pair[byte] = {values[byte >> 4], values[byte & 15]};
-  return table;
-}
-
-// Index of the nearest entry of a sorted 256-entry code for x, exactly as bitsandbytes' 8-bit
-// blockwise quantizer finds it: a 7-step binary search, then a comparison with the float midpoint
-// of the neighbours, ties going to the search's final pivot.
 // The search state of code_8bit after its first levels.
 struct Code8bitSearch {
   int pivot, upper_pivot, lower_pivot;
@@ -218,6 +200,9 @@ QLORA_HD uint32_t finish_code_8bit(const float* code, float x, Code8bitSearch s,
   return x < midpoint ? s.lower_pivot : s.pivot;
 }
 
+// Index of the nearest entry of a sorted 256-entry code for x, exactly as bitsandbytes' 8-bit
+// blockwise quantizer finds it: a 7-step binary search, then a comparison with the float midpoint
+// of the neighbours, ties going to the search's final pivot.
 QLORA_HD uint32_t code_8bit(const float* code, float x) {
   return finish_code_8bit(code, x, {127, 255, 0, -1.0f, 1.0f, code[127]}, 64);
 }

@@ -179,21 +179,11 @@ __global__ void __launch_bounds__(kGemvThreads) lora_gemv_4bit_kernel(const Lora
 
   constexpr int kRows = 8 * MT8;
   const int64_t m0 = static_cast<int64_t>(blockIdx.z) * kRows;
-  {
-    constexpr float values_nf4[16] = QLORA_NF4_VALUES;
-    constexpr float values_fp4[16] = QLORA_FP4_VALUES;
-    for (int byte = threadIdx.x; byte < 256; byte += kGemvThreads) {
-      float hi = 0.0f, lo = 0.0f;
-#pragma unroll
-      for (int i = 0; i < 16; ++i) {
-        const float v = QT == QuantType::NF4 ? values_nf4[i] : values_fp4[i];
-        hi = (byte >> 4) == i ? v : hi;
-        lo = (byte & 15) == i ? v : lo;
-      }
-      // Low half = first element (high nibble), as the mma fragment wants the lower k in the low half.
-      pair_base[byte] = MmaType<T>::pair(hi, lo);
-      if (p.code2 != nullptr) smem_code2[byte] = p.code2[byte];
-    }
+  const float* values = QT == QuantType::NF4 ? kNF4ValuesDevice : kFP4ValuesDevice;
+  for (int byte = threadIdx.x; byte < 256; byte += kGemvThreads) {
+    // Low half = first element (high nibble), as the mma fragment wants the lower k in the low half.
+    pair_base[byte] = MmaType<T>::pair(values[byte >> 4], values[byte & 15]);
+    if (p.code2 != nullptr) smem_code2[byte] = p.code2[byte];
   }
   const bool fused_epilogue = p.partial == nullptr;
   if (fused_epilogue && p.lora_B != nullptr) stage_lora_rows(p, xa_s, m0, kRows);

@@ -35,13 +35,13 @@ __device__ __forceinline__ uint32_t warp_max_over(uint32_t m, int lanes) {
   return m;
 }
 
-// Device copies of the code-search buckets and of the decoded byte pairs (codebook.h), which each CTA
+// Device copies of the code-search buckets and of the code values (codebook.h), which each CTA
 // stages into shared memory.
 static __constant__ BucketTable<kNF4Buckets> kNF4BucketsDevice = kNF4BucketTable;
 static __constant__ BucketTable<kFP4Buckets> kFP4BucketsDevice = kFP4BucketTable;
 static __constant__ FastBucketTable kNF4FastBucketsDevice = kNF4FastBucketTable;
-static __constant__ PairTable kNF4PairsDevice = make_pair_table(kNF4Values);
-static __constant__ PairTable kFP4PairsDevice = make_pair_table(kFP4Values);
+static __constant__ float kNF4ValuesDevice[16] = QLORA_NF4_VALUES;
+static __constant__ float kFP4ValuesDevice[16] = QLORA_FP4_VALUES;
 
 template <QuantType QT>
 __device__ __forceinline__ void stage_buckets(Bucket* smem) {
@@ -206,20 +206,6 @@ static __global__ void __launch_bounds__(kDoubleQuantizeWarps * 32) double_quant
   if (threadIdx.x % 32 == 0) absmax2[block] = scale;
 }
 
-// Absmax of block `b` for kernels that decode 4-bit weights on the fly: plain, or double-quantized
-// (code2[q] * absmax2[b / 256] + offset, rounded twice as bitsandbytes does).
-struct AbsmaxReader {
-  const float* absmax;     // plain absmax, or nullptr when double-quantized
-  const uint8_t* qabsmax;  // 8-bit codes of absmax - offset
-  const float* absmax2;    // one per 256 codes
-  const float* code2;      // 256-entry second-level code, staged in shared memory by the caller
-  float offset;
-  __device__ __forceinline__ float operator()(int64_t b) const {
-    if (absmax != nullptr) return __ldg(absmax + b);
-    return mul_then_add(code2[__ldg(qabsmax + b)], __ldg(absmax2 + b / kAbsmaxBlocksize), offset);
-  }
-};
-
 template <typename T, QuantType QT>
 __global__ void __launch_bounds__(kDequantizeThreads) dequantize_4bit_kernel(
     const uint8_t* __restrict__ packed, const float* __restrict__ absmax, const uint8_t* __restrict__ qabsmax,
@@ -230,7 +216,7 @@ __global__ void __launch_bounds__(kDequantizeThreads) dequantize_4bit_kernel(
   __shared__ float nibble_lut[16 * 32];
   __shared__ float smem_code2[256];
   for (int i = threadIdx.x; i < 16 * 32; i += kDequantizeThreads)
-    nibble_lut[i] = (QT == QuantType::NF4 ? kNF4PairsDevice : kFP4PairsDevice).pair[(i / 32) << 4].x;
+    nibble_lut[i] = QT == QuantType::NF4 ? kNF4ValuesDevice[i / 32] : kFP4ValuesDevice[i / 32];
   if (code2 != nullptr)
     for (int i = threadIdx.x; i < 256; i += kDequantizeThreads) smem_code2[i] = code2[i];
   __syncthreads();
