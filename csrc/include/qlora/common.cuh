@@ -50,30 +50,4 @@ QLORA_HD float mul_then_add(float a, float b, float c) {
 // quantize to the code of 0.0 and dequantize to exact zeros, even after double quantization.
 QLORA_HD float inverse_scale(float absmax) { return absmax > 0.0f ? 1.0f / absmax : 0.0f; }
 
-#if defined(__CUDACC__)
-// Multiprocessors of the current device, looked up once per device (persistent grids are sized from it).
-inline int multiprocessor_count() {
-  int device = 0;
-  if (cudaGetDevice(&device) != cudaSuccess || device < 0 || device >= 64) return 132;
-  static int cached[64] = {};
-  if (cached[device] == 0) {
-    int count = 0;
-    cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device);
-    cached[device] = count > 0 ? count : 132;
-  }
-  return cached[device];
-}
-
-// CTAs of `kernel` that fit on one SM at once (at least 1).
-template <typename Kernel>
-int resident_ctas_per_sm(Kernel kernel, int threads, size_t dynamic_smem = 0) {
-  int blocks = 0;
-  if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, kernel, threads, dynamic_smem) != cudaSuccess) {
-    cudaGetLastError();  // clear the error; fall back to one CTA per SM
-    return 1;
-  }
-  return blocks > 0 ? blocks : 1;
-}
-#endif
-
 }  // namespace qlora

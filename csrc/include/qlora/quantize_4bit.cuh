@@ -211,68 +211,63 @@ __global__ void __launch_bounds__(kDequantizeThreads) dequantize_4bit_kernel(
     const uint8_t* __restrict__ packed, const float* __restrict__ absmax, const uint8_t* __restrict__ qabsmax,
     const float* __restrict__ absmax2, const float* __restrict__ code2, const float* __restrict__ offset,
     T* __restrict__ out, int64_t n, int log2_blocksize) {
-  // The 16 code values once per lane: value c of lane l at word 32·c + l, so a warp's lookups never share a
-  // bank, whatever the codes (a single 256-entry pair table serialised a warp's random lookups several ways).
-  __shared__ float nibble_lut[16 * 32];
+  // Code c is read from lane c by a shuffle. A shuffle uses only the low five bits of its lane argument and
+  // lanes 16-31 repeat lanes 0-15, so a code's nibble needs no masking: one instruction per element.
+  const float lane_value = QT == QuantType::NF4 ? kNF4ValuesDevice[threadIdx.x % 16] : kFP4ValuesDevice[threadIdx.x % 16];
   __shared__ float smem_code2[256];
-  for (int i = threadIdx.x; i < 16 * 32; i += kDequantizeThreads)
-    nibble_lut[i] = QT == QuantType::NF4 ? kNF4ValuesDevice[i / 32] : kFP4ValuesDevice[i / 32];
-  if (code2 != nullptr)
-    for (int i = threadIdx.x; i < 256; i += kDequantizeThreads) smem_code2[i] = code2[i];
-  __syncthreads();
-  const float* lane_lut = nibble_lut + threadIdx.x % 32;
   const bool double_quant = absmax == nullptr;
-  const float mean = double_quant ? *offset : 0.0f;
   const int64_t num_bytes = (n + 1) / 2;
   const int64_t num_units = (n + kDequantizeElems - 1) / kDequantizeElems;
-  constexpr int64_t tile = static_cast<int64_t>(kDequantizeThreads) * kDequantizeUnits;
-  // Persistent CTAs: the tables above are staged once per CTA, not once per tile.
-  for (int64_t first_unit = blockIdx.x * tile; first_unit < num_units; first_unit += static_cast<int64_t>(gridDim.x) * tile) {
-    uint32_t words[kDequantizeUnits];
-    float scales[kDequantizeUnits];  // plain absmax, or absmax2 of the unit's block when double-quantized
-    uint32_t qcodes[kDequantizeUnits];
+  // One tile per CTA: the hardware hands tiles to SMs as they free up, which balances the work better than
+  // persistent CTAs striding over a fixed share.
+  const int64_t first_unit = static_cast<int64_t>(blockIdx.x) * kDequantizeThreads * kDequantizeUnits;
+  uint32_t words[kDequantizeUnits];
+  float scales[kDequantizeUnits];  // plain absmax, or absmax2 of the unit's block when double-quantized
+  uint32_t qcodes[kDequantizeUnits];
 #pragma unroll
-    for (int u = 0; u < kDequantizeUnits; ++u) {
-      const int64_t unit = first_unit + u * kDequantizeThreads + threadIdx.x;
-      const int64_t b0 = unit * 4;
-      words[u] = 0;
-      scales[u] = 0.0f;
-      qcodes[u] = 0;
-      if (unit >= num_units) continue;
-      if (b0 + 4 <= num_bytes) {
-        words[u] = __ldg(reinterpret_cast<const uint32_t*>(packed + b0));
-      } else {
-        for (int j = 0; j < 4 && b0 + j < num_bytes; ++j) words[u] |= static_cast<uint32_t>(packed[b0 + j]) << (8 * j);
-      }
-      const int64_t block = (unit * kDequantizeElems) >> log2_blocksize;
-      if (double_quant) {
-        qcodes[u] = __ldg(qabsmax + block);
-        scales[u] = __ldg(absmax2 + block / kAbsmaxBlocksize);
-      } else {
-        scales[u] = __ldg(absmax + block);
-      }
+  for (int u = 0; u < kDequantizeUnits; ++u) {
+    const int64_t unit = first_unit + u * kDequantizeThreads + threadIdx.x;
+    const int64_t b0 = unit * 4;
+    words[u] = 0;
+    scales[u] = 0.0f;
+    qcodes[u] = 0;
+    if (unit >= num_units) continue;
+    if (b0 + 4 <= num_bytes) {
+      words[u] = __ldg(reinterpret_cast<const uint32_t*>(packed + b0));
+    } else {
+      for (int j = 0; j < 4 && b0 + j < num_bytes; ++j) words[u] |= static_cast<uint32_t>(packed[b0 + j]) << (8 * j);
     }
+    const int64_t block = (unit * kDequantizeElems) >> log2_blocksize;
+    if (double_quant) {
+      qcodes[u] = __ldg(qabsmax + block);
+      scales[u] = __ldg(absmax2 + block / kAbsmaxBlocksize);
+    } else {
+      scales[u] = __ldg(absmax + block);
+    }
+  }
+  // Staged after the weight loads are issued, so the barrier overlaps their latency.
+  if (double_quant) {
+    for (int i = threadIdx.x; i < 256; i += kDequantizeThreads) smem_code2[i] = code2[i];
+    __syncthreads();
+  }
+  const float mean = double_quant ? *offset : 0.0f;
 #pragma unroll
-    for (int u = 0; u < kDequantizeUnits; ++u) {
-      const int64_t e0 = (first_unit + u * kDequantizeThreads + threadIdx.x) * kDequantizeElems;
-      if (e0 >= n) break;
-      // code2[q] * absmax2 + mean, rounded twice as bitsandbytes does.
-      const float scale = double_quant ? mul_then_add(smem_code2[qcodes[u]], scales[u], mean) : scales[u];
-      float v[kDequantizeElems];
-      const uint32_t high = (words[u] >> 4) & 0x0f0f0f0fu;  // byte j's first code, in byte j
-      const uint32_t low = words[u] & 0x0f0f0f0fu;
+  for (int u = 0; u < kDequantizeUnits; ++u) {
+    const int64_t e0 = (first_unit + u * kDequantizeThreads + threadIdx.x) * kDequantizeElems;
+    // code2[q] * absmax2 + mean, rounded twice as bitsandbytes does.
+    const float scale = double_quant ? mul_then_add(smem_code2[qcodes[u]], scales[u], mean) : scales[u];
+    float v[kDequantizeElems];
 #pragma unroll
-      for (int j = 0; j < 4; ++j) {
-        v[2 * j] = lane_lut[((high >> (8 * j)) & 0xffu) * 32] * scale;
-        v[2 * j + 1] = lane_lut[((low >> (8 * j)) & 0xffu) * 32] * scale;
-      }
-      if (e0 + kDequantizeElems <= n) {
-        VecIO<T>::store8(out + e0, v);
-      } else {
+    for (int j = 0; j < 4; ++j) {  // every lane shuffles, also past the end, so that all 32 take part
+      v[2 * j] = __shfl_sync(0xffffffffu, lane_value, static_cast<int>(words[u] >> (8 * j + 4))) * scale;
+      v[2 * j + 1] = __shfl_sync(0xffffffffu, lane_value, static_cast<int>(words[u] >> (8 * j))) * scale;
+    }
+    if (e0 + kDequantizeElems <= n) {
+      VecIO<T>::store8(out + e0, v);
+    } else {
 #pragma unroll
-        for (int i = 0; i < kDequantizeElems; ++i)  // constant indices keep v in registers
-          if (e0 + i < n) out[e0 + i] = VecIO<T>::from_float(v[i]);
-      }
+      for (int i = 0; i < kDequantizeElems; ++i)  // constant indices keep v in registers
+        if (e0 + i < n) out[e0 + i] = VecIO<T>::from_float(v[i]);
     }
   }
 }
@@ -321,10 +316,9 @@ template <typename T, QuantType QT>
 cudaError_t launch_dequantize_4bit_as(const uint8_t* packed, const float* absmax, const uint8_t* qabsmax,
                                       const float* absmax2, const float* code2, const float* offset, T* out, int64_t n,
                                       int64_t blocksize, cudaStream_t stream) {
-  // One full wave of persistent CTAs: a partial last wave would leave SMs idle for its whole length.
-  static const int resident = resident_ctas_per_sm(dequantize_4bit_kernel<T, QT>, kDequantizeThreads);
   const int64_t per_cta = static_cast<int64_t>(kDequantizeThreads) * kDequantizeUnits * kDequantizeElems;
-  const int64_t grid = std::min<int64_t>((n + per_cta - 1) / per_cta, int64_t{multiprocessor_count()} * resident);
+  const int64_t grid = (n + per_cta - 1) / per_cta;
+  if (grid > 0x7fffffff) return cudaErrorInvalidConfiguration;
   dequantize_4bit_kernel<T, QT><<<static_cast<unsigned>(grid), kDequantizeThreads, 0, stream>>>(
       packed, absmax, qabsmax, absmax2, code2, offset, out, n, log2_exact(blocksize));
   return cudaGetLastError();
