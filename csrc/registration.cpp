@@ -1,5 +1,6 @@
 // Every qlora operator schema, in one place. Implementations register per backend in csrc/cpu and
-// csrc/cuda; fake (meta) kernels and autograd live in python/qlora/_ops.py.
+// csrc/cuda, lora_linear_4bit's autograd in csrc/lora_linear_4bit_autograd.cpp; fake (meta) kernels live in
+// python/qlora/_ops.py.
 #include <torch/library.h>
 
 TORCH_LIBRARY(qlora, m) {

@@ -65,4 +65,4 @@ def _adamw_8bit_blockwise_fake(params, grads, state1, state2, absmax1, absmax2, 
     return None
 
 
-from . import _lora_linear_ops  # noqa: E402,F401  (lora_linear_4bit: fake kernel and autograd)
+from . import _lora_linear_ops  # noqa: E402,F401  (lora_linear_4bit: fake kernel)
