@@ -114,14 +114,15 @@ def test_paged_empty_refuses_more_than_the_free_memory():
 
 
 @cuda_only
+@pytest.mark.parametrize("prefetch_mode", [True, False, "auto"])
 @pytest.mark.parametrize("cls", [PagedAdamW, PagedAdamW8bit])
-def test_paged_states_evicted_to_the_host_still_update_exactly(cls):
+def test_paged_states_evicted_to_the_host_still_update_exactly(cls, prefetch_mode):
     if not _pageable():
         pytest.skip("this GPU cannot page unified memory")
     shapes = [(1024, 1024), (3000,), (256, 4097)]
     params = [torch.nn.Parameter(torch.randn(s, device="cuda")) for s in shapes]
     twins = [torch.nn.Parameter(p.detach().clone()) for p in params]
-    paged, plain = cls(params, lr=1e-3), (AdamW if cls is PagedAdamW else qlora.optim.AdamW8bit)(twins, lr=1e-3)
+    paged, plain = cls(params, lr=1e-3, prefetch=prefetch_mode), (AdamW if cls is PagedAdamW else qlora.optim.AdamW8bit)(twins, lr=1e-3)
     for step in range(4):
         for p, q in zip(params, twins):
             p.grad = torch.randn_like(p)
@@ -137,6 +138,12 @@ def test_paged_states_evicted_to_the_host_still_update_exactly(cls):
         assert torch.equal(p, q)
         for key, value in paged.state[p].items():
             assert torch.equal(value, plain.state[q][key]), key
+
+
+def test_prefetch_mode_is_checked():
+    p = torch.nn.Parameter(torch.zeros(4))
+    with pytest.raises(ValueError, match="prefetch must be True, False or 'auto'"):
+        PagedAdamW([p], prefetch="always")
 
 
 @cuda_only

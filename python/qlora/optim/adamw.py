@@ -27,7 +27,7 @@ class _AdamWBase(Optimizer):
     _optim_bits = 32
 
     def __init__(self, params: Iterable, lr: float | torch.Tensor = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
-                 eps: float = 1e-8, weight_decay: float = 1e-2, *, min_8bit_size: int = 4096, prefetch: bool = True):
+                 eps: float = 1e-8, weight_decay: float = 1e-2, *, min_8bit_size: int = 4096, prefetch: bool | str = "auto"):
         if isinstance(lr, torch.Tensor):
             if lr.numel() != 1:
                 raise ValueError(f"lr must be a float or a one-element tensor, got a tensor of {lr.numel()} elements")
@@ -41,6 +41,8 @@ class _AdamWBase(Optimizer):
             raise ValueError(f"weight_decay must be >= 0, got {weight_decay}")
         if min_8bit_size < 0:
             raise ValueError(f"min_8bit_size must be >= 0, got {min_8bit_size}")
+        if not (isinstance(prefetch, bool) or prefetch == "auto"):
+            raise ValueError(f"prefetch must be True, False or 'auto', got {prefetch!r}")
         super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay))
         self.min_8bit_size = min_8bit_size
         self.prefetch = prefetch
@@ -134,7 +136,7 @@ class _AdamWBase(Optimizer):
             paged = self._paged and device.type == "cuda"
             chunks = self._chunks(bucket) if paged else [bucket]
             launch = (lambda c: self._launch_8bit(c, hyper)) if eight_bit else (lambda c: self._launch_32bit(c, hyper))
-            if paged and self.prefetch:
+            if paged and self._should_prefetch(device):
                 self._pipelined(chunks, launch, device)
             else:
                 for chunk in chunks:
@@ -153,6 +155,20 @@ class _AdamWBase(Optimizer):
             params, [p.grad for p in params], [s["state1"] for s in states], [s["state2"] for s in states],
             [s["absmax1"] for s in states], [s["absmax2"] for s in states], qmap1, qmap2,
             [s["step"] for s in states], **hyper)
+
+    def _should_prefetch(self, device: torch.device) -> bool:
+        """With "auto", only when the GPU's free memory is less than the paged states: the driver moves pages
+        to the host only when the GPU runs out of memory, and a prefetch of pages that are already there still
+        costs tens of microseconds of host time per tensor. Pages moved out during an earlier peak return on
+        demand when the update touches them."""
+        if self.prefetch != "auto":
+            return bool(self.prefetch)
+        free, _ = torch.cuda.mem_get_info(device)
+        return free < self._paged_bytes(device)
+
+    def _paged_bytes(self, device: torch.device) -> int:
+        return sum(t.numel() * t.element_size() for state in self.state.values()
+                   for t in state.values() if isinstance(t, torch.Tensor) and t.device == device and _paged.is_paged(t))
 
     def _chunks(self, params: list[torch.Tensor]) -> list[list[torch.Tensor]]:
         chunks, current, size = [], [], 0
@@ -293,8 +309,10 @@ _PARAMS_DOC = """
         Decoupled weight decay: every step multiplies the parameter by ``1 - lr * weight_decay``.
     min_8bit_size : int
         8-bit variants keep 32-bit states for parameters with fewer elements (bitsandbytes' default, 4096).
-    prefetch : bool
-        Paged variants prefetch each chunk of states to the GPU ahead of its update, on a side stream.
+    prefetch : bool or "auto"
+        Paged variants: True prefetches each chunk of states to the GPU ahead of its update, on a side stream;
+        "auto" (default) does so only when the GPU's free memory is below the paged states' size, the case in
+        which the driver may have moved them to the host; False never prefetches (pages fault back on demand).
 
     Notes
     -----
