@@ -30,7 +30,7 @@ QUICK = dict(hidden_size=1024, intermediate_size=3584, num_attention_heads=8, nu
              vocab_size=32000)
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 R, ALPHA, DROPOUT = 16, 32, 0.05
-WARMUP_STEPS, TIMED_STEPS = 2, 5
+WARMUP_STEPS, TIMED_STEPS = 3, 10
 
 
 def _config(layers: int, quick: bool):

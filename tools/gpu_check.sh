@@ -29,7 +29,7 @@ export PYTHONPATH=$PWD/python:$PWD${PYTHONPATH:+:$PYTHONPATH}
 python3 -c "import qlora, torch; print('qlora', qlora.__version__, 'archs', qlora._C.cuda_archs(), 'torch', torch.__version__)"
 ctest --test-dir build/cmake --output-on-failure 2>&1 | tail -4
 
-timeout ${TEST_TIMEOUT:-900} python3 -m pytest -q -p no:cacheprovider ${TESTS:-tests} 2>&1 | tee "$OUT/tests.log" | tail -${TEST_TAIL:-25}
+timeout ${TEST_TIMEOUT:-900} python3 -m pytest -q -rs -p no:cacheprovider ${TESTS:-tests} 2>&1 | tee "$OUT/tests.log" | tail -${TEST_TAIL:-25}
 tests_rc=$?
 
 if [ "${FINETUNE:-0}" = "1" ]; then
