@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import copy
 import io
+import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -114,6 +116,48 @@ def test_nonfinite_gradients_leave_their_elements_alone(op, device):
     if op == "adamw_32bit":
         for new, old in ((args[2], before[2]), (args[3], before[3])):
             assert torch.equal(new[0][bad], old[0][bad])
+
+
+@pytest.mark.parametrize("codes", ["scaled", "linear"])
+def test_8bit_op_with_other_codes_matches_reference(codes, device):
+    # The kernels search codes through a table built from them; scaled dynamic codes still fit it, while a
+    # linear signed code (a midpoint at zero) does not and keeps the binary search. Both must agree with it.
+    signed, unsigned = qlora.dynamic_map(True, device=device), qlora.dynamic_map(False, device=device)
+    if codes == "scaled":
+        code1, code2 = signed * 0.75, unsigned * 0.75
+    else:
+        code1, code2 = torch.linspace(-1, 1, 256, device=device), torch.linspace(0, 1, 256, device=device)
+    for dtype in (torch.float32, torch.bfloat16):
+        args = _adamw_8bit_inputs(device, dtype, nonfinite=dtype == torch.bfloat16)
+        args[6], args[7] = code1, code2
+        expected = _clone(args)
+        torch.ops.qlora.adamw_8bit_blockwise(*args, **HYPER)
+        reference.adamw_8bit_blockwise(*expected, **HYPER)
+        _assert_bits_equal(args, expected)
+
+
+def test_8bit_op_with_special_states_matches_reference(device):
+    # NaN, infinite and vanishing moments send NaN, infinite and zero scaled values to the code search.
+    args = _adamw_8bit_inputs(device, torch.float32, sizes=[(1280,)])
+    grads, absmax1, absmax2 = args[1][0], args[4][0], args[5][0]
+    absmax1[0] = float("nan")               # every first moment of block 0 decodes to NaN
+    absmax2[1] = float("inf")               # second moments of block 1: inf, or NaN for code 0
+    grads[512:768] = 0.0                    # block 2: moments so small that 1 / absmax overflows
+    absmax1[2], absmax2[2] = 1e-39, 1e-39
+    grads[768:1024:3] = 1e30                # block 3: g * g overflows
+    expected = _clone(args)
+    torch.ops.qlora.adamw_8bit_blockwise(*args, **HYPER)
+    reference.adamw_8bit_blockwise(*expected, **HYPER)
+    _assert_bits_equal(args, expected)
+
+
+def test_dynamic_codes_of_the_cpp_tests_are_the_dynamic_map():
+    # csrc/tests/test_code_8bit_table.cpp proves the table search exact on these copies of the codes.
+    text = (Path(__file__).resolve().parents[1] / "csrc" / "tests" / "dynamic_codes.h").read_text()
+    tables = dict(re.findall(r"constexpr float (\w+)\[256\] = \{(.*?)\};", text, flags=re.S))
+    for name, signed in (("kDynamicSigned", True), ("kDynamicUnsigned", False)):
+        values = [float.fromhex(v.strip().rstrip("f")) for v in tables[name].split(",") if v.strip()]
+        assert torch.equal(torch.tensor(values), qlora.dynamic_map(signed)), name
 
 
 def test_many_tensors_in_one_call(device):

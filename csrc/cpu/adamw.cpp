@@ -49,18 +49,32 @@ void adamw_32bit_cpu(at::TensorList params, at::TensorList grads, at::TensorList
   });
 }
 
+// The two codes and, when both fit them, their search tables (as the CUDA kernel builds them).
+struct Codes8bit {
+  const float* code1;
+  const float* code2;
+  std::vector<uint32_t> table1, table2;
+  uint32_t negative_codes1 = 0;  // entries of code1 with the sign bit set
+  bool tables_fit = false;
+
+  Codes8bit(const float* c1, const float* c2)
+      : code1(c1), code2(c2), table1(kCodeTableSize), table2(kCodeTableSize) {
+    tables_fit = build_code_table(code1, table1.data()) && build_code_table(code2, table2.data());
+    for (int i = 0; i < 256; ++i) negative_codes1 += float_bits(code1[i]) >> 31;
+  }
+};
+
 // One block of 8-bit states, as one warp of the CUDA kernel updates it: dequantize, update, new absmax,
 // requantize.
 template <typename T>
 void adamw_8bit_block(T* p, const T* g, uint8_t* c1, uint8_t* c2, float* absmax1, float* absmax2, int64_t count,
-                      const float* code1, const float* top1, const float* code2, const float* top2,
-                      const AdamWScalars& s) {
+                      const Codes8bit& codes, const AdamWScalars& s) {
   float m[kOptimizerBlocksize], v[kOptimizerBlocksize];
   const float scale1 = *absmax1, scale2 = *absmax2;
   uint32_t max1 = 0, max2 = 0;
   for (int64_t i = 0; i < count; ++i) {
-    m[i] = rn_mul(code1[c1[i]], scale1);
-    v[i] = rn_mul(code2[c2[i]], scale2);
+    m[i] = rn_mul(codes.code1[c1[i]], scale1);
+    v[i] = rn_mul(codes.code2[c2[i]], scale2);
     float pv = static_cast<float>(p[i]);
     if (adamw_element(pv, static_cast<float>(g[i]), m[i], v[i], s)) p[i] = static_cast<T>(pv);
     max1 = std::max(max1, abs_bits(m[i]));
@@ -69,8 +83,14 @@ void adamw_8bit_block(T* p, const T* g, uint8_t* c1, uint8_t* c2, float* absmax1
   const float new1 = bits_float(max1), new2 = bits_float(max2);
   const float inv1 = inverse_scale(new1), inv2 = inverse_scale(new2);
   for (int64_t i = 0; i < count; ++i) {
-    c1[i] = static_cast<uint8_t>(code_state1(code1, top1, rn_mul(m[i], inv1), m[i]));
-    c2[i] = static_cast<uint8_t>(code_8bit_top(code2, top2, rn_mul(v[i], inv2)));
+    const float scaled1 = rn_mul(m[i], inv1), scaled2 = rn_mul(v[i], inv2);
+    if (codes.tables_fit) {
+      c1[i] = static_cast<uint8_t>(code_state1_table(codes.table1.data(), codes.negative_codes1, scaled1, m[i]));
+      c2[i] = static_cast<uint8_t>(code_8bit_table(codes.table2.data(), scaled2));
+    } else {
+      c1[i] = static_cast<uint8_t>(code_state1(codes.code1, scaled1, m[i]));
+      c2[i] = static_cast<uint8_t>(code_8bit(codes.code2, scaled2));
+    }
   }
   *absmax1 = new1;
   *absmax2 = new2;
@@ -85,13 +105,7 @@ void adamw_8bit_blockwise_cpu(at::TensorList params, at::TensorList grads, at::T
   if (params.empty()) return;
   const double lr_now = lr_value(lr, lr_tensor);
   const at::Tensor q1 = qmap1.contiguous(), q2 = qmap2.contiguous();
-  const float* code1 = q1.const_data_ptr<float>();
-  const float* code2 = q2.const_data_ptr<float>();
-  float top1[7], top2[7];
-  for (int i = 0; i < 7; ++i) {
-    top1[i] = code1[code_top_index(i)];
-    top2[i] = code2[code_top_index(i)];
-  }
+  const Codes8bit codes(q1.const_data_ptr<float>(), q2.const_data_ptr<float>());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "adamw_8bit_blockwise_cpu", [&] {
     for (size_t i = 0; i < params.size(); ++i) {
       const at::Tensor g = grads[i].contiguous();
@@ -108,7 +122,7 @@ void adamw_8bit_blockwise_cpu(at::TensorList params, at::TensorList grads, at::T
         for (int64_t b = begin; b < end; ++b) {
           const int64_t e0 = b * kOptimizerBlocksize;
           adamw_8bit_block<scalar_t>(p + e0, gp + e0, s1 + e0, s2 + e0, a1 + b, a2 + b,
-                                     std::min<int64_t>(kOptimizerBlocksize, n - e0), code1, top1, code2, top2, s);
+                                     std::min<int64_t>(kOptimizerBlocksize, n - e0), codes, s);
         }
       });
     }

@@ -113,115 +113,167 @@ __device__ __forceinline__ uint32_t warp_max_u32(uint32_t m) {
   return m;
 }
 
-// Each warp owns one 256-element block at a time: lane l holds elements 8l .. 8l+7, so the block's new
-// absmax is a 5-step shuffle reduction with no shared memory and no __syncthreads.
-template <typename T>
-__global__ void __launch_bounds__(kAdamWThreads) adamw_8bit_blockwise_kernel(const AdamW8Tensor* __restrict__ tensors,
-                                                                             int64_t total_units, const float* __restrict__ qmap1,
-                                                                             const float* __restrict__ qmap2, AdamWHyper h) {
-  __shared__ float code1[256];
-  __shared__ float code2[256];
-  for (int i = threadIdx.x; i < 256; i += kAdamWThreads) {
-    code1[i] = qmap1[i];
-    code2[i] = qmap2[i];
-  }
-  __syncthreads();
-  float top1[7], top2[7];
+// What every CTA of the 8-bit kernel keeps in shared memory: the two codes (for decoding) and their search
+// tables, built from the codes at the start (the threshold keys serve only the building).
+struct AdamW8Codes {
+  float code1[256];
+  float code2[256];
+  int32_t keys1[256];
+  int32_t keys2[256];
+  uint32_t table1[kCodeTableSize];
+  uint32_t table2[kCodeTableSize];
+};
+static_assert(kAdamWThreads == 256, "one thread per code entry builds the threshold keys");
+
+// Code i (0..7) of a lane's eight 8-bit codes, held four to a word as they are stored.
+__device__ __forceinline__ uint32_t get_code(const uint2& w, int i) {
+  return ((i < 4 ? w.x : w.y) >> (8 * (i % 4))) & 0xffu;
+}
+__device__ __forceinline__ void add_code(uint2& w, int i, uint32_t c) { (i < 4 ? w.x : w.y) |= c << (8 * (i % 4)); }
+
+// One warp's update of one 256-element block: lane l holds elements 8l .. 8l+7, so the block's new absmax is
+// a 5-step shuffle reduction with no shared memory and no __syncthreads. kFull: the block is whole and its
+// pointers aligned for vector loads (the same for every lane, as the shuffles need). kTable: the codes fit
+// their tables (always, for the dynamic codes); otherwise the binary search.
+template <typename T, bool kFull, bool kTable>
+__device__ __forceinline__ void adamw_8bit_block(const AdamW8Tensor& d, int64_t block, int lane, const AdamWScalars& s,
+                                                 const AdamW8Codes& codes, uint32_t negative_codes1) {
+  const int64_t e0 = block * kOptimizerBlocksize + lane * kAdamWElems;
+  const int64_t count = kFull ? kAdamWElems : (e0 >= d.n ? 0 : (d.n - e0 < kAdamWElems ? d.n - e0 : kAdamWElems));
+  T* p = static_cast<T*>(d.p) + e0;
+  const T* g = static_cast<const T*>(d.g) + e0;
+  uint8_t* state1 = d.state1 + e0;
+  uint8_t* state2 = d.state2 + e0;
+  float gv[kAdamWElems], pv[kAdamWElems], mv[kAdamWElems], vv[kAdamWElems];
+  uint2 w1 = make_uint2(0, 0), w2 = make_uint2(0, 0);  // the lane's codes of each state
+  if constexpr (kFull) {
+    VecIO<T>::load8(g, gv);
+    VecIO<T>::load8(p, pv);
+    w1 = *reinterpret_cast<const uint2*>(state1);
+    w2 = *reinterpret_cast<const uint2*>(state2);
+  } else {
 #pragma unroll
-  for (int i = 0; i < 7; ++i) {
-    top1[i] = code1[code_top_index(i)];
-    top2[i] = code2[code_top_index(i)];
+    for (int i = 0; i < kAdamWElems; ++i) {
+      const bool in = i < count;
+      gv[i] = in ? VecIO<T>::to_float(g[i]) : 0.0f;
+      pv[i] = in ? VecIO<T>::to_float(p[i]) : 0.0f;
+      add_code(w1, i, in ? state1[i] : 0u);
+      add_code(w2, i, in ? state2[i] : 0u);
+    }
   }
-  const int lane = threadIdx.x % 32;
+  const float scale1 = d.absmax1[block];
+  const float scale2 = d.absmax2[block];
+  uint32_t max1 = 0, max2 = 0;
+#pragma unroll
+  for (int i = 0; i < kAdamWElems; ++i) {
+    mv[i] = rn_mul(codes.code1[get_code(w1, i)], scale1);
+    vv[i] = rn_mul(codes.code2[get_code(w2, i)], scale2);
+    // Computed for every element and kept only for a finite gradient (as adamw_element decides): without a
+    // branch the eight elements interleave. Past count: harmless, and neither counted nor stored.
+    float p1 = pv[i], m1 = mv[i], v1 = vv[i];
+    adamw_update(p1, gv[i], m1, v1, s);
+    const bool finite = is_finite_bits(gv[i]);
+    pv[i] = finite ? p1 : pv[i];
+    mv[i] = finite ? m1 : mv[i];
+    vv[i] = finite ? v1 : vv[i];
+    if (i < count) {
+      max1 = max(max1, abs_bits(mv[i]));
+      max2 = max(max2, abs_bits(vv[i]));
+    }
+  }
+  if constexpr (kFull) {
+    VecIO<T>::store8(p, pv);
+  } else {
+#pragma unroll
+    for (int i = 0; i < kAdamWElems; ++i)  // constant indices keep pv in registers
+      if (i < count) p[i] = VecIO<T>::from_float(pv[i]);
+  }
+
+  const float absmax1 = bits_float(warp_max_u32(max1));
+  const float absmax2 = bits_float(warp_max_u32(max2));
+  if (lane == 0) {
+    d.absmax1[block] = absmax1;
+    d.absmax2[block] = absmax2;
+  }
+  const float inv1 = inverse_scale(absmax1);
+  const float inv2 = inverse_scale(absmax2);
+  w1 = w2 = make_uint2(0, 0);
+#pragma unroll
+  for (int i = 0; i < kAdamWElems; ++i) {
+    uint32_t c1, c2;
+    if constexpr (kTable) {
+      c1 = code_state1_table(codes.table1, negative_codes1, rn_mul(mv[i], inv1), mv[i]);
+      c2 = code_8bit_table(codes.table2, rn_mul(vv[i], inv2));
+    } else {
+      c1 = code_state1(codes.code1, rn_mul(mv[i], inv1), mv[i]);
+      c2 = code_8bit(codes.code2, rn_mul(vv[i], inv2));
+    }
+    add_code(w1, i, c1);
+    add_code(w2, i, c2);
+  }
+  if constexpr (kFull) {
+    *reinterpret_cast<uint2*>(state1) = w1;
+    *reinterpret_cast<uint2*>(state2) = w2;
+  } else {
+#pragma unroll
+    for (int i = 0; i < kAdamWElems; ++i) {
+      if (i < count) {
+        state1[i] = static_cast<uint8_t>(get_code(w1, i));
+        state2[i] = static_cast<uint8_t>(get_code(w2, i));
+      }
+    }
+  }
+}
+
+// Three CTAs per SM (at most 80 registers, about what the eight interleaved elements of a lane need): the
+// update is bound by instruction issue, which 24 warps keep busy.
+template <typename T>
+__global__ void __launch_bounds__(kAdamWThreads, 3)
+    adamw_8bit_blockwise_kernel(const AdamW8Tensor* __restrict__ tensors, int64_t total_units,
+                                const float* __restrict__ qmap1, const float* __restrict__ qmap2, AdamWHyper h) {
+  __shared__ AdamW8Codes codes;
+  const int tid = threadIdx.x;
+  codes.code1[tid] = qmap1[tid];
+  codes.code2[tid] = qmap2[tid];
+  __syncthreads();
+  bool fits = true;
+  if (tid < 255) {
+    fits = code_threshold(codes.code1, tid, &codes.keys1[tid]) && code_threshold(codes.code2, tid, &codes.keys2[tid]);
+  } else {
+    codes.keys1[255] = INT32_MAX;
+    codes.keys2[255] = INT32_MAX;
+  }
+  const uint32_t negative_codes1 = __syncthreads_count(float_bits(codes.code1[tid]) >> 31);
+  for (int j = tid; j < kCodeTableSize; j += kAdamWThreads) {
+    codes.table1[j] = code_table_entry(codes.keys1, j, &fits);
+    codes.table2[j] = code_table_entry(codes.keys2, j, &fits);
+  }
+  const bool tables_fit = __syncthreads_and(fits) != 0;
+
+  const int lane = tid % 32;
+  // Only the tensor's index, unit range and scalars stay in registers from block to block; the rest of its
+  // descriptor is read again for each block (an L1 hit), which keeps the registers for the elements.
   int t = -1;
-  AdamW8Tensor d;
-  d.end_unit = 0;
+  int64_t end_unit = 0;
   AdamWScalars s;
   const int64_t stride = static_cast<int64_t>(gridDim.x) * kAdamW8Warps;
-  for (int64_t u = static_cast<int64_t>(blockIdx.x) * kAdamW8Warps + threadIdx.x / 32; u < total_units; u += stride) {
-    if (u >= d.end_unit) {
+  for (int64_t u = static_cast<int64_t>(blockIdx.x) * kAdamW8Warps + tid / 32; u < total_units; u += stride) {
+    if (u >= end_unit) {
       do ++t; while (u >= tensors[t].end_unit);
-      d = tensors[t];
-      s = scalars_for(h, d.step);
+      end_unit = tensors[t].end_unit;
+      s = scalars_for(h, tensors[t].step);
     }
+    const AdamW8Tensor& d = tensors[t];
     const int64_t block = u - d.first_unit;
-    const int64_t e0 = block * kOptimizerBlocksize + lane * kAdamWElems;
-    const int64_t count = e0 >= d.n ? 0 : (d.n - e0 < kAdamWElems ? d.n - e0 : kAdamWElems);
-    T* p = static_cast<T*>(d.p) + e0;
-    const T* g = static_cast<const T*>(d.g) + e0;
-    float gv[kAdamWElems], pv[kAdamWElems], mv[kAdamWElems], vv[kAdamWElems];
-    uint32_t c1[kAdamWElems], c2[kAdamWElems];
-    const bool vector = d.vectorized && count == kAdamWElems;
-    if (vector) {
-      VecIO<T>::load8(g, gv);
-      VecIO<T>::load8(p, pv);
-      const uint2 w1 = *reinterpret_cast<const uint2*>(d.state1 + e0);
-      const uint2 w2 = *reinterpret_cast<const uint2*>(d.state2 + e0);
-#pragma unroll
-      for (int i = 0; i < kAdamWElems; ++i) {
-        c1[i] = ((i < 4 ? w1.x : w1.y) >> (8 * (i % 4))) & 0xffu;
-        c2[i] = ((i < 4 ? w2.x : w2.y) >> (8 * (i % 4))) & 0xffu;
-      }
+    const bool full = d.vectorized && (block + 1) * kOptimizerBlocksize <= d.n;
+    if (full && tables_fit) {
+      adamw_8bit_block<T, true, true>(d, block, lane, s, codes, negative_codes1);
+    } else if (tables_fit) {
+      adamw_8bit_block<T, false, true>(d, block, lane, s, codes, negative_codes1);
+    } else if (full) {
+      adamw_8bit_block<T, true, false>(d, block, lane, s, codes, negative_codes1);
     } else {
-#pragma unroll
-      for (int i = 0; i < kAdamWElems; ++i) {
-        const bool in = i < count;
-        gv[i] = in ? VecIO<T>::to_float(g[i]) : 0.0f;
-        pv[i] = in ? VecIO<T>::to_float(p[i]) : 0.0f;
-        c1[i] = in ? d.state1[e0 + i] : 0u;
-        c2[i] = in ? d.state2[e0 + i] : 0u;
-      }
-    }
-    const float scale1 = d.absmax1[block];
-    const float scale2 = d.absmax2[block];
-    uint32_t max1 = 0, max2 = 0;
-#pragma unroll
-    for (int i = 0; i < kAdamWElems; ++i) {
-      mv[i] = rn_mul(code1[c1[i]], scale1);
-      vv[i] = rn_mul(code2[c2[i]], scale2);
-      if (i < count) {
-        adamw_element(pv[i], gv[i], mv[i], vv[i], s);
-        max1 = max(max1, abs_bits(mv[i]));
-        max2 = max(max2, abs_bits(vv[i]));
-      }
-    }
-    const float absmax1 = bits_float(warp_max_u32(max1));
-    const float absmax2 = bits_float(warp_max_u32(max2));
-    const float inv1 = inverse_scale(absmax1);
-    const float inv2 = inverse_scale(absmax2);
-#pragma unroll
-    for (int i = 0; i < kAdamWElems; ++i) {
-      c1[i] = code_state1(code1, top1, rn_mul(mv[i], inv1), mv[i]);
-      c2[i] = code_8bit_top(code2, top2, rn_mul(vv[i], inv2));
-    }
-    if (lane == 0) {
-      d.absmax1[block] = absmax1;
-      d.absmax2[block] = absmax2;
-    }
-    if (vector) {
-      VecIO<T>::store8(p, pv);
-      uint2 w1 = make_uint2(0, 0), w2 = make_uint2(0, 0);
-#pragma unroll
-      for (int i = 0; i < kAdamWElems; ++i) {
-        if (i < 4) {
-          w1.x |= c1[i] << (8 * i);
-          w2.x |= c2[i] << (8 * i);
-        } else {
-          w1.y |= c1[i] << (8 * (i - 4));
-          w2.y |= c2[i] << (8 * (i - 4));
-        }
-      }
-      *reinterpret_cast<uint2*>(d.state1 + e0) = w1;
-      *reinterpret_cast<uint2*>(d.state2 + e0) = w2;
-    } else {
-#pragma unroll
-      for (int i = 0; i < kAdamWElems; ++i) {  // constant indices keep pv, c1, c2 in registers
-        if (i < count) {
-          p[i] = VecIO<T>::from_float(pv[i]);
-          d.state1[e0 + i] = static_cast<uint8_t>(c1[i]);
-          d.state2[e0 + i] = static_cast<uint8_t>(c2[i]);
-        }
-      }
+      adamw_8bit_block<T, false, false>(d, block, lane, s, codes, negative_codes1);
     }
   }
 }
