@@ -170,41 +170,32 @@ constexpr const Bucket* host_buckets() {
   }
 }
 
-// The search state of code_8bit after its first levels.
-struct Code8bitSearch {
-  int pivot, upper_pivot, lower_pivot;
-  float lower, upper, val;  // val = code[pivot]
-};
-
-// The remaining levels of the search, from `step` down to 1, and the final midpoint comparison.
-QLORA_HD uint32_t finish_code_8bit(const float* code, float x, Code8bitSearch s, int step) {
-  for (; step > 0; step >>= 1) {
-    if (x > s.val) {
-      s.lower_pivot = s.pivot;
-      s.lower = s.val;
-      s.pivot += step;
-    } else {
-      s.upper_pivot = s.pivot;
-      s.upper = s.val;
-      s.pivot -= step;
-    }
-    s.val = code[s.pivot];
-  }
-  if (s.upper_pivot == 255) s.upper = code[s.upper_pivot];
-  if (s.lower_pivot == 0) s.lower = code[s.lower_pivot];
-  if (x > s.val) {
-    const float midpoint = (s.upper + s.val) * 0.5f;
-    return x > midpoint ? s.upper_pivot : s.pivot;
-  }
-  const float midpoint = (s.lower + s.val) * 0.5f;
-  return x < midpoint ? s.lower_pivot : s.pivot;
-}
-
 // Index of the nearest entry of a sorted 256-entry code for x, exactly as bitsandbytes' 8-bit
 // blockwise quantizer finds it: a 7-step binary search, then a comparison with the float midpoint
 // of the neighbours, ties going to the search's final pivot.
 QLORA_HD uint32_t code_8bit(const float* code, float x) {
-  return finish_code_8bit(code, x, {127, 255, 0, -1.0f, 1.0f, code[127]}, 64);
+  int pivot = 127, upper_pivot = 255, lower_pivot = 0;
+  float lower = -1.0f, upper = 1.0f, val = code[127];
+  for (int step = 64; step > 0; step >>= 1) {
+    if (x > val) {
+      lower_pivot = pivot;
+      lower = val;
+      pivot += step;
+    } else {
+      upper_pivot = pivot;
+      upper = val;
+      pivot -= step;
+    }
+    val = code[pivot];
+  }
+  if (upper_pivot == 255) upper = code[upper_pivot];
+  if (lower_pivot == 0) lower = code[lower_pivot];
+  if (x > val) {
+    const float midpoint = (upper + val) * 0.5f;
+    return x > midpoint ? upper_pivot : pivot;
+  }
+  const float midpoint = (lower + val) * 0.5f;
+  return x < midpoint ? lower_pivot : pivot;
 }
 
 QLORA_HD bool valid_blocksize_4bit(int64_t blocksize) {
