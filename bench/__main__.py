@@ -2,6 +2,7 @@
 
     python -m bench                      # all benchmarks, CUDA if present, else small CPU sizes
     python -m bench --only quantize_4bit --out bench_results
+    python -m bench --replot bench_results/results.json --out bench_results   # the plot again, from the JSON
 
 Prints a table, and writes results.json and results.png to --out.
 """
@@ -18,7 +19,7 @@ from pathlib import Path
 import torch
 
 import bench
-from bench.common import format_table, make_context, write_reports, environment
+from bench.common import environment, format_table, make_context, plot, read_rows, write_reports
 
 
 def main(argv=None) -> int:
@@ -27,7 +28,14 @@ def main(argv=None) -> int:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--quick", action="store_true", help="small sizes (implied on CPU)")
     parser.add_argument("--out", default="bench_results", help="folder for results.json and results.png")
+    parser.add_argument("--replot", metavar="JSON", help="only redraw the plot of an earlier results.json")
     args = parser.parse_args(argv)
+    if args.replot:
+        rows, env = read_rows(Path(args.replot))
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        plot(rows, env.get("gpu", env.get("cpu")), Path(args.out) / "results.png")
+        print(f"written: {Path(args.out) / 'results.png'}")
+        return 0
 
     stems = [m.name.removeprefix("bench_") for m in pkgutil.iter_modules(bench.__path__) if m.name.startswith("bench_")]
     wanted = [s for s in args.only.split(",") if s] or stems

@@ -155,9 +155,22 @@ def format_table(rows: Sequence[Row], ctx: Context) -> str:
 
 def write_reports(rows: Sequence[Row], ctx: Context, out_dir: Path) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
-    payload = {"environment": environment(ctx),
+    env = environment(ctx)
+    payload = {"environment": env,
                "rows": [dict(dataclasses.asdict(r), gbps=r.gbps, tflops=r.tflops) for r in rows]}
     (out_dir / "results.json").write_text(json.dumps(payload, indent=1))
+    plot(rows, env.get("gpu", env.get("cpu")), out_dir / "results.png")
+
+
+def read_rows(path: Path) -> tuple[list[Row], dict]:
+    """The rows and environment of a results.json that write_reports wrote."""
+    payload = json.loads(Path(path).read_text())
+    fields = {f.name for f in dataclasses.fields(Row)}
+    return [Row(**{k: v for k, v in r.items() if k in fields}) for r in payload["rows"]], payload["environment"]
+
+
+def plot(rows: Sequence[Row], device_name: str, path: Path) -> None:
+    """One panel per benchmark: µs of each implementation side by side per case and shape (log scale)."""
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -166,25 +179,32 @@ def write_reports(rows: Sequence[Row], ctx: Context, out_dir: Path) -> None:
         print("matplotlib not installed: no plot written")
         return
     benches = list(dict.fromkeys(r.bench for r in rows))
-    fig, axes = plt.subplots(len(benches), 1, figsize=(11, 3.2 * len(benches)), squeeze=False)
+    cases = {b: len({(r.case, r.shape) for r in rows if r.bench == b}) for b in benches}
+    many = {b: cases[b] > 8 for b in benches}
+    heights = [5.5 if many[b] else 3.2 for b in benches]
+    fig, axes = plt.subplots(len(benches), 1, figsize=(max(11, 0.25 * max(cases.values())), sum(heights)),
+                             squeeze=False, gridspec_kw={"height_ratios": heights})
     for ax, bench in zip(axes[:, 0], benches):
         sub = [r for r in rows if r.bench == bench]
-        labels = list(dict.fromkeys(f"{r.case}\n{r.shape}" for r in sub))
+        sep = " " if many[bench] else "\n"  # many cases: one-line labels, turned upright
+        labels = list(dict.fromkeys(f"{r.case}{sep}{r.shape}" for r in sub))
         impls = list(dict.fromkeys(r.impl for r in sub))
         width = 0.8 / len(impls)
         for k, impl in enumerate(impls):
             xs, ys = [], []
             for j, label in enumerate(labels):
-                hit = [r for r in sub if r.impl == impl and f"{r.case}\n{r.shape}" == label]
+                hit = [r for r in sub if r.impl == impl and f"{r.case}{sep}{r.shape}" == label]
                 if hit:
                     xs.append(j + k * width)
                     ys.append(hit[0].us)
             ax.bar(xs, ys, width, label=impl)
-        ax.set_xticks([j + 0.4 - width / 2 for j in range(len(labels))], labels, fontsize=7)
+        ax.set_xticks([j + 0.4 - width / 2 for j in range(len(labels))], labels, fontsize=7,
+                      rotation=90 if many[bench] else 0)
+        ax.set_xlim(-0.5, len(labels))
         ax.set_yscale("log")
         ax.set_ylabel("µs (log)")
-        ax.set_title(f"{bench} on {environment(ctx).get('gpu', environment(ctx).get('cpu'))}", fontsize=9)
-        ax.legend(fontsize=7)
+        ax.set_title(f"{bench} on {device_name}", fontsize=9)
+        ax.legend(fontsize=7, ncol=2 if many[bench] else 1)
     fig.tight_layout()
-    fig.savefig(out_dir / "results.png", dpi=110)
+    fig.savefig(path, dpi=110)
     plt.close(fig)
