@@ -14,7 +14,9 @@
 namespace qlora {
 
 // Which implementation lora_linear_4bit runs on CUDA. Values other than kAuto are for benchmarking.
-enum LoraLinearPath : int64_t { kPathAuto = 0, kPathFused = 1, kPathDequantizeGemm = 2 };
+// kPathFusedBlockScaled: the fused kernel with its block-scaled loop where the layout allows it (blocksize
+// 64, K % 64 == 0, M <= 16), else the same as kPathFused. Not chosen automatically until measured.
+enum LoraLinearPath : int64_t { kPathAuto = 0, kPathFused = 1, kPathDequantizeGemm = 2, kPathFusedBlockScaled = 3 };
 
 // Largest M for which the automatic choice takes the fused small-M kernel rather than dequantize + cuBLAS.
 // Measured on the H200 (bench/bench_lora_linear.py "paths" rows, 2026-11-28, r = 16, bf16): on 8192x28672 the
@@ -86,8 +88,9 @@ inline LoraLinearArgs check_lora_linear_4bit_args(const at::Tensor& x, const at:
     TORCH_CHECK_VALUE(x_lora->sizes() == x.sizes(), "x_lora must have the shape of x ", x.sizes(), ", got ",
                       x_lora->sizes());
   }
-  TORCH_CHECK_VALUE(path == kPathAuto || path == kPathFused || path == kPathDequantizeGemm,
-                    "path must be 0 (automatic), 1 (fused small-M kernel) or 2 (dequantize + GEMM), got ", path);
+  TORCH_CHECK_VALUE(path >= kPathAuto && path <= kPathFusedBlockScaled,
+                    "path must be 0 (automatic), 1 (fused small-M kernel), 2 (dequantize + GEMM) or 3 (fused, "
+                    "block-scaled loop), got ", path);
   return args;
 }
 

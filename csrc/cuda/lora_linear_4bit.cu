@@ -40,7 +40,8 @@ at::Tensor fused_forward(const at::Tensor& x2, const at::Tensor& packed, const a
                          const LoraLinearArgs& args, const std::optional<at::Tensor>& absmax2,
                          const std::optional<at::Tensor>& code2, const std::optional<at::Tensor>& offset,
                          const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& lora_A,
-                         const std::optional<at::Tensor>& lora_B, double scale, const std::optional<at::Tensor>& xl2) {
+                         const std::optional<at::Tensor>& lora_B, double scale, const std::optional<at::Tensor>& xl2,
+                         bool allow_block_scaled) {
   const at::Tensor x = aligned_contiguous(x2);
   const at::Tensor p = aligned_contiguous(packed);
   const at::Tensor a = absmax.contiguous();
@@ -85,7 +86,8 @@ at::Tensor fused_forward(const at::Tensor& x2, const at::Tensor& packed, const a
     prm.log2_blocksize = log2_exact(blocksize);
     C10_CUDA_CHECK(launch_lora_linear_4bit<T>(prm, xl.defined() ? static_cast<const T*>(xl.const_data_ptr()) : nullptr,
                                               args.lora ? static_cast<const T*>(la.const_data_ptr()) : nullptr,
-                                              scratch.data_ptr<float>(), args.weight.quant_type, num_sms, stream));
+                                              scratch.data_ptr<float>(), args.weight.quant_type, num_sms,
+                                              allow_block_scaled, stream));
   });
   return y;
 }
@@ -139,11 +141,13 @@ at::Tensor lora_linear_4bit_cuda(const at::Tensor& x, const at::Tensor& packed, 
   const std::optional<at::Tensor> xl2 =
       x_lora.has_value() ? std::optional<at::Tensor>(x_lora->reshape({args.M, args.K})) : std::nullopt;
   const char* why_not_fused = fused_unsupported(x, args);
-  TORCH_CHECK_VALUE(path != kPathFused || why_not_fused == nullptr, "path=1 (fused small-M kernel) cannot run: ",
+  const bool forced_fused = path == kPathFused || path == kPathFusedBlockScaled;
+  TORCH_CHECK_VALUE(!forced_fused || why_not_fused == nullptr, "path=", path, " (fused small-M kernel) cannot run: ",
                     why_not_fused == nullptr ? "" : why_not_fused);
-  const bool fused = path == kPathFused || (path == kPathAuto && why_not_fused == nullptr && args.M <= fused_max_m(args.N, args.K));
+  const bool fused =
+      forced_fused || (path == kPathAuto && why_not_fused == nullptr && args.M <= fused_max_m(args.N, args.K));
   const at::Tensor y = fused ? fused_forward(x2, packed, absmax, blocksize, args, absmax2, code2, offset, bias, lora_A,
-                                             lora_B, scale, xl2)
+                                             lora_B, scale, xl2, path == kPathFusedBlockScaled)
                              : dequantize_gemm_forward(x2, packed, absmax, blocksize, args, absmax2, code2, offset, bias,
                                                        lora_A, lora_B, scale, xl2);
   return y.view(args.out_shape);

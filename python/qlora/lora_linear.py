@@ -8,10 +8,10 @@ import torch
 
 from .quantization import QuantState
 
-__all__ = ["lora_linear_4bit", "PATH_AUTO", "PATH_FUSED", "PATH_DEQUANTIZE_GEMM"]
+__all__ = ["lora_linear_4bit", "PATH_AUTO", "PATH_FUSED", "PATH_DEQUANTIZE_GEMM", "PATH_FUSED_BLOCK_SCALED"]
 
 #: Implementation choice on CUDA (``path`` argument). Anything but PATH_AUTO is meant for benchmarking.
-PATH_AUTO, PATH_FUSED, PATH_DEQUANTIZE_GEMM = 0, 1, 2
+PATH_AUTO, PATH_FUSED, PATH_DEQUANTIZE_GEMM, PATH_FUSED_BLOCK_SCALED = 0, 1, 2, 3
 
 
 def lora_linear_4bit(x: torch.Tensor, packed: torch.Tensor, quant_state: QuantState,
@@ -38,6 +38,8 @@ def lora_linear_4bit(x: torch.Tensor, packed: torch.Tensor, quant_state: QuantSt
     path : int
         CUDA only: ``PATH_AUTO`` picks the fused small-M kernel for small batches (float16/bfloat16,
         in_features % 32 == 0) and dequantize + cuBLAS otherwise; the other values force one (benchmarking).
+        ``PATH_FUSED_BLOCK_SCALED`` is the fused kernel with a loop that scales per quantization block instead of
+        per weight (blocksize 64, in_features % 64 == 0, up to 16 rows of x; elsewhere as ``PATH_FUSED``).
 
     Returns
     -------

@@ -29,6 +29,7 @@ constexpr int kGemvWarps = 4;            // warps per CTA; each owns one 16-row 
 constexpr int kGemvThreads = kGemvWarps * 32;
 constexpr int kGemvChunk = 128;          // K elements a warp consumes per step (4 threads x 32 per row)
 constexpr int kGemvUnroll = 4;           // chunks whose weights are loaded before the first is used
+constexpr int kScaledUnroll = 2;         // the same for the block-scaled loop, which loads 4 pieces a chunk
 constexpr int kGemvMinSplitK = 512;      // smallest K range worth a split of its own
 constexpr int kGemvMaxSplits = 32;
 constexpr int kLoraDownThreads = 256;
@@ -167,7 +168,12 @@ __device__ __forceinline__ float lora_term(const LoraLinearParams<T>& p, const f
 //
 // MT8: n8 tiles of x rows handled per warp (M up to 8·MT8 per grid z slice); each dequantized weight fragment
 // is reused for all of them.
-template <typename T, QuantType QT, int MT8>
+//
+// kBlockScaled (blocksize 64 and K % 64 == 0): lane c of a row group takes 8 bytes (16 k) of each 64-k half
+// of a chunk instead of 16 consecutive bytes, so the 16 k of every mma step lie in one quantization block. The
+// code values then enter the mma unscaled and each block's scale multiplies the step's partial sums once,
+// where the other loop scales every weight pair (a mul and an fma on pairs) before the mma.
+template <typename T, QuantType QT, int MT8, bool kBlockScaled>
 __global__ void __launch_bounds__(kGemvThreads) lora_gemv_4bit_kernel(const LoraLinearParams<T> p) {
   using Pair = typename MmaType<T>::Pair;
   __shared__ Pair pair_base[256];
@@ -222,74 +228,162 @@ __global__ void __launch_bounds__(kGemvThreads) lora_gemv_4bit_kernel(const Lora
 #pragma unroll
     for (int i = 0; i < 4; ++i) acc[t][i] = 0.0f;
 
-  for (int64_t kc = k_begin; kc < k_end; kc += kGemvChunk * kGemvUnroll) {
-    // All of the group's weight loads are issued before any is used: 2·kGemvUnroll 16-byte loads in flight.
-    // The scales' raw loads are issued here too; decoding a double-quantized scale (a shared-memory lookup
-    // indexed by the loaded code) waits until the compute phase, so no load in this loop waits on another.
-    uint4 wq[kGemvUnroll][2];
-    float sc[kGemvUnroll][2];        // plain absmax, or absmax2 of the block when double-quantized
-    uint32_t qcode[kGemvUnroll][2];  // the block's 8-bit absmax code when double-quantized
-    bool in_range[kGemvUnroll][2];
+  if constexpr (kBlockScaled) {
+    // An iteration spans kScaledUnroll chunks = four 64-k halves = four consecutive blocks of each row. Lane c
+    // of a row group loads and decodes the scale of block c only; the group's lanes swap them by shuffle.
+    static_assert(kScaledUnroll * 2 == 4, "one scale per lane of a row group");
+    const uint32_t lane_offset = static_cast<uint32_t>(lane) * 4;
+    const char* lut_bytes = reinterpret_cast<const char*>(pair_lut);
+    // Entry b of this lane's table: byte offset 128·b + 4·lane.
+    const auto lookup = [&](uint32_t byte_in_low_bits) {
+      return *reinterpret_cast<const uint32_t*>(lut_bytes + (((byte_in_low_bits & 0xffu) << 7) | lane_offset));
+    };
+    const int group_lane0 = lane & ~3;
+    int64_t row_e[2];
+    const uint8_t* row_packed[2];
 #pragma unroll
-    for (int u = 0; u < kGemvUnroll; ++u) {
-      const int64_t k = kc + u * kGemvChunk + 32 * c;
-      const bool k_ok = k < k_end;  // K % 32 == 0, so a unit is all in or all out
+    for (int h = 0; h < 2; ++h) {
+      row_e[h] = row_safe[h] * p.K;
+      row_packed[h] = p.packed + row_e[h] / 2 + 8 * c;
+    }
+    const T* x_lane[MT8];
+#pragma unroll
+    for (int t = 0; t < MT8; ++t) x_lane[t] = xrow[t] + 16 * c;
+    for (int64_t kc = k_begin; kc < k_end; kc += kGemvChunk * kScaledUnroll) {
+      bool half_ok[4];  // K % 64 == 0: a 64-k half is in range for all lanes or none
+#pragma unroll
+      for (int j = 0; j < 4; ++j) half_ok[j] = kc + 64 * j < k_end;
+      uint2 wq[2][4];  // [row h][half j = 2·chunk + half]
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
-        const bool ok = k_ok && row_ok[h];
-        in_range[u][h] = ok;
-        const int64_t e = row_safe[h] * p.K + (ok ? k : 0);
-        const int64_t block = e >> p.log2_blocksize;
-        wq[u][h] = ok ? __ldg(reinterpret_cast<const uint4*>(p.packed + e / 2)) : make_uint4(0, 0, 0, 0);
-        qcode[u][h] = ok && double_quant ? __ldg(p.qabsmax + block) : 0u;
-        sc[u][h] = !ok ? 0.0f : double_quant ? __ldg(p.absmax2 + block / kAbsmaxBlocksize) : __ldg(p.absmax + block);
+        const uint8_t* pk = row_packed[h] + kc / 2;
+#pragma unroll
+        for (int j = 0; j < 4; ++j)
+          wq[h][j] = half_ok[j] && row_ok[h] ? __ldg(reinterpret_cast<const uint2*>(pk + 32 * j)) : make_uint2(0, 0);
       }
-    }
-    if (double_quant) {
-#pragma unroll
-      for (int u = 0; u < kGemvUnroll; ++u)
-#pragma unroll
-        for (int h = 0; h < 2; ++h)  // code2[q] * absmax2 + mean, rounded twice as bitsandbytes does
-          sc[u][h] = in_range[u][h] ? mul_then_add(smem_code2[qcode[u][h]], sc[u][h], mean) : 0.0f;
-    }
-#pragma unroll
-    for (int u = 0; u < kGemvUnroll; ++u) {
-      const int64_t k = kc + u * kGemvChunk + 32 * c;
-      // Lanes whose unit is past k_end hold zero weights; their x loads are skipped too, so they add exact zeros.
-      const bool k_ok = k < k_end;
-      Pair s_hi[2], s_lo[2];
+      float my_scale[2];
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
-        const float hi = MmaType<T>::round(sc[u][h]);
-        s_hi[h] = MmaType<T>::splat(hi);
-        s_lo[h] = MmaType<T>::splat(sc[u][h] - hi);
+        const bool ok = kc + 64 * c < k_end && row_ok[h];
+        const int64_t block = ((row_e[h] + kc) >> 6) + c;
+        if (!ok) {
+          my_scale[h] = 0.0f;
+        } else if (double_quant) {  // code2[q] * absmax2 + mean, rounded twice as bitsandbytes does
+          my_scale[h] = mul_then_add(smem_code2[__ldg(p.qabsmax + block)], __ldg(p.absmax2 + (block >> 8)), mean);
+        } else {
+          my_scale[h] = __ldg(p.absmax + block);
+        }
       }
-      const uint32_t words[2][4] = {{wq[u][0].x, wq[u][0].y, wq[u][0].z, wq[u][0].w},
-                                    {wq[u][1].x, wq[u][1].y, wq[u][1].z, wq[u][1].w}};
+      float sc[2][4];
 #pragma unroll
-      for (int s = 0; s < 8; ++s) {
-        // Bytes 2s and 2s+1 of each row: word s/2, byte pair (s%2)·2.
-        uint32_t a[4];
+      for (int h = 0; h < 2; ++h)
+#pragma unroll
+        for (int j = 0; j < 4; ++j) sc[h][j] = __shfl_sync(0xffffffffu, my_scale[h], group_lane0 + j);
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        float part[MT8][4];
+#pragma unroll
+        for (int t = 0; t < MT8; ++t)
+#pragma unroll
+          for (int i = 0; i < 4; ++i) part[t][i] = 0.0f;
+#pragma unroll
+        for (int s = 0; s < 4; ++s) {
+          // Bytes 2s and 2s+1 of the lane's 8 bytes of each row: k + 4s + {0, 1} and k + 4s + {2, 3}.
+          uint32_t a[4];
+#pragma unroll
+          for (int h = 0; h < 2; ++h) {
+            const uint32_t w = (s < 2 ? wq[h][j].x : wq[h][j].y) >> (16 * (s % 2));
+            a[h] = lookup(w);           // slots 2c, 2c+1
+            a[2 + h] = lookup(w >> 8);  // slots 2c+8, 2c+9
+          }
+#pragma unroll
+          for (int t = 0; t < MT8; ++t) {
+            uint32_t b[2] = {0u, 0u};
+            if (x_ok[t] && half_ok[j]) {
+              const uint2 xv = __ldg(reinterpret_cast<const uint2*>(x_lane[t] + kc + 64 * j + 4 * s));
+              b[0] = xv.x;
+              b[1] = xv.y;
+            }
+            MmaType<T>::mma(part[t], a, b);
+          }
+        }
+#pragma unroll
+        for (int t = 0; t < MT8; ++t)
+#pragma unroll
+          for (int i = 0; i < 4; ++i) acc[t][i] = fmaf(part[t][i], sc[i / 2][j], acc[t][i]);
+      }
+    }
+  } else {
+    for (int64_t kc = k_begin; kc < k_end; kc += kGemvChunk * kGemvUnroll) {
+      // All of the group's weight loads are issued before any is used: 2·kGemvUnroll 16-byte loads in flight.
+      // The scales' raw loads are issued here too; decoding a double-quantized scale (a shared-memory lookup
+      // indexed by the loaded code) waits until the compute phase, so no load in this loop waits on another.
+      uint4 wq[kGemvUnroll][2];
+      float sc[kGemvUnroll][2];        // plain absmax, or absmax2 of the block when double-quantized
+      uint32_t qcode[kGemvUnroll][2];  // the block's 8-bit absmax code when double-quantized
+      bool in_range[kGemvUnroll][2];
+#pragma unroll
+      for (int u = 0; u < kGemvUnroll; ++u) {
+        const int64_t k = kc + u * kGemvChunk + 32 * c;
+        const bool k_ok = k < k_end;  // K % 32 == 0, so a unit is all in or all out
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
-          const uint32_t w = words[h][s / 2] >> (16 * (s % 2));
-          const Pair v0 = pair_lut[(w & 0xffu) * 32 + lane];
-          const Pair v1 = pair_lut[((w >> 8) & 0xffu) * 32 + lane];
-          a[h] = as_u32(__hfma2(v0, s_hi[h], __hmul2(v0, s_lo[h])));      // slots 2c, 2c+1
-          a[2 + h] = as_u32(__hfma2(v1, s_hi[h], __hmul2(v1, s_lo[h])));  // slots 2c+8, 2c+9
+          const bool ok = k_ok && row_ok[h];
+          in_range[u][h] = ok;
+          const int64_t e = row_safe[h] * p.K + (ok ? k : 0);
+          const int64_t block = e >> p.log2_blocksize;
+          wq[u][h] = ok ? __ldg(reinterpret_cast<const uint4*>(p.packed + e / 2)) : make_uint4(0, 0, 0, 0);
+          qcode[u][h] = ok && double_quant ? __ldg(p.qabsmax + block) : 0u;
+          sc[u][h] = !ok ? 0.0f : double_quant ? __ldg(p.absmax2 + block / kAbsmaxBlocksize) : __ldg(p.absmax + block);
         }
+      }
+      if (double_quant) {
 #pragma unroll
-        for (int t = 0; t < MT8; ++t) {
-          uint32_t b[2] = {0u, 0u};
-          if (x_ok[t] && k_ok) {
-            const uint2 xv = __ldg(reinterpret_cast<const uint2*>(xrow[t] + k + 4 * s));
-            b[0] = xv.x;
-            b[1] = xv.y;
+        for (int u = 0; u < kGemvUnroll; ++u)
+#pragma unroll
+          for (int h = 0; h < 2; ++h)  // code2[q] * absmax2 + mean, rounded twice as bitsandbytes does
+            sc[u][h] = in_range[u][h] ? mul_then_add(smem_code2[qcode[u][h]], sc[u][h], mean) : 0.0f;
+      }
+#pragma unroll
+      for (int u = 0; u < kGemvUnroll; ++u) {
+        const int64_t k = kc + u * kGemvChunk + 32 * c;
+        // Lanes whose unit is past k_end hold zero weights; their x loads are skipped too, so they add exact zeros.
+        const bool k_ok = k < k_end;
+        Pair s_hi[2], s_lo[2];
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          const float hi = MmaType<T>::round(sc[u][h]);
+          s_hi[h] = MmaType<T>::splat(hi);
+          s_lo[h] = MmaType<T>::splat(sc[u][h] - hi);
+        }
+        const uint32_t words[2][4] = {{wq[u][0].x, wq[u][0].y, wq[u][0].z, wq[u][0].w},
+                                      {wq[u][1].x, wq[u][1].y, wq[u][1].z, wq[u][1].w}};
+#pragma unroll
+        for (int s = 0; s < 8; ++s) {
+          // Bytes 2s and 2s+1 of each row: word s/2, byte pair (s%2)·2.
+          uint32_t a[4];
+#pragma unroll
+          for (int h = 0; h < 2; ++h) {
+            const uint32_t w = words[h][s / 2] >> (16 * (s % 2));
+            const Pair v0 = pair_lut[(w & 0xffu) * 32 + lane];
+            const Pair v1 = pair_lut[((w >> 8) & 0xffu) * 32 + lane];
+            a[h] = as_u32(__hfma2(v0, s_hi[h], __hmul2(v0, s_lo[h])));      // slots 2c, 2c+1
+            a[2 + h] = as_u32(__hfma2(v1, s_hi[h], __hmul2(v1, s_lo[h])));  // slots 2c+8, 2c+9
           }
-          MmaType<T>::mma(acc[t], a, b);
+#pragma unroll
+          for (int t = 0; t < MT8; ++t) {
+            uint32_t b[2] = {0u, 0u};
+            if (x_ok[t] && k_ok) {
+              const uint2 xv = __ldg(reinterpret_cast<const uint2*>(xrow[t] + k + 4 * s));
+              b[0] = xv.x;
+              b[1] = xv.y;
+            }
+            MmaType<T>::mma(acc[t], a, b);
+          }
         }
       }
     }
+
   }
 
   // Accumulator fragment: acc[t][0..1] = (row g, x rows 2c, 2c+1), acc[t][2..3] = (row g+8, same).
@@ -366,27 +460,28 @@ inline int64_t lora_linear_scratch_floats(int64_t M, int64_t N, int64_t K, int r
 
 // The GEMV's static shared memory (the per-lane pair table, ~34 KB) plus up to kMaxLoraSmemBytes of staged
 // LoRA rows exceeds the default 48 KB a CTA may take, so each instantiation opts in once per device.
-template <typename T, QuantType QT, int MT8>
+template <typename T, QuantType QT, int MT8, bool kBlockScaled>
 cudaError_t launch_lora_gemv(const LoraLinearParams<T>& p, dim3 grid, size_t smem, cudaStream_t stream) {
   int device = 0;
   cudaError_t err = cudaGetDevice(&device);
   if (err != cudaSuccess) return err;
   static bool opted_in[64] = {};
   if (device >= 64 || !opted_in[device]) {
-    err = cudaFuncSetAttribute(lora_gemv_4bit_kernel<T, QT, MT8>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+    err = cudaFuncSetAttribute(lora_gemv_4bit_kernel<T, QT, MT8, kBlockScaled>, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                kMaxLoraSmemBytes);
     if (err != cudaSuccess) return err;
     if (device < 64) opted_in[device] = true;
   }
-  lora_gemv_4bit_kernel<T, QT, MT8><<<grid, kGemvThreads, smem, stream>>>(p);
+  lora_gemv_4bit_kernel<T, QT, MT8, kBlockScaled><<<grid, kGemvThreads, smem, stream>>>(p);
   return cudaGetLastError();
 }
 
 // p.xa_partial and p.partial must point into `scratch` as lora_linear_scratch_floats laid it out; lora_A is
 // [r, K]. p.x doubles as x_lora when x_lora is nullptr.
+// allow_block_scaled: take the block-scaled loop where the layout allows it (not yet the default: unmeasured).
 template <typename T>
 cudaError_t launch_lora_linear_4bit(LoraLinearParams<T> p, const T* x_lora, const T* lora_A, float* scratch,
-                                    QuantType quant_type, int num_sms, cudaStream_t stream) {
+                                    QuantType quant_type, int num_sms, bool allow_block_scaled, cudaStream_t stream) {
   if (p.M == 0 || p.N == 0) return cudaSuccess;
   int splits = 1, xa_splits = 0;
   lora_linear_scratch_floats(p.M, p.N, p.K, p.lora_B != nullptr ? p.r : 0, num_sms, &splits, &xa_splits);
@@ -410,11 +505,17 @@ cudaError_t launch_lora_linear_4bit(LoraLinearParams<T> p, const T* x_lora, cons
   if (smem > static_cast<size_t>(kMaxLoraSmemBytes)) return cudaErrorInvalidValue;
   const dim3 grid(static_cast<unsigned>(grid_x), splits, static_cast<unsigned>(grid_z));
   cudaError_t err = cudaSuccess;
-#define QLORA_GEMV_CASE(QT_, MT8_) \
-  if (quant_type == QT_ && mt8 == MT8_) err = launch_lora_gemv<T, QT_, MT8_>(p, grid, smem, stream);
-  QLORA_GEMV_CASE(QuantType::NF4, 1) QLORA_GEMV_CASE(QuantType::NF4, 2) QLORA_GEMV_CASE(QuantType::NF4, 4)
-  QLORA_GEMV_CASE(QuantType::NF4, 8) QLORA_GEMV_CASE(QuantType::FP4, 1) QLORA_GEMV_CASE(QuantType::FP4, 2)
-  QLORA_GEMV_CASE(QuantType::FP4, 4) QLORA_GEMV_CASE(QuantType::FP4, 8)
+  // The block-scaled loop only for the small M it was written for; larger M amortise the per-weight scaling.
+  const bool block_scaled = allow_block_scaled && p.log2_blocksize == 6 && p.K % 64 == 0 && mt8 <= 2;
+#define QLORA_GEMV_CASE(QT_, MT8_, SCALED_)                 \
+  if (quant_type == QT_ && mt8 == MT8_ && block_scaled == SCALED_) \
+    err = launch_lora_gemv<T, QT_, MT8_, SCALED_>(p, grid, smem, stream);
+  QLORA_GEMV_CASE(QuantType::NF4, 1, false) QLORA_GEMV_CASE(QuantType::NF4, 2, false)
+  QLORA_GEMV_CASE(QuantType::NF4, 4, false) QLORA_GEMV_CASE(QuantType::NF4, 8, false)
+  QLORA_GEMV_CASE(QuantType::FP4, 1, false) QLORA_GEMV_CASE(QuantType::FP4, 2, false)
+  QLORA_GEMV_CASE(QuantType::FP4, 4, false) QLORA_GEMV_CASE(QuantType::FP4, 8, false)
+  QLORA_GEMV_CASE(QuantType::NF4, 1, true) QLORA_GEMV_CASE(QuantType::NF4, 2, true)
+  QLORA_GEMV_CASE(QuantType::FP4, 1, true) QLORA_GEMV_CASE(QuantType::FP4, 2, true)
 #undef QLORA_GEMV_CASE
   if (err != cudaSuccess || splits == 1) return err;
   const int epi_rows = lora_epilogue_rows(p.r);
