@@ -8,7 +8,7 @@ from typing import Any, Mapping, Optional
 import torch
 from torch import nn
 
-from ..lora_linear import PATH_AUTO, lora_linear_4bit
+from ..lora_linear import PATH_AUTO
 from ..quantization import QuantState, dequantize_4bit, quantize_4bit
 
 __all__ = ["Linear4bit", "LoraLinear4bit"]
@@ -97,9 +97,15 @@ class Linear4bit(nn.Module):
     def _bias(self, dtype: torch.dtype) -> Optional[torch.Tensor]:
         return None if self.bias is None else self.bias.to(dtype)
 
+    def _weight_args(self) -> tuple:
+        """The weight as torch.ops.qlora.lora_linear_4bit's arguments, read at each call (``.to()`` and
+        ``load_state_dict`` replace the buffers); cheaper than building a QuantState per forward."""
+        return (self.weight, self.absmax, self.blocksize, self.quant_type, [self.out_features, self.in_features],
+                self.absmax2, self.code2, self.offset)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self._cast(x)
-        return lora_linear_4bit(x, self.weight, self.quant_state, self._bias(x.dtype))
+        return torch.ops.qlora.lora_linear_4bit(x, *self._weight_args(), self._bias(x.dtype))
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
@@ -168,9 +174,9 @@ class LoraLinear4bit(nn.Module):
         x_lora = None
         if self.training and self.lora_dropout > 0:
             x_lora = nn.functional.dropout(x, self.lora_dropout, training=True)
-        return lora_linear_4bit(x, self.base.weight, self.base.quant_state, self.base._bias(dtype),
-                                self.lora_A.weight.to(dtype), self.lora_B.weight.to(dtype), self.scaling, x_lora,
-                                PATH_AUTO)
+        return torch.ops.qlora.lora_linear_4bit(x, *self.base._weight_args(), self.base._bias(dtype),
+                                                self.lora_A.weight.to(dtype), self.lora_B.weight.to(dtype),
+                                                self.scaling, x_lora, PATH_AUTO)
 
     # ---- merging ----------------------------------------------------------------------------------------
 
