@@ -13,6 +13,8 @@
 #include <optional>
 #include <string>
 
+#include "dequantize_4bit_op.h"
+
 namespace qlora {
 namespace {
 
@@ -38,19 +40,7 @@ at::Tensor lora_linear_4bit_below_autograd(const at::Tensor& x, const at::Tensor
                  scale, x_lora, path);
 }
 
-at::Tensor dequantize_4bit(const at::Tensor& packed, const at::Tensor& absmax, int64_t blocksize,
-                           const std::string& quant_type, c10::SymIntArrayRef shape, at::ScalarType dtype,
-                           const at::Tensor& absmax2, const at::Tensor& code2, const at::Tensor& offset) {
-  static const auto op =
-      c10::Dispatcher::singleton()
-          .findSchemaOrThrow("qlora::dequantize_4bit", "")
-          .typed<at::Tensor(const at::Tensor&, const at::Tensor&, int64_t, const std::string&, c10::SymIntArrayRef,
-                            at::ScalarType, const OptTensor&, const OptTensor&, const OptTensor&)>();
-  const auto optional = [](const at::Tensor& t) { return t.defined() ? OptTensor(t) : std::nullopt; };
-  return op.call(packed, absmax, blocksize, quant_type, shape, dtype, optional(absmax2), optional(code2),
-                 optional(offset));
-}
-
+OptTensor none_if_undefined(const at::Tensor& t) { return t.defined() ? OptTensor(t) : std::nullopt; }
 at::Tensor defined_or_empty(const OptTensor& t) { return t.has_value() ? *t : at::Tensor(); }
 
 // The op's 15 arguments, in schema order; the differentiable ones.
@@ -108,9 +98,10 @@ class LoraLinear4bitFunction : public torch::autograd::Function<LoraLinear4bitFu
     at::Tensor grad_x;
     if (need_x) {
       // Dequantized into a temporary the caching allocator reuses, then one GEMM.
-      const at::Tensor w = dequantize_4bit(packed, absmax, ctx->saved_data["blocksize"].toInt(),
-                                           ctx->saved_data["quant_type"].toStringRef(), shape, grad.scalar_type(),
-                                           absmax2, code2, offset);
+      const at::Tensor w = call_dequantize_4bit(packed, absmax, ctx->saved_data["blocksize"].toInt(),
+                                                ctx->saved_data["quant_type"].toStringRef(), shape,
+                                                grad.scalar_type(), none_if_undefined(absmax2),
+                                                none_if_undefined(code2), none_if_undefined(offset));
       grad_x = at::mm(g, w);
     }
     if (lora_A.defined()) {

@@ -1,27 +1,13 @@
 // CPU implementation of lora_linear_4bit: the weight is dequantized to float32 by dequantize_4bit and every
 // product accumulates in float32 before one rounding to x's dtype.
 #include <ATen/ATen.h>
-#include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
 
+#include "../dequantize_4bit_op.h"
 #include "../lora_linear_4bit_args.h"
 
 namespace qlora {
 namespace {
-
-// The weight in float32 through the dequantize_4bit operator itself, so both ops decode identically.
-at::Tensor dequantize_weight_f32(const at::Tensor& packed, const at::Tensor& absmax, int64_t blocksize,
-                                 const std::string& quant_type, c10::SymIntArrayRef shape,
-                                 const std::optional<at::Tensor>& absmax2, const std::optional<at::Tensor>& code2,
-                                 const std::optional<at::Tensor>& offset) {
-  static const auto dequantize =
-      c10::Dispatcher::singleton()
-          .findSchemaOrThrow("qlora::dequantize_4bit", "")
-          .typed<at::Tensor(const at::Tensor&, const at::Tensor&, int64_t, const std::string&, c10::SymIntArrayRef,
-                            at::ScalarType, const std::optional<at::Tensor>&, const std::optional<at::Tensor>&,
-                            const std::optional<at::Tensor>&)>();
-  return dequantize.call(packed, absmax, blocksize, quant_type, shape, at::kFloat, absmax2, code2, offset);
-}
 
 at::Tensor lora_linear_4bit_cpu(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& absmax,
                                 int64_t blocksize, const std::string& quant_type, c10::SymIntArrayRef shape,
@@ -32,7 +18,8 @@ at::Tensor lora_linear_4bit_cpu(const at::Tensor& x, const at::Tensor& packed, c
   const LoraLinearArgs args = check_lora_linear_4bit_args(x, packed, absmax, blocksize, quant_type, shape, absmax2,
                                                           code2, offset, bias, lora_A, lora_B, x_lora, path);
   // `path` picks between CUDA implementations; the CPU has one.
-  const at::Tensor w = dequantize_weight_f32(packed, absmax, blocksize, quant_type, shape, absmax2, code2, offset);
+  const at::Tensor w =
+      call_dequantize_4bit(packed, absmax, blocksize, quant_type, shape, at::kFloat, absmax2, code2, offset);
   const at::Tensor x2 = x.reshape({args.M, args.K}).to(at::kFloat);
   at::Tensor y = bias.has_value() ? at::addmm(bias->to(at::kFloat), x2, w.t()) : at::mm(x2, w.t());
   if (args.lora) {
