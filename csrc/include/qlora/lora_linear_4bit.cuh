@@ -152,6 +152,23 @@ __device__ __forceinline__ float lora_term(const LoraLinearParams<T>& p, const f
   return acc;
 }
 
+// d[t] += A · B_t for each n8 tile t of x rows, B_t the 4 elements of x row t at x_at[t] + offset (x_ok[t]
+// && k_ok; zeros otherwise, so out-of-range lanes add exact zeros).
+template <typename T, int MT8>
+__device__ __forceinline__ void mma_x_tiles(float (&d)[MT8][4], const uint32_t (&a)[4], const T* const (&x_at)[MT8],
+                                            const bool (&x_ok)[MT8], bool k_ok, int64_t offset) {
+#pragma unroll
+  for (int t = 0; t < MT8; ++t) {
+    uint32_t b[2] = {0u, 0u};
+    if (x_ok[t] && k_ok) {
+      const uint2 xv = __ldg(reinterpret_cast<const uint2*>(x_at[t] + offset));
+      b[0] = xv.x;
+      b[1] = xv.y;
+    }
+    MmaType<T>::mma(d[t], a, b);
+  }
+}
+
 // ---- the fused dequantize-GEMV ------------------------------------------------------------------------------
 // Grid (ceil(N/16/kGemvWarps), splits, ceil(M/(8·MT8))). Warp = one 16-row tile of W over one K split, for
 // 8·MT8 rows of x.
@@ -296,16 +313,7 @@ __global__ void __launch_bounds__(kGemvThreads) lora_gemv_4bit_kernel(const Lora
             a[h] = lookup(w);           // slots 2c, 2c+1
             a[2 + h] = lookup(w >> 8);  // slots 2c+8, 2c+9
           }
-#pragma unroll
-          for (int t = 0; t < MT8; ++t) {
-            uint32_t b[2] = {0u, 0u};
-            if (x_ok[t] && half_ok[j]) {
-              const uint2 xv = __ldg(reinterpret_cast<const uint2*>(x_lane[t] + kc + 64 * j + 4 * s));
-              b[0] = xv.x;
-              b[1] = xv.y;
-            }
-            MmaType<T>::mma(part[t], a, b);
-          }
+          mma_x_tiles<T, MT8>(part, a, x_lane, x_ok, half_ok[j], kc + 64 * j + 4 * s);
         }
 #pragma unroll
         for (int t = 0; t < MT8; ++t)
@@ -370,16 +378,7 @@ __global__ void __launch_bounds__(kGemvThreads) lora_gemv_4bit_kernel(const Lora
             a[h] = as_u32(__hfma2(v0, s_hi[h], __hmul2(v0, s_lo[h])));      // slots 2c, 2c+1
             a[2 + h] = as_u32(__hfma2(v1, s_hi[h], __hmul2(v1, s_lo[h])));  // slots 2c+8, 2c+9
           }
-#pragma unroll
-          for (int t = 0; t < MT8; ++t) {
-            uint32_t b[2] = {0u, 0u};
-            if (x_ok[t] && k_ok) {
-              const uint2 xv = __ldg(reinterpret_cast<const uint2*>(xrow[t] + k + 4 * s));
-              b[0] = xv.x;
-              b[1] = xv.y;
-            }
-            MmaType<T>::mma(acc[t], a, b);
-          }
+          mma_x_tiles<T, MT8>(acc, a, xrow, x_ok, k_ok, k + 4 * s);
         }
       }
     }
