@@ -48,6 +48,7 @@ class _AdamWBase(Optimizer):
         self.prefetch = prefetch
         self._qmaps: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
         self._prefetch_streams: dict[torch.device, torch.cuda.Stream] = {}
+        self._paged_nbytes: dict[torch.device, int] = {}  # _paged_bytes, cleared when states are made or loaded
 
     # ---- state ----------------------------------------------------------------------------------------
 
@@ -64,6 +65,7 @@ class _AdamWBase(Optimizer):
         return ("exp_avg", "exp_avg_sq") if self._optim_bits == 32 else ("state1", "state2")
 
     def _init_state(self, p: torch.Tensor) -> dict:
+        self._paged_nbytes.clear()
         state = self.state[p]
         state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
         first, second = self._names(p)
@@ -167,8 +169,13 @@ class _AdamWBase(Optimizer):
         return free < self._paged_bytes(device)
 
     def _paged_bytes(self, device: torch.device) -> int:
-        return sum(t.numel() * t.element_size() for state in self.state.values()
-                   for t in state.values() if isinstance(t, torch.Tensor) and t.device == device and _paged.is_paged(t))
+        """Bytes of this optimizer's states in unified memory on ``device``. Counted once and kept: is_paged asks
+        the driver about each tensor, host time that every step would otherwise pay."""
+        if device not in self._paged_nbytes:
+            self._paged_nbytes[device] = sum(
+                t.numel() * t.element_size() for state in self.state.values() for t in state.values()
+                if isinstance(t, torch.Tensor) and t.device == device and _paged.is_paged(t))
+        return self._paged_nbytes[device]
 
     def _chunks(self, params: list[torch.Tensor]) -> list[list[torch.Tensor]]:
         chunks, current, size = [], [], 0
@@ -248,6 +255,7 @@ class _AdamWBase(Optimizer):
             if isinstance(g["lr"], torch.Tensor):
                 g["lr"] = g["lr"].clone()
         self.__setstate__({"state": new_state, "param_groups": new_groups})
+        self._paged_nbytes.clear()
 
     def _import_state(self, p: torch.Tensor, saved: dict) -> dict:
         first, second = self._names(p)
