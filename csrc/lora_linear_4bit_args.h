@@ -14,15 +14,18 @@
 namespace qlora {
 
 // Which implementation lora_linear_4bit runs on CUDA. Values other than kAuto are for benchmarking.
-// kPathFusedBlockScaled: the fused kernel with its block-scaled loop where the layout allows it (blocksize
-// 64, K % 64 == 0, M <= 16), else the same as kPathFused. Not chosen automatically until measured.
+// The fused small-M kernel has two inner loops: a block-scaled one (blocksize 64, K % 64 == 0, M <= 16; one
+// scale per block and step) and a general one that scales every weight. kPathAuto and kPathFusedBlockScaled
+// take the block-scaled loop where the layout allows it; kPathFused always takes the general loop.
+// Measured on the H200 (2026-11-28, M = 16, bf16, CUDA-graph times): 8192x28672 161 vs 262 us,
+// 28672x8192 184 vs 221 us, 8192x8192 72 vs 108 us.
 enum LoraLinearPath : int64_t { kPathAuto = 0, kPathFused = 1, kPathDequantizeGemm = 2, kPathFusedBlockScaled = 3 };
 
 // Largest M for which the automatic choice takes the fused small-M kernel rather than dequantize + cuBLAS.
-// Measured on the H200 (bench/bench_lora_linear.py "paths" rows, 2026-11-28, r = 16, bf16): on 8192x28672 the
-// fused kernel wins up to M = 16 (323 vs 340 us) and loses from M = 32 (481 vs 340 us); on 4096x4096 it wins up
-// to M = 64 (144 vs 204 us) and ties at M = 128. Weights of up to 4096x4096 elements keep the larger bound.
-inline int64_t fused_max_m(int64_t N, int64_t K) { return N * K <= 4096 * 4096 ? 64 : 16; }
+// Measured on the H200 (2026-11-28, r = 16, bf16, block-scaled loop, CUDA-graph times): at M = 16 the fused
+// kernel wins on 8192x28672 (161 vs 288 us), 28672x8192 (184 vs 285 us) and 8192x8192 (72 vs 97 us); at
+// M = 32 the general loop loses everywhere (399 vs 289 us on 8192x28672).
+constexpr int64_t kFusedMaxM = 16;
 // Largest LoRA rank the fused kernel stages in shared memory (64 rows x r floats within 48 KB).
 constexpr int64_t kFusedMaxRank = 192;
 

@@ -33,7 +33,7 @@ constexpr int kScaledUnroll = 2;         // the same for the block-scaled loop, 
 constexpr int kGemvMinSplitK = 512;      // smallest K range worth a split of its own
 constexpr int kGemvMaxSplits = 32;
 constexpr int kLoraDownThreads = 256;
-constexpr int kLoraDownSplitK = 4096;    // K range of one lora_down CTA
+constexpr int kLoraDownSplitK = 512;     // K range of one lora_down CTA: at M = 1 a single long CTA took 6.6 us
 constexpr int kEpilogueThreads = 256;
 constexpr int kMaxLoraSmemBytes = 48 * 1024;  // xa staged per CTA: rows * r floats
 
@@ -193,25 +193,26 @@ __device__ __forceinline__ void mma_x_tiles(float (&d)[MT8][4], const uint32_t (
 template <typename T, QuantType QT, int MT8, bool kBlockScaled>
 __global__ void __launch_bounds__(kGemvThreads) lora_gemv_4bit_kernel(const LoraLinearParams<T> p) {
   using Pair = typename MmaType<T>::Pair;
-  __shared__ Pair pair_base[256];
   // The byte -> pair table once per lane: lane l reads entry b at word 32·b + l, always in bank l, so the
   // random code bytes of a warp never collide on a bank (a single 256-entry table serialised ~3-4 ways).
-  __shared__ Pair pair_lut[256 * 32];
+  __shared__ __align__(16) Pair pair_lut[256 * 32];
   __shared__ float smem_code2[256];
   extern __shared__ float xa_s[];  // [8·MT8][r] when LoRA or bias is fused here
 
   constexpr int kRows = 8 * MT8;
   const int64_t m0 = static_cast<int64_t>(blockIdx.z) * kRows;
   const float* values = QT == QuantType::NF4 ? kNF4ValuesDevice : kFP4ValuesDevice;
-  for (int byte = threadIdx.x; byte < 256; byte += kGemvThreads) {
+  if (p.code2 != nullptr)
+    for (int byte = threadIdx.x; byte < 256; byte += kGemvThreads) smem_code2[byte] = p.code2[byte];
+  // Entry b is 32 copies of one pair; a thread writes 4 of them at once with a 16-byte store.
+  for (int i = threadIdx.x; i < 256 * 8; i += kGemvThreads) {
+    const int byte = i / 8;
     // Low half = first element (high nibble), as the mma fragment wants the lower k in the low half.
-    pair_base[byte] = MmaType<T>::pair(values[byte >> 4], values[byte & 15]);
-    if (p.code2 != nullptr) smem_code2[byte] = p.code2[byte];
+    const uint32_t v = as_u32(MmaType<T>::pair(values[byte >> 4], values[byte & 15]));
+    reinterpret_cast<uint4*>(pair_lut)[i] = make_uint4(v, v, v, v);
   }
   const bool fused_epilogue = p.partial == nullptr;
   if (fused_epilogue && p.lora_B != nullptr) stage_lora_rows(p, xa_s, m0, kRows);
-  __syncthreads();
-  for (int i = threadIdx.x; i < 256 * 32; i += kGemvThreads) pair_lut[i] = pair_base[i / 32];
   __syncthreads();
 
   const bool double_quant = p.absmax == nullptr;
@@ -442,9 +443,13 @@ inline int lora_gemv_splits(int64_t N, int64_t K, int num_sms) {
 // x rows per grid z slice, by M: the n8 tiles one warp covers.
 inline int lora_gemv_mt8(int64_t M) { return M <= 8 ? 1 : M <= 16 ? 2 : M <= 32 ? 4 : 8; }
 
-// Rows of x whose xa (rows · r floats) one epilogue CTA stages in shared memory.
-inline int lora_epilogue_rows(int r) {
-  return r > 0 ? std::max(1, std::min(64, kMaxLoraSmemBytes / static_cast<int>(sizeof(float)) / r)) : 64;
+// Rows of x one epilogue CTA covers: few enough that the grid has about two CTAs per SM (at M = 16 one CTA
+// per 64 rows left 16 CTAs on 132 SMs and took 18.7 us), and their xa (rows · r floats) fits shared memory.
+inline int lora_epilogue_rows(int64_t M, int64_t N, int r, int num_sms) {
+  const int64_t columns = (N + kEpilogueThreads - 1) / kEpilogueThreads;
+  const int64_t to_fill = std::max<int64_t>(1, M * columns / (2 * static_cast<int64_t>(num_sms)));
+  const int smem_rows = r > 0 ? kMaxLoraSmemBytes / static_cast<int>(sizeof(float)) / r : 64;
+  return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>({64, smem_rows, to_fill})));
 }
 
 // Scratch the launcher needs, in floats: xa partials then GEMV partials (both zero-sized when unused).
@@ -477,7 +482,7 @@ cudaError_t launch_lora_gemv(const LoraLinearParams<T>& p, dim3 grid, size_t sme
 
 // p.xa_partial and p.partial must point into `scratch` as lora_linear_scratch_floats laid it out; lora_A is
 // [r, K]. p.x doubles as x_lora when x_lora is nullptr.
-// allow_block_scaled: take the block-scaled loop where the layout allows it (not yet the default: unmeasured).
+// allow_block_scaled: take the block-scaled loop where the layout allows it (blocksize 64, K % 64 == 0, M <= 16).
 template <typename T>
 cudaError_t launch_lora_linear_4bit(LoraLinearParams<T> p, const T* x_lora, const T* lora_A, float* scratch,
                                     QuantType quant_type, int num_sms, bool allow_block_scaled, cudaStream_t stream) {
@@ -517,7 +522,7 @@ cudaError_t launch_lora_linear_4bit(LoraLinearParams<T> p, const T* x_lora, cons
   QLORA_GEMV_CASE(QuantType::FP4, 1, true) QLORA_GEMV_CASE(QuantType::FP4, 2, true)
 #undef QLORA_GEMV_CASE
   if (err != cudaSuccess || splits == 1) return err;
-  const int epi_rows = lora_epilogue_rows(p.r);
+  const int epi_rows = lora_epilogue_rows(p.M, p.N, p.r, num_sms);
   const int64_t epi_y = (p.M + epi_rows - 1) / epi_rows;
   if (epi_y > 65535) return cudaErrorInvalidConfiguration;
   const size_t epi_smem = static_cast<size_t>(epi_rows) * p.r * sizeof(float);
