@@ -16,6 +16,7 @@
 #pragma once
 
 #include <algorithm>
+#include <type_traits>
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -31,6 +32,7 @@ constexpr int kGemvChunk = 128;          // K elements a warp consumes per step 
 constexpr int kGemvUnroll = 4;           // chunks whose weights are loaded before the first is used
 constexpr int kScaledUnroll = 2;         // the same for the block-scaled loop, which loads 4 pieces a chunk
 constexpr int kGemvMinSplitK = 512;      // smallest K range worth a split of its own
+constexpr int kGemvSplitAlign = 256;     // a split's K range is a multiple of this (one block-scaled step)
 constexpr int kGemvMaxSplits = 32;
 constexpr int kLoraDownThreads = 256;
 constexpr int kLoraDownSplitK = 512;     // K range of one lora_down CTA: at M = 1 a single long CTA took 6.6 us
@@ -226,7 +228,7 @@ __global__ void __launch_bounds__(kGemvThreads) lora_gemv_4bit_kernel(const Lora
   const int64_t row_safe[2] = {row_ok[0] ? rows[0] : 0, row_ok[1] ? rows[1] : 0};
 
   const int64_t k_per_split = (p.K + gridDim.y - 1) / gridDim.y;
-  const int64_t k_split = (k_per_split + kGemvChunk - 1) / kGemvChunk * kGemvChunk;
+  const int64_t k_split = (k_per_split + kGemvSplitAlign - 1) / kGemvSplitAlign * kGemvSplitAlign;
   const int64_t k_begin = static_cast<int64_t>(blockIdx.y) * k_split;
   const int64_t k_end = p.K < k_begin + k_split ? p.K : k_begin + k_split;
 
@@ -247,9 +249,10 @@ __global__ void __launch_bounds__(kGemvThreads) lora_gemv_4bit_kernel(const Lora
     for (int i = 0; i < 4; ++i) acc[t][i] = 0.0f;
 
   if constexpr (kBlockScaled) {
-    // An iteration spans kScaledUnroll chunks = four 64-k halves = four consecutive blocks of each row. Lane c
-    // of a row group loads and decodes the scale of block c only; the group's lanes swap them by shuffle.
+    // A step spans kScaledUnroll chunks = four 64-k halves = four consecutive blocks of each row. Lane c of a
+    // row group loads and decodes the scale of block c only; the group's lanes swap them by shuffle.
     static_assert(kScaledUnroll * 2 == 4, "one scale per lane of a row group");
+    static_assert(kGemvSplitAlign == kGemvChunk * kScaledUnroll, "split ranges are whole steps");
     const uint32_t lane_offset = static_cast<uint32_t>(lane) * 4;
     const char* lut_bytes = reinterpret_cast<const char*>(pair_lut);
     // Entry b of this lane's table: byte offset 128·b + 4·lane.
@@ -257,6 +260,9 @@ __global__ void __launch_bounds__(kGemvThreads) lora_gemv_4bit_kernel(const Lora
       return *reinterpret_cast<const uint32_t*>(lut_bytes + (((byte_in_low_bits & 0xffu) << 7) | lane_offset));
     };
     const int group_lane0 = lane & ~3;
+    // Rows past N read row 0 and x rows past M read row m0 (both exist): what they produce lands only in
+    // accumulator entries the store skips, so only the k range needs checks, and only in a split's last,
+    // partial step.
     int64_t row_e[2];
     const uint8_t* row_packed[2];
 #pragma unroll
@@ -266,25 +272,25 @@ __global__ void __launch_bounds__(kGemvThreads) lora_gemv_4bit_kernel(const Lora
     }
     const T* x_lane[MT8];
 #pragma unroll
-    for (int t = 0; t < MT8; ++t) x_lane[t] = xrow[t] + 16 * c;
-    for (int64_t kc = k_begin; kc < k_end; kc += kGemvChunk * kScaledUnroll) {
+    for (int t = 0; t < MT8; ++t) x_lane[t] = p.x + (x_ok[t] ? m0 + 8 * t + g : m0) * p.K + 16 * c;
+    const auto step = [&](int64_t kc, auto checked) {
+      constexpr bool kChecked = decltype(checked)::value;
       bool half_ok[4];  // K % 64 == 0: a 64-k half is in range for all lanes or none
 #pragma unroll
-      for (int j = 0; j < 4; ++j) half_ok[j] = kc + 64 * j < k_end;
+      for (int j = 0; j < 4; ++j) half_ok[j] = !kChecked || kc + 64 * j < k_end;
       uint2 wq[2][4];  // [row h][half j = 2·chunk + half]
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
         const uint8_t* pk = row_packed[h] + kc / 2;
 #pragma unroll
         for (int j = 0; j < 4; ++j)
-          wq[h][j] = half_ok[j] && row_ok[h] ? __ldg(reinterpret_cast<const uint2*>(pk + 32 * j)) : make_uint2(0, 0);
+          wq[h][j] = half_ok[j] ? __ldg(reinterpret_cast<const uint2*>(pk + 32 * j)) : make_uint2(0, 0);
       }
       float my_scale[2];
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
-        const bool ok = kc + 64 * c < k_end && row_ok[h];
         const int64_t block = ((row_e[h] + kc) >> 6) + c;
-        if (!ok) {
+        if (kChecked && kc + 64 * c >= k_end) {
           my_scale[h] = 0.0f;
         } else if (double_quant) {  // code2[q] * absmax2 + mean, rounded twice as bitsandbytes does
           my_scale[h] = mul_then_add(smem_code2[__ldg(p.qabsmax + block)], __ldg(p.absmax2 + (block >> 8)), mean);
@@ -299,6 +305,14 @@ __global__ void __launch_bounds__(kGemvThreads) lora_gemv_4bit_kernel(const Lora
         for (int j = 0; j < 4; ++j) sc[h][j] = __shfl_sync(0xffffffffu, my_scale[h], group_lane0 + j);
 #pragma unroll
       for (int j = 0; j < 4; ++j) {
+        // x[m][k .. k + 16) for this lane's 16 k of half j: two 16-byte loads, four steps' B fragments.
+        uint4 xv[MT8][2];
+#pragma unroll
+        for (int t = 0; t < MT8; ++t) {
+          const uint4* xp = reinterpret_cast<const uint4*>(x_lane[t] + kc + 64 * j);
+          xv[t][0] = half_ok[j] ? __ldg(xp) : make_uint4(0, 0, 0, 0);
+          xv[t][1] = half_ok[j] ? __ldg(xp + 1) : make_uint4(0, 0, 0, 0);
+        }
         float part[MT8][4];
 #pragma unroll
         for (int t = 0; t < MT8; ++t)
@@ -314,14 +328,23 @@ __global__ void __launch_bounds__(kGemvThreads) lora_gemv_4bit_kernel(const Lora
             a[h] = lookup(w);           // slots 2c, 2c+1
             a[2 + h] = lookup(w >> 8);  // slots 2c+8, 2c+9
           }
-          mma_x_tiles<T, MT8>(part, a, x_lane, x_ok, half_ok[j], kc + 64 * j + 4 * s);
+#pragma unroll
+          for (int t = 0; t < MT8; ++t) {
+            const uint4& v = xv[t][s / 2];
+            const uint32_t b[2] = {s % 2 == 0 ? v.x : v.z, s % 2 == 0 ? v.y : v.w};
+            MmaType<T>::mma(part[t], a, b);
+          }
         }
 #pragma unroll
         for (int t = 0; t < MT8; ++t)
 #pragma unroll
           for (int i = 0; i < 4; ++i) acc[t][i] = fmaf(part[t][i], sc[i / 2][j], acc[t][i]);
       }
-    }
+    };
+    const int64_t k_steps_end = k_begin + (k_end - k_begin) / kGemvSplitAlign * kGemvSplitAlign;
+    int64_t kc = k_begin;
+    for (; kc < k_steps_end; kc += kGemvSplitAlign) step(kc, std::false_type{});
+    if (kc < k_end) step(kc, std::true_type{});
   } else {
     for (int64_t kc = k_begin; kc < k_end; kc += kGemvChunk * kGemvUnroll) {
       // All of the group's weight loads are issued before any is used: 2·kGemvUnroll 16-byte loads in flight.
@@ -436,7 +459,7 @@ inline int lora_gemv_splits(int64_t N, int64_t K, int num_sms) {
   const int64_t want_warps = static_cast<int64_t>(num_sms) * 16;
   int64_t splits = (want_warps + tiles - 1) / tiles;
   splits = std::max<int64_t>(1, std::min<int64_t>({splits, K / kGemvMinSplitK, kGemvMaxSplits}));
-  const int64_t per = ((K + splits - 1) / splits + kGemvChunk - 1) / kGemvChunk * kGemvChunk;
+  const int64_t per = ((K + splits - 1) / splits + kGemvSplitAlign - 1) / kGemvSplitAlign * kGemvSplitAlign;
   return static_cast<int>((K + per - 1) / per);
 }
 

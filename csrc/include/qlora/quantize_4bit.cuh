@@ -206,7 +206,9 @@ static __global__ void __launch_bounds__(kDoubleQuantizeWarps * 32) double_quant
   if (threadIdx.x % 32 == 0) absmax2[block] = scale;
 }
 
-template <typename T, QuantType QT>
+// kDoubleQuant: absmax is nullptr and qabsmax, absmax2, code2, offset describe the scales (a template
+// argument rather than a run-time test, so each kernel carries only its own loads).
+template <typename T, QuantType QT, bool kDoubleQuant>
 __global__ void __launch_bounds__(kDequantizeThreads) dequantize_4bit_kernel(
     const uint8_t* __restrict__ packed, const float* __restrict__ absmax, const uint8_t* __restrict__ qabsmax,
     const float* __restrict__ absmax2, const float* __restrict__ code2, const float* __restrict__ offset,
@@ -215,7 +217,7 @@ __global__ void __launch_bounds__(kDequantizeThreads) dequantize_4bit_kernel(
   // lanes 16-31 repeat lanes 0-15, so a code's nibble needs no masking: one instruction per element.
   const float lane_value = QT == QuantType::NF4 ? kNF4ValuesDevice[threadIdx.x % 16] : kFP4ValuesDevice[threadIdx.x % 16];
   __shared__ float smem_code2[256];
-  const bool double_quant = absmax == nullptr;
+  constexpr bool double_quant = kDoubleQuant;
   const int64_t num_bytes = (n + 1) / 2;
   const int64_t num_units = (n + kDequantizeElems - 1) / kDequantizeElems;
   // One tile per CTA: the hardware hands tiles to SMs as they free up, which balances the work better than
@@ -238,7 +240,7 @@ __global__ void __launch_bounds__(kDequantizeThreads) dequantize_4bit_kernel(
       for (int j = 0; j < 4 && b0 + j < num_bytes; ++j) words[u] |= static_cast<uint32_t>(packed[b0 + j]) << (8 * j);
     }
     const int64_t block = (unit * kDequantizeElems) >> log2_blocksize;
-    if (double_quant) {
+    if constexpr (double_quant) {
       qcodes[u] = __ldg(qabsmax + block);
       scales[u] = __ldg(absmax2 + block / kAbsmaxBlocksize);
     } else {
@@ -246,7 +248,7 @@ __global__ void __launch_bounds__(kDequantizeThreads) dequantize_4bit_kernel(
     }
   }
   // Staged after the weight loads are issued, so the barrier overlaps their latency.
-  if (double_quant) {
+  if constexpr (double_quant) {
     for (int i = threadIdx.x; i < 256; i += kDequantizeThreads) smem_code2[i] = code2[i];
     __syncthreads();
   }
@@ -319,8 +321,13 @@ cudaError_t launch_dequantize_4bit_as(const uint8_t* packed, const float* absmax
   const int64_t per_cta = static_cast<int64_t>(kDequantizeThreads) * kDequantizeUnits * kDequantizeElems;
   const int64_t grid = (n + per_cta - 1) / per_cta;
   if (grid > 0x7fffffff) return cudaErrorInvalidConfiguration;
-  dequantize_4bit_kernel<T, QT><<<static_cast<unsigned>(grid), kDequantizeThreads, 0, stream>>>(
-      packed, absmax, qabsmax, absmax2, code2, offset, out, n, log2_exact(blocksize));
+  if (absmax == nullptr) {
+    dequantize_4bit_kernel<T, QT, true><<<static_cast<unsigned>(grid), kDequantizeThreads, 0, stream>>>(
+        packed, absmax, qabsmax, absmax2, code2, offset, out, n, log2_exact(blocksize));
+  } else {
+    dequantize_4bit_kernel<T, QT, false><<<static_cast<unsigned>(grid), kDequantizeThreads, 0, stream>>>(
+        packed, absmax, qabsmax, absmax2, code2, offset, out, n, log2_exact(blocksize));
+  }
   return cudaGetLastError();
 }
 
