@@ -1,0 +1,60 @@
+"""Times lora_linear_4bit on each CUDA path against bf16 F.linear, two ways: triton's do_bench (launch gaps
+included, L2 emptied between runs) and do_bench_cudagraph (GPU time only; warm L2 for weights that fit in it).
+Prints "do_bench/graph" in µs per path, then torch.profiler's per-kernel split of the fused path at 4096x4096.
+
+    python tools/time_lora_paths.py
+"""
+
+import math
+
+import torch
+import torch.nn.functional as F
+from triton.testing import do_bench, do_bench_cudagraph
+
+import qlora
+
+SHAPES = [(4096, 4096), (8192, 8192), (8192, 28672), (28672, 8192)]  # N x K
+MS = [1, 8, 16, 32]
+R, SCALE = 16, 2.0
+
+
+def both(fn):
+    eager = do_bench(fn, warmup=25, rep=100, return_mode="median") * 1e3
+    with torch.cuda.stream(torch.cuda.Stream()):
+        graph = do_bench_cudagraph(fn, rep=100, return_mode="median") * 1e3
+    return eager, graph
+
+
+def main():
+    dev = torch.device("cuda")
+    for N, K in SHAPES:
+        w = torch.randn(N, K, device=dev, dtype=torch.bfloat16) * 0.02
+        packed, qs = qlora.quantize_4bit(w)
+        A = torch.randn(R, K, device=dev, dtype=torch.bfloat16) / math.sqrt(K)
+        B = torch.randn(N, R, device=dev, dtype=torch.bfloat16) * 0.01
+        for M in MS:
+            x = torch.randn(M, K, device=dev, dtype=torch.bfloat16)
+            cells = []
+            for name, path in [("auto", 0), ("fused", 1), ("block-scaled", 3), ("dequant+gemm", 2)]:
+                if path == 3 and M > 16:
+                    continue
+                eager, graph = both(lambda: qlora.lora_linear_4bit(x, packed, qs, None, A, B, SCALE, None, path))
+                cells.append(f"{name} {eager:.1f}/{graph:.1f}")
+            eager, graph = both(lambda: F.linear(x, w))
+            cells.append(f"bf16 {eager:.1f}/{graph:.1f}")
+            eager, graph = both(lambda: F.linear(x, w) + SCALE * F.linear(F.linear(x, A), B))
+            cells.append(f"bf16+LoRA {eager:.1f}/{graph:.1f}")
+            print(f"{N}x{K} M={M}: " + "  ".join(cells), flush=True)
+        if (N, K) == (4096, 4096):
+            for M in (1, 16):
+                x = torch.randn(M, K, device=dev, dtype=torch.bfloat16)
+                with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+                    for _ in range(20):
+                        qlora.lora_linear_4bit(x, packed, qs, None, A, B, SCALE, None, 0)
+                    torch.cuda.synchronize()
+                print(f"M={M}, 20 calls:")
+                print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=4, max_name_column_width=50))
+
+
+if __name__ == "__main__":
+    main()
