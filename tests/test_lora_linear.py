@@ -24,9 +24,10 @@ OP = torch.ops.qlora.lora_linear_4bit
 MS = [1, 2, 3, 7, 16, 17, 64, 255, 4096]
 # (N, K, r, bias): K not a power of two; 100 is not a multiple of 32 (blocks straddle rows, no fused path);
 # 1000 x 4128 splits K on the GPU (4128 % 64 == 32: blocks straddle rows there too); 520 x 4096 splits K with
-# whole blocks per row (the fused kernel's block-scaled loop) and ends in a partial 16-row tile.
+# whole blocks per row (the fused kernel's block-scaled loop) and ends in a partial 16-row tile; 136 x 4160 takes
+# the block-scaled loop with a last split whose K range ends in a partial 256-wide step (4160 % 256 == 64).
 SHAPES = [(72, 160, 16, True), (40, 96, 8, False), (33, 100, 64, True)]
-CUDA_SHAPES = [(1000, 4128, 16, True), (520, 4096, 16, False)]
+CUDA_SHAPES = [(1000, 4128, 16, True), (520, 4096, 16, False), (136, 4160, 16, True)]
 # dtype -> (error multiple of the PyTorch baseline, atol relative to max |reference|)
 TOL = {torch.bfloat16: (3.0, 2e-3), torch.float16: (3.0, 5e-4), torch.float32: (3.0, 1e-5)}
 
@@ -154,7 +155,7 @@ def test_forward_empty_batch(device):
 
 @cuda_only
 @pytest.mark.parametrize("path", [1, 3])
-@pytest.mark.parametrize("N, K", [(1000, 4128), (520, 4096)])
+@pytest.mark.parametrize("N, K", [(1000, 4128), (520, 4096), (136, 4160)])
 @pytest.mark.parametrize("M", [1, 16, 64])
 def test_fused_writes_every_output_and_is_deterministic(M, N, K, path):
     a = sample_inputs("cuda", M, N, K, 16, torch.bfloat16)
