@@ -14,19 +14,20 @@
 namespace qlora {
 
 // Which implementation lora_linear_4bit runs on CUDA. Values other than kAuto are for benchmarking.
-// The fused small-M kernel has two inner loops: a block-scaled one (blocksize 64, K % 64 == 0, M <= 16; one
-// scale per block and step) and a general one that scales every weight. kPathAuto and kPathFusedBlockScaled
-// take the block-scaled loop where the layout allows it; kPathFused always takes the general loop.
-// Measured on the H200 (2026-11-28, r = 16, bf16, CUDA-graph times, block-scaled vs general): M = 1
-// 8192x28672 75 vs 94 us, 28672x8192 83 vs 92 us; M = 16 8192x28672 103 vs 247 us, 4096x4096 17 vs 24 us.
+// The fused small-M path has two GEMV kernels: a block-scaled one (blocksize 64, K % 64 == 0, M <= 32 per
+// grid slice; one scale per block, weights streamed through a cp.async ring) and a general one that scales
+// every weight. kPathAuto and kPathFusedBlockScaled take the block-scaled kernel where the layout allows it;
+// kPathFused always takes the general one.
+// Measured on the H200 (2026-11-28, r = 16, bf16, CUDA-graph times, tools/time_lora_paths.py, block-scaled
+// vs general): M = 1 8192x28672 66 vs 95 us, 28672x8192 68 vs 94 us; M = 16 8192x28672 102 vs 247 us.
 enum LoraLinearPath : int64_t { kPathAuto = 0, kPathFused = 1, kPathDequantizeGemm = 2, kPathFusedBlockScaled = 3 };
 
 // Largest M for which the automatic choice takes the fused small-M kernel rather than dequantize + cuBLAS.
-// Measured on the H200 (2026-11-28, r = 16, bf16, CUDA-graph times): at M = 16 the block-scaled loop wins on
-// every benchmark shape (4096x4096 17 vs 33 us, 8192x8192 39 vs 97, 8192x28672 103 vs 289, 28672x8192 134 vs
-// 284); at M = 32, where only the general loop runs, dequantize + cuBLAS wins on every shape (4096x4096 34 vs
-// 44 us, 8192x28672 290 vs 387).
-constexpr int64_t kFusedMaxM = 16;
+// Measured on the H200 (2026-11-28, r = 16, bf16, CUDA-graph times, tools/time_lora_paths.py): at M = 32 the
+// block-scaled kernel wins on every benchmark shape (4096x4096 22 vs 33 us, 8192x8192 57 vs 96, 8192x28672
+// 216 vs 288, 28672x8192 251 vs 286); from M = 33 the general loop would run, which lost to dequantize +
+// cuBLAS already at M = 32 (4096x4096 44 vs 33 us, 8192x28672 371 vs 288).
+constexpr int64_t kFusedMaxM = 32;
 // Largest LoRA rank the fused kernel stages in shared memory (64 rows x r floats within 48 KB).
 constexpr int64_t kFusedMaxRank = 192;
 

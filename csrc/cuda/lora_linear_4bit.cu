@@ -10,6 +10,7 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include "../dequantize_4bit_op.h"
 #include "../lora_linear_4bit_args.h"
 #include "dispatch.h"
 #include "qlora/lora_linear_4bit.cuh"
@@ -59,14 +60,14 @@ at::Tensor fused_forward(const at::Tensor& x2, const at::Tensor& packed, const a
     if (xl2.has_value()) xl = aligned_contiguous(*xl2);
   }
   const int num_sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
-  int splits = 1, xa_splits = 0;
-  const int64_t scratch_floats =
-      lora_linear_scratch_floats(args.M, args.N, args.K, static_cast<int>(args.r), num_sms, &splits, &xa_splits);
-  at::Tensor scratch = at::empty({std::max<int64_t>(scratch_floats, 1)}, x.options().dtype(at::kFloat));
   at::Tensor y = at::empty({args.M, args.N}, x.options());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   dispatch_half(x.scalar_type(), [&](auto tag) {
     using T = decltype(tag);
+    LoraLinearPlan plan;
+    C10_CUDA_CHECK(plan_lora_linear_4bit<T>(args.M, args.N, args.K, static_cast<int>(args.r), log2_exact(blocksize),
+                                            args.weight.quant_type, num_sms, allow_block_scaled, &plan));
+    at::Tensor scratch = at::empty({std::max<int64_t>(plan.scratch_floats, 1)}, x.options().dtype(at::kFloat));
     LoraLinearParams<T> prm{};
     prm.x = static_cast<const T*>(x.const_data_ptr());
     prm.packed = p.const_data_ptr<uint8_t>();
@@ -84,10 +85,9 @@ at::Tensor fused_forward(const at::Tensor& x2, const at::Tensor& packed, const a
     prm.N = args.N;
     prm.K = args.K;
     prm.log2_blocksize = log2_exact(blocksize);
-    C10_CUDA_CHECK(launch_lora_linear_4bit<T>(prm, xl.defined() ? static_cast<const T*>(xl.const_data_ptr()) : nullptr,
+    C10_CUDA_CHECK(launch_lora_linear_4bit<T>(prm, plan, xl.defined() ? static_cast<const T*>(xl.const_data_ptr()) : nullptr,
                                               args.lora ? static_cast<const T*>(la.const_data_ptr()) : nullptr,
-                                              scratch.data_ptr<float>(), args.weight.quant_type, num_sms,
-                                              allow_block_scaled, stream));
+                                              scratch.data_ptr<float>(), args.weight.quant_type, num_sms, stream));
   });
   return y;
 }
@@ -96,30 +96,14 @@ at::Tensor fused_forward(const at::Tensor& x2, const at::Tensor& packed, const a
 // back on the next call, so it acts as a reused workspace) and cuBLAS does the rest; the LoRA up-projection is
 // accumulated into the same output with beta = 1.
 at::Tensor dequantize_gemm_forward(const at::Tensor& x2, const at::Tensor& packed, const at::Tensor& absmax,
-                                   int64_t blocksize, const LoraLinearArgs& args,
+                                   int64_t blocksize, const std::string& quant_type, c10::SymIntArrayRef shape,
+                                   const LoraLinearArgs& args,
                                    const std::optional<at::Tensor>& absmax2, const std::optional<at::Tensor>& code2,
                                    const std::optional<at::Tensor>& offset, const std::optional<at::Tensor>& bias,
                                    const std::optional<at::Tensor>& lora_A, const std::optional<at::Tensor>& lora_B,
                                    double scale, const std::optional<at::Tensor>& xl2) {
-  at::Tensor w = at::empty({args.N, args.K}, x2.options());
-  const at::Tensor p = aligned_contiguous(packed);
-  const at::Tensor a = absmax.contiguous();
-  const bool dq = args.weight.double_quant;
-  at::Tensor s2, c2, off;
-  if (dq) {
-    s2 = absmax2->contiguous();
-    c2 = code2->contiguous();
-    off = offset->contiguous();
-  }
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  dispatch_float(x2.scalar_type(), [&](auto tag) {
-    using T = decltype(tag);
-    C10_CUDA_CHECK(launch_dequantize_4bit<T>(
-        p.const_data_ptr<uint8_t>(), dq ? nullptr : a.const_data_ptr<float>(), dq ? a.const_data_ptr<uint8_t>() : nullptr,
-        dq ? s2.const_data_ptr<float>() : nullptr, dq ? c2.const_data_ptr<float>() : nullptr,
-        dq ? off.const_data_ptr<float>() : nullptr, static_cast<T*>(w.data_ptr()), args.N * args.K, blocksize,
-        args.weight.quant_type, stream));
-  });
+  const at::Tensor w = call_dequantize_4bit(packed, absmax, blocksize, quant_type, shape, x2.scalar_type(),
+                                            absmax2, code2, offset);
   at::Tensor y = bias.has_value() ? at::addmm(*bias, x2, w.t()) : at::mm(x2, w.t());
   if (args.lora) {
     const at::Tensor xa = at::mm(xl2.has_value() ? *xl2 : x2, lora_A->t());
@@ -148,7 +132,7 @@ at::Tensor lora_linear_4bit_cuda(const at::Tensor& x, const at::Tensor& packed, 
       forced_fused || (path == kPathAuto && why_not_fused == nullptr && args.M <= kFusedMaxM);
   const at::Tensor y = fused ? fused_forward(x2, packed, absmax, blocksize, args, absmax2, code2, offset, bias, lora_A,
                                              lora_B, scale, xl2, path != kPathFused)
-                             : dequantize_gemm_forward(x2, packed, absmax, blocksize, args, absmax2, code2, offset, bias,
+                             : dequantize_gemm_forward(x2, packed, absmax, blocksize, quant_type, shape, args, absmax2, code2, offset, bias,
                                                        lora_A, lora_B, scale, xl2);
   return y.view(args.out_shape);
 }

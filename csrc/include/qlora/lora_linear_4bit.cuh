@@ -3,10 +3,11 @@
 //
 // Three kernels, in stream order:
 //   lora_down_kernel      xa_partial[split][m][j] = Σ_{k in split} x_lora[m,k]·A[j,k]  (fp32, fixed order)
-//   lora_gemv_4bit_kernel the weight is streamed once: 16-byte loads of packed codes, dequantized in registers
-//                         into mma.sync A fragments; x is the B operand (the "swap AB" trick: N fills the
-//                         16-row side of m16n8k16, M the 8-column side). With one K split it also runs the
-//                         epilogue; with several it writes fp32 partial sums.
+//   the GEMV              lora_gemv_scaled_kernel (blocksize 64) or lora_gemv_4bit_kernel (any blocksize): the
+//                         weight is streamed once and dequantized in registers into mma.sync A fragments; x is
+//                         the B operand (the "swap AB" trick: N fills the 16-row side of m16n8k16, M the 8-column
+//                         side). With one K split it also runs the epilogue; with several it writes fp32 partial
+//                         sums.
 //   lora_epilogue_kernel  (split-K only) sums the partials in fixed order, adds s·xa·B[n,:] and the bias.
 // Every sum has a fixed order, so results are bitwise reproducible.
 //
@@ -30,7 +31,6 @@ constexpr int kGemvWarps = 4;            // warps per CTA; each owns one 16-row 
 constexpr int kGemvThreads = kGemvWarps * 32;
 constexpr int kGemvChunk = 128;          // K elements a warp consumes per step (4 threads x 32 per row)
 constexpr int kGemvUnroll = 4;           // chunks whose weights are loaded before the first is used
-constexpr int kScaledUnroll = 2;         // the same for the block-scaled loop, which loads 4 pieces a chunk
 constexpr int kGemvMinSplitK = 512;      // smallest K range worth a split of its own
 constexpr int kGemvSplitAlign = 256;     // a split's K range is a multiple of this (one block-scaled step)
 constexpr int kGemvMaxSplits = 32;
@@ -171,6 +171,49 @@ __device__ __forceinline__ void mma_x_tiles(float (&d)[MT8][4], const uint32_t (
   }
 }
 
+// The byte -> pair table once per lane: lane l reads entry b at word 32·b + l, always in bank l, so the
+// random code bytes of a warp never collide on a bank (a single 256-entry table serialised ~3-4 ways).
+// Entry b is 32 copies of one pair; a thread writes 4 of them at once with a 16-byte store. Also stages
+// code2 (double quantization). The caller syncs.
+template <typename T, QuantType QT>
+__device__ __forceinline__ void fill_tables(const LoraLinearParams<T>& p, typename MmaType<T>::Pair* pair_lut,
+                                            float* smem_code2) {
+  const float* values = QT == QuantType::NF4 ? kNF4ValuesDevice : kFP4ValuesDevice;
+  if (p.code2 != nullptr)
+    for (int byte = threadIdx.x; byte < 256; byte += blockDim.x) smem_code2[byte] = p.code2[byte];
+  for (int i = threadIdx.x; i < 256 * 8; i += blockDim.x) {
+    const int byte = i / 8;
+    // Low half = first element (high nibble), as the mma fragment wants the lower k in the low half.
+    const uint32_t v = as_u32(MmaType<T>::pair(values[byte >> 4], values[byte & 15]));
+    reinterpret_cast<uint4*>(pair_lut)[i] = make_uint4(v, v, v, v);
+  }
+}
+
+// Stores a warp's accumulators: acc[t][0..1] = (row g, x rows 2c, 2c+1), acc[t][2..3] = (row g+8, same).
+// With a fused epilogue the output element gets the LoRA term and bias; otherwise the split's partial sum.
+template <typename T, int MT8>
+__device__ __forceinline__ void store_tile(const LoraLinearParams<T>& p, const float (&acc)[MT8][4],
+                                           const int64_t (&rows)[2], const bool (&row_ok)[2], int64_t m0,
+                                           const float* xa_s, bool fused_epilogue) {
+  const int c = threadIdx.x % 4;
+#pragma unroll
+  for (int t = 0; t < MT8; ++t) {
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const int h = i / 2;
+      const int mm = 8 * t + 2 * c + (i % 2);
+      const int64_t m = m0 + mm;
+      if (!row_ok[h] || m >= p.M) continue;
+      const int64_t n = rows[h];
+      if (fused_epilogue) {
+        p.y[m * p.N + n] = VecIO<T>::from_float(acc[t][i] + lora_term(p, xa_s, mm, n));
+      } else {
+        p.partial[(static_cast<int64_t>(blockIdx.y) * p.M + m) * p.N + n] = acc[t][i];
+      }
+    }
+  }
+}
+
 // ---- the fused dequantize-GEMV ------------------------------------------------------------------------------
 // Grid (ceil(N/16/kGemvWarps), splits, ceil(M/(8·MT8))). Warp = one 16-row tile of W over one K split, for
 // 8·MT8 rows of x.
@@ -187,32 +230,16 @@ __device__ __forceinline__ void mma_x_tiles(float (&d)[MT8][4], const uint32_t (
 //
 // MT8: n8 tiles of x rows handled per warp (M up to 8·MT8 per grid z slice); each dequantized weight fragment
 // is reused for all of them.
-//
-// kBlockScaled (blocksize 64 and K % 64 == 0): lane c of a row group takes 8 bytes (16 k) of each 64-k half
-// of a chunk instead of 16 consecutive bytes, so the 16 k of every mma step lie in one quantization block. The
-// code values then enter the mma unscaled and each block's scale multiplies the step's partial sums once,
-// where the other loop scales every weight pair (a mul and an fma on pairs) before the mma.
-template <typename T, QuantType QT, int MT8, bool kBlockScaled>
+template <typename T, QuantType QT, int MT8>
 __global__ void __launch_bounds__(kGemvThreads) lora_gemv_4bit_kernel(const LoraLinearParams<T> p) {
   using Pair = typename MmaType<T>::Pair;
-  // The byte -> pair table once per lane: lane l reads entry b at word 32·b + l, always in bank l, so the
-  // random code bytes of a warp never collide on a bank (a single 256-entry table serialised ~3-4 ways).
   __shared__ __align__(16) Pair pair_lut[256 * 32];
   __shared__ float smem_code2[256];
   extern __shared__ float xa_s[];  // [8·MT8][r] when LoRA or bias is fused here
 
   constexpr int kRows = 8 * MT8;
   const int64_t m0 = static_cast<int64_t>(blockIdx.z) * kRows;
-  const float* values = QT == QuantType::NF4 ? kNF4ValuesDevice : kFP4ValuesDevice;
-  if (p.code2 != nullptr)
-    for (int byte = threadIdx.x; byte < 256; byte += kGemvThreads) smem_code2[byte] = p.code2[byte];
-  // Entry b is 32 copies of one pair; a thread writes 4 of them at once with a 16-byte store.
-  for (int i = threadIdx.x; i < 256 * 8; i += kGemvThreads) {
-    const int byte = i / 8;
-    // Low half = first element (high nibble), as the mma fragment wants the lower k in the low half.
-    const uint32_t v = as_u32(MmaType<T>::pair(values[byte >> 4], values[byte & 15]));
-    reinterpret_cast<uint4*>(pair_lut)[i] = make_uint4(v, v, v, v);
-  }
+  fill_tables<T, QT>(p, pair_lut, smem_code2);
   const bool fused_epilogue = p.partial == nullptr;
   if (fused_epilogue && p.lora_B != nullptr) stage_lora_rows(p, xa_s, m0, kRows);
   __syncthreads();
@@ -242,110 +269,8 @@ __global__ void __launch_bounds__(kGemvThreads) lora_gemv_4bit_kernel(const Lora
     xrow[t] = p.x + (x_ok[t] ? m : 0) * p.K;
   }
 
-  float acc[MT8][4];
-#pragma unroll
-  for (int t = 0; t < MT8; ++t)
-#pragma unroll
-    for (int i = 0; i < 4; ++i) acc[t][i] = 0.0f;
-
-  if constexpr (kBlockScaled) {
-    // A step spans kScaledUnroll chunks = four 64-k halves = four consecutive blocks of each row. Lane c of a
-    // row group loads and decodes the scale of block c only; the group's lanes swap them by shuffle.
-    static_assert(kScaledUnroll * 2 == 4, "one scale per lane of a row group");
-    static_assert(kGemvSplitAlign == kGemvChunk * kScaledUnroll, "split ranges are whole steps");
-    const uint32_t lane_offset = static_cast<uint32_t>(lane) * 4;
-    const char* lut_bytes = reinterpret_cast<const char*>(pair_lut);
-    // Entry b of this lane's table: byte offset 128·b + 4·lane.
-    const auto lookup = [&](uint32_t byte_in_low_bits) {
-      return *reinterpret_cast<const uint32_t*>(lut_bytes + (((byte_in_low_bits & 0xffu) << 7) | lane_offset));
-    };
-    const int group_lane0 = lane & ~3;
-    // Rows past N read row 0 and x rows past M read row m0 (both exist): what they produce lands only in
-    // accumulator entries the store skips, so only the k range needs checks, and only in a split's last,
-    // partial step.
-    int64_t row_e[2];
-    const uint8_t* row_packed[2];
-#pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      row_e[h] = row_safe[h] * p.K;
-      row_packed[h] = p.packed + row_e[h] / 2 + 8 * c;
-    }
-    const T* x_lane[MT8];
-#pragma unroll
-    for (int t = 0; t < MT8; ++t) x_lane[t] = p.x + (x_ok[t] ? m0 + 8 * t + g : m0) * p.K + 16 * c;
-    const auto step = [&](int64_t kc, auto checked) {
-      constexpr bool kChecked = decltype(checked)::value;
-      bool half_ok[4];  // K % 64 == 0: a 64-k half is in range for all lanes or none
-#pragma unroll
-      for (int j = 0; j < 4; ++j) half_ok[j] = !kChecked || kc + 64 * j < k_end;
-      uint2 wq[2][4];  // [row h][half j = 2·chunk + half]
-#pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        const uint8_t* pk = row_packed[h] + kc / 2;
-#pragma unroll
-        for (int j = 0; j < 4; ++j)
-          wq[h][j] = half_ok[j] ? __ldg(reinterpret_cast<const uint2*>(pk + 32 * j)) : make_uint2(0, 0);
-      }
-      float my_scale[2];
-#pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        const int64_t block = ((row_e[h] + kc) >> 6) + c;
-        if (kChecked && kc + 64 * c >= k_end) {
-          my_scale[h] = 0.0f;
-        } else if (double_quant) {  // code2[q] * absmax2 + mean, rounded twice as bitsandbytes does
-          my_scale[h] = mul_then_add(smem_code2[__ldg(p.qabsmax + block)], __ldg(p.absmax2 + (block >> 8)), mean);
-        } else {
-          my_scale[h] = __ldg(p.absmax + block);
-        }
-      }
-      float sc[2][4];
-#pragma unroll
-      for (int h = 0; h < 2; ++h)
-#pragma unroll
-        for (int j = 0; j < 4; ++j) sc[h][j] = __shfl_sync(0xffffffffu, my_scale[h], group_lane0 + j);
-#pragma unroll
-      for (int j = 0; j < 4; ++j) {
-        // x[m][k .. k + 16) for this lane's 16 k of half j: two 16-byte loads, four steps' B fragments.
-        uint4 xv[MT8][2];
-#pragma unroll
-        for (int t = 0; t < MT8; ++t) {
-          const uint4* xp = reinterpret_cast<const uint4*>(x_lane[t] + kc + 64 * j);
-          xv[t][0] = half_ok[j] ? __ldg(xp) : make_uint4(0, 0, 0, 0);
-          xv[t][1] = half_ok[j] ? __ldg(xp + 1) : make_uint4(0, 0, 0, 0);
-        }
-        float part[MT8][4];
-#pragma unroll
-        for (int t = 0; t < MT8; ++t)
-#pragma unroll
-          for (int i = 0; i < 4; ++i) part[t][i] = 0.0f;
-#pragma unroll
-        for (int s = 0; s < 4; ++s) {
-          // Bytes 2s and 2s+1 of the lane's 8 bytes of each row: k + 4s + {0, 1} and k + 4s + {2, 3}.
-          uint32_t a[4];
-#pragma unroll
-          for (int h = 0; h < 2; ++h) {
-            const uint32_t w = (s < 2 ? wq[h][j].x : wq[h][j].y) >> (16 * (s % 2));
-            a[h] = lookup(w);           // slots 2c, 2c+1
-            a[2 + h] = lookup(w >> 8);  // slots 2c+8, 2c+9
-          }
-#pragma unroll
-          for (int t = 0; t < MT8; ++t) {
-            const uint4& v = xv[t][s / 2];
-            const uint32_t b[2] = {s % 2 == 0 ? v.x : v.z, s % 2 == 0 ? v.y : v.w};
-            MmaType<T>::mma(part[t], a, b);
-          }
-        }
-#pragma unroll
-        for (int t = 0; t < MT8; ++t)
-#pragma unroll
-          for (int i = 0; i < 4; ++i) acc[t][i] = fmaf(part[t][i], sc[i / 2][j], acc[t][i]);
-      }
-    };
-    const int64_t k_steps_end = k_begin + (k_end - k_begin) / kGemvSplitAlign * kGemvSplitAlign;
-    int64_t kc = k_begin;
-    for (; kc < k_steps_end; kc += kGemvSplitAlign) step(kc, std::false_type{});
-    if (kc < k_end) step(kc, std::true_type{});
-  } else {
+  float acc[MT8][4] = {};
+  {
     for (int64_t kc = k_begin; kc < k_end; kc += kGemvChunk * kGemvUnroll) {
       // All of the group's weight loads are issued before any is used: 2·kGemvUnroll 16-byte loads in flight.
       // The scales' raw loads are issued here too; decoding a double-quantized scale (a shared-memory lookup
@@ -406,26 +331,213 @@ __global__ void __launch_bounds__(kGemvThreads) lora_gemv_4bit_kernel(const Lora
         }
       }
     }
-
   }
 
-  // Accumulator fragment: acc[t][0..1] = (row g, x rows 2c, 2c+1), acc[t][2..3] = (row g+8, same).
+  store_tile<T, MT8>(p, acc, rows, row_ok, m0, xa_s, fused_epilogue);
+}
+
+// ---- the block-scaled dequantize-GEMV (blocksize 64, K % 64 == 0, small M) -------------------------------------
+// Same grid and warp roles as lora_gemv_4bit_kernel with kScaledWarps warps per CTA, but the packed weights
+// are streamed through a per-warp ring of kScaledStages shared-memory stages by cp.async, so each warp keeps
+// kScaledStages - 1 steps of loads in flight while it computes (register-staged loads left the warps waiting
+// on memory: 1.4-1.7 TB/s on the large shapes, against 1.9 with the ring).
+//
+// A step is 256 k. Lane c of a row group takes 8 bytes (16 k) of each 64-k block of the step, so the 16 k of
+// every mma lie in one quantization block: the code values enter the mma unscaled and each block's scale
+// multiplies the block's partial sums once (the general loop scales every weight pair before the mma).
+// Lane c loads and decodes the scale of block c of the step for its rows, two steps ahead; the row group
+// swaps them by shuffle.
+//
+// Ring layout of one stage: row r's 128 bytes as four 32-byte segments, segment j stored at slot j ^ (r & 3),
+// so the 16 lanes of a half-warp (4 rows x 4 lanes, 8 bytes each from segment j) hit 32 distinct banks.
+constexpr int kScaledWarps = 8;
+constexpr int kScaledThreads = kScaledWarps * 32;
+constexpr int kScaledStages = 4;
+constexpr int kScaledStepRowBytes = kGemvSplitAlign / 2;     // 128 packed bytes of a row per step
+constexpr int kScaledStageBytes = 16 * kScaledStepRowBytes;  // one warp's 16 rows
+constexpr int kScaledRingBytes = kScaledWarps * kScaledStages * kScaledStageBytes;
+
+__device__ __forceinline__ void cp_async16(void* smem, const void* gmem) {
+  const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(smem));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(s), "l"(gmem));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+}
+
+template <typename T, QuantType QT, int MT8>
+__global__ void __launch_bounds__(kScaledThreads) lora_gemv_scaled_kernel(const LoraLinearParams<T> p) {
+  using Pair = typename MmaType<T>::Pair;
+  __shared__ __align__(16) Pair pair_lut[256 * 32];
+  __shared__ float smem_code2[256];
+  extern __shared__ __align__(16) uint8_t dynamic_smem[];  // the ring, then xa_s [8·MT8][r] if fused here
+  float* xa_s = reinterpret_cast<float*>(dynamic_smem + kScaledRingBytes);
+
+  constexpr int kRows = 8 * MT8;
+  const int64_t m0 = static_cast<int64_t>(blockIdx.z) * kRows;
+  fill_tables<T, QT>(p, pair_lut, smem_code2);
+  const bool fused_epilogue = p.partial == nullptr;
+  if (fused_epilogue && p.lora_B != nullptr) stage_lora_rows(p, xa_s, m0, kRows);
+  __syncthreads();
+
+  const bool double_quant = p.absmax == nullptr;
+  const float mean = double_quant ? *p.offset : 0.0f;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int g = lane / 4, c = lane % 4;
+  const int64_t n_tile = (static_cast<int64_t>(blockIdx.x) * kScaledWarps + warp) * 16;
+  if (n_tile >= p.N) return;  // no barrier follows
+  const int64_t rows[2] = {n_tile + g, n_tile + g + 8};
+  const bool row_ok[2] = {rows[0] < p.N, rows[1] < p.N};
+  const int64_t k_per_split = (p.K + gridDim.y - 1) / gridDim.y;
+  const int64_t k_split = (k_per_split + kGemvSplitAlign - 1) / kGemvSplitAlign * kGemvSplitAlign;
+  const int64_t k_begin = static_cast<int64_t>(blockIdx.y) * k_split;
+  const int64_t k_end = p.K < k_begin + k_split ? p.K : k_begin + k_split;
+
+  // Rows past N read row 0 and x rows past M read row 0 (both exist): what they produce lands only in
+  // accumulator entries the store skips, so only the k range needs checks, and only in a split's last step.
+  // Copy roles: lane copies 16-byte granule q = lane % 8 (64-k block q / 2) of rows lane / 8 + 4i.
+  uint8_t* ring = dynamic_smem + warp * kScaledStages * kScaledStageBytes;
+  const int cq = lane % 8;
+  const uint8_t* src[4];
+  uint32_t dst[4];
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const int r = lane / 8 + 4 * i;
+    const int64_t n = n_tile + r < p.N ? n_tile + r : 0;
+    src[i] = p.packed + n * (p.K / 2) + cq * 16;
+    dst[i] = r * kScaledStepRowBytes + (((cq / 2) ^ (r & 3)) * 32) + (cq % 2) * 16;
+  }
+  const auto issue = [&](int64_t kc, int stage) {
+    if (kc < k_end && kc + 64 * (cq / 2) < k_end) {
+#pragma unroll
+      for (int i = 0; i < 4; ++i) cp_async16(ring + stage * kScaledStageBytes + dst[i], src[i] + kc / 2);
+    }
+    cp_async_commit();  // also when empty, so that wait_group counts steps
+  };
+  uint32_t read_off[2][4];
+#pragma unroll
+  for (int h = 0; h < 2; ++h)
+#pragma unroll
+    for (int j = 0; j < 4; ++j) read_off[h][j] = (g + 8 * h) * kScaledStepRowBytes + ((j ^ (g & 3)) * 32) + 8 * c;
+
+  const uint32_t lane_offset = static_cast<uint32_t>(lane) * 4;
+  const char* lut_bytes = reinterpret_cast<const char*>(pair_lut);
+  // Entry b of this lane's table: byte offset 128·b + 4·lane.
+  const auto lookup = [&](uint32_t byte_in_low_bits) {
+    return *reinterpret_cast<const uint32_t*>(lut_bytes + (((byte_in_low_bits & 0xffu) << 7) | lane_offset));
+  };
+  const int group_lane0 = lane & ~3;
+  int64_t row_e[2];
+#pragma unroll
+  for (int h = 0; h < 2; ++h) row_e[h] = (row_ok[h] ? rows[h] : 0) * p.K;
+  const T* x_lane[MT8];
 #pragma unroll
   for (int t = 0; t < MT8; ++t) {
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      const int h = i / 2;
-      const int mm = 8 * t + 2 * c + (i % 2);
-      const int64_t m = m0 + mm;
-      if (!row_ok[h] || m >= p.M) continue;
-      const int64_t n = rows[h];
-      if (fused_epilogue) {
-        p.y[m * p.N + n] = VecIO<T>::from_float(acc[t][i] + lora_term(p, xa_s, mm, n));
-      } else {
-        p.partial[(static_cast<int64_t>(blockIdx.y) * p.M + m) * p.N + n] = acc[t][i];
-      }
-    }
+    const int64_t m = m0 + 8 * t + g;
+    x_lane[t] = p.x + (m < p.M ? m : 0) * p.K + 16 * c;
   }
+  // The raw loads of this lane's scale (block c of the step) for both rows.
+  const auto load_scale = [&](int64_t kc, uint32_t (&q)[2], float (&a)[2]) {
+    const bool ok = kc + 64 * c < k_end;
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int64_t block = ((row_e[h] + kc) >> 6) + c;
+      q[h] = ok && double_quant ? __ldg(p.qabsmax + block) : 0u;
+      a[h] = !ok ? 0.0f : double_quant ? __ldg(p.absmax2 + (block >> 8)) : __ldg(p.absmax + block);
+    }
+  };
+
+  float acc[MT8][4] = {};
+  uint32_t q0[2], q1[2];
+  float a0[2], a1[2];
+  load_scale(k_begin, q0, a0);
+  load_scale(k_begin + kGemvSplitAlign, q1, a1);
+#pragma unroll
+  for (int s = 0; s < kScaledStages - 1; ++s) issue(k_begin + s * kGemvSplitAlign, s);
+
+  const auto step = [&](int64_t kc, int stage, auto checked) {
+    constexpr bool kChecked = decltype(checked)::value;
+    bool block_ok[4];  // K % 64 == 0: a 64-k block is in range for all lanes or none
+#pragma unroll
+    for (int j = 0; j < 4; ++j) block_ok[j] = !kChecked || kc + 64 * j < k_end;
+    const uint8_t* buf = ring + stage * kScaledStageBytes;
+    uint2 wq[2][4];  // [row h][block j]
+#pragma unroll
+    for (int h = 0; h < 2; ++h)
+#pragma unroll
+      for (int j = 0; j < 4; ++j)
+        wq[h][j] = block_ok[j] ? *reinterpret_cast<const uint2*>(buf + read_off[h][j]) : make_uint2(0, 0);
+    float my_scale[2];
+    const bool scale_ok = !kChecked || kc + 64 * c < k_end;
+#pragma unroll
+    for (int h = 0; h < 2; ++h)  // code2[q] * absmax2 + mean, rounded twice as bitsandbytes does
+      my_scale[h] = !scale_ok ? 0.0f : double_quant ? mul_then_add(smem_code2[q0[h]], a0[h], mean) : a0[h];
+    float sc[2][4];
+#pragma unroll
+    for (int h = 0; h < 2; ++h)
+#pragma unroll
+      for (int j = 0; j < 4; ++j) sc[h][j] = __shfl_sync(0xffffffffu, my_scale[h], group_lane0 + j);
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      // x[m][k .. k + 16) for this lane's 16 k of block j: two 16-byte loads, four mma steps' B fragments.
+      uint4 xv[MT8][2];
+#pragma unroll
+      for (int t = 0; t < MT8; ++t) {
+        const uint4* xp = reinterpret_cast<const uint4*>(x_lane[t] + kc + 64 * j);
+        xv[t][0] = block_ok[j] ? __ldg(xp) : make_uint4(0, 0, 0, 0);
+        xv[t][1] = block_ok[j] ? __ldg(xp + 1) : make_uint4(0, 0, 0, 0);
+      }
+      float part[MT8][4] = {};
+#pragma unroll
+      for (int s = 0; s < 4; ++s) {
+        // Bytes 2s and 2s+1 of the lane's 8 bytes of each row: k + 4s + {0, 1} and k + 4s + {2, 3}.
+        uint32_t a[4];
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          const uint32_t w = (s < 2 ? wq[h][j].x : wq[h][j].y) >> (16 * (s % 2));
+          a[h] = lookup(w);           // slots 2c, 2c+1
+          a[2 + h] = lookup(w >> 8);  // slots 2c+8, 2c+9
+        }
+#pragma unroll
+        for (int t = 0; t < MT8; ++t) {
+          const uint4& v = xv[t][s / 2];
+          const uint32_t b[2] = {s % 2 == 0 ? v.x : v.z, s % 2 == 0 ? v.y : v.w};
+          MmaType<T>::mma(part[t], a, b);
+        }
+      }
+#pragma unroll
+      for (int t = 0; t < MT8; ++t)
+#pragma unroll
+        for (int i = 0; i < 4; ++i) acc[t][i] = fmaf(part[t][i], sc[i / 2][j], acc[t][i]);
+    }
+  };
+
+  int stage = 0;
+  for (int64_t kc = k_begin; kc < k_end; kc += kGemvSplitAlign) {
+    issue(kc + (kScaledStages - 1) * kGemvSplitAlign, (stage + kScaledStages - 1) % kScaledStages);
+    uint32_t q2[2];
+    float a2[2];
+    load_scale(kc + 2 * kGemvSplitAlign, q2, a2);
+    cp_async_wait<kScaledStages - 1>();  // this step's stage has landed
+    __syncwarp();
+    if (kc + kGemvSplitAlign <= k_end)
+      step(kc, stage, std::false_type{});
+    else
+      step(kc, stage, std::true_type{});
+    __syncwarp();  // the stage is refilled next iteration
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      q0[h] = q1[h];
+      a0[h] = a1[h];
+      q1[h] = q2[h];
+      a1[h] = a2[h];
+    }
+    stage = stage + 1 == kScaledStages ? 0 : stage + 1;
+  }
+  cp_async_wait<0>();
+  store_tile<T, MT8>(p, acc, rows, row_ok, m0, xa_s, fused_epilogue);
 }
 
 // Split-K epilogue. Grid (ceil(N / kEpilogueThreads), ceil(M / rows_per_cta)); a thread owns column n for
@@ -452,19 +564,31 @@ __global__ void __launch_bounds__(kEpilogueThreads) lora_epilogue_kernel(const L
 
 inline int lora_down_splits(int64_t K) { return static_cast<int>((K + kLoraDownSplitK - 1) / kLoraDownSplitK); }
 
-// K splits of the GEMV: enough warps that every SM streams (about 16 per SM), each split at least
-// kGemvMinSplitK long. The split length is rounded to whole chunks, so the count can come out lower.
-inline int lora_gemv_splits(int64_t N, int64_t K, int num_sms) {
-  const int64_t tiles = (N + 15) / 16;
-  const int64_t want_warps = static_cast<int64_t>(num_sms) * 16;
-  int64_t splits = (want_warps + tiles - 1) / tiles;
+// A split count made exact: the split length is rounded up to whole steps, so the count can come out lower.
+inline int exact_splits(int64_t K, int64_t splits) {
   splits = std::max<int64_t>(1, std::min<int64_t>({splits, K / kGemvMinSplitK, kGemvMaxSplits}));
   const int64_t per = ((K + splits - 1) / splits + kGemvSplitAlign - 1) / kGemvSplitAlign * kGemvSplitAlign;
   return static_cast<int>((K + per - 1) / per);
 }
 
+// K splits of the general loop: enough warps that every SM streams (about 16 per SM), each split at least
+// kGemvMinSplitK long.
+inline int lora_gemv_splits(int64_t N, int64_t K, int num_sms) {
+  const int64_t tiles = (N + 15) / 16;
+  const int64_t want_warps = static_cast<int64_t>(num_sms) * 16;
+  return exact_splits(K, (want_warps + tiles - 1) / tiles);
+}
+
+// K splits of the block-scaled kernel: as many as one wave of resident warps holds, so no CTA waits for a
+// second wave (a count that spilled into one, e.g. 5 splits of 8192x28672 with 2112 warp slots, lost ~25 %).
+inline int lora_scaled_splits(int64_t N, int64_t K, int64_t grid_z, int64_t warp_slots) {
+  const int64_t warp_tiles = (N + 15) / 16 * grid_z;
+  return exact_splits(K, warp_slots / warp_tiles);
+}
+
 // x rows per grid z slice, by M: the n8 tiles one warp covers.
 inline int lora_gemv_mt8(int64_t M) { return M <= 8 ? 1 : M <= 16 ? 2 : M <= 32 ? 4 : 8; }
+constexpr int kScaledMaxMT8 = 4;  // registers: 102 at MT8 = 1, 144 at 4
 
 // Rows of x one epilogue CTA covers: few enough that the grid has about two CTAs per SM (at M = 16 one CTA
 // per 64 rows left 16 CTAs on 132 SMs and took 18.7 us), and their xa (rows · r floats) fits shared memory.
@@ -475,83 +599,134 @@ inline int lora_epilogue_rows(int64_t M, int64_t N, int r, int num_sms) {
   return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>({64, smem_rows, to_fill})));
 }
 
-// Scratch the launcher needs, in floats: xa partials then GEMV partials (both zero-sized when unused).
-inline int64_t lora_linear_scratch_floats(int64_t M, int64_t N, int64_t K, int r, int num_sms, int* splits_out,
-                                          int* xa_splits_out) {
-  const int splits = lora_gemv_splits(N, K, num_sms);
-  const int xa_splits = r > 0 ? lora_down_splits(K) : 0;
-  *splits_out = splits;
-  *xa_splits_out = xa_splits;
-  return static_cast<int64_t>(xa_splits) * M * r + (splits > 1 ? static_cast<int64_t>(splits) * M * N : 0);
-}
-
-// The GEMV's static shared memory (the per-lane pair table, ~34 KB) plus up to kMaxLoraSmemBytes of staged
-// LoRA rows exceeds the default 48 KB a CTA may take, so each instantiation opts in once per device.
-template <typename T, QuantType QT, int MT8, bool kBlockScaled>
-cudaError_t launch_lora_gemv(const LoraLinearParams<T>& p, dim3 grid, size_t smem, cudaStream_t stream) {
+// Static shared memory (the per-lane pair table, ~34 KB) plus the dynamic part (ring, staged LoRA rows) can
+// exceed the default 48 KB a CTA may take, so each kernel opts in once per device.
+template <auto Kernel>
+cudaError_t opt_in_dynamic_smem(int bytes) {
   int device = 0;
   cudaError_t err = cudaGetDevice(&device);
   if (err != cudaSuccess) return err;
-  static bool opted_in[64] = {};
-  if (device >= 64 || !opted_in[device]) {
-    err = cudaFuncSetAttribute(lora_gemv_4bit_kernel<T, QT, MT8, kBlockScaled>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                               kMaxLoraSmemBytes);
+  static bool done[64] = {};
+  if (device < 64 && done[device]) return cudaSuccess;
+  err = cudaFuncSetAttribute(Kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
+  if (err == cudaSuccess && device < 64) done[device] = true;
+  return err;
+}
+
+// CTAs of the block-scaled kernel one SM holds with its ring (no staged LoRA rows).
+template <typename T, QuantType QT, int MT8>
+cudaError_t scaled_ctas_per_sm(int* ctas) {
+  constexpr auto kernel = lora_gemv_scaled_kernel<T, QT, MT8>;
+  cudaError_t err = opt_in_dynamic_smem<kernel>(kScaledRingBytes + kMaxLoraSmemBytes);
+  if (err != cudaSuccess) return err;
+  return cudaOccupancyMaxActiveBlocksPerMultiprocessor(ctas, kernel, kScaledThreads, kScaledRingBytes);
+}
+
+// What launch_lora_linear_4bit will run, decided once so that the caller can size the scratch.
+struct LoraLinearPlan {
+  bool block_scaled = false;
+  int mt8 = 1;
+  int splits = 1;     // K splits of the GEMV; > 1 adds the split-K epilogue kernel
+  int xa_splits = 0;  // lora_down CTAs per row (0 without LoRA)
+  int r = 0;
+  dim3 grid;                   // of the GEMV
+  size_t gemv_smem = 0;        // its dynamic shared memory
+  int64_t scratch_floats = 0;  // xa partials, then GEMV partials
+};
+
+// allow_block_scaled: take the block-scaled kernel where the layout allows it (blocksize 64, K % 64 == 0,
+// M <= 8 · kScaledMaxMT8 per grid z slice).
+template <typename T>
+cudaError_t plan_lora_linear_4bit(int64_t M, int64_t N, int64_t K, int r, int log2_blocksize, QuantType quant_type,
+                                  int num_sms, bool allow_block_scaled, LoraLinearPlan* plan) {
+  LoraLinearPlan pl;
+  pl.r = r;
+  pl.xa_splits = r > 0 ? lora_down_splits(K) : 0;
+  pl.mt8 = lora_gemv_mt8(M);
+  pl.block_scaled = allow_block_scaled && log2_blocksize == 6 && K % 64 == 0 && pl.mt8 <= kScaledMaxMT8;
+  const int64_t grid_z = std::max<int64_t>(1, (M + 8 * pl.mt8 - 1) / (8 * pl.mt8));
+  const int64_t warps_per_cta = pl.block_scaled ? kScaledWarps : kGemvWarps;
+  const int64_t grid_x = ((N + 15) / 16 + warps_per_cta - 1) / warps_per_cta;
+  if (grid_x > 0x7fffffff || grid_z > 65535 || M > 65535) return cudaErrorInvalidConfiguration;
+  if (pl.block_scaled) {
+    int ctas = 0;
+    cudaError_t err = cudaSuccess;
+#define QLORA_SCALED_CASE(QT_, MT8_) \
+  if (quant_type == QT_ && pl.mt8 == MT8_) err = scaled_ctas_per_sm<T, QT_, MT8_>(&ctas);
+    QLORA_SCALED_CASE(QuantType::NF4, 1) QLORA_SCALED_CASE(QuantType::NF4, 2) QLORA_SCALED_CASE(QuantType::NF4, 4)
+    QLORA_SCALED_CASE(QuantType::FP4, 1) QLORA_SCALED_CASE(QuantType::FP4, 2) QLORA_SCALED_CASE(QuantType::FP4, 4)
+#undef QLORA_SCALED_CASE
     if (err != cudaSuccess) return err;
-    if (device < 64) opted_in[device] = true;
+    pl.splits = lora_scaled_splits(N, K, grid_z, static_cast<int64_t>(std::max(ctas, 1)) * num_sms * kScaledWarps);
+  } else {
+    pl.splits = lora_gemv_splits(N, K, num_sms);
   }
-  lora_gemv_4bit_kernel<T, QT, MT8, kBlockScaled><<<grid, kGemvThreads, smem, stream>>>(p);
+  pl.grid = dim3(static_cast<unsigned>(grid_x), static_cast<unsigned>(pl.splits), static_cast<unsigned>(grid_z));
+  const size_t lora_rows_bytes = pl.splits == 1 ? static_cast<size_t>(8 * pl.mt8) * r * sizeof(float) : 0;
+  if (lora_rows_bytes > static_cast<size_t>(kMaxLoraSmemBytes)) return cudaErrorInvalidValue;
+  pl.gemv_smem = (pl.block_scaled ? kScaledRingBytes : 0) + lora_rows_bytes;
+  pl.scratch_floats =
+      static_cast<int64_t>(pl.xa_splits) * M * r + (pl.splits > 1 ? static_cast<int64_t>(pl.splits) * M * N : 0);
+  *plan = pl;
+  return cudaSuccess;
+}
+
+template <typename T, QuantType QT, int MT8, bool kBlockScaled>
+constexpr auto gemv_kernel() {
+  if constexpr (kBlockScaled)
+    return lora_gemv_scaled_kernel<T, QT, MT8>;
+  else
+    return lora_gemv_4bit_kernel<T, QT, MT8>;
+}
+
+template <typename T, QuantType QT, int MT8, bool kBlockScaled>
+cudaError_t launch_lora_gemv(const LoraLinearParams<T>& p, const LoraLinearPlan& plan, cudaStream_t stream) {
+  constexpr auto kernel = gemv_kernel<T, QT, MT8, kBlockScaled>();
+  const cudaError_t err = opt_in_dynamic_smem<kernel>((kBlockScaled ? kScaledRingBytes : 0) + kMaxLoraSmemBytes);
+  if (err != cudaSuccess) return err;
+  kernel<<<plan.grid, kBlockScaled ? kScaledThreads : kGemvThreads, plan.gemv_smem, stream>>>(p);
   return cudaGetLastError();
 }
 
-// p.xa_partial and p.partial must point into `scratch` as lora_linear_scratch_floats laid it out; lora_A is
-// [r, K]. p.x doubles as x_lora when x_lora is nullptr.
-// allow_block_scaled: take the block-scaled loop where the layout allows it (blocksize 64, K % 64 == 0, M <= 16).
+// p.xa_partial and p.partial are set here from `scratch` (plan.scratch_floats floats); lora_A is [r, K].
+// p.x doubles as x_lora when x_lora is nullptr.
 template <typename T>
-cudaError_t launch_lora_linear_4bit(LoraLinearParams<T> p, const T* x_lora, const T* lora_A, float* scratch,
-                                    QuantType quant_type, int num_sms, bool allow_block_scaled, cudaStream_t stream) {
+cudaError_t launch_lora_linear_4bit(LoraLinearParams<T> p, const LoraLinearPlan& plan, const T* x_lora,
+                                    const T* lora_A, float* scratch, QuantType quant_type, int num_sms,
+                                    cudaStream_t stream) {
   if (p.M == 0 || p.N == 0) return cudaSuccess;
-  int splits = 1, xa_splits = 0;
-  lora_linear_scratch_floats(p.M, p.N, p.K, p.lora_B != nullptr ? p.r : 0, num_sms, &splits, &xa_splits);
   if (p.lora_B == nullptr) p.r = 0;
-  p.xa_splits = xa_splits;
+  if (p.r != plan.r) return cudaErrorInvalidValue;
+  p.xa_splits = plan.xa_splits;
   p.xa_partial = scratch;
-  p.partial = splits > 1 ? scratch + static_cast<int64_t>(xa_splits) * p.M * p.r : nullptr;
+  p.partial = plan.splits > 1 ? scratch + static_cast<int64_t>(plan.xa_splits) * p.M * p.r : nullptr;
   if (p.r > 0) {
-    if (p.M > 65535) return cudaErrorInvalidConfiguration;
-    lora_down_kernel<T><<<dim3(xa_splits, static_cast<unsigned>(p.M)), kLoraDownThreads, 0, stream>>>(
+    lora_down_kernel<T><<<dim3(plan.xa_splits, static_cast<unsigned>(p.M)), kLoraDownThreads, 0, stream>>>(
         x_lora != nullptr ? x_lora : p.x, lora_A, scratch, p.M, p.K, p.r);
     const cudaError_t err = cudaGetLastError();
     if (err != cudaSuccess) return err;
   }
-  const int mt8 = lora_gemv_mt8(p.M);
-  const int64_t rows = 8 * mt8;
-  const int64_t grid_x = ((p.N + 15) / 16 + kGemvWarps - 1) / kGemvWarps;
-  const int64_t grid_z = (p.M + rows - 1) / rows;
-  if (grid_x > 0x7fffffff || grid_z > 65535) return cudaErrorInvalidConfiguration;
-  const size_t smem = splits == 1 ? static_cast<size_t>(rows) * p.r * sizeof(float) : 0;
-  if (smem > static_cast<size_t>(kMaxLoraSmemBytes)) return cudaErrorInvalidValue;
-  const dim3 grid(static_cast<unsigned>(grid_x), splits, static_cast<unsigned>(grid_z));
   cudaError_t err = cudaSuccess;
-  // The block-scaled loop only for the small M it was written for; larger M amortise the per-weight scaling.
-  const bool block_scaled = allow_block_scaled && p.log2_blocksize == 6 && p.K % 64 == 0 && mt8 <= 2;
-#define QLORA_GEMV_CASE(QT_, MT8_, SCALED_)                 \
-  if (quant_type == QT_ && mt8 == MT8_ && block_scaled == SCALED_) \
-    err = launch_lora_gemv<T, QT_, MT8_, SCALED_>(p, grid, smem, stream);
+  const int mt8 = plan.mt8;
+#define QLORA_GEMV_CASE(QT_, MT8_, SCALED_)                              \
+  if (quant_type == QT_ && mt8 == MT8_ && plan.block_scaled == SCALED_) \
+    err = launch_lora_gemv<T, QT_, MT8_, SCALED_>(p, plan, stream);
   QLORA_GEMV_CASE(QuantType::NF4, 1, false) QLORA_GEMV_CASE(QuantType::NF4, 2, false)
   QLORA_GEMV_CASE(QuantType::NF4, 4, false) QLORA_GEMV_CASE(QuantType::NF4, 8, false)
   QLORA_GEMV_CASE(QuantType::FP4, 1, false) QLORA_GEMV_CASE(QuantType::FP4, 2, false)
   QLORA_GEMV_CASE(QuantType::FP4, 4, false) QLORA_GEMV_CASE(QuantType::FP4, 8, false)
   QLORA_GEMV_CASE(QuantType::NF4, 1, true) QLORA_GEMV_CASE(QuantType::NF4, 2, true)
-  QLORA_GEMV_CASE(QuantType::FP4, 1, true) QLORA_GEMV_CASE(QuantType::FP4, 2, true)
+  QLORA_GEMV_CASE(QuantType::NF4, 4, true) QLORA_GEMV_CASE(QuantType::FP4, 1, true)
+  QLORA_GEMV_CASE(QuantType::FP4, 2, true) QLORA_GEMV_CASE(QuantType::FP4, 4, true)
 #undef QLORA_GEMV_CASE
-  if (err != cudaSuccess || splits == 1) return err;
+  if (err != cudaSuccess || plan.splits == 1) return err;
   const int epi_rows = lora_epilogue_rows(p.M, p.N, p.r, num_sms);
   const int64_t epi_y = (p.M + epi_rows - 1) / epi_rows;
   if (epi_y > 65535) return cudaErrorInvalidConfiguration;
   const size_t epi_smem = static_cast<size_t>(epi_rows) * p.r * sizeof(float);
   lora_epilogue_kernel<T><<<dim3(static_cast<unsigned>((p.N + kEpilogueThreads - 1) / kEpilogueThreads),
                                  static_cast<unsigned>(epi_y)),
-                            kEpilogueThreads, epi_smem, stream>>>(p, splits, epi_rows);
+                            kEpilogueThreads, epi_smem, stream>>>(p, plan.splits, epi_rows);
   return cudaGetLastError();
 }
 
