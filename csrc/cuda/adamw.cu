@@ -44,6 +44,32 @@ AdamWHyper hyper(double lr, const std::optional<at::Tensor>& lr_tensor, double b
   return h;
 }
 
+// Descriptors of the non-empty tensors, in order, and the total of their work units (unit_size elements
+// each). p, g, step, n and the unit range are set here; fill(desc, i) sets the state pointers and the
+// vectorized flag. Strided gradients are copied into `keep`, which must live until the launch is queued.
+template <typename Desc, typename Fill>
+std::vector<Desc> describe(at::TensorList params, at::TensorList grads, at::TensorList steps, int64_t unit_size,
+                           std::vector<at::Tensor>& keep, int64_t& units, Fill fill) {
+  std::vector<Desc> descs;
+  units = 0;
+  for (size_t i = 0; i < params.size(); ++i) {
+    const int64_t n = params[i].numel();
+    if (n == 0) continue;
+    keep.push_back(grads[i].contiguous());
+    Desc d{};
+    d.p = params[i].data_ptr();
+    d.g = keep.back().const_data_ptr();
+    d.step = steps[i].const_data_ptr<float>();
+    d.n = n;
+    d.first_unit = units;
+    d.end_unit = units + (n + unit_size - 1) / unit_size;
+    units = d.end_unit;
+    fill(d, i);
+    descs.push_back(d);
+  }
+  return descs;
+}
+
 void adamw_32bit_cuda(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
                       at::TensorList exp_avg_sqs, at::TensorList steps, double lr, double beta1, double beta2,
                       double eps, double weight_decay, const std::optional<at::Tensor>& lr_tensor) {
@@ -51,26 +77,14 @@ void adamw_32bit_cuda(at::TensorList params, at::TensorList grads, at::TensorLis
                                                       eps, weight_decay, lr_tensor);
   if (params.empty()) return;
   const c10::cuda::CUDAGuard guard(params[0].device());
-  std::vector<at::Tensor> keep;  // contiguous copies of strided gradients, alive until the launch is queued
-  std::vector<AdamW32Tensor> descs;
+  std::vector<at::Tensor> keep;
   int64_t units = 0;
-  for (size_t i = 0; i < params.size(); ++i) {
-    const int64_t n = params[i].numel();
-    if (n == 0) continue;
-    keep.push_back(grads[i].contiguous());
-    AdamW32Tensor d{};
-    d.p = params[i].data_ptr();
-    d.g = keep.back().const_data_ptr();
-    d.exp_avg = exp_avgs[i].data_ptr<float>();
-    d.exp_avg_sq = exp_avg_sqs[i].data_ptr<float>();
-    d.step = steps[i].const_data_ptr<float>();
-    d.n = n;
-    d.first_unit = units;
-    d.end_unit = units + (n + kAdamWChunk - 1) / kAdamWChunk;
-    d.vectorized = aligned(d.p, 16) && aligned(d.g, 16) && aligned(d.exp_avg, 16) && aligned(d.exp_avg_sq, 16);
-    units = d.end_unit;
-    descs.push_back(d);
-  }
+  const std::vector<AdamW32Tensor> descs =
+      describe<AdamW32Tensor>(params, grads, steps, kAdamWChunk, keep, units, [&](AdamW32Tensor& d, size_t i) {
+        d.exp_avg = exp_avgs[i].data_ptr<float>();
+        d.exp_avg_sq = exp_avg_sqs[i].data_ptr<float>();
+        d.vectorized = aligned(d.p, 16) && aligned(d.g, 16) && aligned(d.exp_avg, 16) && aligned(d.exp_avg_sq, 16);
+      });
   if (descs.empty()) return;
   at::Tensor lr_keep;
   const AdamWHyper h = hyper(lr, lr_tensor, beta1, beta2, eps, weight_decay, lr_keep);
@@ -92,27 +106,15 @@ void adamw_8bit_blockwise_cuda(at::TensorList params, at::TensorList grads, at::
   if (params.empty()) return;
   const c10::cuda::CUDAGuard guard(params[0].device());
   std::vector<at::Tensor> keep;
-  std::vector<AdamW8Tensor> descs;
   int64_t units = 0;
-  for (size_t i = 0; i < params.size(); ++i) {
-    const int64_t n = params[i].numel();
-    if (n == 0) continue;
-    keep.push_back(grads[i].contiguous());
-    AdamW8Tensor d{};
-    d.p = params[i].data_ptr();
-    d.g = keep.back().const_data_ptr();
-    d.state1 = state1[i].data_ptr<uint8_t>();
-    d.state2 = state2[i].data_ptr<uint8_t>();
-    d.absmax1 = absmax1[i].data_ptr<float>();
-    d.absmax2 = absmax2[i].data_ptr<float>();
-    d.step = steps[i].const_data_ptr<float>();
-    d.n = n;
-    d.first_unit = units;
-    d.end_unit = units + (n + kOptimizerBlocksize - 1) / kOptimizerBlocksize;
-    d.vectorized = aligned(d.p, 16) && aligned(d.g, 16) && aligned(d.state1, 8) && aligned(d.state2, 8);
-    units = d.end_unit;
-    descs.push_back(d);
-  }
+  const std::vector<AdamW8Tensor> descs =
+      describe<AdamW8Tensor>(params, grads, steps, kOptimizerBlocksize, keep, units, [&](AdamW8Tensor& d, size_t i) {
+        d.state1 = state1[i].data_ptr<uint8_t>();
+        d.state2 = state2[i].data_ptr<uint8_t>();
+        d.absmax1 = absmax1[i].data_ptr<float>();
+        d.absmax2 = absmax2[i].data_ptr<float>();
+        d.vectorized = aligned(d.p, 16) && aligned(d.g, 16) && aligned(d.state1, 8) && aligned(d.state2, 8);
+      });
   if (descs.empty()) return;
   at::Tensor lr_keep;
   const AdamWHyper h = hyper(lr, lr_tensor, beta1, beta2, eps, weight_decay, lr_keep);
