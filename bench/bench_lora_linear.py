@@ -5,7 +5,7 @@ Rows (impl):
   qlora                    torch.ops.qlora.lora_linear_4bit, automatic path
   qlora fused              path=1, the small-M kernel (crossover rows)
   qlora dequant+gemm       path=2, dequantize + cuBLAS (crossover rows)
-  qlora fused block-scaled path=3, the small-M kernel's block-scaled loop (crossover rows, M <= 16)
+  qlora fused block-scaled path=3, the small-M block-scaled kernel (crossover rows, M <= 32)
   torch bf16               F.linear + the same LoRA in plain PyTorch
   torch bf16 no-LoRA       F.linear only
   bitsandbytes             bnb.matmul_4bit + the same LoRA in plain PyTorch
@@ -107,7 +107,7 @@ def run(ctx: Context) -> list[Row]:
             add(case, shape, "qlora", lambda: ours(x, 0), q_bytes, flops)
             add(case, shape, "qlora fused", lambda: ours(x, 1), q_bytes, flops)
             add(case, shape, "qlora dequant+gemm", lambda: ours(x, 2), q_bytes, flops)
-            if M <= 16:
+            if M <= 32:
                 add(case, shape, "qlora fused block-scaled", lambda: ours(x, 3), q_bytes, flops)
             add(case, shape, "torch bf16 no-LoRA", lambda: F.linear(x, next_w()), 2 * N * K, 2 * M * N * K)
 

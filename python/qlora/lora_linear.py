@@ -36,10 +36,10 @@ def lora_linear_4bit(x: torch.Tensor, packed: torch.Tensor, quant_state: QuantSt
         Input of the LoRA branch, e.g. ``dropout(x)``; defaults to x. Passing the dropped-out tensor keeps the op
         itself deterministic.
     path : int
-        CUDA only: ``PATH_AUTO`` picks the fused small-M kernel for small batches (float16/bfloat16,
+        CUDA only: ``PATH_AUTO`` picks the fused small-M kernel for up to 32 rows of x (float16/bfloat16,
         in_features % 32 == 0) and dequantize + cuBLAS otherwise; the other values force one (benchmarking).
-        ``PATH_FUSED_BLOCK_SCALED`` is the fused kernel with a loop that scales per quantization block instead of
-        per weight (blocksize 64, in_features % 64 == 0, up to 16 rows of x; elsewhere as ``PATH_FUSED``).
+        ``PATH_FUSED_BLOCK_SCALED`` is the fused kernel that scales per quantization block instead of per
+        weight (blocksize 64, in_features % 64 == 0, up to 32 rows of x; elsewhere as ``PATH_FUSED``).
 
     Returns
     -------
