@@ -98,6 +98,12 @@ struct LoraLinearParams {
   int log2_blocksize;
 };
 
+// Length of each K split when K is cut into `splits` ranges of whole kGemvSplitAlign steps (the last range may
+// be shorter): the launcher's split count and the kernels' ranges both come from it.
+__host__ __device__ inline int64_t split_k_length(int64_t K, int64_t splits) {
+  return ((K + splits - 1) / splits + kGemvSplitAlign - 1) / kGemvSplitAlign * kGemvSplitAlign;
+}
+
 // ---- x_lora·Aᵀ ----------------------------------------------------------------------------------------
 // Grid (xa_splits, M). Warp w takes LoRA rows j = w, w+8, ...; its lanes stride the CTA's K range in 8-element
 // units and reduce with shuffles, so every (split, m, j) sum has one fixed order.
@@ -254,8 +260,7 @@ __global__ void __launch_bounds__(kGemvThreads) lora_gemv_4bit_kernel(const Lora
   const bool row_ok[2] = {rows[0] < p.N, rows[1] < p.N};
   const int64_t row_safe[2] = {row_ok[0] ? rows[0] : 0, row_ok[1] ? rows[1] : 0};
 
-  const int64_t k_per_split = (p.K + gridDim.y - 1) / gridDim.y;
-  const int64_t k_split = (k_per_split + kGemvSplitAlign - 1) / kGemvSplitAlign * kGemvSplitAlign;
+  const int64_t k_split = split_k_length(p.K, gridDim.y);
   const int64_t k_begin = static_cast<int64_t>(blockIdx.y) * k_split;
   const int64_t k_end = p.K < k_begin + k_split ? p.K : k_begin + k_split;
 
@@ -390,8 +395,7 @@ __global__ void __launch_bounds__(kScaledThreads) lora_gemv_scaled_kernel(const 
   if (n_tile >= p.N) return;  // no barrier follows
   const int64_t rows[2] = {n_tile + g, n_tile + g + 8};
   const bool row_ok[2] = {rows[0] < p.N, rows[1] < p.N};
-  const int64_t k_per_split = (p.K + gridDim.y - 1) / gridDim.y;
-  const int64_t k_split = (k_per_split + kGemvSplitAlign - 1) / kGemvSplitAlign * kGemvSplitAlign;
+  const int64_t k_split = split_k_length(p.K, gridDim.y);
   const int64_t k_begin = static_cast<int64_t>(blockIdx.y) * k_split;
   const int64_t k_end = p.K < k_begin + k_split ? p.K : k_begin + k_split;
 
@@ -567,7 +571,7 @@ inline int lora_down_splits(int64_t K) { return static_cast<int>((K + kLoraDownS
 // A split count made exact: the split length is rounded up to whole steps, so the count can come out lower.
 inline int exact_splits(int64_t K, int64_t splits) {
   splits = std::max<int64_t>(1, std::min<int64_t>({splits, K / kGemvMinSplitK, kGemvMaxSplits}));
-  const int64_t per = ((K + splits - 1) / splits + kGemvSplitAlign - 1) / kGemvSplitAlign * kGemvSplitAlign;
+  const int64_t per = split_k_length(K, splits);
   return static_cast<int>((K + per - 1) / per);
 }
 
