@@ -617,13 +617,24 @@ cudaError_t opt_in_dynamic_smem(int bytes) {
   return err;
 }
 
-// CTAs of the block-scaled kernel one SM holds with its ring (no staged LoRA rows).
+// CTAs of the block-scaled kernel one SM holds with its ring (no staged LoRA rows); asked of the runtime once
+// per device.
 template <typename T, QuantType QT, int MT8>
 cudaError_t scaled_ctas_per_sm(int* ctas) {
   constexpr auto kernel = lora_gemv_scaled_kernel<T, QT, MT8>;
-  cudaError_t err = opt_in_dynamic_smem<kernel>(kScaledRingBytes + kMaxLoraSmemBytes);
+  int device = 0;
+  cudaError_t err = cudaGetDevice(&device);
   if (err != cudaSuccess) return err;
-  return cudaOccupancyMaxActiveBlocksPerMultiprocessor(ctas, kernel, kScaledThreads, kScaledRingBytes);
+  static int known[64] = {};
+  if (device < 64 && known[device] > 0) {
+    *ctas = known[device];
+    return cudaSuccess;
+  }
+  err = opt_in_dynamic_smem<kernel>(kScaledRingBytes + kMaxLoraSmemBytes);
+  if (err != cudaSuccess) return err;
+  err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(ctas, kernel, kScaledThreads, kScaledRingBytes);
+  if (err == cudaSuccess && device < 64) known[device] = *ctas;
+  return err;
 }
 
 // What launch_lora_linear_4bit will run, decided once so that the caller can size the scratch.
