@@ -96,22 +96,24 @@ class LoraLinear4bitFunction : public torch::autograd::Function<LoraLinear4bitFu
     const at::Tensor g = grad.reshape_symint({-1, N});
     variable_list grads(kNumArguments);
     at::Tensor grad_x;
+    if (lora_A.defined()) {
+      const at::Tensor gb = at::mm(g, lora_B).mul_(scale);  // s·g·B, [M, r]
+      const at::Tensor xl = lora_input.reshape_symint({-1, K});
+      const bool separate_x_lora = edges[4] >= 0;
+      if (separate_x_lora && need_x_lora) grads[kXLora] = at::mm(gb, lora_A).view_symint(lora_input.sym_sizes());
+      // The low-rank part first: the large GEMM below then accumulates onto it (beta = 1) instead of a rank-r
+      // update reading and writing all of grad_x once more.
+      if (!separate_x_lora && need_x) grad_x = at::mm(gb, lora_A);
+      if (need_a) grads[kLoraA] = at::mm(gb.t(), xl);
+      if (need_b) grads[kLoraB] = at::mm(g.t(), at::mm(xl, lora_A.t()).mul_(scale));
+    }
     if (need_x) {
       // Dequantized into a temporary the caching allocator reuses, then one GEMM.
       const at::Tensor w = call_dequantize_4bit(packed, absmax, ctx->saved_data["blocksize"].toInt(),
                                                 ctx->saved_data["quant_type"].toStringRef(), shape,
                                                 grad.scalar_type(), none_if_undefined(absmax2),
                                                 none_if_undefined(code2), none_if_undefined(offset));
-      grad_x = at::mm(g, w);
-    }
-    if (lora_A.defined()) {
-      const at::Tensor gb = at::mm(g, lora_B).mul_(scale);  // s·g·B, [M, r]
-      const at::Tensor xl = lora_input.reshape_symint({-1, K});
-      const bool separate_x_lora = edges[4] >= 0;
-      if (separate_x_lora && need_x_lora) grads[kXLora] = at::mm(gb, lora_A).view_symint(lora_input.sym_sizes());
-      if (!separate_x_lora && grad_x.defined()) grad_x.addmm_(gb, lora_A);
-      if (need_a) grads[kLoraA] = at::mm(gb.t(), xl);
-      if (need_b) grads[kLoraB] = at::mm(g.t(), at::mm(xl, lora_A.t()).mul_(scale));
+      grad_x = grad_x.defined() ? grad_x.addmm_(g, w) : at::mm(g, w);
     }
     if (grad_x.defined()) {
       std::vector<c10::SymInt> x_shape(grad.sym_sizes().begin(), grad.sym_sizes().end() - 1);

@@ -93,8 +93,9 @@ at::Tensor fused_forward(const at::Tensor& x2, const at::Tensor& packed, const a
 }
 
 // Large M: the weight is dequantized into a temporary of x's dtype (the caching allocator hands the same block
-// back on the next call, so it acts as a reused workspace) and cuBLAS does the rest; the LoRA up-projection is
-// accumulated into the same output with beta = 1.
+// back on the next call, so it acts as a reused workspace) and cuBLAS does the rest. The low-rank term (and
+// bias) is written first and the large GEMM accumulates onto it with beta = 1: reading C costs little inside
+// a compute-bound GEMM, where a rank-r update of a finished y would read and write all of y once more.
 at::Tensor dequantize_gemm_forward(const at::Tensor& x2, const at::Tensor& packed, const at::Tensor& absmax,
                                    int64_t blocksize, const std::string& quant_type, c10::SymIntArrayRef shape,
                                    const LoraLinearArgs& args,
@@ -104,12 +105,11 @@ at::Tensor dequantize_gemm_forward(const at::Tensor& x2, const at::Tensor& packe
                                    double scale, const std::optional<at::Tensor>& xl2) {
   const at::Tensor w = call_dequantize_4bit(packed, absmax, blocksize, quant_type, shape, x2.scalar_type(),
                                             absmax2, code2, offset);
-  at::Tensor y = bias.has_value() ? at::addmm(*bias, x2, w.t()) : at::mm(x2, w.t());
-  if (args.lora) {
-    const at::Tensor xa = at::mm(xl2.has_value() ? *xl2 : x2, lora_A->t());
-    y.addmm_(xa, lora_B->t(), 1.0, scale);
-  }
-  return y;
+  if (!args.lora) return bias.has_value() ? at::addmm(*bias, x2, w.t()) : at::mm(x2, w.t());
+  const at::Tensor xa = at::mm(xl2.has_value() ? *xl2 : x2, lora_A->t());
+  at::Tensor y = bias.has_value() ? at::addmm(*bias, xa, lora_B->t(), 1.0, scale)
+                                  : at::empty({args.M, args.N}, x2.options()).addmm_(xa, lora_B->t(), 0.0, scale);
+  return y.addmm_(x2, w.t());
 }
 
 at::Tensor lora_linear_4bit_cuda(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& absmax,
