@@ -14,6 +14,8 @@
 #include <string>
 
 #include "dequantize_4bit_op.h"
+#include "lora_linear_4bit_args.h"
+#include "qlora/common.cuh"
 
 namespace qlora {
 namespace {
@@ -95,24 +97,37 @@ class LoraLinear4bitFunction : public torch::autograd::Function<LoraLinear4bitFu
     const c10::SymInt& K = shape[1];
     const at::Tensor g = grad.reshape_symint({-1, N});
     variable_list grads(kNumArguments);
+    const int64_t blocksize = ctx->saved_data["blocksize"].toInt();
+    const std::string& quant_type = ctx->saved_data["quant_type"].toStringRef();
+    const bool separate_x_lora = edges[4] >= 0;
+    // Where the LoRA branch reads x itself, grad_x = g·(W + s·B·A): on the GPU, for large M, the adapter is merged
+    // into the dequantized workspace (dequantize_4bit_lora) rather than added by two low-rank GEMMs over g, grad_x.
+    const std::optional<int64_t> rows = g.sym_size(0).maybe_as_int(), n = N.maybe_as_int(), k = K.maybe_as_int();
+    const bool merged = lora_A.defined() && !separate_x_lora && need_x && grad.is_cuda() &&
+                        grad.scalar_type() != at::kFloat && rows && n && k &&
+                        dequantize_lora_supported(*k, lora_A.size(0)) && merging_adapter_pays(*rows, *n, *k);
     at::Tensor grad_x;
     if (lora_A.defined()) {
-      const at::Tensor gb = at::mm(g, lora_B).mul_(scale);  // s·g·B, [M, r]
       const at::Tensor xl = lora_input.reshape_symint({-1, K});
-      const bool separate_x_lora = edges[4] >= 0;
-      if (separate_x_lora && need_x_lora) grads[kXLora] = at::mm(gb, lora_A).view_symint(lora_input.sym_sizes());
-      // The low-rank part first: the large GEMM below then accumulates onto it (beta = 1) instead of a rank-r
-      // update reading and writing all of grad_x once more.
-      if (!separate_x_lora && need_x) grad_x = at::mm(gb, lora_A);
-      if (need_a) grads[kLoraA] = at::mm(gb.t(), xl);
+      if (need_a || (need_x && !merged) || (separate_x_lora && need_x_lora)) {
+        const at::Tensor gb = at::mm(g, lora_B).mul_(scale);  // s·g·B, [M, r]
+        if (separate_x_lora && need_x_lora) grads[kXLora] = at::mm(gb, lora_A).view_symint(lora_input.sym_sizes());
+        // The low-rank part first: the large GEMM below then accumulates onto it (beta = 1) instead of a rank-r
+        // update reading and writing all of grad_x once more.
+        if (!separate_x_lora && need_x && !merged) grad_x = at::mm(gb, lora_A);
+        if (need_a) grads[kLoraA] = at::mm(gb.t(), xl);
+      }
       if (need_b) grads[kLoraB] = at::mm(g.t(), at::mm(xl, lora_A.t()).mul_(scale));
     }
     if (need_x) {
       // Dequantized into a temporary the caching allocator reuses, then one GEMM.
-      const at::Tensor w = call_dequantize_4bit(packed, absmax, ctx->saved_data["blocksize"].toInt(),
-                                                ctx->saved_data["quant_type"].toStringRef(), shape,
-                                                grad.scalar_type(), none_if_undefined(absmax2),
-                                                none_if_undefined(code2), none_if_undefined(offset));
+      const at::Tensor w =
+          merged ? call_dequantize_4bit_lora(packed, absmax, blocksize, quant_type, shape, grad.scalar_type(), lora_A,
+                                             lora_B, scale, none_if_undefined(absmax2), none_if_undefined(code2),
+                                             none_if_undefined(offset))
+                 : call_dequantize_4bit(packed, absmax, blocksize, quant_type, shape, grad.scalar_type(),
+                                        none_if_undefined(absmax2), none_if_undefined(code2),
+                                        none_if_undefined(offset));
       grad_x = grad_x.defined() ? grad_x.addmm_(g, w) : at::mm(g, w);
     }
     if (grad_x.defined()) {

@@ -72,6 +72,29 @@ DequantizeArgs check_dequantize_4bit_args(const at::Tensor& packed, const at::Te
   return args;
 }
 
+DequantizeArgs check_dequantize_4bit_lora_args(const at::Tensor& packed, const at::Tensor& absmax, int64_t blocksize,
+                                               const std::string& quant_type, c10::SymIntArrayRef shape,
+                                               at::ScalarType dtype, const at::Tensor& lora_A,
+                                               const at::Tensor& lora_B, const std::optional<at::Tensor>& absmax2,
+                                               const std::optional<at::Tensor>& code2,
+                                               const std::optional<at::Tensor>& offset, int64_t* rank) {
+  TORCH_CHECK_VALUE(shape.size() == 2, "shape must be the weight's [out_features, in_features], got ", shape);
+  const DequantizeArgs args =
+      check_dequantize_4bit_args(packed, absmax, blocksize, quant_type, shape, dtype, absmax2, code2, offset);
+  const int64_t N = shape[0].expect_int(), K = shape[1].expect_int();
+  check_dtype(lora_A, dtype, "lora_A");
+  check_dtype(lora_B, dtype, "lora_B");
+  check_same_device(lora_A, packed, "lora_A", "packed");
+  check_same_device(lora_B, packed, "lora_B", "packed");
+  TORCH_CHECK_VALUE(lora_A.dim() == 2 && lora_A.size(1) == K, "lora_A must be [r, in_features] = [r, ", K, "], got ",
+                    lora_A.sizes());
+  const int64_t r = lora_A.size(0);
+  TORCH_CHECK_VALUE(lora_B.dim() == 2 && lora_B.size(0) == N && lora_B.size(1) == r,
+                    "lora_B must be [out_features, r] = [", N, ", ", r, "], got ", lora_B.sizes());
+  *rank = r;
+  return args;
+}
+
 void check_double_quantize_args(const at::Tensor& absmax, const at::Tensor& code) {
   check_dtype(absmax, at::kFloat, "absmax");
   check_dtype(code, at::kFloat, "code");

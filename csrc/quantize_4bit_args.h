@@ -36,4 +36,13 @@ DequantizeArgs check_dequantize_4bit_args(const at::Tensor& packed, const at::Te
 
 void check_double_quantize_args(const at::Tensor& absmax, const at::Tensor& code);
 
+// dequantize_4bit's checks, plus: a 2-D shape [N, K], lora_A [r, K] and lora_B [N, r] of `dtype` on packed's
+// device. Returns r in `rank`.
+DequantizeArgs check_dequantize_4bit_lora_args(const at::Tensor& packed, const at::Tensor& absmax, int64_t blocksize,
+                                               const std::string& quant_type, c10::SymIntArrayRef shape,
+                                               at::ScalarType dtype, const at::Tensor& lora_A,
+                                               const at::Tensor& lora_B, const std::optional<at::Tensor>& absmax2,
+                                               const std::optional<at::Tensor>& code2,
+                                               const std::optional<at::Tensor>& offset, int64_t* rank);
+
 }  // namespace qlora

@@ -12,6 +12,12 @@ TORCH_LIBRARY(qlora, m) {
   m.def(
       "dequantize_4bit(Tensor packed, Tensor absmax, int blocksize, str quant_type, SymInt[] shape, "
       "ScalarType dtype, Tensor? absmax2=None, Tensor? code2=None, Tensor? offset=None) -> Tensor");
+  // dequant(W) + scale·lora_B·lora_A for a 2-D shape [N, K] (lora_A [r, K], lora_B [N, r], all of dtype), summed in
+  // float32 and rounded once: the weight with a LoRA adapter merged in.
+  m.def(
+      "dequantize_4bit_lora(Tensor packed, Tensor absmax, int blocksize, str quant_type, SymInt[] shape, "
+      "ScalarType dtype, Tensor lora_A, Tensor lora_B, float scale, Tensor? absmax2=None, Tensor? code2=None, "
+      "Tensor? offset=None) -> Tensor");
 
   // ---- fused 4-bit linear + LoRA ----
   // y = x·dequant(W)ᵀ + scale·(x_lora·lora_Aᵀ)·lora_Bᵀ + bias, W given as dequantize_4bit's arguments with

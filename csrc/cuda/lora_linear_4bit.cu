@@ -93,9 +93,11 @@ at::Tensor fused_forward(const at::Tensor& x2, const at::Tensor& packed, const a
 }
 
 // Large M: the weight is dequantized into a temporary of x's dtype (the caching allocator hands the same block
-// back on the next call, so it acts as a reused workspace) and cuBLAS does the rest. The low-rank term (and
-// bias) is written first and the large GEMM accumulates onto it with beta = 1: reading C costs little inside
-// a compute-bound GEMM, where a rank-r update of a finished y would read and write all of y once more.
+// back on the next call, so it acts as a reused workspace) and cuBLAS does the rest. When the LoRA branch reads x
+// itself (no dropout) and M is large against N and K, the adapter is merged into that workspace, W + s·B·A,
+// instead of two low-rank GEMMs that read all of x and write all of y. Otherwise the low-rank term (and
+// bias) is written first and the large GEMM accumulates onto it with beta = 1: reading C costs little inside a
+// compute-bound GEMM, where a rank-r update of a finished y would read and write all of y once more.
 at::Tensor dequantize_gemm_forward(const at::Tensor& x2, const at::Tensor& packed, const at::Tensor& absmax,
                                    int64_t blocksize, const std::string& quant_type, c10::SymIntArrayRef shape,
                                    const LoraLinearArgs& args,
@@ -103,6 +105,12 @@ at::Tensor dequantize_gemm_forward(const at::Tensor& x2, const at::Tensor& packe
                                    const std::optional<at::Tensor>& offset, const std::optional<at::Tensor>& bias,
                                    const std::optional<at::Tensor>& lora_A, const std::optional<at::Tensor>& lora_B,
                                    double scale, const std::optional<at::Tensor>& xl2) {
+  if (args.lora && !xl2.has_value() && x2.scalar_type() != at::kFloat && dequantize_lora_supported(args.K, args.r) &&
+      merging_adapter_pays(args.M, args.N, args.K)) {
+    const at::Tensor w = call_dequantize_4bit_lora(packed, absmax, blocksize, quant_type, shape, x2.scalar_type(),
+                                                   *lora_A, *lora_B, scale, absmax2, code2, offset);
+    return bias.has_value() ? at::addmm(*bias, x2, w.t()) : at::mm(x2, w.t());
+  }
   const at::Tensor w = call_dequantize_4bit(packed, absmax, blocksize, quant_type, shape, x2.scalar_type(),
                                             absmax2, code2, offset);
   if (!args.lora) return bias.has_value() ? at::addmm(*bias, x2, w.t()) : at::mm(x2, w.t());

@@ -31,6 +31,16 @@ def _dequantize_4bit_fake(packed, absmax, blocksize, quant_type, shape, dtype, a
     return packed.new_empty(shape, dtype=dtype)
 
 
+@torch.library.register_fake("qlora::dequantize_4bit_lora")
+def _dequantize_4bit_lora_fake(packed, absmax, blocksize, quant_type, shape, dtype, lora_A, lora_B, scale, absmax2=None,
+                               code2=None, offset=None):
+    torch._check(len(shape) == 2, lambda: f"shape must be the weight's [out_features, in_features], got {shape}")
+    torch._check(lora_A.dim() == 2 and lora_A.shape[1] == shape[1], lambda: "lora_A must be [r, in_features]")
+    torch._check(lora_B.dim() == 2 and lora_B.shape[0] == shape[0] and lora_B.shape[1] == lora_A.shape[0],
+                 lambda: "lora_B must be [out_features, r]")
+    return packed.new_empty(shape, dtype=dtype)
+
+
 # ---- paged optimizers ---------------------------------------------------------------------------------------
 
 @torch.library.register_fake("qlora::paged_empty")

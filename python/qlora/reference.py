@@ -106,6 +106,13 @@ def dequantize_4bit(packed, absmax, blocksize, quant_type, shape, dtype, absmax2
     return (values * scale).to(dtype).reshape(shape)
 
 
+def dequantize_4bit_lora(packed, absmax, blocksize, quant_type, shape, dtype, lora_A, lora_B, scale, absmax2=None,
+                         code2=None, offset=None):
+    """dequant(W) + scale·B·A, summed in float64 and rounded once to dtype."""
+    w = dequantize_4bit(packed, absmax, blocksize, quant_type, shape, torch.float32, absmax2, code2, offset)
+    return (w.double() + scale * (lora_B.double() @ lora_A.double())).to(dtype)
+
+
 # ---- AdamW (the fused optimizer ops) ------------------------------------------------------------------------
 # Every float32 operation below is one torch op, rounded once, in the kernels' order, so the reference
 # reproduces the kernels' bits; the per-tensor constants are computed in Python floats (double) as the

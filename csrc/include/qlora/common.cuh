@@ -50,4 +50,11 @@ QLORA_HD float mul_then_add(float a, float b, float c) {
 // quantize to the code of 0.0 and dequantize to exact zeros, even after double quantization.
 QLORA_HD float inverse_scale(float absmax) { return absmax > 0.0f ? 1.0f / absmax : 0.0f; }
 
+// Layouts the merged-weight kernel (dequantize_lora.cuh) takes: 16 weights of a row then lie in one
+// quantization block and start on an aligned 8-byte word. Here, not there, so that host-only code can ask too.
+constexpr int64_t kDequantizeLoraMaxRank = 64;
+QLORA_HD bool dequantize_lora_supported(int64_t K, int64_t r) {
+  return K % 16 == 0 && r >= 1 && r <= kDequantizeLoraMaxRank;
+}
+
 }  // namespace qlora

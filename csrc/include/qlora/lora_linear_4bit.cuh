@@ -47,6 +47,7 @@ template <> struct MmaType<__nv_bfloat16> {
   __device__ static Pair pair(float lo, float hi) { return __floats2bfloat162_rn(lo, hi); }
   __device__ static Pair splat(float x) { return __float2bfloat162_rn(x); }
   __device__ static float round(float x) { return __bfloat162float(__float2bfloat16_rn(x)); }
+  __device__ static float2 unpack(uint32_t bits) { return __bfloat1622float2(*reinterpret_cast<const Pair*>(&bits)); }
   // D = A·B + D, A 16x16 row-major, B 16x8 column-major, fp32 accumulators.
   __device__ static void mma(float d[4], const uint32_t a[4], const uint32_t b[2]) {
     asm volatile(
@@ -62,6 +63,7 @@ template <> struct MmaType<__half> {
   __device__ static Pair pair(float lo, float hi) { return __floats2half2_rn(lo, hi); }
   __device__ static Pair splat(float x) { return __float2half2_rn(x); }
   __device__ static float round(float x) { return __half2float(__float2half_rn(x)); }
+  __device__ static float2 unpack(uint32_t bits) { return __half22float2(*reinterpret_cast<const Pair*>(&bits)); }
   __device__ static void mma(float d[4], const uint32_t a[4], const uint32_t b[2]) {
     asm volatile(
         "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
