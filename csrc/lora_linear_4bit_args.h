@@ -9,6 +9,7 @@
 #include <string>
 #include <vector>
 
+#include "qlora/common.cuh"
 #include "quantize_4bit_args.h"
 
 namespace qlora {
@@ -32,11 +33,15 @@ constexpr int64_t kFusedMaxM = 32;
 constexpr int64_t kFusedMaxRank = 192;
 
 // Whether the large-M path (forward and the backward's grad_x) merges the adapter into the dequantized weight
-// (dequantize_4bit_lora) instead of two low-rank GEMMs: when the rows' traffic M·(N + K) is at least twice the
-// weight count N·K, i.e. M at least the harmonic mean of N and K. Measured on the H200 (2026-11-28, r = 16, bf16,
+// (dequantize_4bit_lora) instead of two low-rank GEMMs: where that is exact (the LoRA branch reads x itself, not a
+// dropped-out copy), the merging kernel takes the layout (16-bit dtype, dequantize_lora_supported), and the rows'
+// traffic M·(N + K) is at least twice the weight count N·K, i.e. M at least the harmonic mean of N and K. Measured on the H200 (2026-11-28, r = 16, bf16,
 // `python -m bench`, forward µs merged vs not): M = 4096 4096x4096 209.6 vs 227.1; 8192x8192 845 vs 779;
 // 8192x28672 3000 vs 2908; M = 256 8192x28672 416 vs 342 (the merging kernel takes 1.7x dequantize_4bit's time).
-inline bool merging_adapter_pays(int64_t M, int64_t N, int64_t K) { return M * (N + K) >= 2 * N * K; }
+inline bool merging_adapter_pays(bool lora_reads_x, at::ScalarType dtype, int64_t M, int64_t N, int64_t K,
+                                 int64_t r) {
+  return lora_reads_x && dtype != at::kFloat && dequantize_lora_supported(K, r) && M * (N + K) >= 2 * N * K;
+}
 
 struct LoraLinearArgs {
   DequantizeArgs weight;

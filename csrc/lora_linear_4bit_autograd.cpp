@@ -15,7 +15,6 @@
 
 #include "dequantize_4bit_op.h"
 #include "lora_linear_4bit_args.h"
-#include "qlora/common.cuh"
 
 namespace qlora {
 namespace {
@@ -103,9 +102,9 @@ class LoraLinear4bitFunction : public torch::autograd::Function<LoraLinear4bitFu
     // Where the LoRA branch reads x itself, grad_x = g·(W + s·B·A): on the GPU, for large M, the adapter is merged
     // into the dequantized workspace (dequantize_4bit_lora) rather than added by two low-rank GEMMs over g, grad_x.
     const std::optional<int64_t> rows = g.sym_size(0).maybe_as_int(), n = N.maybe_as_int(), k = K.maybe_as_int();
-    const bool merged = lora_A.defined() && !separate_x_lora && need_x && grad.is_cuda() &&
-                        grad.scalar_type() != at::kFloat && rows && n && k &&
-                        dequantize_lora_supported(*k, lora_A.size(0)) && merging_adapter_pays(*rows, *n, *k);
+    const bool merged = need_x && grad.is_cuda() && rows && n && k &&
+                        merging_adapter_pays(lora_A.defined() && !separate_x_lora, grad.scalar_type(), *rows, *n, *k,
+                                             lora_A.defined() ? lora_A.size(0) : 0);
     at::Tensor grad_x;
     if (lora_A.defined()) {
       const at::Tensor xl = lora_input.reshape_symint({-1, K});

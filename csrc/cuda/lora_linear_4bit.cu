@@ -105,8 +105,7 @@ at::Tensor dequantize_gemm_forward(const at::Tensor& x2, const at::Tensor& packe
                                    const std::optional<at::Tensor>& offset, const std::optional<at::Tensor>& bias,
                                    const std::optional<at::Tensor>& lora_A, const std::optional<at::Tensor>& lora_B,
                                    double scale, const std::optional<at::Tensor>& xl2) {
-  if (args.lora && !xl2.has_value() && x2.scalar_type() != at::kFloat && dequantize_lora_supported(args.K, args.r) &&
-      merging_adapter_pays(args.M, args.N, args.K)) {
+  if (merging_adapter_pays(args.lora && !xl2.has_value(), x2.scalar_type(), args.M, args.N, args.K, args.r)) {
     const at::Tensor w = call_dequantize_4bit_lora(packed, absmax, blocksize, quant_type, shape, x2.scalar_type(),
                                                    *lora_A, *lora_B, scale, absmax2, code2, offset);
     return bias.has_value() ? at::addmm(*bias, x2, w.t()) : at::mm(x2, w.t());
