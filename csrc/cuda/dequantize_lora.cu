@@ -8,6 +8,7 @@
 
 #include "../dequantize_4bit_op.h"
 #include "../quantize_4bit_args.h"
+#include "aligned.h"
 #include "dispatch.h"
 #include "qlora/dequantize_lora.cuh"
 
@@ -28,9 +29,7 @@ at::Tensor dequantize_4bit_lora_cuda(const at::Tensor& packed, const at::Tensor&
                                           absmax2, code2, offset);
   const c10::cuda::CUDAGuard guard(packed.device());
   at::Tensor out = at::empty({N, K}, packed.options().dtype(dtype));
-  // The kernel's 8-byte packed loads need an aligned start.
-  at::Tensor p = packed.contiguous();
-  if (reinterpret_cast<uintptr_t>(p.const_data_ptr()) % 8 != 0) p = p.clone();
+  const at::Tensor p = aligned_contiguous(packed);  // 8-byte packed loads
   const at::Tensor a = absmax.contiguous(), la = lora_A.contiguous(), lb = lora_B.contiguous();
   at::Tensor s2, c2, off;
   if (args.double_quant) {

@@ -12,20 +12,12 @@
 
 #include "../dequantize_4bit_op.h"
 #include "../lora_linear_4bit_args.h"
+#include "aligned.h"
 #include "dispatch.h"
 #include "qlora/lora_linear_4bit.cuh"
 
 namespace qlora {
 namespace {
-
-bool aligned16(const at::Tensor& t) { return reinterpret_cast<uintptr_t>(t.const_data_ptr()) % 16 == 0; }
-
-// 16-byte vector loads need an aligned start; a view that starts mid-allocation is copied first.
-at::Tensor aligned_contiguous(const at::Tensor& t) {
-  at::Tensor c = t.contiguous();
-  if (!aligned16(c)) c = c.clone();
-  return c;
-}
 
 // Why the fused kernel cannot take these arguments, or nullptr when it can.
 const char* fused_unsupported(const at::Tensor& x, const LoraLinearArgs& args) {

@@ -8,18 +8,12 @@
 #include <torch/library.h>
 
 #include "../quantize_4bit_args.h"
+#include "aligned.h"
 #include "dispatch.h"
 #include "qlora/quantize_4bit.cuh"
 
 namespace qlora {
 namespace {
-
-// 16-byte vector loads need an aligned start; a view that starts mid-allocation is copied first.
-at::Tensor aligned_contiguous(const at::Tensor& t) {
-  at::Tensor c = t.contiguous();
-  if (reinterpret_cast<uintptr_t>(c.const_data_ptr()) % 16 != 0) c = c.clone();
-  return c;
-}
 
 std::tuple<at::Tensor, at::Tensor> quantize_4bit_cuda(const at::Tensor& A, int64_t blocksize,
                                                       const std::string& quant_type) {
