@@ -357,12 +357,25 @@ __global__ void __launch_bounds__(kGemvThreads) lora_gemv_4bit_kernel(const Lora
 //
 // Ring layout of one stage: row r's 128 bytes as four 32-byte segments, segment j stored at slot j ^ (r & 3),
 // so the 16 lanes of a half-warp (4 rows x 4 lanes, 8 bytes each from segment j) hit 32 distinct banks.
+//
+// kStageX: the CTA's x rows for its K range are copied into shared memory once, before the loop, and the mma's
+// B fragments come from there instead of L1 loads inside the dependent chain; 16 warps share the copy (and the
+// table). Taken where the copy fits (kScaledStagedMaxDynamicSmem).
 constexpr int kScaledWarps = 8;
 constexpr int kScaledThreads = kScaledWarps * 32;
+constexpr int kScaledStagedWarps = 16;
 constexpr int kScaledStages = 4;
 constexpr int kScaledStepRowBytes = kGemvSplitAlign / 2;     // 128 packed bytes of a row per step
 constexpr int kScaledStageBytes = 16 * kScaledStepRowBytes;  // one warp's 16 rows
 constexpr int kScaledRingBytes = kScaledWarps * kScaledStages * kScaledStageBytes;
+constexpr int kScaledStagedRingBytes = kScaledStagedWarps * kScaledStages * kScaledStageBytes;
+// Dynamic shared memory of the staged kernel (ring, x, LoRA rows): the static table (32 KB) and code2 take the
+// rest of the SM's 227 KB.
+constexpr int kScaledStagedMaxDynamicSmem = 190 * 1024;
+constexpr int scaled_warps(bool stage_x) { return stage_x ? kScaledStagedWarps : kScaledWarps; }
+// Row stride of the staged x in elements: the split's K range plus 16 bytes, so that the rows of a quarter-warp's
+// 16-byte loads fall in different banks.
+__host__ __device__ inline int64_t staged_x_stride(int64_t k_split) { return k_split + 8; }
 
 __device__ __forceinline__ void cp_async16(void* smem, const void* gmem) {
   const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(smem));
@@ -374,32 +387,48 @@ __device__ __forceinline__ void cp_async_wait() {
   asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
 }
 
-template <typename T, QuantType QT, int MT8>
-__global__ void __launch_bounds__(kScaledThreads) lora_gemv_scaled_kernel(const LoraLinearParams<T> p) {
+template <typename T, QuantType QT, int MT8, bool kStageX>
+__global__ void __launch_bounds__(scaled_warps(kStageX) * 32) lora_gemv_scaled_kernel(const LoraLinearParams<T> p) {
   using Pair = typename MmaType<T>::Pair;
+  constexpr int kWarps = scaled_warps(kStageX);
+  constexpr int kRingBytes = kWarps * kScaledStages * kScaledStageBytes;
   __shared__ __align__(16) Pair pair_lut[256 * 32];
   __shared__ float smem_code2[256];
-  extern __shared__ __align__(16) uint8_t dynamic_smem[];  // the ring, then xa_s [8·MT8][r] if fused here
-  float* xa_s = reinterpret_cast<float*>(dynamic_smem + kScaledRingBytes);
+  // The ring, then (kStageX) x [min(M, 8·MT8)][staged_x_stride], then xa_s [8·MT8][r] if fused here.
+  extern __shared__ __align__(16) uint8_t dynamic_smem[];
 
   constexpr int kRows = 8 * MT8;
   const int64_t m0 = static_cast<int64_t>(blockIdx.z) * kRows;
+  const int64_t k_split = split_k_length(p.K, gridDim.y);
+  const int64_t k_begin = static_cast<int64_t>(blockIdx.y) * k_split;
+  const int64_t k_end = p.K < k_begin + k_split ? p.K : k_begin + k_split;
+  const int64_t x_stride = staged_x_stride(k_split);
+  const int x_rows = static_cast<int>(p.M - m0 < kRows ? p.M - m0 : kRows);
+  T* xs = reinterpret_cast<T*>(dynamic_smem + kRingBytes);
+  const int64_t xs_bytes = kStageX ? (p.M < kRows ? p.M : kRows) * x_stride * static_cast<int64_t>(sizeof(T)) : 0;
+  float* xa_s = reinterpret_cast<float*>(dynamic_smem + kRingBytes + xs_bytes);
+  if constexpr (kStageX) {  // issued first, so that the copy overlaps the table fill
+    const int64_t granules = (k_end - k_begin) / 8;  // 16 bytes each; K % 64 == 0
+    for (int64_t i = threadIdx.x; i < x_rows * granules; i += kWarps * 32) {
+      const int64_t r = i / granules, q = i % granules;
+      cp_async16(xs + r * x_stride + q * 8, p.x + (m0 + r) * p.K + k_begin + q * 8);
+    }
+    cp_async_commit();
+  }
   fill_tables<T, QT>(p, pair_lut, smem_code2);
   const bool fused_epilogue = p.partial == nullptr;
   if (fused_epilogue && p.lora_B != nullptr) stage_lora_rows(p, xa_s, m0, kRows);
+  if constexpr (kStageX) cp_async_wait<0>();
   __syncthreads();
 
   const bool double_quant = p.absmax == nullptr;
   const float mean = double_quant ? *p.offset : 0.0f;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int g = lane / 4, c = lane % 4;
-  const int64_t n_tile = (static_cast<int64_t>(blockIdx.x) * kScaledWarps + warp) * 16;
+  const int64_t n_tile = (static_cast<int64_t>(blockIdx.x) * kWarps + warp) * 16;
   if (n_tile >= p.N) return;  // no barrier follows
   const int64_t rows[2] = {n_tile + g, n_tile + g + 8};
   const bool row_ok[2] = {rows[0] < p.N, rows[1] < p.N};
-  const int64_t k_split = split_k_length(p.K, gridDim.y);
-  const int64_t k_begin = static_cast<int64_t>(blockIdx.y) * k_split;
-  const int64_t k_end = p.K < k_begin + k_split ? p.K : k_begin + k_split;
 
   // Rows past N read row 0 and x rows past M read row 0 (both exist): what they produce lands only in
   // accumulator entries the store skips, so only the k range needs checks, and only in a split's last step.
@@ -438,11 +467,12 @@ __global__ void __launch_bounds__(kScaledThreads) lora_gemv_scaled_kernel(const 
   int64_t row_e[2];
 #pragma unroll
   for (int h = 0; h < 2; ++h) row_e[h] = (row_ok[h] ? rows[h] : 0) * p.K;
-  const T* x_lane[MT8];
+  const T* x_lane[MT8];  // this lane's x row at k = 16c: in global memory, or (kStageX) at k_begin + 16c staged
 #pragma unroll
   for (int t = 0; t < MT8; ++t) {
     const int64_t m = m0 + 8 * t + g;
-    x_lane[t] = p.x + (m < p.M ? m : 0) * p.K + 16 * c;
+    x_lane[t] = kStageX ? xs + (8 * t + g < x_rows ? 8 * t + g : 0) * x_stride + 16 * c - k_begin
+                        : p.x + (m < p.M ? m : 0) * p.K + 16 * c;
   }
   // The raw loads of this lane's scale (block c of the step) for both rows.
   const auto load_scale = [&](int64_t kc, uint32_t (&q)[2], float (&a)[2]) {
@@ -492,8 +522,13 @@ __global__ void __launch_bounds__(kScaledThreads) lora_gemv_scaled_kernel(const 
 #pragma unroll
       for (int t = 0; t < MT8; ++t) {
         const uint4* xp = reinterpret_cast<const uint4*>(x_lane[t] + kc + 64 * j);
-        xv[t][0] = block_ok[j] ? __ldg(xp) : make_uint4(0, 0, 0, 0);
-        xv[t][1] = block_ok[j] ? __ldg(xp + 1) : make_uint4(0, 0, 0, 0);
+        if constexpr (kStageX) {
+          xv[t][0] = block_ok[j] ? xp[0] : make_uint4(0, 0, 0, 0);
+          xv[t][1] = block_ok[j] ? xp[1] : make_uint4(0, 0, 0, 0);
+        } else {
+          xv[t][0] = block_ok[j] ? __ldg(xp) : make_uint4(0, 0, 0, 0);
+          xv[t][1] = block_ok[j] ? __ldg(xp + 1) : make_uint4(0, 0, 0, 0);
+        }
       }
       float part[MT8][4] = {};
 #pragma unroll
@@ -595,6 +630,7 @@ inline int lora_scaled_splits(int64_t N, int64_t K, int64_t grid_z, int64_t warp
 // x rows per grid z slice, by M: the n8 tiles one warp covers.
 inline int lora_gemv_mt8(int64_t M) { return M <= 8 ? 1 : M <= 16 ? 2 : M <= 32 ? 4 : 8; }
 constexpr int kScaledMaxMT8 = 4;  // registers: 106 at MT8 = 1, 186 at 4 (one CTA per SM)
+constexpr int kScaledStagedMaxMT8 = 2;  // 16 warps a CTA: at most 128 registers a thread
 
 // Rows of x one epilogue CTA covers: few enough that the grid has about two CTAs per SM (at M = 16 one CTA
 // per 64 rows left 16 CTAs on 132 SMs and took 18.7 us), and their xa (rows · r floats) fits shared memory.
@@ -623,7 +659,7 @@ cudaError_t opt_in_dynamic_smem(int bytes) {
 // per device.
 template <typename T, QuantType QT, int MT8>
 cudaError_t scaled_ctas_per_sm(int* ctas) {
-  constexpr auto kernel = lora_gemv_scaled_kernel<T, QT, MT8>;
+  constexpr auto kernel = lora_gemv_scaled_kernel<T, QT, MT8, false>;
   int device = 0;
   cudaError_t err = cudaGetDevice(&device);
   if (err != cudaSuccess) return err;
@@ -642,6 +678,7 @@ cudaError_t scaled_ctas_per_sm(int* ctas) {
 // What launch_lora_linear_4bit will run, decided once so that the caller can size the scratch.
 struct LoraLinearPlan {
   bool block_scaled = false;
+  bool stage_x = false;  // the block-scaled kernel with x staged in shared memory
   int mt8 = 1;
   int splits = 1;     // K splits of the GEMV; > 1 adds the split-K epilogue kernel
   int xa_splits = 0;  // lora_down CTAs per row (0 without LoRA)
@@ -662,9 +699,7 @@ cudaError_t plan_lora_linear_4bit(int64_t M, int64_t N, int64_t K, int r, int lo
   pl.mt8 = lora_gemv_mt8(M);
   pl.block_scaled = allow_block_scaled && log2_blocksize == 6 && K % 64 == 0 && pl.mt8 <= kScaledMaxMT8;
   const int64_t grid_z = std::max<int64_t>(1, (M + 8 * pl.mt8 - 1) / (8 * pl.mt8));
-  const int64_t warps_per_cta = pl.block_scaled ? kScaledWarps : kGemvWarps;
-  const int64_t grid_x = ((N + 15) / 16 + warps_per_cta - 1) / warps_per_cta;
-  if (grid_x > 0x7fffffff || grid_z > 65535 || M > 65535) return cudaErrorInvalidConfiguration;
+  if (grid_z > 65535 || M > 65535) return cudaErrorInvalidConfiguration;
   if (pl.block_scaled) {
     int ctas = 0;
     cudaError_t err = cudaSuccess;
@@ -678,30 +713,42 @@ cudaError_t plan_lora_linear_4bit(int64_t M, int64_t N, int64_t K, int r, int lo
   } else {
     pl.splits = lora_gemv_splits(N, K, num_sms);
   }
-  pl.grid = dim3(static_cast<unsigned>(grid_x), static_cast<unsigned>(pl.splits), static_cast<unsigned>(grid_z));
   const size_t lora_rows_bytes = pl.splits == 1 ? static_cast<size_t>(8 * pl.mt8) * r * sizeof(float) : 0;
   if (lora_rows_bytes > static_cast<size_t>(kMaxLoraSmemBytes)) return cudaErrorInvalidValue;
-  pl.gemv_smem = (pl.block_scaled ? kScaledRingBytes : 0) + lora_rows_bytes;
+  // The same split count with twice the warps a CTA and one CTA an SM: the same warp slots.
+  const size_t staged_x_bytes = static_cast<size_t>(std::min<int64_t>(M, 8 * pl.mt8)) *
+                                staged_x_stride(split_k_length(K, pl.splits)) * sizeof(T);
+  pl.stage_x = pl.block_scaled && pl.mt8 <= kScaledStagedMaxMT8 &&
+               kScaledStagedRingBytes + staged_x_bytes + lora_rows_bytes <= kScaledStagedMaxDynamicSmem;
+  const int64_t warps_per_cta = pl.block_scaled ? scaled_warps(pl.stage_x) : kGemvWarps;
+  const int64_t grid_x = ((N + 15) / 16 + warps_per_cta - 1) / warps_per_cta;
+  if (grid_x > 0x7fffffff) return cudaErrorInvalidConfiguration;
+  pl.grid = dim3(static_cast<unsigned>(grid_x), static_cast<unsigned>(pl.splits), static_cast<unsigned>(grid_z));
+  pl.gemv_smem = pl.stage_x        ? kScaledStagedRingBytes + staged_x_bytes + lora_rows_bytes
+                 : pl.block_scaled ? kScaledRingBytes + lora_rows_bytes
+                                   : lora_rows_bytes;
   pl.scratch_floats =
       static_cast<int64_t>(pl.xa_splits) * M * r + (pl.splits > 1 ? static_cast<int64_t>(pl.splits) * M * N : 0);
   *plan = pl;
   return cudaSuccess;
 }
 
-template <typename T, QuantType QT, int MT8, bool kBlockScaled>
+template <typename T, QuantType QT, int MT8, bool kBlockScaled, bool kStageX>
 constexpr auto gemv_kernel() {
   if constexpr (kBlockScaled)
-    return lora_gemv_scaled_kernel<T, QT, MT8>;
+    return lora_gemv_scaled_kernel<T, QT, MT8, kStageX>;
   else
     return lora_gemv_4bit_kernel<T, QT, MT8>;
 }
 
-template <typename T, QuantType QT, int MT8, bool kBlockScaled>
+template <typename T, QuantType QT, int MT8, bool kBlockScaled, bool kStageX = false>
 cudaError_t launch_lora_gemv(const LoraLinearParams<T>& p, const LoraLinearPlan& plan, cudaStream_t stream) {
-  constexpr auto kernel = gemv_kernel<T, QT, MT8, kBlockScaled>();
-  const cudaError_t err = opt_in_dynamic_smem<kernel>((kBlockScaled ? kScaledRingBytes : 0) + kMaxLoraSmemBytes);
+  constexpr auto kernel = gemv_kernel<T, QT, MT8, kBlockScaled, kStageX>();
+  constexpr int max_smem = kStageX ? kScaledStagedMaxDynamicSmem : (kBlockScaled ? kScaledRingBytes : 0) + kMaxLoraSmemBytes;
+  const cudaError_t err = opt_in_dynamic_smem<kernel>(max_smem);
   if (err != cudaSuccess) return err;
-  kernel<<<plan.grid, kBlockScaled ? kScaledThreads : kGemvThreads, plan.gemv_smem, stream>>>(p);
+  const int threads = kBlockScaled ? scaled_warps(kStageX) * 32 : kGemvThreads;
+  kernel<<<plan.grid, threads, plan.gemv_smem, stream>>>(p);
   return cudaGetLastError();
 }
 
@@ -725,9 +772,11 @@ cudaError_t launch_lora_linear_4bit(LoraLinearParams<T> p, const LoraLinearPlan&
   }
   cudaError_t err = cudaSuccess;
   const int mt8 = plan.mt8;
-#define QLORA_GEMV_CASE(QT_, MT8_, SCALED_)                              \
-  if (quant_type == QT_ && mt8 == MT8_ && plan.block_scaled == SCALED_) \
+#define QLORA_GEMV_CASE(QT_, MT8_, SCALED_)                                                \
+  if (quant_type == QT_ && mt8 == MT8_ && plan.block_scaled == SCALED_ && !plan.stage_x) \
     err = launch_lora_gemv<T, QT_, MT8_, SCALED_>(p, plan, stream);
+#define QLORA_STAGED_CASE(QT_, MT8_) \
+  if (quant_type == QT_ && mt8 == MT8_ && plan.stage_x) err = launch_lora_gemv<T, QT_, MT8_, true, true>(p, plan, stream);
   QLORA_GEMV_CASE(QuantType::NF4, 1, false) QLORA_GEMV_CASE(QuantType::NF4, 2, false)
   QLORA_GEMV_CASE(QuantType::NF4, 4, false) QLORA_GEMV_CASE(QuantType::NF4, 8, false)
   QLORA_GEMV_CASE(QuantType::FP4, 1, false) QLORA_GEMV_CASE(QuantType::FP4, 2, false)
@@ -735,6 +784,9 @@ cudaError_t launch_lora_linear_4bit(LoraLinearParams<T> p, const LoraLinearPlan&
   QLORA_GEMV_CASE(QuantType::NF4, 1, true) QLORA_GEMV_CASE(QuantType::NF4, 2, true)
   QLORA_GEMV_CASE(QuantType::NF4, 4, true) QLORA_GEMV_CASE(QuantType::FP4, 1, true)
   QLORA_GEMV_CASE(QuantType::FP4, 2, true) QLORA_GEMV_CASE(QuantType::FP4, 4, true)
+  QLORA_STAGED_CASE(QuantType::NF4, 1) QLORA_STAGED_CASE(QuantType::NF4, 2)
+  QLORA_STAGED_CASE(QuantType::FP4, 1) QLORA_STAGED_CASE(QuantType::FP4, 2)
+#undef QLORA_STAGED_CASE
 #undef QLORA_GEMV_CASE
   if (err != cudaSuccess || plan.splits == 1) return err;
   const int epi_rows = lora_epilogue_rows(p.M, p.N, p.r, num_sms);
