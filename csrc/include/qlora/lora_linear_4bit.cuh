@@ -372,7 +372,7 @@ constexpr int kScaledStagedRingBytes = kScaledStagedWarps * kScaledStages * kSca
 // Dynamic shared memory of the staged kernel (ring, x, LoRA rows): the static table (32 KB) and code2 take the
 // rest of the SM's 227 KB.
 constexpr int kScaledStagedMaxDynamicSmem = 190 * 1024;
-constexpr int scaled_warps(bool stage_x) { return stage_x ? kScaledStagedWarps : kScaledWarps; }
+__host__ __device__ constexpr int scaled_warps(bool stage_x) { return stage_x ? kScaledStagedWarps : kScaledWarps; }
 // Row stride of the staged x in elements: the split's K range plus 16 bytes, so that the rows of a quarter-warp's
 // 16-byte loads fall in different banks.
 __host__ __device__ inline int64_t staged_x_stride(int64_t k_split) { return k_split + 8; }
