@@ -6,6 +6,8 @@ Rows (impl):
   qlora fused              path=1, the small-M kernel (crossover rows)
   qlora dequant+gemm       path=2, dequantize + cuBLAS (crossover rows)
   qlora fused block-scaled path=3, the small-M block-scaled kernel (crossover rows, M <= 32)
+  qlora merged / unmerged  path=4 / 5, dequantize + cuBLAS with the adapter always / never merged into the weight
+                           (M >= 256 rows: the measurement behind merging_adapter_pays)
   torch bf16               F.linear + the same LoRA in plain PyTorch
   torch bf16 no-LoRA       F.linear only
   bitsandbytes             bnb.matmul_4bit + the same LoRA in plain PyTorch
@@ -94,6 +96,9 @@ def run(ctx: Context) -> list[Row]:
                 2 * M * N * K)
             if next_b is not None:
                 add(case, shape, "bitsandbytes", lambda: bnb_lora(x), q_bytes, flops)
+            if ctx.cuda and M >= 256:
+                add(case, shape, "qlora merged", lambda: ours(x, 4), q_bytes, flops)
+                add(case, shape, "qlora unmerged", lambda: ours(x, 5), q_bytes, flops)
 
         if not ctx.quick and (N, K) not in CROSSOVER_SHAPES:
             continue

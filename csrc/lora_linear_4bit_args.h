@@ -21,7 +21,17 @@ namespace qlora {
 // kPathFused always takes the general one.
 // Measured on the H200 (2026-11-28, r = 16, bf16, CUDA-graph times, tools/time_lora_paths.py, block-scaled
 // vs general): M = 1 8192x28672 66 vs 95 us, 28672x8192 68 vs 94 us; M = 16 8192x28672 102 vs 247 us.
-enum LoraLinearPath : int64_t { kPathAuto = 0, kPathFused = 1, kPathDequantizeGemm = 2, kPathFusedBlockScaled = 3 };
+// kPathDequantizeGemm merges the adapter into the dequantized weight by merging_adapter_pays;
+// kPathDequantizeGemmMerged always does where it can (no x_lora, 16-bit x, dequantize_lora_supported), and
+// kPathDequantizeGemmUnmerged never does.
+enum LoraLinearPath : int64_t {
+  kPathAuto = 0,
+  kPathFused = 1,
+  kPathDequantizeGemm = 2,
+  kPathFusedBlockScaled = 3,
+  kPathDequantizeGemmMerged = 4,
+  kPathDequantizeGemmUnmerged = 5,
+};
 
 // Largest M for which the automatic choice takes the fused small-M kernel rather than dequantize + cuBLAS.
 // Measured on the H200 (2026-11-28, r = 16, bf16, CUDA-graph times, tools/time_lora_paths.py): at M = 32 the
@@ -38,9 +48,12 @@ constexpr int64_t kFusedMaxRank = 192;
 // traffic M·(N + K) is at least twice the weight count N·K, i.e. M at least the harmonic mean of N and K. Measured on the H200 (2026-11-28, r = 16, bf16,
 // `python -m bench`, forward µs merged vs not): M = 4096 4096x4096 209.6 vs 227.1; 8192x8192 845 vs 779;
 // 8192x28672 3000 vs 2908; M = 256 8192x28672 416 vs 342 (the merging kernel takes 1.7x dequantize_4bit's time).
+inline bool can_merge_adapter(bool lora_reads_x, at::ScalarType dtype, int64_t K, int64_t r) {
+  return lora_reads_x && dtype != at::kFloat && dequantize_lora_supported(K, r);
+}
 inline bool merging_adapter_pays(bool lora_reads_x, at::ScalarType dtype, int64_t M, int64_t N, int64_t K,
                                  int64_t r) {
-  return lora_reads_x && dtype != at::kFloat && dequantize_lora_supported(K, r) && M * (N + K) >= 2 * N * K;
+  return can_merge_adapter(lora_reads_x, dtype, K, r) && M * (N + K) >= 2 * N * K;
 }
 
 struct LoraLinearArgs {
@@ -105,9 +118,10 @@ inline LoraLinearArgs check_lora_linear_4bit_args(const at::Tensor& x, const at:
     TORCH_CHECK_VALUE(x_lora->sizes() == x.sizes(), "x_lora must have the shape of x ", x.sizes(), ", got ",
                       x_lora->sizes());
   }
-  TORCH_CHECK_VALUE(path >= kPathAuto && path <= kPathFusedBlockScaled,
-                    "path must be 0 (automatic), 1 (fused small-M kernel), 2 (dequantize + GEMM) or 3 (fused, "
-                    "block-scaled loop), got ", path);
+  TORCH_CHECK_VALUE(path >= kPathAuto && path <= kPathDequantizeGemmUnmerged,
+                    "path must be 0 (automatic), 1 (fused small-M kernel), 2 (dequantize + GEMM), 3 (fused, "
+                    "block-scaled loop), 4 (dequantize + GEMM, adapter merged) or 5 (dequantize + GEMM, adapter "
+                    "not merged), got ", path);
   return args;
 }
 

@@ -77,7 +77,7 @@ def paths_for(device, dtype, K):
     """Implementations to exercise: the automatic choice, and on CUDA each path the arguments allow."""
     if device.type != "cuda":
         return [0]
-    return [0, 2] + ([1, 3] if dtype != torch.float32 and K % 32 == 0 else [])
+    return [0, 2, 4, 5] + ([1, 3] if dtype != torch.float32 and K % 32 == 0 else [])
 
 
 # ---- forward ----------------------------------------------------------------------------------------------------

@@ -96,8 +96,13 @@ at::Tensor dequantize_gemm_forward(const at::Tensor& x2, const at::Tensor& packe
                                    const std::optional<at::Tensor>& absmax2, const std::optional<at::Tensor>& code2,
                                    const std::optional<at::Tensor>& offset, const std::optional<at::Tensor>& bias,
                                    const std::optional<at::Tensor>& lora_A, const std::optional<at::Tensor>& lora_B,
-                                   double scale, const std::optional<at::Tensor>& xl2) {
-  if (merging_adapter_pays(args.lora && !xl2.has_value(), x2.scalar_type(), args.M, args.N, args.K, args.r)) {
+                                   double scale, const std::optional<at::Tensor>& xl2, int64_t path) {
+  const bool lora_reads_x = args.lora && !xl2.has_value();
+  const bool merge = path == kPathDequantizeGemmMerged ? can_merge_adapter(lora_reads_x, x2.scalar_type(), args.K, args.r)
+                     : path == kPathDequantizeGemmUnmerged
+                         ? false
+                         : merging_adapter_pays(lora_reads_x, x2.scalar_type(), args.M, args.N, args.K, args.r);
+  if (merge) {
     const at::Tensor w = call_dequantize_4bit_lora(packed, absmax, blocksize, quant_type, shape, x2.scalar_type(),
                                                    *lora_A, *lora_B, scale, absmax2, code2, offset);
     return bias.has_value() ? at::addmm(*bias, x2, w.t()) : at::mm(x2, w.t());
@@ -132,7 +137,7 @@ at::Tensor lora_linear_4bit_cuda(const at::Tensor& x, const at::Tensor& packed, 
   const at::Tensor y = fused ? fused_forward(x2, packed, absmax, blocksize, args, absmax2, code2, offset, bias, lora_A,
                                              lora_B, scale, xl2, path != kPathFused)
                              : dequantize_gemm_forward(x2, packed, absmax, blocksize, quant_type, shape, args, absmax2, code2, offset, bias,
-                                                       lora_A, lora_B, scale, xl2);
+                                                       lora_A, lora_B, scale, xl2, path);
   return y.view(args.out_shape);
 }
 

@@ -8,10 +8,12 @@ import torch
 
 from .quantization import QuantState
 
-__all__ = ["lora_linear_4bit", "PATH_AUTO", "PATH_FUSED", "PATH_DEQUANTIZE_GEMM", "PATH_FUSED_BLOCK_SCALED"]
+__all__ = ["lora_linear_4bit", "PATH_AUTO", "PATH_FUSED", "PATH_DEQUANTIZE_GEMM", "PATH_FUSED_BLOCK_SCALED",
+           "PATH_DEQUANTIZE_GEMM_MERGED", "PATH_DEQUANTIZE_GEMM_UNMERGED"]
 
 #: Implementation choice on CUDA (``path`` argument). Anything but PATH_AUTO is meant for benchmarking.
 PATH_AUTO, PATH_FUSED, PATH_DEQUANTIZE_GEMM, PATH_FUSED_BLOCK_SCALED = 0, 1, 2, 3
+PATH_DEQUANTIZE_GEMM_MERGED, PATH_DEQUANTIZE_GEMM_UNMERGED = 4, 5
 
 
 def lora_linear_4bit(x: torch.Tensor, packed: torch.Tensor, quant_state: QuantState,
@@ -40,6 +42,9 @@ def lora_linear_4bit(x: torch.Tensor, packed: torch.Tensor, quant_state: QuantSt
         in_features % 32 == 0) and dequantize + cuBLAS otherwise; the other values force one (benchmarking).
         ``PATH_FUSED_BLOCK_SCALED`` is the fused kernel that scales per quantization block instead of per
         weight (blocksize 64, in_features % 64 == 0, up to 32 rows of x; elsewhere as ``PATH_FUSED``).
+        Dequantize + cuBLAS merges the adapter into the dequantized weight when the LoRA branch reads x itself
+        (no ``x_lora``), x is 16-bit and rows are many against the weight (M at least the harmonic mean of its
+        dimensions); ``PATH_DEQUANTIZE_GEMM_MERGED`` and ``PATH_DEQUANTIZE_GEMM_UNMERGED`` force either way.
 
     Returns
     -------
