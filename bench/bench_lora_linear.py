@@ -5,7 +5,7 @@ Rows (impl):
   qlora                    torch.ops.qlora.lora_linear_4bit, automatic path
   qlora fused              path=1, the small-M kernel (crossover rows)
   qlora dequant+gemm       path=2, dequantize + cuBLAS (crossover rows)
-  qlora fused block-scaled path=3, the small-M block-scaled kernel (crossover rows, M <= 32)
+  qlora fused block-scaled path=3, the small-M block-scaled kernel (crossover rows; above M = 32 in slices of 32)
   qlora merged / unmerged  path=4 / 5, dequantize + cuBLAS with the adapter always / never merged into the weight
                            (M >= 256 rows: the measurement behind merging_adapter_pays)
   torch bf16               F.linear + the same LoRA in plain PyTorch
@@ -112,8 +112,7 @@ def run(ctx: Context) -> list[Row]:
             add(case, shape, "qlora", lambda: ours(x, 0), q_bytes, flops)
             add(case, shape, "qlora fused", lambda: ours(x, 1), q_bytes, flops)
             add(case, shape, "qlora dequant+gemm", lambda: ours(x, 2), q_bytes, flops)
-            if M <= 32:
-                add(case, shape, "qlora fused block-scaled", lambda: ours(x, 3), q_bytes, flops)
+            add(case, shape, "qlora fused block-scaled", lambda: ours(x, 3), q_bytes, flops)
             add(case, shape, "torch bf16 no-LoRA", lambda: F.linear(x, next_w()), 2 * N * K, 2 * M * N * K)
 
         del next_q, next_w, next_b, w

@@ -165,6 +165,18 @@ def test_fused_writes_every_output_and_is_deterministic(M, N, K, path):
     assert torch.equal(y1, y2), "the fused path must be bitwise reproducible"
 
 
+@cuda_only
+@pytest.mark.parametrize("M", [1, 8, 16, 40])
+def test_block_scaled_x_sources(M):
+    """8480 x 16384 on an H200: 3 K splits, so x of a split fits shared memory at M = 1 only; M = 8 and 16 take
+    the ring of x steps with 16 warps a CTA, M = 40 with 8; the last CTA has warps past N."""
+    a = sample_inputs("cuda", M, 8480, 16384, 16, torch.bfloat16)
+    ref = reference.lora_linear_4bit(**a)
+    base = torch_baseline(a)
+    for path in [0, 3]:
+        assert_accurate(OP(**a, path=path), ref, base, torch.bfloat16, f"path {path}")
+
+
 # ---- backward -------------------------------------------------------------------------------------------------
 
 def _grads(fn, a, names):

@@ -358,24 +358,34 @@ __global__ void __launch_bounds__(kGemvThreads) lora_gemv_4bit_kernel(const Lora
 // Ring layout of one stage: row r's 128 bytes as four 32-byte segments, segment j stored at slot j ^ (r & 3),
 // so the 16 lanes of a half-warp (4 rows x 4 lanes, 8 bytes each from segment j) hit 32 distinct banks.
 //
-// kStageX: the CTA's x rows for its K range are copied into shared memory once, before the loop, and the mma's
-// B fragments come from there instead of L1 loads inside the dependent chain; 16 warps share the copy (and the
-// table). Taken where the copy fits (kScaledStagedMaxDynamicSmem).
+// Where the mma's B fragments (x) come from, XSource:
+//   Global  L1 loads inside the dependent chain, 8 warps a CTA;
+//   Split   the CTA's x rows for its whole K range, copied into shared memory once before the loop (where that
+//           fits), so 16 warps share one copy and one table;
+//   Ring    x rows for each 256-k step, copied alongside the weights into a CTA-wide ring of the same depth
+//           (one barrier a step), for M or K too large for Split; 8 warps at MT8 = 4 (128 registers spill).
+enum class XSource { Global, Split, Ring };
 constexpr int kScaledWarps = 8;
-constexpr int kScaledThreads = kScaledWarps * 32;
 constexpr int kScaledStagedWarps = 16;
 constexpr int kScaledStages = 4;
 constexpr int kScaledStepRowBytes = kGemvSplitAlign / 2;     // 128 packed bytes of a row per step
 constexpr int kScaledStageBytes = 16 * kScaledStepRowBytes;  // one warp's 16 rows
 constexpr int kScaledRingBytes = kScaledWarps * kScaledStages * kScaledStageBytes;
-constexpr int kScaledStagedRingBytes = kScaledStagedWarps * kScaledStages * kScaledStageBytes;
-// Dynamic shared memory of the staged kernel (ring, x, LoRA rows): the static table (32 KB) and code2 take the
-// rest of the SM's 227 KB.
+// Dynamic shared memory of the 16-warp kernels (ring, x, LoRA rows): the static table (32 KB) and code2 take
+// the rest of the SM's 227 KB.
 constexpr int kScaledStagedMaxDynamicSmem = 190 * 1024;
-__host__ __device__ constexpr int scaled_warps(bool stage_x) { return stage_x ? kScaledStagedWarps : kScaledWarps; }
-// Row stride of the staged x in elements: the split's K range plus 16 bytes, so that the rows of a quarter-warp's
-// 16-byte loads fall in different banks.
-__host__ __device__ inline int64_t staged_x_stride(int64_t k_split) { return k_split + 8; }
+__host__ __device__ constexpr int scaled_warps(XSource x_source, int mt8) {
+  return x_source == XSource::Global || mt8 > 2 ? kScaledWarps : kScaledStagedWarps;
+}
+__host__ __device__ constexpr int scaled_ring_bytes(int warps) { return warps * kScaledStages * kScaledStageBytes; }
+// Row stride of staged x in elements: the K range (a split, or one step of the ring) plus 16 bytes, so that
+// the rows of a quarter-warp's 16-byte loads fall in different banks.
+__host__ __device__ inline int64_t staged_x_stride(int64_t k_range) { return k_range + 8; }
+constexpr int kRingXStride = kGemvSplitAlign + 8;
+// Bytes of the x ring for `rows` rows of x of element size `elem`.
+__host__ __device__ constexpr int64_t ring_x_bytes(int64_t rows, int elem) {
+  return rows * kRingXStride * elem * kScaledStages;
+}
 
 __device__ __forceinline__ void cp_async16(void* smem, const void* gmem) {
   const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(smem));
@@ -387,14 +397,16 @@ __device__ __forceinline__ void cp_async_wait() {
   asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
 }
 
-template <typename T, QuantType QT, int MT8, bool kStageX>
-__global__ void __launch_bounds__(scaled_warps(kStageX) * 32) lora_gemv_scaled_kernel(const LoraLinearParams<T> p) {
+template <typename T, QuantType QT, int MT8, XSource kX>
+__global__ void __launch_bounds__(scaled_warps(kX, MT8) * 32) lora_gemv_scaled_kernel(const LoraLinearParams<T> p) {
   using Pair = typename MmaType<T>::Pair;
-  constexpr int kWarps = scaled_warps(kStageX);
-  constexpr int kRingBytes = kWarps * kScaledStages * kScaledStageBytes;
+  constexpr bool kSplitX = kX == XSource::Split, kRingX = kX == XSource::Ring;
+  constexpr int kWarps = scaled_warps(kX, MT8);
+  constexpr int kRingBytes = scaled_ring_bytes(kWarps);
   __shared__ __align__(16) Pair pair_lut[256 * 32];
   __shared__ float smem_code2[256];
-  // The ring, then (kStageX) x [min(M, 8·MT8)][staged_x_stride], then xa_s [8·MT8][r] if fused here.
+  // The ring, then x (Split: [min(M, 8·MT8)][staged_x_stride]; Ring: [kScaledStages][8·MT8][kRingXStride]),
+  // then xa_s [8·MT8][r] if fused here.
   extern __shared__ __align__(16) uint8_t dynamic_smem[];
 
   constexpr int kRows = 8 * MT8;
@@ -402,12 +414,14 @@ __global__ void __launch_bounds__(scaled_warps(kStageX) * 32) lora_gemv_scaled_k
   const int64_t k_split = split_k_length(p.K, gridDim.y);
   const int64_t k_begin = static_cast<int64_t>(blockIdx.y) * k_split;
   const int64_t k_end = p.K < k_begin + k_split ? p.K : k_begin + k_split;
-  const int64_t x_stride = staged_x_stride(k_split);
+  const int64_t x_stride = kRingX ? kRingXStride : staged_x_stride(k_split);
   const int x_rows = static_cast<int>(p.M - m0 < kRows ? p.M - m0 : kRows);
   T* xs = reinterpret_cast<T*>(dynamic_smem + kRingBytes);
-  const int64_t xs_bytes = kStageX ? (p.M < kRows ? p.M : kRows) * x_stride * static_cast<int64_t>(sizeof(T)) : 0;
+  const int64_t xs_bytes = kSplitX  ? (p.M < kRows ? p.M : kRows) * x_stride * static_cast<int64_t>(sizeof(T))
+                            : kRingX ? ring_x_bytes(kRows, sizeof(T))
+                                     : 0;
   float* xa_s = reinterpret_cast<float*>(dynamic_smem + kRingBytes + xs_bytes);
-  if constexpr (kStageX) {  // issued first, so that the copy overlaps the table fill
+  if constexpr (kSplitX) {  // issued first, so that the copy overlaps the table fill
     const int64_t granules = (k_end - k_begin) / 8;  // 16 bytes each; K % 64 == 0
     for (int64_t i = threadIdx.x; i < x_rows * granules; i += kWarps * 32) {
       const int64_t r = i / granules, q = i % granules;
@@ -418,7 +432,7 @@ __global__ void __launch_bounds__(scaled_warps(kStageX) * 32) lora_gemv_scaled_k
   fill_tables<T, QT>(p, pair_lut, smem_code2);
   const bool fused_epilogue = p.partial == nullptr;
   if (fused_epilogue && p.lora_B != nullptr) stage_lora_rows(p, xa_s, m0, kRows);
-  if constexpr (kStageX) cp_async_wait<0>();
+  if constexpr (kSplitX) cp_async_wait<0>();
   __syncthreads();
 
   const bool double_quant = p.absmax == nullptr;
@@ -426,7 +440,8 @@ __global__ void __launch_bounds__(scaled_warps(kStageX) * 32) lora_gemv_scaled_k
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int g = lane / 4, c = lane % 4;
   const int64_t n_tile = (static_cast<int64_t>(blockIdx.x) * kWarps + warp) * 16;
-  if (n_tile >= p.N) return;  // no barrier follows
+  // Ring: every warp copies its share of x and meets the barriers, so a warp past N runs on row 0 unstored.
+  if (!kRingX && n_tile >= p.N) return;  // no barrier follows
   const int64_t rows[2] = {n_tile + g, n_tile + g + 8};
   const bool row_ok[2] = {rows[0] < p.N, rows[1] < p.N};
 
@@ -449,6 +464,13 @@ __global__ void __launch_bounds__(scaled_warps(kStageX) * 32) lora_gemv_scaled_k
 #pragma unroll
       for (int i = 0; i < 4; ++i) cp_async16(ring + stage * kScaledStageBytes + dst[i], src[i] + kc / 2);
     }
+    if constexpr (kRingX) {  // 32 granules of 16 bytes a row; x rows past M are not copied (nor read)
+      T* xs_stage = xs + stage * kRows * kRingXStride;
+      for (int i = threadIdx.x; i < x_rows * 32; i += kWarps * 32) {
+        const int r = i / 32, q = i % 32;
+        if (kc + 8 * q < k_end) cp_async16(xs_stage + r * kRingXStride + 8 * q, p.x + (m0 + r) * p.K + kc + 8 * q);
+      }
+    }
     cp_async_commit();  // also when empty, so that wait_group counts steps
   };
   uint32_t read_off[2][4];
@@ -467,12 +489,16 @@ __global__ void __launch_bounds__(scaled_warps(kStageX) * 32) lora_gemv_scaled_k
   int64_t row_e[2];
 #pragma unroll
   for (int h = 0; h < 2; ++h) row_e[h] = (row_ok[h] ? rows[h] : 0) * p.K;
-  const T* x_lane[MT8];  // this lane's x row at k = 16c: in global memory, or (kStageX) at k_begin + 16c staged
+  // This lane's x row at k = 16c: in global memory (at k = 0), staged for the split (at k_begin), or in stage 0
+  // of the ring (at the step's first k).
+  const T* x_lane[MT8];
 #pragma unroll
   for (int t = 0; t < MT8; ++t) {
     const int64_t m = m0 + 8 * t + g;
-    x_lane[t] = kStageX ? xs + (8 * t + g < x_rows ? 8 * t + g : 0) * x_stride + 16 * c - k_begin
-                        : p.x + (m < p.M ? m : 0) * p.K + 16 * c;
+    const int staged_row = 8 * t + g < x_rows ? 8 * t + g : 0;
+    x_lane[t] = kSplitX  ? xs + staged_row * x_stride + 16 * c - k_begin
+                : kRingX ? xs + staged_row * x_stride + 16 * c
+                         : p.x + (m < p.M ? m : 0) * p.K + 16 * c;
   }
   // The raw loads of this lane's scale (block c of the step) for both rows.
   const auto load_scale = [&](int64_t kc, uint32_t (&q)[2], float (&a)[2]) {
@@ -521,8 +547,9 @@ __global__ void __launch_bounds__(scaled_warps(kStageX) * 32) lora_gemv_scaled_k
       uint4 xv[MT8][2];
 #pragma unroll
       for (int t = 0; t < MT8; ++t) {
-        const uint4* xp = reinterpret_cast<const uint4*>(x_lane[t] + kc + 64 * j);
-        if constexpr (kStageX) {
+        const T* x_step = kRingX ? x_lane[t] + stage * kRows * kRingXStride : x_lane[t] + kc;
+        const uint4* xp = reinterpret_cast<const uint4*>(x_step + 64 * j);
+        if constexpr (kSplitX || kRingX) {
           xv[t][0] = block_ok[j] ? xp[0] : make_uint4(0, 0, 0, 0);
           xv[t][1] = block_ok[j] ? xp[1] : make_uint4(0, 0, 0, 0);
         } else {
@@ -557,11 +584,15 @@ __global__ void __launch_bounds__(scaled_warps(kStageX) * 32) lora_gemv_scaled_k
 
   int stage = 0;
   for (int64_t kc = k_begin; kc < k_end; kc += kGemvSplitAlign) {
+    if constexpr (kRingX) {
+      cp_async_wait<kScaledStages - 2>();  // this step's stage has landed, for the copies of this thread;
+      __syncthreads();  // of every thread; and every warp is done with the stage refilled next
+    }
     issue(kc + (kScaledStages - 1) * kGemvSplitAlign, (stage + kScaledStages - 1) % kScaledStages);
     uint32_t q2[2];
     float a2[2];
     load_scale(kc + 2 * kGemvSplitAlign, q2, a2);
-    cp_async_wait<kScaledStages - 1>();  // this step's stage has landed
+    if constexpr (!kRingX) cp_async_wait<kScaledStages - 1>();  // this step's stage has landed
     __syncwarp();
     if (kc + kGemvSplitAlign <= k_end)
       step(kc, stage, std::false_type{});
@@ -630,7 +661,7 @@ inline int lora_scaled_splits(int64_t N, int64_t K, int64_t grid_z, int64_t warp
 // x rows per grid z slice, by M: the n8 tiles one warp covers.
 inline int lora_gemv_mt8(int64_t M) { return M <= 8 ? 1 : M <= 16 ? 2 : M <= 32 ? 4 : 8; }
 constexpr int kScaledMaxMT8 = 4;  // registers: 106 at MT8 = 1, 186 at 4 (one CTA per SM)
-constexpr int kScaledStagedMaxMT8 = 2;  // 16 warps a CTA: at most 128 registers a thread
+constexpr int kScaledSplitMaxMT8 = 2;  // 16 warps a CTA: at most 128 registers a thread
 
 // Rows of x one epilogue CTA covers: few enough that the grid has about two CTAs per SM (at M = 16 one CTA
 // per 64 rows left 16 CTAs on 132 SMs and took 18.7 us), and their xa (rows · r floats) fits shared memory.
@@ -659,7 +690,7 @@ cudaError_t opt_in_dynamic_smem(int bytes) {
 // per device.
 template <typename T, QuantType QT, int MT8>
 cudaError_t scaled_ctas_per_sm(int* ctas) {
-  constexpr auto kernel = lora_gemv_scaled_kernel<T, QT, MT8, false>;
+  constexpr auto kernel = lora_gemv_scaled_kernel<T, QT, MT8, XSource::Global>;
   int device = 0;
   cudaError_t err = cudaGetDevice(&device);
   if (err != cudaSuccess) return err;
@@ -670,7 +701,7 @@ cudaError_t scaled_ctas_per_sm(int* ctas) {
   }
   err = opt_in_dynamic_smem<kernel>(kScaledRingBytes + kMaxLoraSmemBytes);
   if (err != cudaSuccess) return err;
-  err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(ctas, kernel, kScaledThreads, kScaledRingBytes);
+  err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(ctas, kernel, kScaledWarps * 32, kScaledRingBytes);
   if (err == cudaSuccess && device < 64) known[device] = *ctas;
   return err;
 }
@@ -678,7 +709,7 @@ cudaError_t scaled_ctas_per_sm(int* ctas) {
 // What launch_lora_linear_4bit will run, decided once so that the caller can size the scratch.
 struct LoraLinearPlan {
   bool block_scaled = false;
-  bool stage_x = false;  // the block-scaled kernel with x staged in shared memory
+  XSource x_source = XSource::Global;  // of the block-scaled kernel
   int mt8 = 1;
   int splits = 1;     // K splits of the GEMV; > 1 adds the split-K epilogue kernel
   int xa_splits = 0;  // lora_down CTAs per row (0 without LoRA)
@@ -689,15 +720,15 @@ struct LoraLinearPlan {
 };
 
 // allow_block_scaled: take the block-scaled kernel where the layout allows it (blocksize 64, K % 64 == 0,
-// M <= 8 · kScaledMaxMT8 per grid z slice).
+// grid z slices of up to 8 · kScaledMaxMT8 rows of x).
 template <typename T>
 cudaError_t plan_lora_linear_4bit(int64_t M, int64_t N, int64_t K, int r, int log2_blocksize, QuantType quant_type,
                                   int num_sms, bool allow_block_scaled, LoraLinearPlan* plan) {
   LoraLinearPlan pl;
   pl.r = r;
   pl.xa_splits = r > 0 ? lora_down_splits(K) : 0;
-  pl.mt8 = lora_gemv_mt8(M);
-  pl.block_scaled = allow_block_scaled && log2_blocksize == 6 && K % 64 == 0 && pl.mt8 <= kScaledMaxMT8;
+  pl.block_scaled = allow_block_scaled && block_scaled_layout(int64_t{1} << log2_blocksize, K);
+  pl.mt8 = pl.block_scaled ? std::min(lora_gemv_mt8(M), kScaledMaxMT8) : lora_gemv_mt8(M);
   const int64_t grid_z = std::max<int64_t>(1, (M + 8 * pl.mt8 - 1) / (8 * pl.mt8));
   if (grid_z > 65535 || M > 65535) return cudaErrorInvalidConfiguration;
   if (pl.block_scaled) {
@@ -716,38 +747,47 @@ cudaError_t plan_lora_linear_4bit(int64_t M, int64_t N, int64_t K, int r, int lo
   const size_t lora_rows_bytes = pl.splits == 1 ? static_cast<size_t>(8 * pl.mt8) * r * sizeof(float) : 0;
   if (lora_rows_bytes > static_cast<size_t>(kMaxLoraSmemBytes)) return cudaErrorInvalidValue;
   // The same split count with twice the warps a CTA and one CTA an SM: the same warp slots.
-  const size_t staged_x_bytes = static_cast<size_t>(std::min<int64_t>(M, 8 * pl.mt8)) *
-                                staged_x_stride(split_k_length(K, pl.splits)) * sizeof(T);
-  pl.stage_x = pl.block_scaled && pl.mt8 <= kScaledStagedMaxMT8 &&
-               kScaledStagedRingBytes + staged_x_bytes + lora_rows_bytes <= kScaledStagedMaxDynamicSmem;
-  const int64_t warps_per_cta = pl.block_scaled ? scaled_warps(pl.stage_x) : kGemvWarps;
+  const size_t split_x_bytes = static_cast<size_t>(std::min<int64_t>(M, 8 * pl.mt8)) *
+                               staged_x_stride(split_k_length(K, pl.splits)) * sizeof(T);
+  const size_t ring_bytes = static_cast<size_t>(ring_x_bytes(8 * pl.mt8, sizeof(T)));
+  const auto fits = [&](XSource x_source, size_t x_bytes) {
+    return scaled_ring_bytes(scaled_warps(x_source, pl.mt8)) + x_bytes + lora_rows_bytes <=
+           static_cast<size_t>(kScaledStagedMaxDynamicSmem);
+  };
+  if (pl.block_scaled)
+    pl.x_source = pl.mt8 <= kScaledSplitMaxMT8 && fits(XSource::Split, split_x_bytes) ? XSource::Split
+                  : fits(XSource::Ring, ring_bytes)                                     ? XSource::Ring
+                                                                                        : XSource::Global;
+  const size_t x_bytes = pl.x_source == XSource::Split ? split_x_bytes : pl.x_source == XSource::Ring ? ring_bytes : 0;
+  const int64_t warps_per_cta = pl.block_scaled ? scaled_warps(pl.x_source, pl.mt8) : kGemvWarps;
   const int64_t grid_x = ((N + 15) / 16 + warps_per_cta - 1) / warps_per_cta;
   if (grid_x > 0x7fffffff) return cudaErrorInvalidConfiguration;
   pl.grid = dim3(static_cast<unsigned>(grid_x), static_cast<unsigned>(pl.splits), static_cast<unsigned>(grid_z));
-  pl.gemv_smem = pl.stage_x        ? kScaledStagedRingBytes + staged_x_bytes + lora_rows_bytes
-                 : pl.block_scaled ? kScaledRingBytes + lora_rows_bytes
-                                   : lora_rows_bytes;
+  pl.gemv_smem = pl.x_source != XSource::Global ? scaled_ring_bytes(warps_per_cta) + x_bytes + lora_rows_bytes
+                 : pl.block_scaled                ? kScaledRingBytes + lora_rows_bytes
+                                                  : lora_rows_bytes;
   pl.scratch_floats =
       static_cast<int64_t>(pl.xa_splits) * M * r + (pl.splits > 1 ? static_cast<int64_t>(pl.splits) * M * N : 0);
   *plan = pl;
   return cudaSuccess;
 }
 
-template <typename T, QuantType QT, int MT8, bool kBlockScaled, bool kStageX>
+template <typename T, QuantType QT, int MT8, bool kBlockScaled, XSource kX>
 constexpr auto gemv_kernel() {
   if constexpr (kBlockScaled)
-    return lora_gemv_scaled_kernel<T, QT, MT8, kStageX>;
+    return lora_gemv_scaled_kernel<T, QT, MT8, kX>;
   else
     return lora_gemv_4bit_kernel<T, QT, MT8>;
 }
 
-template <typename T, QuantType QT, int MT8, bool kBlockScaled, bool kStageX = false>
+template <typename T, QuantType QT, int MT8, bool kBlockScaled, XSource kX = XSource::Global>
 cudaError_t launch_lora_gemv(const LoraLinearParams<T>& p, const LoraLinearPlan& plan, cudaStream_t stream) {
-  constexpr auto kernel = gemv_kernel<T, QT, MT8, kBlockScaled, kStageX>();
-  constexpr int max_smem = kStageX ? kScaledStagedMaxDynamicSmem : (kBlockScaled ? kScaledRingBytes : 0) + kMaxLoraSmemBytes;
+  constexpr auto kernel = gemv_kernel<T, QT, MT8, kBlockScaled, kX>();
+  constexpr int max_smem = kX != XSource::Global ? kScaledStagedMaxDynamicSmem
+                                                 : (kBlockScaled ? kScaledRingBytes : 0) + kMaxLoraSmemBytes;
   const cudaError_t err = opt_in_dynamic_smem<kernel>(max_smem);
   if (err != cudaSuccess) return err;
-  const int threads = kBlockScaled ? scaled_warps(kStageX) * 32 : kGemvThreads;
+  const int threads = kBlockScaled ? scaled_warps(kX, MT8) * 32 : kGemvThreads;
   kernel<<<plan.grid, threads, plan.gemv_smem, stream>>>(p);
   return cudaGetLastError();
 }
@@ -773,10 +813,11 @@ cudaError_t launch_lora_linear_4bit(LoraLinearParams<T> p, const LoraLinearPlan&
   cudaError_t err = cudaSuccess;
   const int mt8 = plan.mt8;
 #define QLORA_GEMV_CASE(QT_, MT8_, SCALED_)                                                \
-  if (quant_type == QT_ && mt8 == MT8_ && plan.block_scaled == SCALED_ && !plan.stage_x) \
+  if (quant_type == QT_ && mt8 == MT8_ && plan.block_scaled == SCALED_ && plan.x_source == XSource::Global) \
     err = launch_lora_gemv<T, QT_, MT8_, SCALED_>(p, plan, stream);
-#define QLORA_STAGED_CASE(QT_, MT8_) \
-  if (quant_type == QT_ && mt8 == MT8_ && plan.stage_x) err = launch_lora_gemv<T, QT_, MT8_, true, true>(p, plan, stream);
+#define QLORA_STAGED_CASE(QT_, MT8_, X_)                               \
+  if (quant_type == QT_ && mt8 == MT8_ && plan.x_source == XSource::X_) \
+    err = launch_lora_gemv<T, QT_, MT8_, true, XSource::X_>(p, plan, stream);
   QLORA_GEMV_CASE(QuantType::NF4, 1, false) QLORA_GEMV_CASE(QuantType::NF4, 2, false)
   QLORA_GEMV_CASE(QuantType::NF4, 4, false) QLORA_GEMV_CASE(QuantType::NF4, 8, false)
   QLORA_GEMV_CASE(QuantType::FP4, 1, false) QLORA_GEMV_CASE(QuantType::FP4, 2, false)
@@ -784,8 +825,11 @@ cudaError_t launch_lora_linear_4bit(LoraLinearParams<T> p, const LoraLinearPlan&
   QLORA_GEMV_CASE(QuantType::NF4, 1, true) QLORA_GEMV_CASE(QuantType::NF4, 2, true)
   QLORA_GEMV_CASE(QuantType::NF4, 4, true) QLORA_GEMV_CASE(QuantType::FP4, 1, true)
   QLORA_GEMV_CASE(QuantType::FP4, 2, true) QLORA_GEMV_CASE(QuantType::FP4, 4, true)
-  QLORA_STAGED_CASE(QuantType::NF4, 1) QLORA_STAGED_CASE(QuantType::NF4, 2)
-  QLORA_STAGED_CASE(QuantType::FP4, 1) QLORA_STAGED_CASE(QuantType::FP4, 2)
+  QLORA_STAGED_CASE(QuantType::NF4, 1, Split) QLORA_STAGED_CASE(QuantType::NF4, 2, Split)
+  QLORA_STAGED_CASE(QuantType::FP4, 1, Split) QLORA_STAGED_CASE(QuantType::FP4, 2, Split)
+  QLORA_STAGED_CASE(QuantType::NF4, 1, Ring) QLORA_STAGED_CASE(QuantType::NF4, 2, Ring)
+  QLORA_STAGED_CASE(QuantType::NF4, 4, Ring) QLORA_STAGED_CASE(QuantType::FP4, 1, Ring)
+  QLORA_STAGED_CASE(QuantType::FP4, 2, Ring) QLORA_STAGED_CASE(QuantType::FP4, 4, Ring)
 #undef QLORA_STAGED_CASE
 #undef QLORA_GEMV_CASE
   if (err != cudaSuccess || plan.splits == 1) return err;
