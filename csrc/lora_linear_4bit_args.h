@@ -15,8 +15,8 @@
 namespace qlora {
 
 // Which implementation lora_linear_4bit runs on CUDA. Values other than kAuto are for benchmarking.
-// The fused small-M path has two GEMV kernels: a block-scaled one (blocksize 64, K % 64 == 0, M <= 32 per
-// grid slice; one scale per block, weights streamed through a cp.async ring) and a general one that scales
+// The fused small-M path has two GEMV kernels: a block-scaled one (block_scaled_layout; M <= 32 per grid
+// slice; one scale per block, weights and x streamed through cp.async rings) and a general one that scales
 // every weight. kPathAuto and kPathFusedBlockScaled take the block-scaled kernel where the layout allows it;
 // kPathFused always takes the general one.
 // Measured on the H200 (2026-11-28, r = 16, bf16, CUDA-graph times, tools/time_lora_paths.py, block-scaled
@@ -34,11 +34,16 @@ enum LoraLinearPath : int64_t {
 };
 
 // Largest M for which the automatic choice takes the fused small-M kernel rather than dequantize + cuBLAS.
-// Measured on the H200 (2026-11-28, r = 16, bf16, CUDA-graph times, tools/time_lora_paths.py): at M = 32 the
-// block-scaled kernel wins on every benchmark shape (4096x4096 22 vs 33 us, 8192x8192 57 vs 96, 8192x28672
-// 216 vs 288, 28672x8192 251 vs 286); from M = 33 the general loop would run, which lost to dequantize +
-// cuBLAS already at M = 32 (4096x4096 44 vs 33 us, 8192x28672 371 vs 288).
+// Measured on the H200 (2026-11-28, r = 16, bf16, `python -m bench --only lora_linear`, µs): the block-scaled
+// kernel with x streamed through its ring wins up to M = 64 (4096x4096 40.8 vs 79.8, 8192x28672 249.3 vs
+// 294.3) and loses at M = 128 on the large shape (489.9 vs 297.3), where each 32-row slice of x decodes the
+// weights again. The general loop lost to dequantize + cuBLAS already at M = 32 (4096x4096 44 vs 33 us,
+// 8192x28672 371 vs 288; CUDA-graph times, tools/time_lora_paths.py), so other layouts stop at 32.
 constexpr int64_t kFusedMaxM = 32;
+constexpr int64_t kFusedBlockScaledMaxM = 64;
+inline int64_t fused_max_m(int64_t blocksize, int64_t K) {
+  return block_scaled_layout(blocksize, K) ? kFusedBlockScaledMaxM : kFusedMaxM;
+}
 // Largest LoRA rank the fused kernel stages in shared memory (64 rows x r floats within 48 KB).
 constexpr int64_t kFusedMaxRank = 192;
 

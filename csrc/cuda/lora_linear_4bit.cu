@@ -133,7 +133,7 @@ at::Tensor lora_linear_4bit_cuda(const at::Tensor& x, const at::Tensor& packed, 
   TORCH_CHECK_VALUE(!forced_fused || why_not_fused == nullptr, "path=", path, " (fused small-M kernel) cannot run: ",
                     why_not_fused == nullptr ? "" : why_not_fused);
   const bool fused =
-      forced_fused || (path == kPathAuto && why_not_fused == nullptr && args.M <= kFusedMaxM);
+      forced_fused || (path == kPathAuto && why_not_fused == nullptr && args.M <= fused_max_m(blocksize, args.K));
   const at::Tensor y = fused ? fused_forward(x2, packed, absmax, blocksize, args, absmax2, code2, offset, bias, lora_A,
                                              lora_B, scale, xl2, path != kPathFused)
                              : dequantize_gemm_forward(x2, packed, absmax, blocksize, quant_type, shape, args, absmax2, code2, offset, bias,

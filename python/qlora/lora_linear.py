@@ -38,10 +38,11 @@ def lora_linear_4bit(x: torch.Tensor, packed: torch.Tensor, quant_state: QuantSt
         Input of the LoRA branch, e.g. ``dropout(x)``; defaults to x. Passing the dropped-out tensor keeps the op
         itself deterministic.
     path : int
-        CUDA only: ``PATH_AUTO`` picks the fused small-M kernel for up to 32 rows of x (float16/bfloat16,
-        in_features % 32 == 0) and dequantize + cuBLAS otherwise; the other values force one (benchmarking).
-        ``PATH_FUSED_BLOCK_SCALED`` is the fused kernel that scales per quantization block instead of per
-        weight (blocksize 64, in_features % 64 == 0, up to 32 rows of x; elsewhere as ``PATH_FUSED``).
+        CUDA only: ``PATH_AUTO`` picks the fused small-M kernel for up to 64 rows of x with blocksize 64 and
+        in_features % 64 == 0, up to 32 otherwise (float16/bfloat16, in_features % 32 == 0), and dequantize +
+        cuBLAS beyond; the other values force one (benchmarking). ``PATH_FUSED_BLOCK_SCALED`` is the fused
+        kernel that scales per quantization block instead of per weight (blocksize 64, in_features % 64 == 0,
+        any rows of x in slices of 32; elsewhere as ``PATH_FUSED``).
         Dequantize + cuBLAS merges the adapter into the dequantized weight when the LoRA branch reads x itself
         (no ``x_lora``), x is 16-bit and rows are many against the weight (M at least the harmonic mean of its
         dimensions); ``PATH_DEQUANTIZE_GEMM_MERGED`` and ``PATH_DEQUANTIZE_GEMM_UNMERGED`` force either way.

@@ -57,4 +57,7 @@ QLORA_HD bool dequantize_lora_supported(int64_t K, int64_t r) {
   return K % 16 == 0 && r >= 1 && r <= kDequantizeLoraMaxRank;
 }
 
+// Layouts the fused small-M kernel's block-scaled loop takes: a 256-k step of a row covers four whole blocks.
+QLORA_HD bool block_scaled_layout(int64_t blocksize, int64_t K) { return blocksize == 64 && K % 64 == 0; }
+
 }  // namespace qlora
