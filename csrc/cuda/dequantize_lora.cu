@@ -8,7 +8,7 @@
 
 #include "../dequantize_4bit_op.h"
 #include "../quantize_4bit_args.h"
-#include "aligned.h"
+#include "inputs.h"
 #include "dispatch.h"
 #include "qlora/dequantize_lora.cuh"
 
@@ -30,22 +30,13 @@ at::Tensor dequantize_4bit_lora_cuda(const at::Tensor& packed, const at::Tensor&
   const c10::cuda::CUDAGuard guard(packed.device());
   at::Tensor out = at::empty({N, K}, packed.options().dtype(dtype));
   const at::Tensor p = aligned_contiguous(packed);  // 8-byte packed loads
-  const at::Tensor a = absmax.contiguous(), la = lora_A.contiguous(), lb = lora_B.contiguous();
-  at::Tensor s2, c2, off;
-  if (args.double_quant) {
-    s2 = absmax2->contiguous();
-    c2 = code2->contiguous();
-    off = offset->contiguous();
-  }
+  const at::Tensor la = lora_A.contiguous(), lb = lora_B.contiguous();
+  const ScaleInputs scales = contiguous_scales(absmax, absmax2, code2, offset, args.double_quant);
   dispatch_half(dtype, [&](auto tag) {
     using T = decltype(tag);
     DequantizeLoraParams<T> prm{};
     prm.packed = p.const_data_ptr<uint8_t>();
-    prm.absmax = args.double_quant ? nullptr : a.const_data_ptr<float>();
-    prm.qabsmax = args.double_quant ? a.const_data_ptr<uint8_t>() : nullptr;
-    prm.absmax2 = args.double_quant ? s2.const_data_ptr<float>() : nullptr;
-    prm.code2 = args.double_quant ? c2.const_data_ptr<float>() : nullptr;
-    prm.offset = args.double_quant ? off.const_data_ptr<float>() : nullptr;
+    prm.scales = scales.scales;
     prm.lora_A = static_cast<const T*>(la.const_data_ptr());
     prm.lora_B = static_cast<const T*>(lb.const_data_ptr());
     prm.lora_B_pairs = r % 2 == 0 && reinterpret_cast<uintptr_t>(lb.const_data_ptr()) % 4 == 0;

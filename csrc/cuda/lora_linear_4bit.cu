@@ -12,7 +12,7 @@
 
 #include "../dequantize_4bit_op.h"
 #include "../lora_linear_4bit_args.h"
-#include "aligned.h"
+#include "inputs.h"
 #include "dispatch.h"
 #include "qlora/lora_linear_4bit.cuh"
 
@@ -37,14 +37,8 @@ at::Tensor fused_forward(const at::Tensor& x2, const at::Tensor& packed, const a
                          bool allow_block_scaled) {
   const at::Tensor x = aligned_contiguous(x2);
   const at::Tensor p = aligned_contiguous(packed);
-  const at::Tensor a = absmax.contiguous();
-  at::Tensor s2, c2, off, b, la, lb, xl;
-  const bool dq = args.weight.double_quant;
-  if (dq) {
-    s2 = absmax2->contiguous();
-    c2 = code2->contiguous();
-    off = offset->contiguous();
-  }
+  const ScaleInputs scales = contiguous_scales(absmax, absmax2, code2, offset, args.weight.double_quant);
+  at::Tensor b, la, lb, xl;
   if (bias.has_value()) b = bias->contiguous();
   if (args.lora) {
     la = aligned_contiguous(*lora_A);
@@ -63,11 +57,7 @@ at::Tensor fused_forward(const at::Tensor& x2, const at::Tensor& packed, const a
     LoraLinearParams<T> prm{};
     prm.x = static_cast<const T*>(x.const_data_ptr());
     prm.packed = p.const_data_ptr<uint8_t>();
-    prm.absmax = dq ? nullptr : a.const_data_ptr<float>();
-    prm.qabsmax = dq ? a.const_data_ptr<uint8_t>() : nullptr;
-    prm.absmax2 = dq ? s2.const_data_ptr<float>() : nullptr;
-    prm.code2 = dq ? c2.const_data_ptr<float>() : nullptr;
-    prm.offset = dq ? off.const_data_ptr<float>() : nullptr;
+    prm.scales = scales.scales;
     prm.bias = b.defined() ? static_cast<const T*>(b.const_data_ptr()) : nullptr;
     prm.lora_B = args.lora ? static_cast<const T*>(lb.const_data_ptr()) : nullptr;
     prm.r = static_cast<int>(args.r);

@@ -8,7 +8,7 @@
 #include <torch/library.h>
 
 #include "../quantize_4bit_args.h"
-#include "aligned.h"
+#include "inputs.h"
 #include "dispatch.h"
 #include "qlora/quantize_4bit.cuh"
 
@@ -59,22 +59,13 @@ at::Tensor dequantize_4bit_cuda(const at::Tensor& packed, const at::Tensor& absm
   const c10::cuda::CUDAGuard guard(packed.device());
   at::Tensor out = at::empty(C10_AS_INTARRAYREF_SLOW(shape), packed.options().dtype(dtype));
   const at::Tensor p = aligned_contiguous(packed);
-  const at::Tensor a = absmax.contiguous();
-  at::Tensor s2, c2, off;
-  if (args.double_quant) {
-    s2 = absmax2->contiguous();
-    c2 = code2->contiguous();
-    off = offset->contiguous();
-  }
+  const ScaleInputs scales = contiguous_scales(absmax, absmax2, code2, offset, args.double_quant);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   dispatch_float(dtype, [&](auto tag) {
     using T = decltype(tag);
-    C10_CUDA_CHECK(launch_dequantize_4bit<T>(
-        p.const_data_ptr<uint8_t>(), args.double_quant ? nullptr : a.const_data_ptr<float>(),
-        args.double_quant ? a.const_data_ptr<uint8_t>() : nullptr,
-        args.double_quant ? s2.const_data_ptr<float>() : nullptr, args.double_quant ? c2.const_data_ptr<float>() : nullptr,
-        args.double_quant ? off.const_data_ptr<float>() : nullptr, static_cast<T*>(out.data_ptr()), args.numel,
-        blocksize, args.quant_type, stream));
+    C10_CUDA_CHECK(launch_dequantize_4bit<T>(p.const_data_ptr<uint8_t>(), scales.scales,
+                                             static_cast<T*>(out.data_ptr()), args.numel, blocksize, args.quant_type,
+                                             stream));
   });
   return out;
 }

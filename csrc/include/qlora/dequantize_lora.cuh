@@ -35,11 +35,7 @@ constexpr int kDequantizeLoraTiles = 4;  // 16-row tiles a warp owns; all their 
 template <typename T>
 struct DequantizeLoraParams {
   const uint8_t* packed;   // W [N, K], two codes per byte
-  const float* absmax;     // plain absmax, or nullptr when double-quantized
-  const uint8_t* qabsmax;
-  const float* absmax2;
-  const float* code2;
-  const float* offset;
+  BlockScales scales;
   const T* lora_A;         // [r, K] contiguous
   const T* lora_B;         // [N, r] contiguous
   bool lora_B_pairs;       // r even and lora_B 4-byte aligned: two rank columns in one load
@@ -81,8 +77,8 @@ __global__ void __launch_bounds__(kDequantizeLoraThreads) dequantize_lora_kernel
       const int64_t e0 = row * K + kt;
       const int64_t block = e0 >> p.log2_blocksize;
       words[tile][h] = ok ? __ldg(reinterpret_cast<const uint2*>(p.packed + e0 / 2)) : make_uint2(0, 0);
-      qcodes[tile][h] = kDoubleQuant && ok ? __ldg(p.qabsmax + block) : 0u;
-      scales[tile][h] = !ok ? 0.0f : kDoubleQuant ? __ldg(p.absmax2 + block / kAbsmaxBlocksize) : __ldg(p.absmax + block);
+      qcodes[tile][h] = kDoubleQuant && ok ? __ldg(p.scales.qabsmax + block) : 0u;
+      scales[tile][h] = !ok ? 0.0f : kDoubleQuant ? __ldg(p.scales.absmax2 + block / kAbsmaxBlocksize) : __ldg(p.scales.absmax + block);
     }
   }
   // B operand of mma i: column c is weight column k0 + 16·(c / 2) + 2i + c % 2, so that lane t's outputs
@@ -104,9 +100,9 @@ __global__ void __launch_bounds__(kDequantizeLoraThreads) dequantize_lora_kernel
   }
   __shared__ float smem_code2[256];
   if constexpr (kDoubleQuant) {  // staged after the loads are issued, so the barrier overlaps their latency
-    for (int i = threadIdx.x; i < 256; i += kDequantizeLoraThreads) smem_code2[i] = p.code2[i];
+    for (int i = threadIdx.x; i < 256; i += kDequantizeLoraThreads) smem_code2[i] = p.scales.code2[i];
     __syncthreads();
-    const float mean = *p.offset;
+    const float mean = *p.scales.offset;
 #pragma unroll
     for (int tile = 0; tile < kTiles; ++tile)
 #pragma unroll
@@ -192,14 +188,13 @@ template <typename T, QuantType QT>
 cudaError_t launch_dequantize_lora_for(const DequantizeLoraParams<T>& p, cudaStream_t stream) {
   int exponent = 0;
   const bool power_of_two = std::frexp(p.scale, &exponent) == 0.5f && exponent >= -7 && exponent <= 9;
-  if (p.absmax == nullptr)
+  if (p.scales.absmax == nullptr)
     return power_of_two ? launch_dequantize_lora_as<T, QT, true, true>(p, stream)
                         : launch_dequantize_lora_as<T, QT, true, false>(p, stream);
   return power_of_two ? launch_dequantize_lora_as<T, QT, false, true>(p, stream)
                       : launch_dequantize_lora_as<T, QT, false, false>(p, stream);
 }
 
-// Either absmax (plain) or qabsmax + absmax2 + code2 + offset (double-quantized) is non-null.
 template <typename T>
 cudaError_t launch_dequantize_lora(const DequantizeLoraParams<T>& p, QuantType quant_type, cudaStream_t stream) {
   if (!dequantize_lora_supported(p.K, p.r)) return cudaErrorInvalidValue;

@@ -83,11 +83,7 @@ template <typename T>
 struct LoraLinearParams {
   const T* x;               // [M, K] contiguous
   const uint8_t* packed;    // W [N, K] packed, two codes per byte
-  const float* absmax;      // plain absmax, or nullptr when double-quantized
-  const uint8_t* qabsmax;
-  const float* absmax2;
-  const float* code2;
-  const float* offset;
+  BlockScales scales;
   const T* bias;            // [N] or nullptr
   const T* lora_B;          // [N, r] contiguous, or nullptr (no LoRA)
   const float* xa_partial;  // [xa_splits, M, r] from lora_down_kernel
@@ -187,8 +183,8 @@ template <typename T, QuantType QT>
 __device__ __forceinline__ void fill_tables(const LoraLinearParams<T>& p, typename MmaType<T>::Pair* pair_lut,
                                             float* smem_code2) {
   const float* values = QT == QuantType::NF4 ? kNF4ValuesDevice : kFP4ValuesDevice;
-  if (p.code2 != nullptr)
-    for (int byte = threadIdx.x; byte < 256; byte += blockDim.x) smem_code2[byte] = p.code2[byte];
+  if (p.scales.code2 != nullptr)
+    for (int byte = threadIdx.x; byte < 256; byte += blockDim.x) smem_code2[byte] = p.scales.code2[byte];
   for (int i = threadIdx.x; i < 256 * 8; i += blockDim.x) {
     const int byte = i / 8;
     // Low half = first element (high nibble), as the mma fragment wants the lower k in the low half.
@@ -252,8 +248,8 @@ __global__ void __launch_bounds__(kGemvThreads) lora_gemv_4bit_kernel(const Lora
   if (fused_epilogue && p.lora_B != nullptr) stage_lora_rows(p, xa_s, m0, kRows);
   __syncthreads();
 
-  const bool double_quant = p.absmax == nullptr;
-  const float mean = double_quant ? *p.offset : 0.0f;
+  const bool double_quant = p.scales.absmax == nullptr;
+  const float mean = double_quant ? *p.scales.offset : 0.0f;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int g = lane / 4, c = lane % 4;
   const int64_t n_tile = (static_cast<int64_t>(blockIdx.x) * kGemvWarps + warp) * 16;
@@ -297,8 +293,8 @@ __global__ void __launch_bounds__(kGemvThreads) lora_gemv_4bit_kernel(const Lora
           const int64_t e = row_safe[h] * p.K + (ok ? k : 0);
           const int64_t block = e >> p.log2_blocksize;
           wq[u][h] = ok ? __ldg(reinterpret_cast<const uint4*>(p.packed + e / 2)) : make_uint4(0, 0, 0, 0);
-          qcode[u][h] = ok && double_quant ? __ldg(p.qabsmax + block) : 0u;
-          sc[u][h] = !ok ? 0.0f : double_quant ? __ldg(p.absmax2 + block / kAbsmaxBlocksize) : __ldg(p.absmax + block);
+          qcode[u][h] = ok && double_quant ? __ldg(p.scales.qabsmax + block) : 0u;
+          sc[u][h] = !ok ? 0.0f : double_quant ? __ldg(p.scales.absmax2 + block / kAbsmaxBlocksize) : __ldg(p.scales.absmax + block);
         }
       }
       if (double_quant) {
@@ -435,8 +431,8 @@ __global__ void __launch_bounds__(scaled_warps(kX, MT8) * 32) lora_gemv_scaled_k
   if constexpr (kSplitX) cp_async_wait<0>();
   __syncthreads();
 
-  const bool double_quant = p.absmax == nullptr;
-  const float mean = double_quant ? *p.offset : 0.0f;
+  const bool double_quant = p.scales.absmax == nullptr;
+  const float mean = double_quant ? *p.scales.offset : 0.0f;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int g = lane / 4, c = lane % 4;
   const int64_t n_tile = (static_cast<int64_t>(blockIdx.x) * kWarps + warp) * 16;
@@ -506,8 +502,8 @@ __global__ void __launch_bounds__(scaled_warps(kX, MT8) * 32) lora_gemv_scaled_k
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
       const int64_t block = ((row_e[h] + kc) >> 6) + c;
-      q[h] = ok && double_quant ? __ldg(p.qabsmax + block) : 0u;
-      a[h] = !ok ? 0.0f : double_quant ? __ldg(p.absmax2 + (block >> 8)) : __ldg(p.absmax + block);
+      q[h] = ok && double_quant ? __ldg(p.scales.qabsmax + block) : 0u;
+      a[h] = !ok ? 0.0f : double_quant ? __ldg(p.scales.absmax2 + (block >> 8)) : __ldg(p.scales.absmax + block);
     }
   };
 

@@ -16,6 +16,16 @@
 
 namespace qlora {
 
+// The block scales of a 4-bit tensor as the kernels read them: either absmax (plain) or qabsmax + absmax2 +
+// code2 + offset (double-quantized) is non-null.
+struct BlockScales {
+  const float* absmax = nullptr;
+  const uint8_t* qabsmax = nullptr;
+  const float* absmax2 = nullptr;
+  const float* code2 = nullptr;
+  const float* offset = nullptr;
+};
+
 // Quantize: 16 elements a thread (two 16-byte loads of bf16/fp16, 8 packed bytes out); a block of
 // blocksize elements is blocksize/16 consecutive threads, so the 256-thread CTA holds whole blocks.
 constexpr int kQuantizeElems = 16;
@@ -315,33 +325,28 @@ inline cudaError_t launch_double_quantize(const float* absmax, const float* code
 }
 
 template <typename T, QuantType QT>
-cudaError_t launch_dequantize_4bit_as(const uint8_t* packed, const float* absmax, const uint8_t* qabsmax,
-                                      const float* absmax2, const float* code2, const float* offset, T* out, int64_t n,
+cudaError_t launch_dequantize_4bit_as(const uint8_t* packed, const BlockScales& s, T* out, int64_t n,
                                       int64_t blocksize, cudaStream_t stream) {
   const int64_t per_cta = static_cast<int64_t>(kDequantizeThreads) * kDequantizeUnits * kDequantizeElems;
   const int64_t grid = (n + per_cta - 1) / per_cta;
   if (grid > 0x7fffffff) return cudaErrorInvalidConfiguration;
-  if (absmax == nullptr) {
+  if (s.absmax == nullptr) {
     dequantize_4bit_kernel<T, QT, true><<<static_cast<unsigned>(grid), kDequantizeThreads, 0, stream>>>(
-        packed, absmax, qabsmax, absmax2, code2, offset, out, n, log2_exact(blocksize));
+        packed, s.absmax, s.qabsmax, s.absmax2, s.code2, s.offset, out, n, log2_exact(blocksize));
   } else {
     dequantize_4bit_kernel<T, QT, false><<<static_cast<unsigned>(grid), kDequantizeThreads, 0, stream>>>(
-        packed, absmax, qabsmax, absmax2, code2, offset, out, n, log2_exact(blocksize));
+        packed, s.absmax, s.qabsmax, s.absmax2, s.code2, s.offset, out, n, log2_exact(blocksize));
   }
   return cudaGetLastError();
 }
 
-// Either absmax (plain) or qabsmax + absmax2 + code2 + offset (double-quantized) is non-null.
 template <typename T>
-cudaError_t launch_dequantize_4bit(const uint8_t* packed, const float* absmax, const uint8_t* qabsmax,
-                                   const float* absmax2, const float* code2, const float* offset, T* out, int64_t n,
+cudaError_t launch_dequantize_4bit(const uint8_t* packed, const BlockScales& scales, T* out, int64_t n,
                                    int64_t blocksize, QuantType quant_type, cudaStream_t stream) {
   if (n == 0) return cudaSuccess;
   return quant_type == QuantType::NF4
-             ? launch_dequantize_4bit_as<T, QuantType::NF4>(packed, absmax, qabsmax, absmax2, code2, offset, out, n,
-                                                            blocksize, stream)
-             : launch_dequantize_4bit_as<T, QuantType::FP4>(packed, absmax, qabsmax, absmax2, code2, offset, out, n,
-                                                            blocksize, stream);
+             ? launch_dequantize_4bit_as<T, QuantType::NF4>(packed, scales, out, n, blocksize, stream)
+             : launch_dequantize_4bit_as<T, QuantType::FP4>(packed, scales, out, n, blocksize, stream);
 }
 
 }  // namespace qlora
