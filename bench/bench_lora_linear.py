@@ -11,19 +11,21 @@ Rows (impl):
   torch bf16               F.linear + the same LoRA in plain PyTorch
   torch bf16 no-LoRA       F.linear only
   bitsandbytes             bnb.matmul_4bit + the same LoRA in plain PyTorch
+The rows of one case are timed in order and again in reverse, and the two medians averaged (time_both_orders).
 A row that fails is reported and skipped, so one failure does not end the run.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
-import traceback
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
 import qlora
-from bench.common import Context, Row, rotating, time_us
+from bench.common import Context, Row, rotating, time_both_orders
 
 SHAPES = [(4096, 4096), (8192, 8192), (28672, 8192), (8192, 28672)]  # N x K (out x in)
 MS = [1, 16, 256, 4096]
@@ -48,14 +50,18 @@ def run(ctx: Context) -> list[Row]:
     ms = QUICK_MS if ctx.quick else MS
     scale = ALPHA / R
 
+    pending: list[tuple[Row, Callable[[], object]]] = []
+
     def add(case, shape, impl, fn, nbytes=0.0, flops=0.0, note=""):
-        try:
-            us = time_us(fn, dev)
-        except Exception as exc:  # one broken row must not end the run
-            print(f"[lora_linear] {case} {shape} {impl} failed: {type(exc).__name__}: {exc}", flush=True)
-            traceback.print_exc()
-            return
-        rows.append(Row("lora_linear", case, shape, impl, us, nbytes, flops, note))
+        pending.append((Row("lora_linear", case, shape, impl, 0.0, nbytes, flops, note), fn))
+
+    def flush():
+        """Times the rows of one case against each other (time_both_orders) and keeps those that ran."""
+        timed = time_both_orders([fn for _, fn in pending], dev, label="lora_linear")
+        for (row, _), us in zip(pending, timed):
+            if us is not None:
+                rows.append(dataclasses.replace(row, us=us))
+        pending.clear()
 
     for N, K in shapes:
         shape = f"{N}x{K}"
@@ -99,6 +105,7 @@ def run(ctx: Context) -> list[Row]:
             if ctx.cuda and M >= 256:
                 add(case, shape, "qlora merged", lambda: ours(x, 4), q_bytes, flops)
                 add(case, shape, "qlora unmerged", lambda: ours(x, 5), q_bytes, flops)
+            flush()
 
         if not ctx.quick and (N, K) not in CROSSOVER_SHAPES:
             continue
@@ -114,12 +121,14 @@ def run(ctx: Context) -> list[Row]:
             add(case, shape, "qlora dequant+gemm", lambda: ours(x, 2), q_bytes, flops)
             add(case, shape, "qlora fused block-scaled", lambda: ours(x, 3), q_bytes, flops)
             add(case, shape, "torch bf16 no-LoRA", lambda: F.linear(x, next_w()), 2 * N * K, 2 * M * N * K)
+            flush()
 
         del next_q, next_w, next_b, w
         if ctx.cuda:
             torch.cuda.empty_cache()
 
     _layer_rows(ctx, add)
+    flush()
     return rows
 
 

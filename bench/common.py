@@ -14,6 +14,7 @@ import os
 import platform
 import statistics
 import time
+import traceback
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
@@ -84,6 +85,26 @@ def time_us(fn: Callable[[], object], device: torch.device, warmup_ms: float = 2
         fn()
         samples.append(time.perf_counter() - t0)
     return statistics.median(samples) * 1e6
+
+
+def time_both_orders(fns: Sequence[Callable[[], object]], device: torch.device, label: str = "") -> list[Optional[float]]:
+    """time_us of each fn, timed in order and again in reverse, the two medians averaged: a GPU whose clocks drift
+    under sustained load (seen on the H200 as two runs of one code path 15 % apart, first and last of a group)
+    then favours no position in the group. None for a fn that raised (reported, so one broken row does not end
+    the run)."""
+    times: list[list[float]] = [[] for _ in fns]
+    failed: set[int] = set()
+    for order in (range(len(fns)), reversed(range(len(fns)))):
+        for i in order:
+            if i in failed:
+                continue
+            try:
+                times[i].append(time_us(fns[i], device))
+            except Exception as exc:
+                print(f"[{label}] row {i} failed: {type(exc).__name__}: {exc}", flush=True)
+                traceback.print_exc()
+                failed.add(i)
+    return [None if i in failed else statistics.fmean(t) for i, t in enumerate(times)]
 
 
 def _time_events(fn, reps: int = 50) -> float:
