@@ -35,9 +35,9 @@ enum LoraLinearPath : int64_t {
 
 // Largest M for which the automatic choice takes the fused small-M kernel rather than dequantize + cuBLAS.
 // Measured on the H200 (2026-11-28, r = 16, bf16, `python -m bench --only lora_linear`, µs): the block-scaled
-// kernel with x streamed through its ring wins up to M = 64 (4096x4096 40.8 vs 79.8, 8192x28672 249.3 vs
-// 294.3) and loses at M = 128 on the large shape (489.9 vs 297.3), where each 32-row slice of x decodes the
-// weights again. The general loop lost to dequantize + cuBLAS already at M = 32 (4096x4096 44 vs 33 us,
+// kernel with x streamed through its ring ties or wins up to M = 64 (4096x4096 40.7 vs 39.4, 8192x28672 250.0
+// vs 300.4) and loses at M = 128 (4096x4096 55.3 vs 43.6, 8192x28672 497.2 vs 299.0), where each 32-row slice
+// of x decodes the weights again. The general loop lost to dequantize + cuBLAS already at M = 32 (4096x4096 44 vs 33 us,
 // 8192x28672 371 vs 288; CUDA-graph times, tools/time_lora_paths.py), so other layouts stop at 32.
 constexpr int64_t kFusedMaxM = 32;
 constexpr int64_t kFusedBlockScaledMaxM = 64;

@@ -658,6 +658,9 @@ inline int lora_scaled_splits(int64_t N, int64_t K, int64_t grid_z, int64_t warp
 inline int lora_gemv_mt8(int64_t M) { return M <= 8 ? 1 : M <= 16 ? 2 : M <= 32 ? 4 : 8; }
 constexpr int kScaledMaxMT8 = 4;  // registers: 106 at MT8 = 1, 186 at 4 (one CTA per SM)
 constexpr int kScaledSplitMaxMT8 = 2;  // 16 warps a CTA: at most 128 registers a thread
+// Split copies x before the loop, unoverlapped with the weights. H200, forward µs, 8192x28672: M = 4 (57 KB a
+// CTA) 85 that way and 76.7 through the ring; M = 2 (29 KB) 69.5 by Split; M = 8 75.0 through the ring.
+constexpr size_t kScaledSplitMaxXBytes = 32 * 1024;
 
 // Rows of x one epilogue CTA covers: few enough that the grid has about two CTAs per SM (at M = 16 one CTA
 // per 64 rows left 16 CTAs on 132 SMs and took 18.7 us), and their xa (rows · r floats) fits shared memory.
@@ -751,9 +754,11 @@ cudaError_t plan_lora_linear_4bit(int64_t M, int64_t N, int64_t K, int r, int lo
            static_cast<size_t>(kScaledStagedMaxDynamicSmem);
   };
   if (pl.block_scaled)
-    pl.x_source = pl.mt8 <= kScaledSplitMaxMT8 && fits(XSource::Split, split_x_bytes) ? XSource::Split
-                  : fits(XSource::Ring, ring_bytes)                                     ? XSource::Ring
-                                                                                        : XSource::Global;
+    pl.x_source = pl.mt8 <= kScaledSplitMaxMT8 && split_x_bytes <= kScaledSplitMaxXBytes &&
+                          fits(XSource::Split, split_x_bytes)
+                      ? XSource::Split
+                  : fits(XSource::Ring, ring_bytes) ? XSource::Ring
+                                                    : XSource::Global;
   const size_t x_bytes = pl.x_source == XSource::Split ? split_x_bytes : pl.x_source == XSource::Ring ? ring_bytes : 0;
   const int64_t warps_per_cta = pl.block_scaled ? scaled_warps(pl.x_source, pl.mt8) : kGemvWarps;
   const int64_t grid_x = ((N + 15) / 16 + warps_per_cta - 1) / warps_per_cta;
