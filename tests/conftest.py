@@ -27,3 +27,11 @@ def poison_(t: torch.Tensor) -> torch.Tensor:
     if t.is_floating_point():
         return t.fill_(float("nan"))
     return t.fill_(0xAB if t.dtype == torch.uint8 else -12345)
+
+
+def poisoned_allocator(nbytes: int, device):
+    """Leave the caching allocator holding a NaN-filled block, so an unwritten output element reads as NaN. The
+    cache is emptied first, so the op's first allocation of at most nbytes lands on that block."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.empty_cache()
+        poison_(torch.empty(nbytes // 4 + 1024, dtype=torch.float32, device=device))

@@ -18,7 +18,7 @@ import qlora
 from qlora import reference
 from qlora.nn import Linear4bit, LoraLinear4bit
 
-from conftest import CUDA, cuda_only
+from conftest import CUDA, cuda_only, poisoned_allocator
 
 OP = torch.ops.qlora.lora_linear_4bit
 MS = [1, 2, 3, 7, 16, 17, 64, 255, 4096]
@@ -159,7 +159,9 @@ def test_forward_empty_batch(device):
 @pytest.mark.parametrize("M", [1, 16, 64])
 def test_fused_writes_every_output_and_is_deterministic(M, N, K, path):
     a = sample_inputs("cuda", M, N, K, 16, torch.bfloat16)
+    poisoned_allocator(M * N * 2, "cuda")  # y is the op's first allocation
     y1 = OP(**a, path=path)
+    poisoned_allocator(M * N * 2, "cuda")
     y2 = OP(**a, path=path)
     assert torch.isfinite(y1).all()
     assert torch.equal(y1, y2), "the fused path must be bitwise reproducible"

@@ -11,7 +11,7 @@ import qlora
 from qlora import _C, codebook
 from qlora import reference as ref
 
-from conftest import CUDA, cuda_only, poison_
+from conftest import CUDA, cuda_only, poison_, poisoned_allocator
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 QUANT_TYPES = ["nf4", "fp4"]
@@ -43,12 +43,6 @@ def on(device, case):
     """The CPU sample moved to `device`, so CPU and CUDA see the same numbers."""
     a, blocksize, quant_type = case
     return a.to(device), blocksize, quant_type
-
-
-def poisoned_allocator(nbytes: int, device):
-    """Leave the caching allocator holding a NaN-filled block, so an unwritten output element reads as NaN."""
-    if torch.device(device).type == "cuda":
-        poison_(torch.empty(nbytes // 4 + 1024, dtype=torch.float32, device=device))
 
 
 def assert_bits_equal(actual, expected):
