@@ -356,8 +356,8 @@ __global__ void __launch_bounds__(kGemvThreads) lora_gemv_4bit_kernel(const Lora
 //
 // Where the mma's B fragments (x) come from, XSource:
 //   Global  L1 loads inside the dependent chain, 8 warps a CTA;
-//   Split   the CTA's x rows for its whole K range, copied into shared memory once before the loop (where that
-//           fits), so 16 warps share one copy and one table;
+//   Split   the CTA's x rows for its whole K range, copied into shared memory once before the loop (up to
+//           kScaledSplitMaxXBytes), so 16 warps share one copy and one table;
 //   Ring    x rows for each 256-k step, copied alongside the weights into a CTA-wide ring of the same depth
 //           (one barrier a step), for M or K too large for Split; 8 warps at MT8 = 4 (128 registers spill).
 enum class XSource { Global, Split, Ring };
