@@ -378,9 +378,13 @@ __host__ __device__ constexpr int scaled_ring_bytes(int warps) { return warps * 
 // the rows of a quarter-warp's 16-byte loads fall in different banks.
 __host__ __device__ inline int64_t staged_x_stride(int64_t k_range) { return k_range + 8; }
 constexpr int kRingXStride = kGemvSplitAlign + 8;
-// Bytes of the x ring for `rows` rows of x of element size `elem`.
-__host__ __device__ constexpr int64_t ring_x_bytes(int64_t rows, int elem) {
-  return rows * kRingXStride * elem * kScaledStages;
+// Shared-memory bytes of x for a CTA of `rows` rows of x (of M in all) and a split of k_split, elements of
+// `elem` bytes: the launcher sizes the allocation with it and the kernel finds what follows x with it.
+__host__ __device__ inline int64_t staged_x_bytes(XSource x_source, int64_t M, int64_t rows, int64_t k_split,
+                                                  int64_t elem) {
+  return x_source == XSource::Split  ? (M < rows ? M : rows) * staged_x_stride(k_split) * elem
+         : x_source == XSource::Ring ? rows * kRingXStride * elem * kScaledStages
+                                     : 0;
 }
 
 __device__ __forceinline__ void cp_async16(void* smem, const void* gmem) {
@@ -413,10 +417,7 @@ __global__ void __launch_bounds__(scaled_warps(kX, MT8) * 32) lora_gemv_scaled_k
   const int64_t x_stride = kRingX ? kRingXStride : staged_x_stride(k_split);
   const int x_rows = static_cast<int>(p.M - m0 < kRows ? p.M - m0 : kRows);
   T* xs = reinterpret_cast<T*>(dynamic_smem + kRingBytes);
-  const int64_t xs_bytes = kSplitX  ? (p.M < kRows ? p.M : kRows) * x_stride * static_cast<int64_t>(sizeof(T))
-                            : kRingX ? ring_x_bytes(kRows, sizeof(T))
-                                     : 0;
-  float* xa_s = reinterpret_cast<float*>(dynamic_smem + kRingBytes + xs_bytes);
+  float* xa_s = reinterpret_cast<float*>(dynamic_smem + kRingBytes + staged_x_bytes(kX, p.M, kRows, k_split, sizeof(T)));
   if constexpr (kSplitX) {  // issued first, so that the copy overlaps the table fill
     const int64_t granules = (k_end - k_begin) / 8;  // 16 bytes each; K % 64 == 0
     for (int64_t i = threadIdx.x; i < x_rows * granules; i += kWarps * 32) {
@@ -746,20 +747,20 @@ cudaError_t plan_lora_linear_4bit(int64_t M, int64_t N, int64_t K, int r, int lo
   const size_t lora_rows_bytes = pl.splits == 1 ? static_cast<size_t>(8 * pl.mt8) * r * sizeof(float) : 0;
   if (lora_rows_bytes > static_cast<size_t>(kMaxLoraSmemBytes)) return cudaErrorInvalidValue;
   // The same split count with twice the warps a CTA and one CTA an SM: the same warp slots.
-  const size_t split_x_bytes = static_cast<size_t>(std::min<int64_t>(M, 8 * pl.mt8)) *
-                               staged_x_stride(split_k_length(K, pl.splits)) * sizeof(T);
-  const size_t ring_bytes = static_cast<size_t>(ring_x_bytes(8 * pl.mt8, sizeof(T)));
-  const auto fits = [&](XSource x_source, size_t x_bytes) {
-    return scaled_ring_bytes(scaled_warps(x_source, pl.mt8)) + x_bytes + lora_rows_bytes <=
+  const auto x_bytes_of = [&](XSource x_source) {
+    return static_cast<size_t>(staged_x_bytes(x_source, M, 8 * pl.mt8, split_k_length(K, pl.splits), sizeof(T)));
+  };
+  const auto fits = [&](XSource x_source) {
+    return scaled_ring_bytes(scaled_warps(x_source, pl.mt8)) + x_bytes_of(x_source) + lora_rows_bytes <=
            static_cast<size_t>(kScaledStagedMaxDynamicSmem);
   };
   if (pl.block_scaled)
-    pl.x_source = pl.mt8 <= kScaledSplitMaxMT8 && split_x_bytes <= kScaledSplitMaxXBytes &&
-                          fits(XSource::Split, split_x_bytes)
+    pl.x_source = pl.mt8 <= kScaledSplitMaxMT8 && x_bytes_of(XSource::Split) <= kScaledSplitMaxXBytes &&
+                          fits(XSource::Split)
                       ? XSource::Split
-                  : fits(XSource::Ring, ring_bytes) ? XSource::Ring
-                                                    : XSource::Global;
-  const size_t x_bytes = pl.x_source == XSource::Split ? split_x_bytes : pl.x_source == XSource::Ring ? ring_bytes : 0;
+                  : fits(XSource::Ring) ? XSource::Ring
+                                        : XSource::Global;
+  const size_t x_bytes = x_bytes_of(pl.x_source);
   const int64_t warps_per_cta = pl.block_scaled ? scaled_warps(pl.x_source, pl.mt8) : kGemvWarps;
   const int64_t grid_x = ((N + 15) / 16 + warps_per_cta - 1) / warps_per_cta;
   if (grid_x > 0x7fffffff) return cudaErrorInvalidConfiguration;
