@@ -57,7 +57,8 @@ def run(ctx: Context) -> list[Row]:
 
     def flush():
         """Times the rows of one case against each other (time_both_orders) and keeps those that ran."""
-        timed = time_both_orders([fn for _, fn in pending], dev, label="lora_linear")
+        timed = time_both_orders([fn for _, fn in pending], dev,
+                                 [f"lora_linear {row.case} {row.shape} {row.impl}" for row, _ in pending])
         for (row, _), us in zip(pending, timed):
             if us is not None:
                 rows.append(dataclasses.replace(row, us=us))

@@ -87,11 +87,12 @@ def time_us(fn: Callable[[], object], device: torch.device, warmup_ms: float = 2
     return statistics.median(samples) * 1e6
 
 
-def time_both_orders(fns: Sequence[Callable[[], object]], device: torch.device, label: str = "") -> list[Optional[float]]:
+def time_both_orders(fns: Sequence[Callable[[], object]], device: torch.device,
+                     names: Sequence[str]) -> list[Optional[float]]:
     """time_us of each fn, timed in order and again in reverse, the two medians averaged: a GPU whose clocks drift
     under sustained load (seen on the H200 as two runs of one code path 15 % apart, first and last of a group)
-    then favours no position in the group. None for a fn that raised (reported, so one broken row does not end
-    the run)."""
+    then favours no position in the group. None for a fn that raised (reported by its name, so one broken row
+    does not end the run)."""
     times: list[list[float]] = [[] for _ in fns]
     failed: set[int] = set()
     for order in (range(len(fns)), reversed(range(len(fns)))):
@@ -101,7 +102,7 @@ def time_both_orders(fns: Sequence[Callable[[], object]], device: torch.device, 
             try:
                 times[i].append(time_us(fns[i], device))
             except Exception as exc:
-                print(f"[{label}] row {i} failed: {type(exc).__name__}: {exc}", flush=True)
+                print(f"[{names[i]}] failed: {type(exc).__name__}: {exc}", flush=True)
                 traceback.print_exc()
                 failed.add(i)
     return [None if i in failed else statistics.fmean(t) for i, t in enumerate(times)]
