@@ -3,7 +3,7 @@
     pip install --no-build-isolation .        # or -e . for development
 
 CUDA kernels are compiled when torch has CUDA and nvcc is found; TORCH_CUDA_ARCH_LIST picks the
-targets (default "8.0;9.0"), MAX_JOBS the parallel compile jobs, QLORA_WITH_CUDA=0 skips CUDA.
+targets (default "8.0;9.0a"), MAX_JOBS the parallel compile jobs, QLORA_WITH_CUDA=0 skips CUDA.
 The CMake build folder is build/cmake, so `ctest --test-dir build/cmake` runs the C++ tests afterwards.
 """
 

@@ -8,6 +8,7 @@ Rows (impl):
   qlora fused block-scaled path=3, the small-M block-scaled kernel (crossover rows; above M = 32 in slices of 32)
   qlora merged / unmerged  path=4 / 5, dequantize + cuBLAS with the adapter always / never merged into the weight
                            (M >= 256 rows: the measurement behind merging_adapter_pays)
+  qlora tensor-core        path=6, the wgmma GEMM that decodes the weight in its main loop (M >= 64 rows; sm_90)
   torch bf16               F.linear + the same LoRA in plain PyTorch
   torch bf16 no-LoRA       F.linear only
   bitsandbytes             bnb.matmul_4bit + the same LoRA in plain PyTorch
@@ -29,7 +30,8 @@ from bench.common import Context, Row, rotating, time_both_orders
 
 SHAPES = [(4096, 4096), (8192, 8192), (28672, 8192), (8192, 28672)]  # N x K (out x in)
 MS = [1, 16, 256, 4096]
-CROSSOVER_MS = [1, 2, 4, 8, 16, 32, 64, 128, 256]
+CROSSOVER_MS = [1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024]
+FUSED_MAX_M = 256  # the fused kernels' crossover rows stop here (far slower beyond)
 CROSSOVER_SHAPES = [(4096, 4096), (8192, 28672)]
 LAYER = (4096, 4096, 4096)  # M, N, K for forward + backward
 QUICK_SHAPES = [(256, 512)]
@@ -106,6 +108,7 @@ def run(ctx: Context) -> list[Row]:
             if ctx.cuda and M >= 256:
                 add(case, shape, "qlora merged", lambda: ours(x, 4), q_bytes, flops)
                 add(case, shape, "qlora unmerged", lambda: ours(x, 5), q_bytes, flops)
+                add(case, shape, "qlora tensor-core", lambda: ours(x, 6), q_bytes, flops)
             flush()
 
         if not ctx.quick and (N, K) not in CROSSOVER_SHAPES:
@@ -118,9 +121,13 @@ def run(ctx: Context) -> list[Row]:
             flops = 2 * M * N * K + 4 * M * R * (N + K)
             q_bytes = _weight_bytes(N, K) + 2 * M * (K + N)
             add(case, shape, "qlora", lambda: ours(x, 0), q_bytes, flops)
-            add(case, shape, "qlora fused", lambda: ours(x, 1), q_bytes, flops)
+            if M <= FUSED_MAX_M:
+                add(case, shape, "qlora fused", lambda: ours(x, 1), q_bytes, flops)
             add(case, shape, "qlora dequant+gemm", lambda: ours(x, 2), q_bytes, flops)
-            add(case, shape, "qlora fused block-scaled", lambda: ours(x, 3), q_bytes, flops)
+            if M <= FUSED_MAX_M:
+                add(case, shape, "qlora fused block-scaled", lambda: ours(x, 3), q_bytes, flops)
+            if M >= 64:
+                add(case, shape, "qlora tensor-core", lambda: ours(x, 6), q_bytes, flops)
             add(case, shape, "torch bf16 no-LoRA", lambda: F.linear(x, next_w()), 2 * N * K, 2 * M * N * K)
             flush()
 

@@ -16,4 +16,10 @@ bool built_with_cuda() {
 
 std::string built_cuda_archs() { return QLORA_CUDA_ARCHS; }
 
+bool built_for_sm90a() {
+  // With a plain sm_90 image beside it, which of the two an H100/H200 loads is not ours to pick.
+  const std::string archs = std::string(" ") + QLORA_CUDA_ARCHS + " ";
+  return archs.find(" sm_90a ") != std::string::npos && archs.find(" sm_90 ") == std::string::npos;
+}
+
 }  // namespace qlora

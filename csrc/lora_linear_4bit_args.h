@@ -23,7 +23,8 @@ namespace qlora {
 // vs general): M = 1 8192x28672 66 vs 95 us, 28672x8192 68 vs 94 us; M = 16 8192x28672 102 vs 247 us.
 // kPathDequantizeGemm merges the adapter into the dequantized weight by merging_adapter_pays;
 // kPathDequantizeGemmMerged always does where it can (no x_lora, 16-bit x, dequantize_lora_supported), and
-// kPathDequantizeGemmUnmerged never does.
+// kPathDequantizeGemmUnmerged never does. kPathTensorCore is the wgmma GEMM that decodes the weight in its
+// main loop (gemm_4bit.cuh: bfloat16, sm_90a, K % 64 == 0, blocksize >= 64).
 enum LoraLinearPath : int64_t {
   kPathAuto = 0,
   kPathFused = 1,
@@ -31,6 +32,7 @@ enum LoraLinearPath : int64_t {
   kPathFusedBlockScaled = 3,
   kPathDequantizeGemmMerged = 4,
   kPathDequantizeGemmUnmerged = 5,
+  kPathTensorCore = 6,
 };
 
 // Largest M for which the automatic choice takes the fused small-M kernel rather than dequantize + cuBLAS.
@@ -44,6 +46,13 @@ constexpr int64_t kFusedBlockScaledMaxM = 64;
 inline int64_t fused_max_m(int64_t blocksize, int64_t K) {
   return block_scaled_layout(blocksize, K) ? kFusedBlockScaledMaxM : kFusedMaxM;
 }
+// Largest M for which the automatic choice may take the tensor-core GEMM (kPathTensorCore, where it applies and
+// its launch is one full wave: gemm_4bit_fills_one_wave) rather than dequantize + cuBLAS, above the fused
+// kernel's range. Measured on the H200 (2026-11-28, r = 16, bf16, `python -m bench --only lora_linear`,
+// forward µs, tensor-core vs dequantize + cuBLAS): 8192x28672 M = 256 337.8 vs 357.3, M = 512 673.4 vs 539.0;
+// 4096x4096 M = 512 63.7 vs 56.0 (wgmma at ~400 TFLOP/s against cuBLAS's ~650 once the GEMM outweighs the
+// dequantization).
+constexpr int64_t kTensorCoreMaxM = 256;
 // Largest LoRA rank the fused kernel stages in shared memory (64 rows x r floats within 48 KB).
 constexpr int64_t kFusedMaxRank = 192;
 
@@ -123,10 +132,10 @@ inline LoraLinearArgs check_lora_linear_4bit_args(const at::Tensor& x, const at:
     TORCH_CHECK_VALUE(x_lora->sizes() == x.sizes(), "x_lora must have the shape of x ", x.sizes(), ", got ",
                       x_lora->sizes());
   }
-  TORCH_CHECK_VALUE(path >= kPathAuto && path <= kPathDequantizeGemmUnmerged,
+  TORCH_CHECK_VALUE(path >= kPathAuto && path <= kPathTensorCore,
                     "path must be 0 (automatic), 1 (fused small-M kernel), 2 (dequantize + GEMM), 3 (fused, "
-                    "block-scaled loop), 4 (dequantize + GEMM, adapter merged) or 5 (dequantize + GEMM, adapter "
-                    "not merged), got ", path);
+                    "block-scaled loop), 4 (dequantize + GEMM, adapter merged), 5 (dequantize + GEMM, adapter "
+                    "not merged) or 6 (tensor-core GEMM decoding the 4-bit weight), got ", path);
   return args;
 }
 

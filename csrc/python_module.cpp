@@ -27,4 +27,5 @@ PYBIND11_MODULE(_C, m) {
   m.def("code_table", &code_table, "The C++ copy of a codebook or threshold table, for consistency tests.");
   m.def("with_cuda", &qlora::built_with_cuda, "Whether the CUDA kernels were compiled into the library.");
   m.def("cuda_archs", &qlora::built_cuda_archs, "The CUDA architectures the kernels were compiled for.");
+  m.def("sm90a", &qlora::built_for_sm90a, "Whether the sm_90a kernels (tensor-core 4-bit GEMM) were compiled.");
 }

@@ -73,11 +73,19 @@ def assert_accurate(out, ref, baseline, dtype, what="output"):
     assert err <= factor * base + atol, f"{what}: error {err:.3g} > {factor} x PyTorch's {base:.3g} + {atol:.3g}"
 
 
-def paths_for(device, dtype, K):
+def tensor_core_runs(device):
+    """Whether the tensor-core GEMM (path 6) runs here: sm_90a code in the library and an sm_90 GPU."""
+    return device.type == "cuda" and qlora._C.sm90a() and torch.cuda.get_device_capability(device) == (9, 0)
+
+
+def paths_for(device, dtype, K, blocksize=64):
     """Implementations to exercise: the automatic choice, and on CUDA each path the arguments allow."""
     if device.type != "cuda":
         return [0]
-    return [0, 2, 4, 5] + ([1, 3] if dtype != torch.float32 and K % 32 == 0 else [])
+    paths = [0, 2, 4, 5] + ([1, 3] if dtype != torch.float32 and K % 32 == 0 else [])
+    if tensor_core_runs(device) and dtype == torch.bfloat16 and K % 64 == 0 and blocksize >= 64:
+        paths.append(6)
+    return paths
 
 
 # ---- forward ----------------------------------------------------------------------------------------------------
@@ -109,7 +117,7 @@ def test_forward_formats(device, quant_type, double_quant, blocksize, M):
     a = sample_inputs(device, M, 48, 256, 8, dtype, blocksize=blocksize, quant_type=quant_type,
                       double_quant=double_quant)
     ref, base = reference.lora_linear_4bit(**a), torch_baseline(a)
-    for path in paths_for(device, dtype, 256):
+    for path in paths_for(device, dtype, 256, blocksize):
         assert_accurate(OP(**a, path=path), ref, base, dtype, f"path {path}")
 
 
@@ -138,9 +146,9 @@ def test_forward_layouts(device, layout, M):
         assert_accurate(out, ref, base, dtype, f"path {path}")
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("lora, bias", [(False, False), (False, True), (True, False)])
-def test_forward_optional_parts(device, lora, bias):
-    dtype = torch.float16
+def test_forward_optional_parts(device, dtype, lora, bias):
     a = sample_inputs(device, 5, 64, 128, 8, dtype, bias=bias, lora=lora)
     ref, base = reference.lora_linear_4bit(**a), torch_baseline(a)
     for path in paths_for(device, dtype, 128):
@@ -154,11 +162,15 @@ def test_forward_empty_batch(device):
 
 
 @cuda_only
-@pytest.mark.parametrize("path", [1, 3])
+@pytest.mark.parametrize("path", [1, 3, 6])
 @pytest.mark.parametrize("N, K", [(1000, 4128), (520, 4096), (136, 4160)])
-@pytest.mark.parametrize("M", [1, 16, 64])
+@pytest.mark.parametrize("M", [1, 16, 64, 300])
 def test_fused_writes_every_output_and_is_deterministic(M, N, K, path):
-    a = sample_inputs("cuda", M, N, K, 16, torch.bfloat16)
+    if path == 6 and not (tensor_core_runs(torch.device("cuda")) and K % 64 == 0):
+        pytest.skip("the tensor-core GEMM does not run here")
+    if path != 6 and M > 64:
+        pytest.skip("one large M is enough for the fused kernels")
+    a = sample_inputs("cuda", M, N, K, 16, torch.bfloat16, lora=M != 300, bias=M != 300)  # M = 300: y = x·Wᵀ alone
     poisoned_allocator(M * N * 2, "cuda")  # y is the op's first allocation
     y1 = OP(**a, path=path)
     poisoned_allocator(M * N * 2, "cuda")
@@ -330,6 +342,19 @@ def test_fused_path_refuses_clearly(dtype, K, message):
     a = sample_inputs("cuda", 3, 40, K, 8, dtype)
     with pytest.raises(ValueError, match=message):
         OP(**a, path=1)
+    OP(**a, path=0)  # the automatic choice falls back instead
+
+
+@cuda_only
+@pytest.mark.parametrize("dtype, K, blocksize, message", [(torch.float16, 128, 64, "x must be bfloat16"),
+                                                           (torch.bfloat16, 96, 64, "multiple of 64"),
+                                                           (torch.bfloat16, 128, 32, "blocksize at least 64")])
+def test_tensor_core_path_refuses_clearly(dtype, K, blocksize, message):
+    a = sample_inputs("cuda", 3, 40, K, 8, dtype, blocksize=blocksize)
+    if not tensor_core_runs(torch.device("cuda")):
+        message = "built without sm_90a|needs an sm_90 GPU"
+    with pytest.raises(ValueError, match=f"path=6 .*({message})"):
+        OP(**a, path=6)
     OP(**a, path=0)  # the automatic choice falls back instead
 
 

@@ -1,5 +1,6 @@
-// CUDA glue for lora_linear_4bit: argument checks, the choice between the fused small-M kernel and
-// dequantize + cuBLAS, allocation, the current stream.
+// CUDA glue for lora_linear_4bit: argument checks, the choice between the fused small-M kernel, the
+// tensor-core GEMM that decodes the weight in its main loop, and dequantize + cuBLAS; allocation, the current
+// stream.
 #include <ATen/core/Tensor.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <ATen/ops/addmm.h>
@@ -14,6 +15,8 @@
 #include "../lora_linear_4bit_args.h"
 #include "inputs.h"
 #include "dispatch.h"
+#include "qlora/build_info.h"
+#include "qlora/gemm_4bit.cuh"
 #include "qlora/lora_linear_4bit.cuh"
 
 namespace qlora {
@@ -74,6 +77,53 @@ at::Tensor fused_forward(const at::Tensor& x2, const at::Tensor& packed, const a
   return y;
 }
 
+// Why the tensor-core GEMM cannot take these arguments, or nullptr when it can.
+const char* tensor_core_unsupported(const at::Tensor& x, const LoraLinearArgs& args, int64_t blocksize) {
+  if (!built_for_sm90a()) return "the library was built without sm_90a code (TORCH_CUDA_ARCH_LIST=9.0a)";
+  const cudaDeviceProp* prop = at::cuda::getCurrentDeviceProperties();
+  if (prop->major != 9 || prop->minor != 0) return "it needs an sm_90 GPU (H100, H200)";
+  if (x.scalar_type() != at::kBFloat16) return "x must be bfloat16";
+  if (!gemm_4bit_supported(args.K, blocksize)) return "in_features (K) must be a multiple of 64 and blocksize at least 64";
+  if ((args.M + gemm4bit::kTokens - 1) / gemm4bit::kTokens > 65535) return "x has too many rows";
+  return nullptr;
+}
+
+// Mid-size M: the low-rank term and the bias are written first and the kernel adds x·dequant(W)ᵀ onto them, as
+// cuBLAS does with beta = 1 on the dequantize path.
+at::Tensor tensor_core_forward(const at::Tensor& x2, const at::Tensor& packed, const at::Tensor& absmax,
+                               int64_t blocksize, const LoraLinearArgs& args, const std::optional<at::Tensor>& absmax2,
+                               const std::optional<at::Tensor>& code2, const std::optional<at::Tensor>& offset,
+                               const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& lora_A,
+                               const std::optional<at::Tensor>& lora_B, double scale,
+                               const std::optional<at::Tensor>& xl2) {
+  const at::Tensor x = aligned_contiguous(x2);
+  const at::Tensor p = aligned_contiguous(packed);
+  const ScaleInputs scales = contiguous_scales(absmax, absmax2, code2, offset, args.weight.double_quant);
+  at::Tensor y;
+  if (args.lora) {
+    const at::Tensor xa = at::mm(xl2.has_value() ? *xl2 : x2, lora_A->t());
+    y = bias.has_value() ? at::addmm(*bias, xa, lora_B->t(), 1.0, scale)
+                         : at::empty({args.M, args.N}, x.options()).addmm_(xa, lora_B->t(), 0.0, scale);
+  } else if (bias.has_value()) {
+    y = bias->expand({args.M, args.N}).contiguous();
+  } else {
+    y = at::empty({args.M, args.N}, x.options());
+  }
+  Gemm4bitParams prm;
+  prm.x = static_cast<const __nv_bfloat16*>(x.const_data_ptr());
+  prm.packed = p.const_data_ptr<uint8_t>();
+  prm.scales = scales.scales;
+  prm.y = static_cast<__nv_bfloat16*>(y.data_ptr());
+  prm.M = args.M;
+  prm.N = args.N;
+  prm.K = args.K;
+  prm.log2_blocksize = log2_exact(blocksize);
+  prm.accumulate = args.lora || bias.has_value();
+  const int num_sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  C10_CUDA_CHECK(launch_gemm_4bit(prm, args.weight.quant_type, num_sms, c10::cuda::getCurrentCUDAStream()));
+  return y;
+}
+
 // Large M: the weight is dequantized into a temporary of x's dtype (the caching allocator hands the same block
 // back on the next call, so it acts as a reused workspace) and cuBLAS does the rest. When the LoRA branch reads x
 // itself (no dropout) and M is large against N and K, the adapter is merged into that workspace, W + s·B·A,
@@ -124,10 +174,21 @@ at::Tensor lora_linear_4bit_cuda(const at::Tensor& x, const at::Tensor& packed, 
                     why_not_fused == nullptr ? "" : why_not_fused);
   const bool fused =
       forced_fused || (path == kPathAuto && why_not_fused == nullptr && args.M <= fused_max_m(blocksize, args.K));
-  const at::Tensor y = fused ? fused_forward(x2, packed, absmax, blocksize, args, absmax2, code2, offset, bias, lora_A,
-                                             lora_B, scale, xl2, path != kPathFused)
-                             : dequantize_gemm_forward(x2, packed, absmax, blocksize, quant_type, shape, args, absmax2, code2, offset, bias,
-                                                       lora_A, lora_B, scale, xl2, path);
+  const char* why_not_tensor_core = fused ? nullptr : tensor_core_unsupported(x, args, blocksize);
+  TORCH_CHECK_VALUE(path != kPathTensorCore || why_not_tensor_core == nullptr,
+                    "path=6 (tensor-core GEMM) cannot run: ", why_not_tensor_core == nullptr ? "" : why_not_tensor_core);
+  const bool tensor_core =
+      !fused && why_not_tensor_core == nullptr &&
+      (path == kPathTensorCore ||
+       (path == kPathAuto && args.M <= kTensorCoreMaxM &&
+        gemm_4bit_fills_one_wave(args.M, args.N, at::cuda::getCurrentDeviceProperties()->multiProcessorCount)));
+  const at::Tensor y =
+      fused ? fused_forward(x2, packed, absmax, blocksize, args, absmax2, code2, offset, bias, lora_A, lora_B, scale,
+                            xl2, path != kPathFused)
+      : tensor_core ? tensor_core_forward(x2, packed, absmax, blocksize, args, absmax2, code2, offset, bias, lora_A,
+                                          lora_B, scale, xl2)
+                    : dequantize_gemm_forward(x2, packed, absmax, blocksize, quant_type, shape, args, absmax2, code2,
+                                              offset, bias, lora_A, lora_B, scale, xl2, path);
   return y.view(args.out_shape);
 }
 

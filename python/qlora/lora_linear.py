@@ -9,11 +9,11 @@ import torch
 from .quantization import QuantState
 
 __all__ = ["lora_linear_4bit", "PATH_AUTO", "PATH_FUSED", "PATH_DEQUANTIZE_GEMM", "PATH_FUSED_BLOCK_SCALED",
-           "PATH_DEQUANTIZE_GEMM_MERGED", "PATH_DEQUANTIZE_GEMM_UNMERGED"]
+           "PATH_DEQUANTIZE_GEMM_MERGED", "PATH_DEQUANTIZE_GEMM_UNMERGED", "PATH_TENSOR_CORE"]
 
 #: Implementation choice on CUDA (``path`` argument). Anything but PATH_AUTO is meant for benchmarking.
 PATH_AUTO, PATH_FUSED, PATH_DEQUANTIZE_GEMM, PATH_FUSED_BLOCK_SCALED = 0, 1, 2, 3
-PATH_DEQUANTIZE_GEMM_MERGED, PATH_DEQUANTIZE_GEMM_UNMERGED = 4, 5
+PATH_DEQUANTIZE_GEMM_MERGED, PATH_DEQUANTIZE_GEMM_UNMERGED, PATH_TENSOR_CORE = 4, 5, 6
 
 
 def lora_linear_4bit(x: torch.Tensor, packed: torch.Tensor, quant_state: QuantState,
@@ -39,8 +39,11 @@ def lora_linear_4bit(x: torch.Tensor, packed: torch.Tensor, quant_state: QuantSt
         itself deterministic.
     path : int
         CUDA only: ``PATH_AUTO`` picks the fused small-M kernel for up to 64 rows of x with blocksize 64 and
-        in_features % 64 == 0, up to 32 otherwise (float16/bfloat16, in_features % 32 == 0), and dequantize +
-        cuBLAS beyond; the other values force one (benchmarking). ``PATH_FUSED_BLOCK_SCALED`` is the fused
+        in_features % 64 == 0, up to 32 otherwise (float16/bfloat16, in_features % 32 == 0); above that, up to
+        256 rows, the tensor-core GEMM that decodes the 4-bit weight in its main loop where it runs and its
+        launch is one full wave of the GPU
+        (``PATH_TENSOR_CORE``: bfloat16, in_features % 64 == 0, blocksize >= 64, an sm_90 GPU and a library
+        built for sm_90a); dequantize + cuBLAS beyond. The other values force one (benchmarking). ``PATH_FUSED_BLOCK_SCALED`` is the fused
         kernel that scales per quantization block instead of per weight (blocksize 64, in_features % 64 == 0,
         any rows of x in slices of 32; elsewhere as ``PATH_FUSED``).
         Dequantize + cuBLAS merges the adapter into the dequantized weight when the LoRA branch reads x itself
