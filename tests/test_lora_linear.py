@@ -245,9 +245,12 @@ def test_opcheck(device, M, variant):
 
 
 @cuda_only
-@pytest.mark.parametrize("M", [1, 16, 300])
-def test_cuda_graph_capture(M):
-    a = sample_inputs("cuda", M, 1000, 4128, 16, torch.bfloat16)
+@pytest.mark.parametrize("M, K, path", [(1, 4128, 0), (16, 4128, 0), (300, 4128, 0), (200, 4096, 6)])
+def test_cuda_graph_capture(M, K, path):
+    if path == 6 and not tensor_core_runs(torch.device("cuda")):
+        pytest.skip("the tensor-core GEMM does not run here")
+    a = sample_inputs("cuda", M, 1000, K, 16, torch.bfloat16)
+    a["path"] = path
     eager = OP(**a)
     static_x = a["x"].clone()
     stream = torch.cuda.Stream()
