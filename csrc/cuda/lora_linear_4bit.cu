@@ -77,6 +77,15 @@ at::Tensor fused_forward(const at::Tensor& x2, const at::Tensor& packed, const a
   return y;
 }
 
+// s·(x_lora·Aᵀ)·Bᵀ (+ bias), [M, N]: written first by the paths whose large product then accumulates onto it.
+at::Tensor low_rank_term(const at::Tensor& x2, const LoraLinearArgs& args, const std::optional<at::Tensor>& bias,
+                         const std::optional<at::Tensor>& lora_A, const std::optional<at::Tensor>& lora_B,
+                         double scale, const std::optional<at::Tensor>& xl2) {
+  const at::Tensor xa = at::mm(xl2.has_value() ? *xl2 : x2, lora_A->t());
+  return bias.has_value() ? at::addmm(*bias, xa, lora_B->t(), 1.0, scale)
+                          : at::empty({args.M, args.N}, x2.options()).addmm_(xa, lora_B->t(), 0.0, scale);
+}
+
 // Why the tensor-core GEMM cannot take these arguments, or nullptr when it can.
 const char* tensor_core_unsupported(const at::Tensor& x, const LoraLinearArgs& args, int64_t blocksize) {
   if (!built_for_sm90a()) return "the library was built without sm_90a code (TORCH_CUDA_ARCH_LIST=9.0a)";
@@ -99,16 +108,9 @@ at::Tensor tensor_core_forward(const at::Tensor& x2, const at::Tensor& packed, c
   const at::Tensor x = aligned_contiguous(x2);
   const at::Tensor p = aligned_contiguous(packed);
   const ScaleInputs scales = contiguous_scales(absmax, absmax2, code2, offset, args.weight.double_quant);
-  at::Tensor y;
-  if (args.lora) {
-    const at::Tensor xa = at::mm(xl2.has_value() ? *xl2 : x2, lora_A->t());
-    y = bias.has_value() ? at::addmm(*bias, xa, lora_B->t(), 1.0, scale)
-                         : at::empty({args.M, args.N}, x.options()).addmm_(xa, lora_B->t(), 0.0, scale);
-  } else if (bias.has_value()) {
-    y = bias->expand({args.M, args.N}).contiguous();
-  } else {
-    y = at::empty({args.M, args.N}, x.options());
-  }
+  at::Tensor y = args.lora         ? low_rank_term(x2, args, bias, lora_A, lora_B, scale, xl2)
+                 : bias.has_value() ? bias->expand({args.M, args.N}).contiguous()
+                                    : at::empty({args.M, args.N}, x.options());
   Gemm4bitParams prm;
   prm.x = static_cast<const __nv_bfloat16*>(x.const_data_ptr());
   prm.packed = p.const_data_ptr<uint8_t>();
@@ -150,10 +152,7 @@ at::Tensor dequantize_gemm_forward(const at::Tensor& x2, const at::Tensor& packe
   const at::Tensor w = call_dequantize_4bit(packed, absmax, blocksize, quant_type, shape, x2.scalar_type(),
                                             absmax2, code2, offset);
   if (!args.lora) return bias.has_value() ? at::addmm(*bias, x2, w.t()) : at::mm(x2, w.t());
-  const at::Tensor xa = at::mm(xl2.has_value() ? *xl2 : x2, lora_A->t());
-  at::Tensor y = bias.has_value() ? at::addmm(*bias, xa, lora_B->t(), 1.0, scale)
-                                  : at::empty({args.M, args.N}, x2.options()).addmm_(xa, lora_B->t(), 0.0, scale);
-  return y.addmm_(x2, w.t());
+  return low_rank_term(x2, args, bias, lora_A, lora_B, scale, xl2).addmm_(x2, w.t());
 }
 
 at::Tensor lora_linear_4bit_cuda(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& absmax,
