@@ -25,6 +25,7 @@
 #include <cstdint>
 
 #include "qlora/common.cuh"
+#include "qlora/pairs.cuh"
 #include "qlora/quantize_4bit.cuh"
 
 namespace qlora {
@@ -43,6 +44,8 @@ struct Gemm4bitParams {
 
 namespace gemm4bit {
 
+using Bf16 = MmaType<__nv_bfloat16>;
+
 constexpr int kTokens = 128;              // x rows per CTA (wgmma N)
 constexpr int kStageK = 64;               // k per stage
 constexpr int kStages = 6;
@@ -53,9 +56,6 @@ constexpr int kTableBytes = 256 * 256;                     // bf16 pair of byte 
 constexpr int kSmemBytes = 1024 /* alignment */ + kStages * (kXStageBytes + kWStageBytes) + kTableBytes +
                            256 * 4 /* code2 */ + 2 * kStages * 8 /* barriers */;
 
-__device__ __forceinline__ void cp_async16(uint32_t dst, const void* src) {
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(dst), "l"(src));
-}
 __device__ __forceinline__ void mbar_init(uint32_t bar, int count) {
   asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(count));
 }
@@ -115,11 +115,6 @@ __device__ __forceinline__ void fence_accumulators(float (&d)[64]) {
   for (int i = 0; i < 64; ++i) asm volatile("" : "+f"(d[i])::"memory");
 }
 #endif
-
-__device__ __forceinline__ uint32_t bf16_pair_bits(float lo, float hi) {
-  const __nv_bfloat162 h = __floats2bfloat162_rn(lo, hi);
-  return *reinterpret_cast<const uint32_t*>(&h);
-}
 
 // kWarpgroups x 64 rows of W a CTA, or (kSplitK) 64 rows with the stages dealt round-robin to the warpgroups.
 template <QuantType QT, bool kDoubleQuant, int kWarpgroups, bool kSplitK>
@@ -183,7 +178,7 @@ __global__ void __launch_bounds__(128 * kWarpgroups, 1) gemm_4bit_kernel(const G
   {
     const float* values = QT == QuantType::NF4 ? kNF4ValuesDevice : kFP4ValuesDevice;
     uint32_t* t = reinterpret_cast<uint32_t*>(smem + (table - base));
-    for (int i = tid; i < 256 * 32; i += kThreads) t[(i / 32) * 64 + i % 32] = bf16_pair_bits(values[i / 32 >> 4], values[i / 32 & 15]);
+    for (int i = tid; i < 256 * 32; i += kThreads) t[(i / 32) * 64 + i % 32] = as_u32(Bf16::pair(values[i / 32 >> 4], values[i / 32 & 15]));
     if (kDoubleQuant)
       for (int i = tid; i < 256; i += kThreads) code2_s[i] = p.scales.code2[i];
   }
@@ -207,12 +202,10 @@ __global__ void __launch_bounds__(128 * kWarpgroups, 1) gemm_4bit_kernel(const G
   };
   auto scale_of = [&](RawScale r) { return kDoubleQuant ? mul_then_add(code2_s[r.code], r.value, mean) : r.value; };
   const uint32_t lane_bytes = lane * 4, selector = 0x5504u | ((lane % 4) << 4);  // (lane * 4, byte lane % 4, 0, 0)
-  auto decode = [&](uint32_t word, __nv_bfloat162 hi, __nv_bfloat162 lo) {
+  auto decode = [&](uint32_t word, const SplitScale<__nv_bfloat16>& scale) {
     uint32_t bits;
     asm("ld.shared.b32 %0, [%1];\n" : "=r"(bits) : "r"(table + __byte_perm(word, lane_bytes, selector)));
-    const __nv_bfloat162 v = *reinterpret_cast<const __nv_bfloat162*>(&bits);
-    const __nv_bfloat162 w = __hfma2(v, hi, __hmul2(v, lo));
-    return *reinterpret_cast<const uint32_t*>(&w);
+    return scaled_pair<__nv_bfloat16>(*reinterpret_cast<const Bf16::Pair*>(&bits), scale);
   };
 
   float acc[64];
@@ -240,17 +233,14 @@ __global__ void __launch_bounds__(128 * kWarpgroups, 1) gemm_4bit_kernel(const G
     const uint4 b_hi = *reinterpret_cast<const uint4*>(w_stage + (r0 + 8) * 32 + 16);
     const uint32_t row0[8] = {a_lo.x, a_lo.y, a_lo.z, a_lo.w, a_hi.x, a_hi.y, a_hi.z, a_hi.w};
     const uint32_t row1[8] = {b_lo.x, b_lo.y, b_lo.z, b_lo.w, b_hi.x, b_hi.y, b_hi.z, b_hi.w};
-    const __nv_bfloat16 h0 = __float2bfloat16_rn(s0), h1 = __float2bfloat16_rn(s1);
-    const __nv_bfloat162 hi0 = __bfloat162bfloat162(h0), hi1 = __bfloat162bfloat162(h1);
-    const __nv_bfloat162 lo0 = __bfloat162bfloat162(__float2bfloat16_rn(s0 - __bfloat162float(h0)));
-    const __nv_bfloat162 lo1 = __bfloat162bfloat162(__float2bfloat16_rn(s1 - __bfloat162float(h1)));
+    const SplitScale<__nv_bfloat16> scale0 = split_scale<__nv_bfloat16>(s0), scale1 = split_scale<__nv_bfloat16>(s1);
     uint32_t a[4][4];  // k16 step j: rows r0 / r0 + 8, k 16j + 2c.. and 16j + 8 + 2c..
 #pragma unroll
     for (int j = 0; j < 4; ++j) {
-      a[j][0] = decode(row0[2 * j], hi0, lo0);
-      a[j][1] = decode(row1[2 * j], hi1, lo1);
-      a[j][2] = decode(row0[2 * j + 1], hi0, lo0);
-      a[j][3] = decode(row1[2 * j + 1], hi1, lo1);
+      a[j][0] = decode(row0[2 * j], scale0);
+      a[j][1] = decode(row1[2 * j], scale1);
+      a[j][2] = decode(row0[2 * j + 1], scale0);
+      a[j][3] = decode(row1[2 * j + 1], scale1);
     }
     wgmma_fence(a);
 #pragma unroll

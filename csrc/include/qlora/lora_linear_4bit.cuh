@@ -23,6 +23,7 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include "qlora/pairs.cuh"
 #include "qlora/quantize_4bit.cuh"
 
 namespace qlora {
@@ -39,44 +40,6 @@ constexpr int kLoraDownSplitK = 512;     // K range of one lora_down CTA: at M =
 constexpr int kEpilogueThreads = 256;
 constexpr int kMaxLoraSmemBytes = 48 * 1024;  // xa staged per CTA: rows * r floats
 
-// Element type traits for the mma operand type and the pair LUT.
-template <typename T> struct MmaType;
-
-template <> struct MmaType<__nv_bfloat16> {
-  using Pair = __nv_bfloat162;
-  __device__ static Pair pair(float lo, float hi) { return __floats2bfloat162_rn(lo, hi); }
-  __device__ static Pair splat(float x) { return __float2bfloat162_rn(x); }
-  __device__ static float round(float x) { return __bfloat162float(__float2bfloat16_rn(x)); }
-  __device__ static float2 unpack(uint32_t bits) { return __bfloat1622float2(*reinterpret_cast<const Pair*>(&bits)); }
-  // D = A·B + D, A 16x16 row-major, B 16x8 column-major, fp32 accumulators.
-  __device__ static void mma(float d[4], const uint32_t a[4], const uint32_t b[2]) {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-        "{%0,%1,%2,%3};\n"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
-  }
-};
-
-template <> struct MmaType<__half> {
-  using Pair = __half2;
-  __device__ static Pair pair(float lo, float hi) { return __floats2half2_rn(lo, hi); }
-  __device__ static Pair splat(float x) { return __float2half2_rn(x); }
-  __device__ static float round(float x) { return __half2float(__float2half_rn(x)); }
-  __device__ static float2 unpack(uint32_t bits) { return __half22float2(*reinterpret_cast<const Pair*>(&bits)); }
-  __device__ static void mma(float d[4], const uint32_t a[4], const uint32_t b[2]) {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-        "{%0,%1,%2,%3};\n"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
-  }
-};
-
-template <typename P>
-__device__ __forceinline__ uint32_t as_u32(P p) {
-  return *reinterpret_cast<uint32_t*>(&p);
-}
 
 // Arguments shared by the GEMV and epilogue kernels.
 template <typename T>
@@ -309,13 +272,7 @@ __global__ void __launch_bounds__(kGemvThreads) lora_gemv_4bit_kernel(const Lora
         const int64_t k = kc + u * kGemvChunk + 32 * c;
         // Lanes whose unit is past k_end hold zero weights; their x loads are skipped too, so they add exact zeros.
         const bool k_ok = k < k_end;
-        Pair s_hi[2], s_lo[2];
-#pragma unroll
-        for (int h = 0; h < 2; ++h) {
-          const float hi = MmaType<T>::round(sc[u][h]);
-          s_hi[h] = MmaType<T>::splat(hi);
-          s_lo[h] = MmaType<T>::splat(sc[u][h] - hi);
-        }
+        const SplitScale<T> split[2] = {split_scale<T>(sc[u][0]), split_scale<T>(sc[u][1])};
         const uint32_t words[2][4] = {{wq[u][0].x, wq[u][0].y, wq[u][0].z, wq[u][0].w},
                                       {wq[u][1].x, wq[u][1].y, wq[u][1].z, wq[u][1].w}};
 #pragma unroll
@@ -327,8 +284,8 @@ __global__ void __launch_bounds__(kGemvThreads) lora_gemv_4bit_kernel(const Lora
             const uint32_t w = words[h][s / 2] >> (16 * (s % 2));
             const Pair v0 = pair_lut[(w & 0xffu) * 32 + lane];
             const Pair v1 = pair_lut[((w >> 8) & 0xffu) * 32 + lane];
-            a[h] = as_u32(__hfma2(v0, s_hi[h], __hmul2(v0, s_lo[h])));      // slots 2c, 2c+1
-            a[2 + h] = as_u32(__hfma2(v1, s_hi[h], __hmul2(v1, s_lo[h])));  // slots 2c+8, 2c+9
+            a[h] = scaled_pair<T>(v0, split[h]);      // slots 2c, 2c+1
+            a[2 + h] = scaled_pair<T>(v1, split[h]);  // slots 2c+8, 2c+9
           }
           mma_x_tiles<T, MT8>(acc, a, xrow, x_ok, k_ok, k + 4 * s);
         }
@@ -387,10 +344,6 @@ __host__ __device__ inline int64_t staged_x_bytes(XSource x_source, int64_t M, i
                                      : 0;
 }
 
-__device__ __forceinline__ void cp_async16(void* smem, const void* gmem) {
-  const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(smem));
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(s), "l"(gmem));
-}
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
 template <int N>
 __device__ __forceinline__ void cp_async_wait() {
