@@ -53,6 +53,10 @@ constexpr int kMaxRows = 128;             // W rows per CTA, at most
 constexpr int kXStageBytes = kTokens * kStageK * 2;        // 16 KB, a multiple of the 1024-byte swizzle atom
 constexpr int kWStageBytes = kMaxRows * kStageK / 2;       // 4 KB
 constexpr int kTableBytes = 256 * 256;                     // bf16 pair of byte b for lane l at b * 256 + l * 4
+// W rows a CTA takes: 64 a warpgroup, or 64 shared by all of them in the split-K form; the two launch forms.
+constexpr int cta_rows(int warpgroups, bool split_k) { return split_k ? 64 : 64 * warpgroups; }
+constexpr int kRowFormWarpgroups = 2, kSplitFormWarpgroups = 3;
+inline int64_t cta_count(int64_t M, int64_t N, int rows) { return ((N + rows - 1) / rows) * ((M + kTokens - 1) / kTokens); }
 constexpr int kSmemBytes = 1024 /* alignment */ + kStages * (kXStageBytes + kWStageBytes) + kTableBytes +
                            256 * 4 /* code2 */ + 2 * kStages * 8 /* barriers */;
 
@@ -121,7 +125,7 @@ template <QuantType QT, bool kDoubleQuant, int kWarpgroups, bool kSplitK>
 __global__ void __launch_bounds__(128 * kWarpgroups, 1) gemm_4bit_kernel(const Gemm4bitParams p) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   constexpr int kThreads = 128 * kWarpgroups;
-  constexpr int kRows = kSplitK ? 64 : 64 * kWarpgroups;
+  constexpr int kRows = cta_rows(kWarpgroups, kSplitK);
   static_assert(kRows <= kMaxRows, "W stage too small");
   extern __shared__ uint8_t smem_raw[];
   const uint32_t raw = static_cast<uint32_t>(__cvta_generic_to_shared(smem_raw));
@@ -304,14 +308,13 @@ __global__ void __launch_bounds__(128 * kWarpgroups, 1) gemm_4bit_kernel(const G
 // (2026-11-28, standalone program, µs), M = 128 8192x28672 split 189 vs rows 317; M = 256 8192x28672
 // (128 CTAs of rows) 370 vs 314.
 inline bool gemm_4bit_split_k(int64_t M, int64_t N, int num_sms) {
-  const int64_t row_ctas = ((N + kMaxRows - 1) / kMaxRows) * ((M + kTokens - 1) / kTokens);
-  return 4 * row_ctas < 3 * static_cast<int64_t>(num_sms);
+  return 4 * cta_count(M, N, cta_rows(kRowFormWarpgroups, false)) < 3 * static_cast<int64_t>(num_sms);
 }
 
 // CTAs of the launch gemm_4bit_split_k picks.
 inline int64_t gemm_4bit_ctas(int64_t M, int64_t N, int num_sms) {
-  const int64_t rows = gemm_4bit_split_k(M, N, num_sms) ? 64 : kMaxRows;
-  return ((N + rows - 1) / rows) * ((M + kTokens - 1) / kTokens);
+  return gemm_4bit_split_k(M, N, num_sms) ? cta_count(M, N, cta_rows(kSplitFormWarpgroups, true))
+                                          : cta_count(M, N, cta_rows(kRowFormWarpgroups, false));
 }
 
 template <QuantType QT, bool kDoubleQuant, int kWarpgroups, bool kSplitK>
@@ -319,7 +322,7 @@ cudaError_t launch_as(const Gemm4bitParams& p, cudaStream_t stream) {
   auto kernel = gemm_4bit_kernel<QT, kDoubleQuant, kWarpgroups, kSplitK>;
   const cudaError_t attribute = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes);
   if (attribute != cudaSuccess) return attribute;
-  const int rows = kSplitK ? 64 : 64 * kWarpgroups;
+  constexpr int rows = cta_rows(kWarpgroups, kSplitK);
   const dim3 grid(static_cast<unsigned>((p.N + rows - 1) / rows), static_cast<unsigned>((p.M + kTokens - 1) / kTokens));
   kernel<<<grid, 128 * kWarpgroups, kSmemBytes, stream>>>(p);
   return cudaGetLastError();
@@ -327,8 +330,8 @@ cudaError_t launch_as(const Gemm4bitParams& p, cudaStream_t stream) {
 
 template <QuantType QT, bool kDoubleQuant>
 cudaError_t launch_for(const Gemm4bitParams& p, int num_sms, cudaStream_t stream) {
-  return gemm_4bit_split_k(p.M, p.N, num_sms) ? launch_as<QT, kDoubleQuant, 3, true>(p, stream)
-                                              : launch_as<QT, kDoubleQuant, 2, false>(p, stream);
+  return gemm_4bit_split_k(p.M, p.N, num_sms) ? launch_as<QT, kDoubleQuant, kSplitFormWarpgroups, true>(p, stream)
+                                              : launch_as<QT, kDoubleQuant, kRowFormWarpgroups, false>(p, stream);
 }
 
 }  // namespace gemm4bit
