@@ -8,7 +8,7 @@ Rows (impl):
   qlora fused block-scaled path=3, the small-M block-scaled kernel (crossover rows; above M = 32 in slices of 32)
   qlora merged / unmerged  path=4 / 5, dequantize + cuBLAS with the adapter always / never merged into the weight
                            (M >= 256 rows: the measurement behind merging_adapter_pays)
-  qlora tensor-core        path=6, the wgmma GEMM that decodes the weight in its main loop (M >= 64 rows; sm_90)
+  qlora tensor-core        path=6, the wgmma GEMM that decodes the weight in its main loop (M >= 16 rows; sm_90)
   torch bf16               F.linear + the same LoRA in plain PyTorch
   torch bf16 no-LoRA       F.linear only
   bitsandbytes             bnb.matmul_4bit + the same LoRA in plain PyTorch
@@ -108,6 +108,7 @@ def run(ctx: Context) -> list[Row]:
             if ctx.cuda and M >= 256:
                 add(case, shape, "qlora merged", lambda: ours(x, 4), q_bytes, flops)
                 add(case, shape, "qlora unmerged", lambda: ours(x, 5), q_bytes, flops)
+            if ctx.cuda and M >= 16:
                 add(case, shape, "qlora tensor-core", lambda: ours(x, 6), q_bytes, flops)
             flush()
 
@@ -126,7 +127,7 @@ def run(ctx: Context) -> list[Row]:
             add(case, shape, "qlora dequant+gemm", lambda: ours(x, 2), q_bytes, flops)
             if M <= FUSED_MAX_M:
                 add(case, shape, "qlora fused block-scaled", lambda: ours(x, 3), q_bytes, flops)
-            if M >= 64:
+            if M >= 16:
                 add(case, shape, "qlora tensor-core", lambda: ours(x, 6), q_bytes, flops)
             add(case, shape, "torch bf16 no-LoRA", lambda: F.linear(x, next_w()), 2 * N * K, 2 * M * N * K)
             flush()

@@ -41,17 +41,22 @@ enum LoraLinearPath : int64_t {
 // vs 300.4) and loses at M = 128 (4096x4096 55.3 vs 43.6, 8192x28672 497.2 vs 299.0), where each 32-row slice
 // of x decodes the weights again. The general loop lost to dequantize + cuBLAS already at M = 32 (4096x4096 44 vs 33 us,
 // 8192x28672 371 vs 288; CUDA-graph times, tools/time_lora_paths.py), so other layouts stop at 32.
+// Where the tensor-core GEMM runs, it takes over above M = 16, with token tiles of 32 or 64 for such M
+// (gemm4bit::tokens_for): 8192x28672 M = 32 98 µs against 140 for the fused kernel, M = 64 113 against 249
+// (standalone program, same timing); at M = 16 the fused kernel is ahead (90.8 vs 94.4 with 16-token tiles).
 constexpr int64_t kFusedMaxM = 32;
 constexpr int64_t kFusedBlockScaledMaxM = 64;
-inline int64_t fused_max_m(int64_t blocksize, int64_t K) {
+constexpr int64_t kFusedBelowTensorCoreMaxM = 16;
+inline int64_t fused_max_m(int64_t blocksize, int64_t K, bool tensor_core_runs) {
+  if (tensor_core_runs) return kFusedBelowTensorCoreMaxM;
   return block_scaled_layout(blocksize, K) ? kFusedBlockScaledMaxM : kFusedMaxM;
 }
-// Largest M for which the automatic choice may take the tensor-core GEMM (kPathTensorCore, where it applies and
-// its launch is one full wave: gemm_4bit_fills_one_wave) rather than dequantize + cuBLAS, above the fused
-// kernel's range. Measured on the H200 (2026-11-28, r = 16, bf16, `python -m bench --only lora_linear`,
-// forward µs, tensor-core vs dequantize + cuBLAS): 8192x28672 M = 256 337.8 vs 357.3, M = 512 673.4 vs 539.0;
-// 4096x4096 M = 512 63.7 vs 56.0 (wgmma at ~400 TFLOP/s against cuBLAS's ~650 once the GEMM outweighs the
-// dequantization).
+// Largest M for which the automatic choice takes the tensor-core GEMM (kPathTensorCore, where it applies)
+// rather than dequantize + cuBLAS, above the fused kernel's range. Measured on the H200 (2026-11-28, r = 16,
+// bf16, `python -m bench --only lora_linear`, forward µs, tensor-core vs the better dequantize + cuBLAS form):
+// M = 128 8192x28672 160.9 vs 296.8, 4096x4096 54.6 vs 58.6; M = 256 8192x28672 272.4 vs 352.9, 28672x8192
+// (3.4 waves) 328.4 vs 363.4, 8192x8192 93.4 vs 111.9; M = 512 8192x28672 569.6 vs 528.7 (wgmma at ~470 TFLOP/s
+// against cuBLAS's ~650 once the GEMM outweighs the dequantization).
 constexpr int64_t kTensorCoreMaxM = 256;
 // Largest LoRA rank the fused kernel stages in shared memory (64 rows x r floats within 48 KB).
 constexpr int64_t kFusedMaxRank = 192;

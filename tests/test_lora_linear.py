@@ -164,7 +164,7 @@ def test_forward_empty_batch(device):
 @cuda_only
 @pytest.mark.parametrize("path", [1, 3, 6])
 @pytest.mark.parametrize("N, K", [(1000, 4128), (520, 4096), (136, 4160)])
-@pytest.mark.parametrize("M", [1, 16, 64, 300])
+@pytest.mark.parametrize("M", [1, 16, 40, 64, 300])
 def test_fused_writes_every_output_and_is_deterministic(M, N, K, path):
     if path == 6 and not (tensor_core_runs(torch.device("cuda")) and K % 64 == 0):
         pytest.skip("the tensor-core GEMM does not run here")
@@ -177,6 +177,17 @@ def test_fused_writes_every_output_and_is_deterministic(M, N, K, path):
     y2 = OP(**a, path=path)
     assert torch.isfinite(y1).all()
     assert torch.equal(y1, y2), "the fused path must be bitwise reproducible"
+
+
+@cuda_only
+@pytest.mark.parametrize("M", [1, 31, 32, 33, 40, 64, 65, 129])
+def test_tensor_core_token_tiles(M):
+    """The tensor-core GEMM takes 32, 64 or 128 tokens a tile by M; M below the tile loads only M rows of x and
+    leaves the tile's other rows stale, M past a tile ends in a partial one."""
+    if not tensor_core_runs(torch.device("cuda")):
+        pytest.skip("the tensor-core GEMM does not run here")
+    a = sample_inputs("cuda", M, 520, 4096, 16, torch.bfloat16)
+    assert_accurate(OP(**a, path=6), reference.lora_linear_4bit(**a), torch_baseline(a), torch.bfloat16, "path 6")
 
 
 @cuda_only

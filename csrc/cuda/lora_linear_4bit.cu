@@ -93,7 +93,7 @@ const char* tensor_core_unsupported(const at::Tensor& x, const LoraLinearArgs& a
   if (prop->major != 9 || prop->minor != 0) return "it needs an sm_90 GPU (H100, H200)";
   if (x.scalar_type() != at::kBFloat16) return "x must be bfloat16";
   if (!gemm_4bit_supported(args.K, blocksize)) return "in_features (K) must be a multiple of 64 and blocksize at least 64";
-  if ((args.M + gemm4bit::kTokens - 1) / gemm4bit::kTokens > 65535) return "x has too many rows";
+  if ((args.M + gemm4bit::kMaxTokens - 1) / gemm4bit::kMaxTokens > 65535) return "x has too many rows";
   return nullptr;
 }
 
@@ -171,16 +171,13 @@ at::Tensor lora_linear_4bit_cuda(const at::Tensor& x, const at::Tensor& packed, 
   const bool forced_fused = path == kPathFused || path == kPathFusedBlockScaled;
   TORCH_CHECK_VALUE(!forced_fused || why_not_fused == nullptr, "path=", path, " (fused small-M kernel) cannot run: ",
                     why_not_fused == nullptr ? "" : why_not_fused);
-  const bool fused =
-      forced_fused || (path == kPathAuto && why_not_fused == nullptr && args.M <= fused_max_m(blocksize, args.K));
-  const char* why_not_tensor_core = fused ? nullptr : tensor_core_unsupported(x, args, blocksize);
+  const char* why_not_tensor_core = tensor_core_unsupported(x, args, blocksize);
+  const bool fused = forced_fused || (path == kPathAuto && why_not_fused == nullptr &&
+                                      args.M <= fused_max_m(blocksize, args.K, why_not_tensor_core == nullptr));
   TORCH_CHECK_VALUE(path != kPathTensorCore || why_not_tensor_core == nullptr,
                     "path=6 (tensor-core GEMM) cannot run: ", why_not_tensor_core == nullptr ? "" : why_not_tensor_core);
-  const bool tensor_core =
-      !fused && why_not_tensor_core == nullptr &&
-      (path == kPathTensorCore ||
-       (path == kPathAuto && args.M <= kTensorCoreMaxM &&
-        gemm_4bit_fills_one_wave(args.M, args.N, at::cuda::getCurrentDeviceProperties()->multiProcessorCount)));
+  const bool tensor_core = !fused && why_not_tensor_core == nullptr &&
+                           (path == kPathTensorCore || (path == kPathAuto && args.M <= kTensorCoreMaxM));
   const at::Tensor y =
       fused ? fused_forward(x2, packed, absmax, blocksize, args, absmax2, code2, offset, bias, lora_A, lora_B, scale,
                             xl2, path != kPathFused)

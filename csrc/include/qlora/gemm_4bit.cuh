@@ -5,10 +5,11 @@
 // M in the hundreds that traffic is a large share of the time, while the fused GEMV decodes the weight again for
 // every 32 rows of x.
 //
-// Layout: a CTA takes 128 tokens of x and 64 rows of W per warpgroup. Each 64-k stage of x (128-byte
-// swizzled, K-major, the wgmma B operand) and of W's packed bytes travels through a cp.async ring in shared
-// memory; per-stage mbarriers (full: the copies landed; empty: the consumers' wgmma finished) let the
-// warpgroups run out of step, so one decodes while another's wgmma run. A warpgroup decodes its 64 rows
+// Layout: a CTA takes 128 tokens of x and 64 rows of W per warpgroup. A producer warp brings each 64-k stage
+// of x (128-byte swizzled by the copy engine, K-major, the wgmma B operand) and of W's packed bytes into a
+// ring in shared memory with TMA tensor copies; per-stage mbarriers (full: the bytes landed; empty: the
+// consumers' wgmma finished) let the warpgroups run out of step, so one decodes while another's wgmma run,
+// and the consumer threads spend no instructions on copies. A warpgroup decodes its 64 rows
 // into the wgmma A fragments in registers: a byte of two codes is one byte permute (its table address), one
 // shared-memory load of the bf16 pair and HMUL2 + HFMA2 by the block's scale split into bf16 hi + lo, so each
 // weight is bf16(value) * scale rounded once, within one bf16 rounding of what dequantize_4bit writes.
@@ -16,11 +17,14 @@
 // shared memory at the end, where the output tile is staged to read and write y in 16-byte runs.
 //
 // Constraints (the caller checks gemm_4bit_supported): K % 64 == 0, blocksize a power of two >= 64 (a stage's
-// 64 weights of a row share one scale), x and the packed weight 16-byte aligned with contiguous rows.
+// 64 weights of a row share one scale), x and the packed weight 16-byte aligned with contiguous rows (the
+// tensor maps' rules).
 #pragma once
 
+#include <cuda.h>
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
+#include <cudaTypedefs.h>
 
 #include <cstdint>
 
@@ -44,21 +48,43 @@ struct Gemm4bitParams {
 
 namespace gemm4bit {
 
+// What the kernel takes: the tensor maps of x ([M, K] bf16, box 64 k x min(M, 128) tokens, 128-byte swizzle)
+// and of the packed weight ([N, K / 2] bytes, box 32 bytes x the CTA's rows), built on the host for each launch.
+// Below 128 tokens the box holds just the M rows and the tile's other rows stay stale: a token's outputs read
+// only its own row, and stale ones are never stored. (Boxes that reach past M instead arrive zero-filled.)
+struct KernelArgs {
+  CUtensorMap x_map;
+  CUtensorMap w_map;
+  Gemm4bitParams p;
+  uint32_t x_box_bytes;
+};
+
 using Bf16 = MmaType<__nv_bfloat16>;
 
-constexpr int kTokens = 128;              // x rows per CTA (wgmma N)
 constexpr int kStageK = 64;               // k per stage
-constexpr int kStages = 6;
 constexpr int kMaxRows = 128;             // W rows per CTA, at most
-constexpr int kXStageBytes = kTokens * kStageK * 2;        // 16 KB, a multiple of the 1024-byte swizzle atom
 constexpr int kWStageBytes = kMaxRows * kStageK / 2;       // 4 KB
 constexpr int kTableBytes = 256 * 256;                     // bf16 pair of byte b for lane l at b * 256 + l * 4
+// x rows per CTA (the wgmma N): the smallest of 32, 64 and 128 that holds M, so that few tokens do not pay for
+// a 128-token product. Measured on the H200 (2026-11-28, standalone program, µs, 8192x28672 split-K form):
+// M = 32 98 with 32-token tiles against 112 with 64; M = 64 113 with 64 against 156 with 128 (library).
+constexpr int kMaxTokens = 128;
+constexpr int tokens_for(int64_t M) { return M <= 32 ? 32 : M <= 64 ? 64 : kMaxTokens; }
+template <int kTokens>
+struct Tile {
+  static constexpr int kStages = kTokens == kMaxTokens ? 6 : 12;    // smaller stages, more of them in flight
+  static constexpr int kXStageBytes = kTokens * kStageK * 2;         // a multiple of the 1024-byte swizzle atom
+  static constexpr int kAccumulators = kTokens / 2;                  // per thread: 64 rows x kTokens / 128
+  static constexpr int kSmemBytes = 1024 /* alignment */ + kStages * (kXStageBytes + kWStageBytes) + kTableBytes +
+                                    256 * 4 /* code2 */ + 2 * kStages * 8 /* barriers */;
+};
 // W rows a CTA takes: 64 a warpgroup, or 64 shared by all of them in the split-K form; the two launch forms.
 constexpr int cta_rows(int warpgroups, bool split_k) { return split_k ? 64 : 64 * warpgroups; }
 constexpr int kRowFormWarpgroups = 2, kSplitFormWarpgroups = 3;
-inline int64_t cta_count(int64_t M, int64_t N, int rows) { return ((N + rows - 1) / rows) * ((M + kTokens - 1) / kTokens); }
-constexpr int kSmemBytes = 1024 /* alignment */ + kStages * (kXStageBytes + kWStageBytes) + kTableBytes +
-                           256 * 4 /* code2 */ + 2 * kStages * 8 /* barriers */;
+inline int64_t cta_count(int64_t M, int64_t N, int rows) {
+  const int tokens = tokens_for(M);
+  return ((N + rows - 1) / rows) * ((M + tokens - 1) / tokens);
+}
 
 __device__ __forceinline__ void mbar_init(uint32_t bar, int count) {
   asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(count));
@@ -66,9 +92,16 @@ __device__ __forceinline__ void mbar_init(uint32_t bar, int count) {
 __device__ __forceinline__ void mbar_arrive(uint32_t bar) {
   asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(bar) : "memory");
 }
-// Arrives on bar once this thread's earlier cp.async copies have landed.
-__device__ __forceinline__ void mbar_arrive_copies(uint32_t bar) {
-  asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];\n" ::"r"(bar) : "memory");
+// Arrives on bar and tells it to wait for `bytes` more from the copy engine.
+__device__ __forceinline__ void mbar_arrive_expecting(uint32_t bar, uint32_t bytes) {
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(bar), "r"(bytes) : "memory");
+}
+// A 2-D box of `map` at (c0, c1) into shared memory at dst; its bytes count on bar.
+__device__ __forceinline__ void tma_load_2d(uint32_t dst, const CUtensorMap* map, int c0, int c1, uint32_t bar) {
+  asm volatile(
+      "cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3}], [%4];\n"
+      ::"r"(dst), "l"(reinterpret_cast<uint64_t>(map)), "r"(c0), "r"(c1), "r"(bar)
+      : "memory");
 }
 __device__ __forceinline__ void mbar_wait(uint32_t bar, uint32_t parity) {
   uint32_t done = 0;
@@ -99,10 +132,27 @@ __device__ __forceinline__ void wgmma_commit_and_wait() {
 }
 #define QLORA_ACC8(i) "+f"(d[i]), "+f"(d[i + 1]), "+f"(d[i + 2]), "+f"(d[i + 3]), "+f"(d[i + 4]), "+f"(d[i + 5]), \
                       "+f"(d[i + 6]), "+f"(d[i + 7])
-// d[64] += A (64x16, registers) · B (16x128, shared memory); fp32 accumulators in the wgmma fragment order.
-__device__ __forceinline__ void wgmma_m64n128k16(float (&d)[64], const uint32_t (&a)[4], uint64_t b) {
+// d += A (64x16, registers) · B (16 x kTokens, shared memory); fp32 accumulators in the wgmma fragment order.
+__device__ __forceinline__ void wgmma_bf16(float (&d)[16], const uint32_t (&a)[4], uint64_t b) {
   asm volatile(
       "{\n.reg .pred p;\nsetp.ne.b32 p, 1, 0;\n"  // scale-d: accumulate into d
+      "wgmma.mma_async.sync.aligned.m64n32k16.f32.bf16.bf16 "
+      "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15}, {%16, %17, %18, %19}, %20, p, 1, 1, 0;\n}\n"
+      : QLORA_ACC8(0), QLORA_ACC8(8)
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b));
+}
+__device__ __forceinline__ void wgmma_bf16(float (&d)[32], const uint32_t (&a)[4], uint64_t b) {
+  asm volatile(
+      "{\n.reg .pred p;\nsetp.ne.b32 p, 1, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 "
+      "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, "
+      "%22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, {%32, %33, %34, %35}, %36, p, 1, 1, 0;\n}\n"
+      : QLORA_ACC8(0), QLORA_ACC8(8), QLORA_ACC8(16), QLORA_ACC8(24)
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b));
+}
+__device__ __forceinline__ void wgmma_bf16(float (&d)[64], const uint32_t (&a)[4], uint64_t b) {
+  asm volatile(
+      "{\n.reg .pred p;\nsetp.ne.b32 p, 1, 0;\n"
       "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 "
       "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, "
       "%22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, "
@@ -114,17 +164,22 @@ __device__ __forceinline__ void wgmma_m64n128k16(float (&d)[64], const uint32_t 
 }
 #undef QLORA_ACC8
 // Keeps the accumulators' uses after the wgmma that wrote them.
-__device__ __forceinline__ void fence_accumulators(float (&d)[64]) {
+template <int kCount>
+__device__ __forceinline__ void fence_accumulators(float (&d)[kCount]) {
 #pragma unroll
-  for (int i = 0; i < 64; ++i) asm volatile("" : "+f"(d[i])::"memory");
+  for (int i = 0; i < kCount; ++i) asm volatile("" : "+f"(d[i])::"memory");
 }
 #endif
 
-// kWarpgroups x 64 rows of W a CTA, or (kSplitK) 64 rows with the stages dealt round-robin to the warpgroups.
-template <QuantType QT, bool kDoubleQuant, int kWarpgroups, bool kSplitK>
-__global__ void __launch_bounds__(128 * kWarpgroups, 1) gemm_4bit_kernel(const Gemm4bitParams p) {
+// kWarpgroups x 64 rows of W a CTA, or (kSplitK) 64 rows with the stages dealt round-robin to the warpgroups;
+// one more warp issues the copies.
+template <QuantType QT, bool kDoubleQuant, int kTokens, int kWarpgroups, bool kSplitK>
+__global__ void __launch_bounds__(128 * kWarpgroups + 32, 1) gemm_4bit_kernel(const __grid_constant__ KernelArgs args) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
-  constexpr int kThreads = 128 * kWarpgroups;
+  using T = Tile<kTokens>;
+  constexpr int kStages = T::kStages, kXStageBytes = T::kXStageBytes;
+  const Gemm4bitParams& p = args.p;
+  constexpr int kThreads = 128 * kWarpgroups;  // the consumers; the producer warp comes after them
   constexpr int kRows = cta_rows(kWarpgroups, kSplitK);
   static_assert(kRows <= kMaxRows, "W stage too small");
   extern __shared__ uint8_t smem_raw[];
@@ -144,49 +199,32 @@ __global__ void __launch_bounds__(128 * kWarpgroups, 1) gemm_4bit_kernel(const G
 
   if (tid == 0) {
     for (int s = 0; s < kStages; ++s) {
-      mbar_init(full(s), kThreads);
-      mbar_init(empty(s), kSplitK ? 128 : kThreads);
+      mbar_init(full(s), 1);
+      mbar_init(empty(s), (kSplitK ? 128 : kThreads) / 32);  // one arrival per consumer warp of the stage
     }
     asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
   }
-  __syncthreads();
-
-  // Copy roles. x: 16-byte granule i of a stage is token row i / 8, chunk i % 8, stored at chunk (i % 8) ^ (row % 8)
-  // (the 128-byte swizzle); rows past M repeat row M - 1. W: two granules per row, rows past N repeat row N - 1.
-  constexpr int kXGranules = kTokens * kStageK * 2 / 16;
-  constexpr int kXCopies = (kXGranules + kThreads - 1) / kThreads;
-  const __nv_bfloat16* x_src[kXCopies];
-  uint32_t x_dst[kXCopies];
-#pragma unroll
-  for (int c = 0; c < kXCopies; ++c) {
-    const int i = min(tid + kThreads * c, kXGranules - 1), row = i / 8, chunk = i % 8;
-    x_src[c] = p.x + min(m_base + row, p.M - 1) * p.K + chunk * 8;
-    x_dst[c] = row * 128 + ((chunk ^ (row % 8)) * 16);
-  }
-  const int w_row = tid / 2;
-  const uint8_t* w_src = p.packed + min(n_base + w_row, p.N - 1) * (p.K / 2) + (tid % 2) * 16;
-  const uint32_t w_dst = w_row * 32 + (tid % 2) * 16;
-  auto issue = [&](int stage) {
-    const int slot = stage % kStages;
-    if (stage >= kStages) mbar_wait(empty(slot), (stage / kStages - 1) & 1);
-#pragma unroll
-    for (int c = 0; c < kXCopies; ++c)
-      if (tid + kThreads * c < kXGranules) cp_async16(x_ring + slot * kXStageBytes + x_dst[c], x_src[c] + stage * kStageK);
-    if (w_row < kRows) cp_async16(w_ring + slot * kWStageBytes + w_dst, w_src + stage * (kStageK / 2));
-    mbar_arrive_copies(full(slot));
-  };
-  constexpr int kAhead = kStages - 2;  // stages in flight beyond the one being consumed
-  int issued = 0;
-  while (issued < stages && issued < kAhead) issue(issued++);
-
   {
     const float* values = QT == QuantType::NF4 ? kNF4ValuesDevice : kFP4ValuesDevice;
     uint32_t* t = reinterpret_cast<uint32_t*>(smem + (table - base));
-    for (int i = tid; i < 256 * 32; i += kThreads) t[(i / 32) * 64 + i % 32] = as_u32(Bf16::pair(values[i / 32 >> 4], values[i / 32 & 15]));
+    for (int i = tid; i < 256 * 32; i += blockDim.x) t[(i / 32) * 64 + i % 32] = as_u32(Bf16::pair(values[i / 32 >> 4], values[i / 32 & 15]));
     if (kDoubleQuant)
-      for (int i = tid; i < 256; i += kThreads) code2_s[i] = p.scales.code2[i];
+      for (int i = tid; i < 256; i += blockDim.x) code2_s[i] = p.scales.code2[i];
   }
   __syncthreads();
+
+  if (tid >= kThreads) {  // the producer: rows past M or N arrive as zeros and their outputs are never stored
+    if (lane == 0) {
+      for (int stage = 0; stage < stages; ++stage) {
+        const int slot = stage % kStages;
+        if (stage >= kStages) mbar_wait(empty(slot), (stage / kStages - 1) & 1);
+        mbar_arrive_expecting(full(slot), args.x_box_bytes + kRows * kStageK / 2);
+        tma_load_2d(x_ring + slot * kXStageBytes, &args.x_map, stage * kStageK, static_cast<int>(m_base), full(slot));
+        tma_load_2d(w_ring + slot * kWStageBytes, &args.w_map, stage * (kStageK / 2), static_cast<int>(n_base), full(slot));
+      }
+    }
+    return;
+  }
   const float mean = kDoubleQuant ? *p.scales.offset : 0.0f;
 
   // Fragment rows of this thread: r0 and r0 + 8 of its warp's 16; its byte of each 4-byte word is lane % 4.
@@ -212,15 +250,14 @@ __global__ void __launch_bounds__(128 * kWarpgroups, 1) gemm_4bit_kernel(const G
     return scaled_pair<__nv_bfloat16>(*reinterpret_cast<const Bf16::Pair*>(&bits), scale);
   };
 
-  float acc[64];
+  float acc[T::kAccumulators];
 #pragma unroll
-  for (int i = 0; i < 64; ++i) acc[i] = 0.0f;
+  for (int i = 0; i < T::kAccumulators; ++i) acc[i] = 0.0f;
   const int first = kSplitK ? warpgroup : 0, step = kSplitK ? kWarpgroups : 1;
   auto stage_k = [&](int stage) { return static_cast<int64_t>(min(stage, stages - 1)) * kStageK; };
   RawScale now0 = load_scale(element0 + stage_k(first)), now1 = load_scale(element1 + stage_k(first));
   RawScale next0 = load_scale(element0 + stage_k(first + step)), next1 = load_scale(element1 + stage_k(first + step));
   for (int k = first; k < stages; k += step) {
-    while (issued < stages && issued <= k + kAhead) issue(issued++);
     const float s0 = scale_of(now0), s1 = scale_of(now1);
     now0 = next0;
     now1 = next1;
@@ -228,8 +265,6 @@ __global__ void __launch_bounds__(128 * kWarpgroups, 1) gemm_4bit_kernel(const G
     next1 = load_scale(element1 + stage_k(k + 2 * step));
     const int slot = k % kStages;
     mbar_wait(full(slot), (k / kStages) & 1);
-    // cp.async wrote through the generic proxy; wgmma reads through the async proxy.
-    asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
     const uint8_t* w_stage = smem + (w_ring - base) + slot * kWStageBytes;
     const uint4 a_lo = *reinterpret_cast<const uint4*>(w_stage + r0 * 32);
     const uint4 a_hi = *reinterpret_cast<const uint4*>(w_stage + r0 * 32 + 16);
@@ -248,18 +283,18 @@ __global__ void __launch_bounds__(128 * kWarpgroups, 1) gemm_4bit_kernel(const G
     }
     wgmma_fence(a);
 #pragma unroll
-    for (int j = 0; j < 4; ++j) wgmma_m64n128k16(acc, a[j], swizzled_descriptor(x_ring + slot * kXStageBytes + 32 * j));
+    for (int j = 0; j < 4; ++j) wgmma_bf16(acc, a[j], swizzled_descriptor(x_ring + slot * kXStageBytes + 32 * j));
     wgmma_commit_and_wait();
     fence_accumulators(acc);
-    mbar_arrive(empty(slot));
+    __syncwarp();
+    if (lane == 0) mbar_arrive(empty(slot));
   }
-  while (issued < stages) issue(issued++);  // a warpgroup that finished early still owes its share of the copies
-  asm volatile("cp.async.wait_all;\n" ::: "memory");
 
   // Epilogue through shared memory, so that y is read and written in 16-byte runs of one token rather than the
   // fragments' scattered 2-byte outputs (whose read-modify-writes would serialize). Split-K: one slice per
   // warpgroup, summed in warpgroup order.
-  __syncthreads();  // every stage consumed and every copy landed: the rings are free
+  // Every stage consumed, so every copy landed: the rings are free. Consumers only: the producer has left.
+  asm volatile("bar.sync 1, %0;\n" ::"n"(kThreads) : "memory");
   constexpr int kStride = kRows + 4;  // floats per token row: the fragment writes of a warp hit 32 banks
   constexpr int kSlices = kSplitK ? kWarpgroups : 1;
   static_assert(kSlices * kTokens * kStride * 4 <= kStages * (kXStageBytes + kWStageBytes), "tile exceeds the rings");
@@ -267,11 +302,11 @@ __global__ void __launch_bounds__(128 * kWarpgroups, 1) gemm_4bit_kernel(const G
   {
     float* slice = tile + (kSplitK ? warpgroup : 0) * kTokens * kStride;
 #pragma unroll
-    for (int j = 0; j < 16; ++j)  // accumulator 4j + e: row r0 (+ 8 for e >= 2), token 8j + 2 (lane % 4) (+ 1 for odd e)
+    for (int j = 0; j < kTokens / 8; ++j)  // accumulator 4j + e: row r0 (+ 8 for e >= 2), token 8j + 2 (lane % 4) (+ 1 for odd e)
 #pragma unroll
       for (int e = 0; e < 4; ++e) slice[(8 * j + 2 * (lane % 4) + (e & 1)) * kStride + r0 + (e >= 2 ? 8 : 0)] = acc[4 * j + e];
   }
-  __syncthreads();
+  asm volatile("bar.sync 1, %0;\n" ::"n"(kThreads) : "memory");
   constexpr int kRunsPerToken = kRows / 8;
   for (int run = tid; run < kTokens * kRunsPerToken; run += kThreads) {
     const int token = run / kRunsPerToken, n_local = (run % kRunsPerToken) * 8;
@@ -311,45 +346,74 @@ inline bool gemm_4bit_split_k(int64_t M, int64_t N, int num_sms) {
   return 4 * cta_count(M, N, cta_rows(kRowFormWarpgroups, false)) < 3 * static_cast<int64_t>(num_sms);
 }
 
-// CTAs of the launch gemm_4bit_split_k picks.
-inline int64_t gemm_4bit_ctas(int64_t M, int64_t N, int num_sms) {
-  return gemm_4bit_split_k(M, N, num_sms) ? cta_count(M, N, cta_rows(kSplitFormWarpgroups, true))
-                                          : cta_count(M, N, cta_rows(kRowFormWarpgroups, false));
+// cuTensorMapEncodeTiled from the driver through the runtime, so that the library needs no link to libcuda.
+inline PFN_cuTensorMapEncodeTiled_v12000 tensor_map_encoder() {
+  static const PFN_cuTensorMapEncodeTiled_v12000 encode = [] {
+    void* fn = nullptr;
+    cudaDriverEntryPointQueryResult found;
+    const cudaError_t status =
+        cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &fn, 12000, cudaEnableDefault, &found);
+    return status == cudaSuccess && found == cudaDriverEntryPointSuccess
+               ? reinterpret_cast<PFN_cuTensorMapEncodeTiled_v12000>(fn)
+               : nullptr;
+  }();
+  return encode;
 }
 
-template <QuantType QT, bool kDoubleQuant, int kWarpgroups, bool kSplitK>
+// A row-major [rows, cols] tensor of `type` whose boxes are box_cols x box_rows elements.
+inline bool encode_2d(CUtensorMap* map, CUtensorMapDataType type, int element_bytes, const void* data, int64_t rows,
+                      int64_t cols, int box_cols, int box_rows, CUtensorMapSwizzle swizzle) {
+  const PFN_cuTensorMapEncodeTiled_v12000 encode = tensor_map_encoder();
+  if (encode == nullptr) return false;
+  const cuuint64_t dims[2] = {static_cast<cuuint64_t>(cols), static_cast<cuuint64_t>(rows)};
+  const cuuint64_t row_stride[1] = {static_cast<cuuint64_t>(cols * element_bytes)};
+  const cuuint32_t box[2] = {static_cast<cuuint32_t>(box_cols), static_cast<cuuint32_t>(box_rows)}, unit[2] = {1, 1};
+  return encode(map, type, 2, const_cast<void*>(data), dims, row_stride, box, unit, CU_TENSOR_MAP_INTERLEAVE_NONE,
+                swizzle, CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
+}
+
+template <QuantType QT, bool kDoubleQuant, int kTokens, int kWarpgroups, bool kSplitK>
 cudaError_t launch_as(const Gemm4bitParams& p, cudaStream_t stream) {
-  auto kernel = gemm_4bit_kernel<QT, kDoubleQuant, kWarpgroups, kSplitK>;
+  auto kernel = gemm_4bit_kernel<QT, kDoubleQuant, kTokens, kWarpgroups, kSplitK>;
+  constexpr int kSmemBytes = Tile<kTokens>::kSmemBytes;
   const cudaError_t attribute = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes);
   if (attribute != cudaSuccess) return attribute;
   constexpr int rows = cta_rows(kWarpgroups, kSplitK);
+  const int x_box_rows = static_cast<int>(p.M < kTokens ? p.M : kTokens);
+  KernelArgs args;
+  args.p = p;
+  args.x_box_bytes = static_cast<uint32_t>(x_box_rows * kStageK * 2);
+  if (!encode_2d(&args.x_map, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 2, p.x, p.M, p.K, kStageK, x_box_rows,
+                 CU_TENSOR_MAP_SWIZZLE_128B) ||
+      !encode_2d(&args.w_map, CU_TENSOR_MAP_DATA_TYPE_UINT8, 1, p.packed, p.N, p.K / 2, kStageK / 2, rows,
+                 CU_TENSOR_MAP_SWIZZLE_NONE))
+    return cudaErrorNotSupported;
   const dim3 grid(static_cast<unsigned>((p.N + rows - 1) / rows), static_cast<unsigned>((p.M + kTokens - 1) / kTokens));
-  kernel<<<grid, 128 * kWarpgroups, kSmemBytes, stream>>>(p);
+  kernel<<<grid, 128 * kWarpgroups + 32, kSmemBytes, stream>>>(args);
   return cudaGetLastError();
+}
+
+template <QuantType QT, bool kDoubleQuant, int kTokens>
+cudaError_t launch_with(const Gemm4bitParams& p, int num_sms, cudaStream_t stream) {
+  return gemm_4bit_split_k(p.M, p.N, num_sms) ? launch_as<QT, kDoubleQuant, kTokens, kSplitFormWarpgroups, true>(p, stream)
+                                              : launch_as<QT, kDoubleQuant, kTokens, kRowFormWarpgroups, false>(p, stream);
 }
 
 template <QuantType QT, bool kDoubleQuant>
 cudaError_t launch_for(const Gemm4bitParams& p, int num_sms, cudaStream_t stream) {
-  return gemm_4bit_split_k(p.M, p.N, num_sms) ? launch_as<QT, kDoubleQuant, kSplitFormWarpgroups, true>(p, stream)
-                                              : launch_as<QT, kDoubleQuant, kRowFormWarpgroups, false>(p, stream);
+  switch (tokens_for(p.M)) {
+    case 32: return launch_with<QT, kDoubleQuant, 32>(p, num_sms, stream);
+    case 64: return launch_with<QT, kDoubleQuant, 64>(p, num_sms, stream);
+    default: return launch_with<QT, kDoubleQuant, kMaxTokens>(p, num_sms, stream);
+  }
 }
 
 }  // namespace gemm4bit
 
-// Whether the launch is one wave that fills at least three quarters of the SMs: the kernel's time is its waves
-// times a CTA's, and measured against dequantize + cuBLAS it wins only there (H200, 2026-11-28, r = 16,
-// `python -m bench --only lora_linear`, forward µs with the LoRA term, tensor-core vs dequantize + cuBLAS):
-// 8192x28672 M = 128 (128 CTAs) 213.7 vs 298.1, M = 256 (128) 337.8 vs 357.3; 8192x8192 M = 256 (128) 114.2
-// vs 113.3; 4096x4096 M = 128 (64) 46.6 vs 42.6; 28672x8192 M = 256 (448, 3.4 waves) 397.7 vs 372.4.
-inline bool gemm_4bit_fills_one_wave(int64_t M, int64_t N, int num_sms) {
-  const int64_t ctas = gemm4bit::gemm_4bit_ctas(M, N, num_sms);
-  return 4 * ctas >= 3 * static_cast<int64_t>(num_sms) && ctas <= num_sms;
-}
-
 // Only for bfloat16, gemm_4bit_supported layouts and a device the sm_90a code runs on (the caller checks).
 inline cudaError_t launch_gemm_4bit(const Gemm4bitParams& p, QuantType quant_type, int num_sms, cudaStream_t stream) {
   if (p.M == 0 || p.N == 0) return cudaSuccess;
-  if (!gemm_4bit_supported(p.K, int64_t{1} << p.log2_blocksize) || (p.M + gemm4bit::kTokens - 1) / gemm4bit::kTokens > 65535)
+  if (!gemm_4bit_supported(p.K, int64_t{1} << p.log2_blocksize) || (p.M + gemm4bit::kMaxTokens - 1) / gemm4bit::kMaxTokens > 65535)
     return cudaErrorInvalidValue;
   const bool dq = p.scales.absmax == nullptr;
   if (quant_type == QuantType::NF4)
