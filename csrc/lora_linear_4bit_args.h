@@ -41,9 +41,10 @@ enum LoraLinearPath : int64_t {
 // vs 300.4) and loses at M = 128 (4096x4096 55.3 vs 43.6, 8192x28672 497.2 vs 299.0), where each 32-row slice
 // of x decodes the weights again. The general loop lost to dequantize + cuBLAS already at M = 32 (4096x4096 44 vs 33 us,
 // 8192x28672 371 vs 288; CUDA-graph times, tools/time_lora_paths.py), so other layouts stop at 32.
-// Where the tensor-core GEMM runs, it takes over above M = 16, with token tiles of 32 or 64 for such M
-// (gemm4bit::tokens_for): 8192x28672 M = 32 98 µs against 140 for the fused kernel, M = 64 113 against 249
-// (standalone program, same timing); at M = 16 the fused kernel is ahead (90.8 vs 94.4 with 16-token tiles).
+// Where the tensor-core GEMM runs with token tiles of 32 or 64 (gemm4bit::tokens_for) on a launch that fills the
+// GPU (gemm_4bit_fills_gpu), it takes over above M = 16 (H200, 2026-11-28, do_bench µs, with the LoRA term):
+// 8192x28672 M = 32 118.0 against 140.9 for the fused kernel, M = 64 130.8 against 248.5; 8192x8192 M = 32 47.6
+// against 56.4. At M = 16 the fused kernel is ahead (8192x28672 91.9 against 118.5).
 constexpr int64_t kFusedMaxM = 32;
 constexpr int64_t kFusedBlockScaledMaxM = 64;
 constexpr int64_t kFusedBelowTensorCoreMaxM = 16;

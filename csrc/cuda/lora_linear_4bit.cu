@@ -172,12 +172,18 @@ at::Tensor lora_linear_4bit_cuda(const at::Tensor& x, const at::Tensor& packed, 
   TORCH_CHECK_VALUE(!forced_fused || why_not_fused == nullptr, "path=", path, " (fused small-M kernel) cannot run: ",
                     why_not_fused == nullptr ? "" : why_not_fused);
   const char* why_not_tensor_core = tensor_core_unsupported(x, args, blocksize);
+  const int num_sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  // Small token tiles pay only on a launch that fills the GPU; larger M takes 128-token tiles, which pay anyway.
+  auto tensor_core_pays = [&](int64_t M) {
+    return why_not_tensor_core == nullptr && M <= kTensorCoreMaxM &&
+           (M > gemm4bit::kSmallTokensMaxM || gemm4bit::gemm_4bit_fills_gpu(M, args.N, num_sms));
+  };
   const bool fused = forced_fused || (path == kPathAuto && why_not_fused == nullptr &&
-                                      args.M <= fused_max_m(blocksize, args.K, why_not_tensor_core == nullptr));
+                                      args.M <= fused_max_m(blocksize, args.K, tensor_core_pays(kFusedBelowTensorCoreMaxM + 1)));
   TORCH_CHECK_VALUE(path != kPathTensorCore || why_not_tensor_core == nullptr,
                     "path=6 (tensor-core GEMM) cannot run: ", why_not_tensor_core == nullptr ? "" : why_not_tensor_core);
   const bool tensor_core = !fused && why_not_tensor_core == nullptr &&
-                           (path == kPathTensorCore || (path == kPathAuto && args.M <= kTensorCoreMaxM));
+                           (path == kPathTensorCore || (path == kPathAuto && tensor_core_pays(args.M)));
   const at::Tensor y =
       fused ? fused_forward(x2, packed, absmax, blocksize, args, absmax2, code2, offset, bias, lora_A, lora_B, scale,
                             xl2, path != kPathFused)

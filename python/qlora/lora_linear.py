@@ -38,11 +38,12 @@ def lora_linear_4bit(x: torch.Tensor, packed: torch.Tensor, quant_state: QuantSt
         Input of the LoRA branch, e.g. ``dropout(x)``; defaults to x. Passing the dropped-out tensor keeps the op
         itself deterministic.
     path : int
-        CUDA only: ``PATH_AUTO`` picks, where the tensor-core GEMM that decodes the 4-bit weight in its main
-        loop runs (``PATH_TENSOR_CORE``: bfloat16, in_features % 64 == 0, blocksize >= 64, an sm_90 GPU and
-        a library built for sm_90a), the fused small-M kernel for up to 16 rows of x and that GEMM up to 256;
-        elsewhere the fused kernel for up to 64 rows with blocksize 64 and in_features % 64 == 0, up to 32
-        otherwise (float16/bfloat16, in_features % 32 == 0); dequantize + cuBLAS beyond. The other
+        CUDA only: ``PATH_AUTO`` picks the fused small-M kernel for up to 16 rows of x, then up to 256 rows
+        the tensor-core GEMM that decodes the 4-bit weight in its main loop where it runs (``PATH_TENSOR_CORE``:
+        bfloat16, in_features % 64 == 0, blocksize >= 64, an sm_90 GPU and a library built for sm_90a); up to
+        64 rows it takes that GEMM only where its launch fills the GPU, else the fused kernel (up to 64 rows
+        with blocksize 64 and in_features % 64 == 0, up to 32 otherwise; float16/bfloat16, in_features % 32
+        == 0); dequantize + cuBLAS beyond. The other
         values force one (benchmarking). ``PATH_FUSED_BLOCK_SCALED`` is the fused kernel that scales per
         quantization block instead of per weight (blocksize 64, in_features % 64 == 0, any rows of x in slices
         of 32; elsewhere as ``PATH_FUSED``).

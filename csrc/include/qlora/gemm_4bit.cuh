@@ -69,7 +69,8 @@ constexpr int kTableBytes = 256 * 256;                     // bf16 pair of byte 
 // a 128-token product. Measured on the H200 (2026-11-28, standalone program, µs, 8192x28672 split-K form):
 // M = 32 98 with 32-token tiles against 112 with 64; M = 64 113 with 64 against 156 with 128 (library).
 constexpr int kMaxTokens = 128;
-constexpr int tokens_for(int64_t M) { return M <= 32 ? 32 : M <= 64 ? 64 : kMaxTokens; }
+constexpr int64_t kSmallTokensMaxM = 64;  // M up to this takes a tile below kMaxTokens
+constexpr int tokens_for(int64_t M) { return M <= 32 ? 32 : M <= kSmallTokensMaxM ? 64 : kMaxTokens; }
 template <int kTokens>
 struct Tile {
   static constexpr int kStages = kTokens == kMaxTokens ? 6 : 12;    // smaller stages, more of them in flight
@@ -344,6 +345,16 @@ __global__ void __launch_bounds__(128 * kWarpgroups + 32, 1) gemm_4bit_kernel(co
 // (128 CTAs of rows) 370 vs 314.
 inline bool gemm_4bit_split_k(int64_t M, int64_t N, int num_sms) {
   return 4 * cta_count(M, N, cta_rows(kRowFormWarpgroups, false)) < 3 * static_cast<int64_t>(num_sms);
+}
+
+// Whether the launch has CTAs for at least three quarters of the SMs. With 32- and 64-token tiles a launch
+// short of that ran at half speed and worse (H200, 2026-11-28, do_bench µs, 4096x4096 with 64 CTAs: M = 32 74.5,
+// M = 64 77.2, against 39.6 at M = 128 and 29.0 / 40.9 for the fused kernel), where launches of 128 CTAs and more
+// did not (8192x8192 M = 32 47.6 against the fused kernel's 56.4).
+inline bool gemm_4bit_fills_gpu(int64_t M, int64_t N, int num_sms) {
+  const int64_t ctas = gemm_4bit_split_k(M, N, num_sms) ? cta_count(M, N, cta_rows(kSplitFormWarpgroups, true))
+                                                        : cta_count(M, N, cta_rows(kRowFormWarpgroups, false));
+  return 4 * ctas >= 3 * static_cast<int64_t>(num_sms);
 }
 
 // cuTensorMapEncodeTiled from the driver through the runtime, so that the library needs no link to libcuda.
