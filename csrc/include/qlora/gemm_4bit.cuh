@@ -5,14 +5,15 @@
 // M in the hundreds that traffic is a large share of the time, while the fused GEMV decodes the weight again for
 // every 32 rows of x.
 //
-// Layout: a CTA takes 128 tokens of x and 64 rows of W per warpgroup. A producer warp brings each 64-k stage
-// of x (128-byte swizzled by the copy engine, K-major, the wgmma B operand) and of W's packed bytes into a
-// ring in shared memory with TMA tensor copies; per-stage mbarriers (full: the bytes landed; empty: the
-// consumers' wgmma finished) let the warpgroups run out of step, so one decodes while another's wgmma run,
-// and the consumer threads spend no instructions on copies. A warpgroup decodes its 64 rows
-// into the wgmma A fragments in registers: a byte of two codes is one byte permute (its table address), one
-// shared-memory load of the bf16 pair and HMUL2 + HFMA2 by the block's scale split into bf16 hi + lo, so each
-// weight is bf16(value) * scale rounded once, within one bf16 rounding of what dequantize_4bit writes.
+// Layout: a CTA takes 32, 64 or 128 tokens of x (tokens_for: the smallest tile that holds M) and 64 rows of W
+// per warpgroup. A producer warp brings each 64-k stage of x (128-byte swizzled by the copy engine, K-major,
+// the wgmma B operand) and of W's packed bytes into a ring in shared memory with TMA tensor copies; per-stage
+// mbarriers (full: the bytes landed; empty: the consumers' wgmma finished) let the warpgroups run out of
+// step, so one decodes while another's wgmma run, and the consumer threads spend no instructions on copies.
+// A warpgroup decodes its 64 rows into the wgmma A fragments in registers: a byte of two codes is one byte
+// permute (its table address), one shared-memory load of the bf16 pair and HMUL2 + HFMA2 by the block's scale
+// split into bf16 hi + lo, so each weight is bf16(value) * scale rounded once, within one bf16 rounding of what
+// dequantize_4bit writes.
 // Split-K (small M · N): three warpgroups share 64 rows and take alternate stages; their sums meet in
 // shared memory at the end, where the output tile is staged to read and write y in 16-byte runs.
 //
@@ -341,8 +342,8 @@ __global__ void __launch_bounds__(128 * kWarpgroups + 32, 1) gemm_4bit_kernel(co
 }
 
 // The split-K form where the row form would fill less than three quarters of the SMs: measured on the H200
-// (2026-11-28, standalone program, µs), M = 128 8192x28672 split 189 vs rows 317; M = 256 8192x28672
-// (128 CTAs of rows) 370 vs 314.
+// (2026-11-28, standalone program, µs, copies by TMA), M = 128 8192x28672 split 134.5 vs rows 230.1; M = 512
+// 8192x28672 (256 CTAs of rows) 508.2 vs 459.0.
 inline bool gemm_4bit_split_k(int64_t M, int64_t N, int num_sms) {
   return 4 * cta_count(M, N, cta_rows(kRowFormWarpgroups, false)) < 3 * static_cast<int64_t>(num_sms);
 }
