@@ -42,18 +42,18 @@ enum LoraLinearPath : int64_t {
 // of x decodes the weights again. The general loop lost to dequantize + cuBLAS already at M = 32 (4096x4096 44 vs 33 us,
 // 8192x28672 371 vs 288; CUDA-graph times, tools/time_lora_paths.py), so other layouts stop at 32.
 // Where the tensor-core GEMM runs with token tiles of 32 or 64 (gemm4bit::tokens_for) on a launch that fills the
-// GPU (gemm_4bit_fills_gpu), it takes over above M = 16 (H200, 2026-11-28, do_bench µs, with the LoRA term):
+// GPU (gemm_4bit_fills_gpu), it takes over above M = 16 (H200, 2026-11-29, do_bench µs, with the LoRA term):
 // 8192x28672 M = 32 118.0 against 140.9 for the fused kernel, M = 64 130.8 against 248.5; 8192x8192 M = 32 47.6
 // against 56.4. At M = 16 the fused kernel is ahead (8192x28672 91.9 against 118.5).
 constexpr int64_t kFusedMaxM = 32;
 constexpr int64_t kFusedBlockScaledMaxM = 64;
 constexpr int64_t kFusedBelowTensorCoreMaxM = 16;
-inline int64_t fused_max_m(int64_t blocksize, int64_t K, bool tensor_core_runs) {
-  if (tensor_core_runs) return kFusedBelowTensorCoreMaxM;
+inline int64_t fused_max_m(int64_t blocksize, int64_t K, bool tensor_core_takes_over) {
+  if (tensor_core_takes_over) return kFusedBelowTensorCoreMaxM;
   return block_scaled_layout(blocksize, K) ? kFusedBlockScaledMaxM : kFusedMaxM;
 }
 // Largest M for which the automatic choice takes the tensor-core GEMM (kPathTensorCore, where it applies)
-// rather than dequantize + cuBLAS, above the fused kernel's range. Measured on the H200 (2026-11-28, r = 16,
+// rather than dequantize + cuBLAS, above the fused kernel's range. Measured on the H200 (2026-11-29, r = 16,
 // bf16, `python -m bench --only lora_linear`, forward µs, tensor-core vs the better dequantize + cuBLAS form):
 // M = 128 8192x28672 160.9 vs 296.8, 4096x4096 54.6 vs 58.6; M = 256 8192x28672 272.4 vs 352.9, 28672x8192
 // (3.4 waves) 328.4 vs 363.4, 8192x8192 93.4 vs 111.9; M = 512 8192x28672 569.6 vs 528.7 (wgmma at ~470 TFLOP/s

@@ -67,7 +67,7 @@ constexpr int kMaxRows = 128;             // W rows per CTA, at most
 constexpr int kWStageBytes = kMaxRows * kStageK / 2;       // 4 KB
 constexpr int kTableBytes = 256 * 256;                     // bf16 pair of byte b for lane l at b * 256 + l * 4
 // x rows per CTA (the wgmma N): the smallest of 32, 64 and 128 that holds M, so that few tokens do not pay for
-// a 128-token product. Measured on the H200 (2026-11-28, standalone program, µs, 8192x28672 split-K form):
+// a 128-token product. Measured on the H200 (2026-11-29, standalone program, µs, 8192x28672 split-K form):
 // M = 32 98 with 32-token tiles against 112 with 64; M = 64 113 with 64 against 156 with 128 (library).
 constexpr int kMaxTokens = 128;
 constexpr int64_t kSmallTokensMaxM = 64;  // M up to this takes a tile below kMaxTokens
@@ -342,14 +342,14 @@ __global__ void __launch_bounds__(128 * kWarpgroups + 32, 1) gemm_4bit_kernel(co
 }
 
 // The split-K form where the row form would fill less than three quarters of the SMs: measured on the H200
-// (2026-11-28, standalone program, µs, copies by TMA), M = 128 8192x28672 split 134.5 vs rows 230.1; M = 512
+// (2026-11-29, standalone program, µs, copies by TMA), M = 128 8192x28672 split 134.5 vs rows 230.1; M = 512
 // 8192x28672 (256 CTAs of rows) 508.2 vs 459.0.
 inline bool gemm_4bit_split_k(int64_t M, int64_t N, int num_sms) {
   return 4 * cta_count(M, N, cta_rows(kRowFormWarpgroups, false)) < 3 * static_cast<int64_t>(num_sms);
 }
 
 // Whether the launch has CTAs for at least three quarters of the SMs. With 32- and 64-token tiles a launch
-// short of that ran at half speed and worse (H200, 2026-11-28, do_bench µs, 4096x4096 with 64 CTAs: M = 32 74.5,
+// short of that ran at half speed and worse (H200, 2026-11-29, do_bench µs, 4096x4096 with 64 CTAs: M = 32 74.5,
 // M = 64 77.2, against 39.6 at M = 128 and 29.0 / 40.9 for the fused kernel), where launches of 128 CTAs and more
 // did not (8192x8192 M = 32 47.6 against the fused kernel's 56.4).
 inline bool gemm_4bit_fills_gpu(int64_t M, int64_t N, int num_sms) {
