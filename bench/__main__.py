@@ -4,7 +4,8 @@
     python -m bench --only quantize_4bit --out bench_results
     python -m bench --replot bench_results/results.json --out bench_results   # the plot again, from the JSON
 
-Prints a table, and writes results.json and results.png to --out.
+Prints a table, then the speed goals the run measured (bench/goals.py), and writes results.json and
+results.png to --out.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import torch
 
 import bench
 from bench.common import environment, format_table, make_context, plot, read_rows, write_reports
+from bench.goals import format_goals
 
 
 def main(argv=None) -> int:
@@ -56,6 +58,9 @@ def main(argv=None) -> int:
         write_reports(rows, ctx, Path(args.out))  # after each benchmark, so a cut-short run keeps what it measured
     print()
     print(format_table(rows, ctx))
+    goals = format_goals(rows)
+    if goals:
+        print("\n" + goals)
     print(f"\nwritten: {Path(args.out) / 'results.json'}, {Path(args.out) / 'results.png'}")
     return 0
 
