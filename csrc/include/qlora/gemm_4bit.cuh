@@ -49,16 +49,17 @@ struct Gemm4bitParams {
 
 namespace gemm4bit {
 
-// What the kernel takes: the tensor maps of x ([M, K] bf16, box 64 k x min(M, 128) tokens, 128-byte swizzle)
+// What the kernel takes: the tensor maps of x ([M, K] bf16, box 64 k x x_box_rows tokens, 128-byte swizzle)
 // and of the packed weight ([N, K / 2] bytes, box 32 bytes x the CTA's rows), built on the host for each launch.
-// Below 128 tokens the box holds just the M rows and the tile's other rows stay stale: a token's outputs read
-// only its own row, and stale ones are never stored. (Boxes that reach past M instead arrive zero-filled.)
 struct KernelArgs {
   CUtensorMap x_map;
   CUtensorMap w_map;
   Gemm4bitParams p;
-  uint32_t x_box_bytes;
 };
+// Tokens of x a box holds: with M below the tile, just the M rows, and the tile's other rows stay stale (a
+// token's outputs read only its own row, and stale ones are never stored). A box that reaches past M instead
+// arrives zero-filled.
+__host__ __device__ constexpr int x_box_rows(int64_t M, int tokens) { return M < tokens ? static_cast<int>(M) : tokens; }
 
 using Bf16 = MmaType<__nv_bfloat16>;
 
@@ -215,12 +216,13 @@ __global__ void __launch_bounds__(128 * kWarpgroups + 32, 1) gemm_4bit_kernel(co
   }
   __syncthreads();
 
-  if (tid >= kThreads) {  // the producer: rows past M or N arrive as zeros and their outputs are never stored
+  if (tid >= kThreads) {  // the producer: rows past N arrive as zeros and their outputs are never stored
     if (lane == 0) {
+      const uint32_t stage_bytes = x_box_rows(p.M, kTokens) * kStageK * 2 + kRows * kStageK / 2;
       for (int stage = 0; stage < stages; ++stage) {
         const int slot = stage % kStages;
         if (stage >= kStages) mbar_wait(empty(slot), (stage / kStages - 1) & 1);
-        mbar_arrive_expecting(full(slot), args.x_box_bytes + kRows * kStageK / 2);
+        mbar_arrive_expecting(full(slot), stage_bytes);
         tma_load_2d(x_ring + slot * kXStageBytes, &args.x_map, stage * kStageK, static_cast<int>(m_base), full(slot));
         tma_load_2d(w_ring + slot * kWStageBytes, &args.w_map, stage * (kStageK / 2), static_cast<int>(n_base), full(slot));
       }
@@ -395,11 +397,9 @@ cudaError_t launch_as(const Gemm4bitParams& p, cudaStream_t stream) {
   const cudaError_t attribute = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes);
   if (attribute != cudaSuccess) return attribute;
   constexpr int rows = cta_rows(kWarpgroups, kSplitK);
-  const int x_box_rows = static_cast<int>(p.M < kTokens ? p.M : kTokens);
   KernelArgs args;
   args.p = p;
-  args.x_box_bytes = static_cast<uint32_t>(x_box_rows * kStageK * 2);
-  if (!encode_2d(&args.x_map, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 2, p.x, p.M, p.K, kStageK, x_box_rows,
+  if (!encode_2d(&args.x_map, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 2, p.x, p.M, p.K, kStageK, x_box_rows(p.M, kTokens),
                  CU_TENSOR_MAP_SWIZZLE_128B) ||
       !encode_2d(&args.w_map, CU_TENSOR_MAP_DATA_TYPE_UINT8, 1, p.packed, p.N, p.K / 2, kStageK / 2, rows,
                  CU_TENSOR_MAP_SWIZZLE_NONE))
