@@ -180,10 +180,10 @@ def test_fused_writes_every_output_and_is_deterministic(M, N, K, path):
 
 
 @cuda_only
-@pytest.mark.parametrize("M", [1, 31, 32, 33, 40, 64, 65, 129])
+@pytest.mark.parametrize("M", [1, 31, 32, 33, 40, 64, 65, 129, 200, 256])
 def test_tensor_core_token_tiles(M):
-    """The tensor-core GEMM takes 32, 64 or 128 tokens a tile by M; M below the tile loads only M rows of x and
-    leaves the tile's other rows stale, M past a tile ends in a partial one."""
+    """The tensor-core GEMM takes 32, 64 or 128 tokens a tile by M; a tile with fewer than that left below M
+    (M below the tile, or the last of several) loads only those rows of x and leaves its other rows stale."""
     if not tensor_core_runs(torch.device("cuda")):
         pytest.skip("the tensor-core GEMM does not run here")
     a = sample_inputs("cuda", M, 520, 4096, 16, torch.bfloat16)

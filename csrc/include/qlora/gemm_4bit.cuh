@@ -49,17 +49,22 @@ struct Gemm4bitParams {
 
 namespace gemm4bit {
 
-// What the kernel takes: the tensor maps of x ([M, K] bf16, box 64 k x x_box_rows tokens, 128-byte swizzle)
-// and of the packed weight ([N, K / 2] bytes, box 32 bytes x the CTA's rows), built on the host for each launch.
+// What the kernel takes: the tensor maps of x ([M, K] bf16, box 64 k x tile_rows tokens, 128-byte swizzle: one
+// for the full token tiles, one for the last) and of the packed weight ([N, K / 2] bytes, box 32 bytes x the
+// CTA's rows), built on the host for each launch.
 struct KernelArgs {
   CUtensorMap x_map;
+  CUtensorMap x_last_map;
   CUtensorMap w_map;
   Gemm4bitParams p;
 };
-// Tokens of x a box holds: with M below the tile, just the M rows, and the tile's other rows stay stale (a
-// token's outputs read only its own row, and stale ones are never stored). A box that reaches past M instead
-// arrives zero-filled.
-__host__ __device__ constexpr int x_box_rows(int64_t M, int tokens) { return M < tokens ? static_cast<int>(M) : tokens; }
+// Tokens of x the box of the tile at token m_base holds: just the rows below M, and the tile's other rows stay
+// stale (a token's outputs read only its own row, and stale ones are never stored). A box that reaches past M
+// instead arrives zero-filled, and much slower: M = 160 (a last tile of 32 tokens) took 298 µs on 8192x28672
+// against 227 for M = 256 (H200, 2026-11-29, standalone program).
+__host__ __device__ constexpr int tile_rows(int64_t M, int64_t m_base, int tokens) {
+  return M - m_base < tokens ? static_cast<int>(M - m_base) : tokens;
+}
 
 using Bf16 = MmaType<__nv_bfloat16>;
 
@@ -224,12 +229,14 @@ __global__ void __launch_bounds__(128 * kWarpgroups + 32, 1) gemm_4bit_kernel(co
 
   if (tid >= kThreads) {  // the producer: rows past N arrive as zeros and their outputs are never stored
     if (lane == 0) {
-      const uint32_t stage_bytes = x_box_rows(p.M, kTokens) * kStageK * 2 + kRows * kStageK / 2;
+      const int rows = tile_rows(p.M, m_base, kTokens);
+      const CUtensorMap* x_map = rows < kTokens ? &args.x_last_map : &args.x_map;
+      const uint32_t stage_bytes = rows * kStageK * 2 + kRows * kStageK / 2;
       for (int stage = 0; stage < stages; ++stage) {
         const int slot = stage % kStages;
         if (stage >= kStages) mbar_wait(empty(slot), (stage / kStages - 1) & 1);
         mbar_arrive_expecting(full(slot), stage_bytes);
-        tma_load_2d(x_ring + slot * kXStageBytes, &args.x_map, stage * kStageK, static_cast<int>(m_base), full(slot));
+        tma_load_2d(x_ring + slot * kXStageBytes, x_map, stage * kStageK, static_cast<int>(m_base), full(slot));
         tma_load_2d(w_ring + slot * kWStageBytes, &args.w_map, stage * (kStageK / 2), static_cast<int>(n_base), full(slot));
       }
     }
@@ -405,12 +412,16 @@ cudaError_t launch_as(const Gemm4bitParams& p, cudaStream_t stream) {
   constexpr int rows = cta_rows(kWarpgroups, kSplitK);
   KernelArgs args;
   args.p = p;
-  if (!encode_2d(&args.x_map, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 2, p.x, p.M, p.K, kStageK, x_box_rows(p.M, kTokens),
-                 CU_TENSOR_MAP_SWIZZLE_128B) ||
+  const int64_t tiles = (p.M + kTokens - 1) / kTokens;
+  auto encode_x = [&](CUtensorMap* map, int box_rows) {
+    return encode_2d(map, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 2, p.x, p.M, p.K, kStageK, box_rows, CU_TENSOR_MAP_SWIZZLE_128B);
+  };
+  if (!encode_x(&args.x_map, tile_rows(p.M, 0, kTokens)) ||
+      !encode_x(&args.x_last_map, tile_rows(p.M, (tiles - 1) * kTokens, kTokens)) ||
       !encode_2d(&args.w_map, CU_TENSOR_MAP_DATA_TYPE_UINT8, 1, p.packed, p.N, p.K / 2, kStageK / 2, rows,
                  CU_TENSOR_MAP_SWIZZLE_NONE))
     return cudaErrorNotSupported;
-  const dim3 grid(static_cast<unsigned>((p.N + rows - 1) / rows), static_cast<unsigned>((p.M + kTokens - 1) / kTokens));
+  const dim3 grid(static_cast<unsigned>((p.N + rows - 1) / rows), static_cast<unsigned>(tiles));
   kernel<<<grid, 128 * kWarpgroups + 32, kSmemBytes, stream>>>(args);
   return cudaGetLastError();
 }
