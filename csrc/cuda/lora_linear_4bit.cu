@@ -94,7 +94,7 @@ const char* tensor_core_unsupported(const at::Tensor& x, const LoraLinearArgs& a
   if (x.scalar_type() != at::kBFloat16) return "x must be bfloat16";
   if (gemm4bit::tensor_map_encoder() == nullptr) return "the CUDA driver offers no cuTensorMapEncodeTiled";
   if (!gemm_4bit_supported(args.K, blocksize)) return "in_features (K) must be a multiple of 64 and blocksize at least 64";
-  if ((args.M + gemm4bit::kMaxTokens - 1) / gemm4bit::kMaxTokens > 65535) return "x has too many rows";
+  if (!gemm4bit::gemm_4bit_rows_fit(args.M)) return "x has too many rows";
   return nullptr;
 }
 

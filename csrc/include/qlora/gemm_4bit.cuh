@@ -78,6 +78,8 @@ constexpr int kTableBytes = 256 * 256;                     // bf16 pair of byte 
 constexpr int kMaxTokens = 128;
 constexpr int64_t kSmallTokensMaxM = 64;  // M up to this takes a tile below kMaxTokens
 constexpr int tokens_for(int64_t M) { return M <= 32 ? 32 : M <= kSmallTokensMaxM ? 64 : kMaxTokens; }
+// Whether x's token tiles fit the grid's y dimension (M past kSmallTokensMaxM takes kMaxTokens a tile).
+inline bool gemm_4bit_rows_fit(int64_t M) { return (M + kMaxTokens - 1) / kMaxTokens <= 65535; }
 constexpr int kSharedBytesPerCta = 227 * 1024;  // the most a CTA may opt in to on sm_90
 constexpr int kFixedSharedBytes = 1024 /* alignment */ + kTableBytes + 256 * 4 /* code2 */;
 template <int kTokens>
@@ -416,9 +418,13 @@ cudaError_t launch_as(const Gemm4bitParams& p, cudaStream_t stream) {
   auto encode_x = [&](CUtensorMap* map, int box_rows) {
     return encode_2d(map, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 2, p.x, p.M, p.K, kStageK, box_rows, CU_TENSOR_MAP_SWIZZLE_128B);
   };
-  if (!encode_x(&args.x_map, tile_rows(p.M, 0, kTokens)) ||
-      !encode_x(&args.x_last_map, tile_rows(p.M, (tiles - 1) * kTokens, kTokens)) ||
-      !encode_2d(&args.w_map, CU_TENSOR_MAP_DATA_TYPE_UINT8, 1, p.packed, p.N, p.K / 2, kStageK / 2, rows,
+  const int rows_first = tile_rows(p.M, 0, kTokens), rows_last = tile_rows(p.M, (tiles - 1) * kTokens, kTokens);
+  if (!encode_x(&args.x_map, rows_first)) return cudaErrorNotSupported;
+  if (rows_last == rows_first)  // every tile full, or just one: the same box
+    args.x_last_map = args.x_map;
+  else if (!encode_x(&args.x_last_map, rows_last))
+    return cudaErrorNotSupported;
+  if (!encode_2d(&args.w_map, CU_TENSOR_MAP_DATA_TYPE_UINT8, 1, p.packed, p.N, p.K / 2, kStageK / 2, rows,
                  CU_TENSOR_MAP_SWIZZLE_NONE))
     return cudaErrorNotSupported;
   const dim3 grid(static_cast<unsigned>((p.N + rows - 1) / rows), static_cast<unsigned>(tiles));
@@ -446,7 +452,7 @@ cudaError_t launch_for(const Gemm4bitParams& p, int num_sms, cudaStream_t stream
 // Only for bfloat16, gemm_4bit_supported layouts and a device the sm_90a code runs on (the caller checks).
 inline cudaError_t launch_gemm_4bit(const Gemm4bitParams& p, QuantType quant_type, int num_sms, cudaStream_t stream) {
   if (p.M == 0 || p.N == 0) return cudaSuccess;
-  if (!gemm_4bit_supported(p.K, int64_t{1} << p.log2_blocksize) || (p.M + gemm4bit::kMaxTokens - 1) / gemm4bit::kMaxTokens > 65535)
+  if (!gemm_4bit_supported(p.K, int64_t{1} << p.log2_blocksize) || !gemm4bit::gemm_4bit_rows_fit(p.M))
     return cudaErrorInvalidValue;
   const bool dq = p.scales.absmax == nullptr;
   if (quant_type == QuantType::NF4)
