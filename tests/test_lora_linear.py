@@ -191,6 +191,19 @@ def test_tensor_core_token_tiles(M):
 
 
 @cuda_only
+@pytest.mark.parametrize("r", [1, 7, 16, 64, 130])
+@pytest.mark.parametrize("N, K, M", [(520, 4096, 16), (520, 4096, 200), (16384, 256, 200)])
+@pytest.mark.parametrize("x_lora, bias", [(False, True), (True, False)])
+def test_tensor_core_lora_term(r, N, K, M, x_lora, bias):
+    """The tensor-core GEMM adds s·xa·Bᵀ as one more wgmma product, r in chunks of 64 with the columns past r
+    zero, in the split form (520 rows) and the row form (16384 rows), and the bias in its epilogue."""
+    if not tensor_core_runs(torch.device("cuda")):
+        pytest.skip("the tensor-core GEMM does not run here")
+    a = sample_inputs("cuda", M, N, K, r, torch.bfloat16, bias=bias, x_lora=x_lora)
+    assert_accurate(OP(**a, path=6), reference.lora_linear_4bit(**a), torch_baseline(a), torch.bfloat16, "path 6")
+
+
+@cuda_only
 @pytest.mark.parametrize("M", [1, 8, 16, 40])
 def test_block_scaled_x_sources(M):
     """8480 x 16384 on an H200: 3 K splits, so x of a split fits shared memory at M = 1 only; M = 8 and 16 take

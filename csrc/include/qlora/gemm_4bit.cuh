@@ -1,12 +1,12 @@
 // Tensor-core GEMM with the 4-bit weight decoded in its main loop (sm_90a, wgmma), for M between the fused
 // GEMV's range and the size where dequantize + cuBLAS wins:
-//   y[M, N] = x[M, K] · dequant(W)[N, K]^T  (+ y when accumulating), x and y bfloat16.
+//   y[M, N] = x[M, K] · dequant(W)[N, K]^T (+ s · xa · lora_Bᵀ) (+ bias), x and y bfloat16.
 // Why: dequantize + cuBLAS writes and reads the whole bf16 weight (4x the 4-bit bytes) once more per call; at
 // M in the hundreds that traffic is a large share of the time, while the fused GEMV decodes the weight again for
 // every 32 rows of x.
 //
 // Layout: a CTA takes 32, 64 or 128 tokens of x (tokens_for: the smallest tile that holds M) and 64 rows of W
-// per warpgroup. A producer warp brings each 64-k stage of x (128-byte swizzled by the copy engine, K-major,
+// per warpgroup. Producer warps bring each 64-k stage of x (128-byte swizzled by the copy engine, K-major,
 // the wgmma B operand) and of W's packed bytes into a ring in shared memory with TMA tensor copies; per-stage
 // mbarriers (full: the bytes landed; empty: the consumers' wgmma finished) let the warpgroups run out of
 // step, so one decodes while another's wgmma run, and the consumer threads spend no instructions on copies.
@@ -14,8 +14,9 @@
 // permute (its table address), one shared-memory load of the bf16 pair and HMUL2 + HFMA2 by the block's scale
 // split into bf16 hi + lo, so each weight is bf16(value) * scale rounded once, within one bf16 rounding of what
 // dequantize_4bit writes.
-// Split-K (small M · N): three warpgroups share 64 rows and take alternate stages; their sums meet in
-// shared memory at the end, where the output tile is staged to read and write y in 16-byte runs.
+// Split-K (small M · N): three or four warpgroups (split_form_warpgroups) share 64 rows and take alternate
+// stages; their sums meet in shared memory at the end, where the output tile is staged to read and write y in
+// 16-byte runs.
 //
 // Constraints (the caller checks gemm_4bit_supported): K % 64 == 0, blocksize a power of two >= 64 (a stage's
 // 64 weights of a row share one scale), x and the packed weight 16-byte aligned with contiguous rows (the
@@ -44,7 +45,13 @@ struct Gemm4bitParams {
   __nv_bfloat16* y = nullptr;        // [M, N]
   int64_t M = 0, N = 0, K = 0;
   int log2_blocksize = 6;
-  bool accumulate = false;           // y += result instead of y = result
+  // Optional, added to the fp32 tile before y's one rounding: the LoRA term lora_scale·xa·lora_Bᵀ, where the
+  // caller computes xa = x_lora·Aᵀ, and a bias.
+  const __nv_bfloat16* xa = nullptr;      // [M, r], rows contiguous
+  const __nv_bfloat16* lora_B = nullptr;  // [N, r], rows contiguous
+  int r = 0;                              // 0: no LoRA term
+  float lora_scale = 0.0f;
+  const __nv_bfloat16* bias = nullptr;    // [N]
 };
 
 namespace gemm4bit {
@@ -96,7 +103,16 @@ struct Tile {
 };
 // W rows a CTA takes: 64 a warpgroup, or 64 shared by all of them in the split-K form; the two launch forms.
 constexpr int cta_rows(int warpgroups, bool split_k) { return split_k ? 64 : 64 * warpgroups; }
-constexpr int kRowFormWarpgroups = 2, kSplitFormWarpgroups = 3;
+constexpr int kRowFormWarpgroups = 2;
+// The split form's warpgroups: 4 for the small token tiles; 3 for 128 tokens, whose 64 accumulators a thread
+// leave no registers for a fourth. Each has a producer warp and ring slots of its own (a pipeline a warpgroup),
+// since the stages come faster than one thread can issue their copies. Measured on the H200 (2026-11-29,
+// standalone program, NF4 + double quantization, µs): 8192x28672 M = 16 109.0 with 3 warpgroups and one
+// producer, 82.6 with 4 warpgroups and 4 producers; M = 64 119.0 -> 93.2; 8192x8192 M = 16 36.0 -> 30.4. The
+// row form keeps one producer: all its warpgroups consume every stage, and more producers did not change it.
+constexpr int split_form_warpgroups(int tokens) { return tokens == 128 ? 3 : 4; }
+constexpr int pipelines(int warpgroups, bool split_k) { return split_k ? warpgroups : 1; }
+constexpr int cta_threads(int warpgroups, bool split_k) { return 128 * warpgroups + 32 * pipelines(warpgroups, split_k); }
 inline int64_t cta_count(int64_t M, int64_t N, int rows) {
   const int tokens = tokens_for(M);
   return ((N + rows - 1) / rows) * ((M + tokens - 1) / tokens);
@@ -188,14 +204,14 @@ __device__ __forceinline__ void fence_accumulators(float (&d)[kCount]) {
 #endif
 
 // kWarpgroups x 64 rows of W a CTA, or (kSplitK) 64 rows with the stages dealt round-robin to the warpgroups;
-// one more warp issues the copies.
+// producer warps after them issue the copies.
 template <QuantType QT, bool kDoubleQuant, int kTokens, int kWarpgroups, bool kSplitK>
-__global__ void __launch_bounds__(128 * kWarpgroups + 32, 1) gemm_4bit_kernel(const __grid_constant__ KernelArgs args) {
+__global__ void __launch_bounds__(cta_threads(kWarpgroups, kSplitK), 1) gemm_4bit_kernel(const __grid_constant__ KernelArgs args) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   using T = Tile<kTokens>;
   constexpr int kStages = T::kStages, kXStageBytes = T::kXStageBytes;
   const Gemm4bitParams& p = args.p;
-  constexpr int kThreads = 128 * kWarpgroups;  // the consumers; the producer warp comes after them
+  constexpr int kThreads = 128 * kWarpgroups;  // the consumers; the producer warps come after them
   constexpr int kRows = cta_rows(kWarpgroups, kSplitK);
   static_assert(kRows <= kMaxRows, "W stage too small");
   extern __shared__ uint8_t smem_raw[];
@@ -208,6 +224,12 @@ __global__ void __launch_bounds__(128 * kWarpgroups + 32, 1) gemm_4bit_kernel(co
   const uint32_t barriers = table + kTableBytes + 256 * 4;
   auto full = [&](int slot) { return barriers + 8 * slot; };
   auto empty = [&](int slot) { return barriers + 8 * (kStages + slot); };
+  // Stage s belongs to pipeline s % kPipelines, whose slots are its own, so each slot's full and empty phases
+  // alternate: a slot shared by pipelines that run out of step could be two phases ahead of a waiter, which
+  // the parity wait cannot tell from done.
+  constexpr int kPipelines = pipelines(kWarpgroups, kSplitK), kSlots = kStages / kPipelines;
+  auto slot_of = [&](int stage) { return (stage % kPipelines) * kSlots + (stage / kPipelines) % kSlots; };
+  auto round_of = [&](int stage) { return stage / kPipelines / kSlots; };  // how often the slot was used before
 
   const int tid = threadIdx.x, lane = tid % 32, warpgroup = tid / 128, warp = (tid / 32) % 4;
   const int64_t n_base = static_cast<int64_t>(blockIdx.x) * kRows, m_base = static_cast<int64_t>(blockIdx.y) * kTokens;
@@ -229,14 +251,14 @@ __global__ void __launch_bounds__(128 * kWarpgroups + 32, 1) gemm_4bit_kernel(co
   }
   __syncthreads();
 
-  if (tid >= kThreads) {  // the producer: rows past N arrive as zeros and their outputs are never stored
+  if (tid >= kThreads) {  // the producers: rows past N arrive as zeros and their outputs are never stored
     if (lane == 0) {
       const int rows = tile_rows(p.M, m_base, kTokens);
       const CUtensorMap* x_map = rows < kTokens ? &args.x_last_map : &args.x_map;
       const uint32_t stage_bytes = rows * kStageK * 2 + kRows * kStageK / 2;
-      for (int stage = 0; stage < stages; ++stage) {
-        const int slot = stage % kStages;
-        if (stage >= kStages) mbar_wait(empty(slot), (stage / kStages - 1) & 1);
+      for (int stage = (tid - kThreads) / 32; stage < stages; stage += kPipelines) {
+        const int slot = slot_of(stage);
+        if (round_of(stage) > 0) mbar_wait(empty(slot), (round_of(stage) - 1) & 1);
         mbar_arrive_expecting(full(slot), stage_bytes);
         tma_load_2d(x_ring + slot * kXStageBytes, x_map, stage * kStageK, static_cast<int>(m_base), full(slot));
         tma_load_2d(w_ring + slot * kWStageBytes, &args.w_map, stage * (kStageK / 2), static_cast<int>(n_base), full(slot));
@@ -282,8 +304,8 @@ __global__ void __launch_bounds__(128 * kWarpgroups + 32, 1) gemm_4bit_kernel(co
     now1 = next1;
     next0 = load_scale(element0 + stage_k(k + 2 * step));
     next1 = load_scale(element1 + stage_k(k + 2 * step));
-    const int slot = k % kStages;
-    mbar_wait(full(slot), (k / kStages) & 1);
+    const int slot = slot_of(k);
+    mbar_wait(full(slot), round_of(k) & 1);
     const uint8_t* w_stage = smem + (w_ring - base) + slot * kWStageBytes;
     const uint4 a_lo = *reinterpret_cast<const uint4*>(w_stage + r0 * 32);
     const uint4 a_hi = *reinterpret_cast<const uint4*>(w_stage + r0 * 32 + 16);
@@ -312,18 +334,74 @@ __global__ void __launch_bounds__(128 * kWarpgroups + 32, 1) gemm_4bit_kernel(co
   // Epilogue through shared memory, so that y is read and written in 16-byte runs of one token rather than the
   // fragments' scattered 2-byte outputs (whose read-modify-writes would serialize). Split-K: one slice per
   // warpgroup, summed in warpgroup order.
-  // Every stage consumed, so every copy landed: the rings are free. Consumers only: the producer has left.
+  // Every stage consumed, so every copy landed: the rings are free. Consumers only: the producers have left.
   asm volatile("bar.sync 1, %0;\n" ::"n"(kThreads) : "memory");
   constexpr int kStride = kRows + 4;  // floats per token row: the fragment writes of a warp hit 32 banks
   constexpr int kSlices = kSplitK ? kWarpgroups : 1;
   static_assert(kSlices * kTokens * kStride * 4 <= kStages * (kXStageBytes + kWStageBytes), "tile exceeds the rings");
   float* const tile = reinterpret_cast<float*>(smem);
-  {
-    float* slice = tile + (kSplitK ? warpgroup : 0) * kTokens * kStride;
+  float* const slice = tile + (kSplitK ? warpgroup : 0) * kTokens * kStride;
+  // accumulator 4j + e: row r0 (+ 8 for e >= 2), token 8j + 2 (lane % 4) (+ 1 for odd e)
+  auto slice_at = [&](int j, int e) -> float& {
+    return slice[(8 * j + 2 * (lane % 4) + (e & 1)) * kStride + r0 + (e >= 2 ? 8 : 0)];
+  };
 #pragma unroll
-    for (int j = 0; j < kTokens / 8; ++j)  // accumulator 4j + e: row r0 (+ 8 for e >= 2), token 8j + 2 (lane % 4) (+ 1 for odd e)
+  for (int j = 0; j < kTokens / 8; ++j)
 #pragma unroll
-      for (int e = 0; e < 4; ++e) slice[(8 * j + 2 * (lane % 4) + (e & 1)) * kStride + r0 + (e >= 2 ? 8 : 0)] = acc[4 * j + e];
+    for (int e = 0; e < 4; ++e) slice_at(j, e) = acc[4 * j + e];
+  if (p.r > 0) {
+    // The LoRA term as one more wgmma product: lora_B's rows (A, from registers) times the token tile's xa (B, in
+    // shared memory with the same 128-byte swizzle as x's stages), r in chunks of 64, the columns past r zero.
+    // It runs once per CTA; in the split form only the first warpgroup adds it, to its slice.
+    constexpr int kXaTile = (kSlices * kTokens * kStride * 4 + 1023) / 1024 * 1024;
+    static_assert(kXaTile + kTokens * 128 <= kStages * (kXStageBytes + kWStageBytes), "xa tile exceeds the rings");
+    const uint16_t* const xa = reinterpret_cast<const uint16_t*>(p.xa);
+    const uint16_t* const lora_b = reinterpret_cast<const uint16_t*>(p.lora_B);
+    auto xa_at = [&](int64_t m, int col) -> uint32_t { return m < p.M && col < p.r ? xa[m * p.r + col] : 0u; };
+    auto b_pair = [&](int64_t n, int col) -> uint32_t {
+      if (n >= p.N) return 0u;
+      const uint16_t* row = lora_b + n * p.r;
+      return (col < p.r ? row[col] : 0u) | (col + 1 < p.r ? uint32_t{row[col + 1]} << 16 : 0u);
+    };
+    const int64_t n0 = n_base + r0, n1 = n0 + 8;
+    const int q = 2 * (lane % 4);
+    for (int c0 = 0; c0 < p.r; c0 += 64) {
+      for (int chunk = tid; chunk < kTokens * 8; chunk += kThreads) {  // 16 bytes: token t, columns c0 + 8c ..
+        const int t = chunk / 8, c = chunk % 8;
+        uint32_t w[4];
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+          const int col = c0 + 8 * c + 2 * i;
+          w[i] = xa_at(m_base + t, col) | (xa_at(m_base + t, col + 1) << 16);
+        }
+        *reinterpret_cast<uint4*>(smem + kXaTile + t * 128 + ((c ^ (t % 8)) * 16)) = make_uint4(w[0], w[1], w[2], w[3]);
+      }
+      asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");  // the generic stores, before wgmma reads them
+      asm volatile("bar.sync 1, %0;\n" ::"n"(kThreads) : "memory");
+      if (!kSplitK || warpgroup == 0) {
+        uint32_t a[4][4];
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+          const int col = c0 + 16 * j + q;
+          a[j][0] = b_pair(n0, col);
+          a[j][1] = b_pair(n1, col);
+          a[j][2] = b_pair(n0, col + 8);
+          a[j][3] = b_pair(n1, col + 8);
+        }
+#pragma unroll
+        for (int i = 0; i < T::kAccumulators; ++i) acc[i] = 0.0f;
+        wgmma_fence(a);
+#pragma unroll
+        for (int j = 0; j < 4; ++j) wgmma_bf16(acc, a[j], swizzled_descriptor(base + kXaTile + 32 * j));
+        wgmma_commit_and_wait();
+        fence_accumulators(acc);
+#pragma unroll
+        for (int j = 0; j < kTokens / 8; ++j)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) slice_at(j, e) += p.lora_scale * acc[4 * j + e];
+      }
+      asm volatile("bar.sync 1, %0;\n" ::"n"(kThreads) : "memory");  // before the next chunk overwrites the tile
+    }
   }
   asm volatile("bar.sync 1, %0;\n" ::"n"(kThreads) : "memory");
   constexpr int kRunsPerToken = kRows / 8;
@@ -338,19 +416,18 @@ __global__ void __launch_bounds__(128 * kWarpgroups + 32, 1) gemm_4bit_kernel(co
 #pragma unroll
       for (int sl = 1; sl < kSlices; ++sl) v[i] += tile[(sl * kTokens + token) * kStride + n_local + i];
     }
+    if (p.bias != nullptr)
+#pragma unroll
+      for (int i = 0; i < 8; ++i) v[i] += n + i < p.N ? __bfloat162float(p.bias[n + i]) : 0.0f;
     __nv_bfloat16* const out = p.y + m * p.N + n;
     if (n + 8 <= p.N && reinterpret_cast<uintptr_t>(out) % 16 == 0) {
-      uint4 bits = p.accumulate ? *reinterpret_cast<const uint4*>(out) : make_uint4(0, 0, 0, 0);
+      uint4 bits;
       __nv_bfloat162* pairs = reinterpret_cast<__nv_bfloat162*>(&bits);
 #pragma unroll
-      for (int i = 0; i < 4; ++i) {
-        const float2 old = __bfloat1622float2(pairs[i]);
-        pairs[i] = __floats2bfloat162_rn(v[2 * i] + old.x, v[2 * i + 1] + old.y);
-      }
+      for (int i = 0; i < 4; ++i) pairs[i] = __floats2bfloat162_rn(v[2 * i], v[2 * i + 1]);
       *reinterpret_cast<uint4*>(out) = bits;
     } else {
-      for (int i = 0; i < 8 && n + i < p.N; ++i)
-        out[i] = __float2bfloat16_rn(v[i] + (p.accumulate ? __bfloat162float(out[i]) : 0.0f));
+      for (int i = 0; i < 8 && n + i < p.N; ++i) out[i] = __float2bfloat16_rn(v[i]);
     }
   }
 #else
@@ -370,7 +447,7 @@ inline bool gemm_4bit_split_k(int64_t M, int64_t N, int num_sms) {
 // M = 64 77.2, against 39.6 at M = 128 and 29.0 / 40.9 for the fused kernel), where launches of 128 CTAs and more
 // did not (8192x8192 M = 32 47.6 against the fused kernel's 56.4).
 inline bool gemm_4bit_fills_gpu(int64_t M, int64_t N, int num_sms) {
-  const int64_t ctas = gemm_4bit_split_k(M, N, num_sms) ? cta_count(M, N, cta_rows(kSplitFormWarpgroups, true))
+  const int64_t ctas = gemm_4bit_split_k(M, N, num_sms) ? cta_count(M, N, cta_rows(split_form_warpgroups(tokens_for(M)), true))
                                                         : cta_count(M, N, cta_rows(kRowFormWarpgroups, false));
   return 4 * ctas >= 3 * static_cast<int64_t>(num_sms);
 }
@@ -428,13 +505,13 @@ cudaError_t launch_as(const Gemm4bitParams& p, cudaStream_t stream) {
                  CU_TENSOR_MAP_SWIZZLE_NONE))
     return cudaErrorNotSupported;
   const dim3 grid(static_cast<unsigned>((p.N + rows - 1) / rows), static_cast<unsigned>(tiles));
-  kernel<<<grid, 128 * kWarpgroups + 32, kSmemBytes, stream>>>(args);
+  kernel<<<grid, cta_threads(kWarpgroups, kSplitK), kSmemBytes, stream>>>(args);
   return cudaGetLastError();
 }
 
 template <QuantType QT, bool kDoubleQuant, int kTokens>
 cudaError_t launch_with(const Gemm4bitParams& p, int num_sms, cudaStream_t stream) {
-  return gemm_4bit_split_k(p.M, p.N, num_sms) ? launch_as<QT, kDoubleQuant, kTokens, kSplitFormWarpgroups, true>(p, stream)
+  return gemm_4bit_split_k(p.M, p.N, num_sms) ? launch_as<QT, kDoubleQuant, kTokens, split_form_warpgroups(kTokens), true>(p, stream)
                                               : launch_as<QT, kDoubleQuant, kTokens, kRowFormWarpgroups, false>(p, stream);
 }
 
