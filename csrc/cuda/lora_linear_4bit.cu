@@ -37,7 +37,7 @@ at::Tensor fused_forward(const at::Tensor& x2, const at::Tensor& packed, const a
                          const std::optional<at::Tensor>& code2, const std::optional<at::Tensor>& offset,
                          const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& lora_A,
                          const std::optional<at::Tensor>& lora_B, double scale, const std::optional<at::Tensor>& xl2,
-                         bool allow_block_scaled) {
+                         bool allow_block_scaled, int num_sms) {
   const at::Tensor x = aligned_contiguous(x2);
   const at::Tensor p = aligned_contiguous(packed);
   const ScaleInputs scales = contiguous_scales(absmax, absmax2, code2, offset, args.weight.double_quant);
@@ -48,7 +48,6 @@ at::Tensor fused_forward(const at::Tensor& x2, const at::Tensor& packed, const a
     lb = lora_B->contiguous();
     if (xl2.has_value()) xl = aligned_contiguous(*xl2);
   }
-  const int num_sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
   at::Tensor y = at::empty({args.M, args.N}, x.options());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   dispatch_half(x.scalar_type(), [&](auto tag) {
@@ -77,12 +76,18 @@ at::Tensor fused_forward(const at::Tensor& x2, const at::Tensor& packed, const a
   return y;
 }
 
+// xa = x_lora·Aᵀ, [M, r] and contiguous (a new tensor): the LoRA branch's down-projection, of x itself unless a
+// dropped-out copy is given.
+at::Tensor lora_down(const at::Tensor& x2, const at::Tensor& lora_A, const std::optional<at::Tensor>& xl2) {
+  return at::mm(xl2.has_value() ? *xl2 : x2, lora_A.t());
+}
+
 // s·(x_lora·Aᵀ)·Bᵀ (+ bias), [M, N]: written first by dequantize + cuBLAS, whose large product then accumulates
 // onto it.
 at::Tensor low_rank_term(const at::Tensor& x2, const LoraLinearArgs& args, const std::optional<at::Tensor>& bias,
                          const std::optional<at::Tensor>& lora_A, const std::optional<at::Tensor>& lora_B,
                          double scale, const std::optional<at::Tensor>& xl2) {
-  const at::Tensor xa = at::mm(xl2.has_value() ? *xl2 : x2, lora_A->t());
+  const at::Tensor xa = lora_down(x2, *lora_A, xl2);
   return bias.has_value() ? at::addmm(*bias, xa, lora_B->t(), 1.0, scale)
                           : at::empty({args.M, args.N}, x2.options()).addmm_(xa, lora_B->t(), 0.0, scale);
 }
@@ -108,13 +113,13 @@ at::Tensor tensor_core_forward(const at::Tensor& x2, const at::Tensor& packed, c
                                const std::optional<at::Tensor>& code2, const std::optional<at::Tensor>& offset,
                                const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& lora_A,
                                const std::optional<at::Tensor>& lora_B, double scale,
-                               const std::optional<at::Tensor>& xl2) {
+                               const std::optional<at::Tensor>& xl2, int num_sms) {
   const at::Tensor x = aligned_contiguous(x2);
   const at::Tensor p = aligned_contiguous(packed);
   const ScaleInputs scales = contiguous_scales(absmax, absmax2, code2, offset, args.weight.double_quant);
   at::Tensor xa, lb, b;
   if (args.lora) {
-    xa = at::mm(xl2.has_value() ? *xl2 : x2, lora_A->t());  // a new tensor: contiguous
+    xa = lora_down(x2, *lora_A, xl2);
     lb = lora_B->contiguous();
   }
   if (bias.has_value()) b = bias->contiguous();
@@ -135,7 +140,6 @@ at::Tensor tensor_core_forward(const at::Tensor& x2, const at::Tensor& packed, c
     prm.lora_scale = static_cast<float>(scale);
   }
   if (b.defined()) prm.bias = static_cast<const __nv_bfloat16*>(b.const_data_ptr());
-  const int num_sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
   C10_CUDA_CHECK(launch_gemm_4bit(prm, args.weight.quant_type, num_sms, c10::cuda::getCurrentCUDAStream()));
   return y;
 }
@@ -200,9 +204,9 @@ at::Tensor lora_linear_4bit_cuda(const at::Tensor& x, const at::Tensor& packed, 
                            (path == kPathTensorCore || (path == kPathAuto && tensor_core_pays(args.M)));
   const at::Tensor y =
       fused ? fused_forward(x2, packed, absmax, blocksize, args, absmax2, code2, offset, bias, lora_A, lora_B, scale,
-                            xl2, path != kPathFused)
+                            xl2, path != kPathFused, num_sms)
       : tensor_core ? tensor_core_forward(x2, packed, absmax, blocksize, args, absmax2, code2, offset, bias, lora_A,
-                                          lora_B, scale, xl2)
+                                          lora_B, scale, xl2, num_sms)
                     : dequantize_gemm_forward(x2, packed, absmax, blocksize, quant_type, shape, args, absmax2, code2,
                                               offset, bias, lora_A, lora_B, scale, xl2, path);
   return y.view(args.out_shape);
