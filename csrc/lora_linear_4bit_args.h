@@ -65,15 +65,25 @@ constexpr int64_t kFusedMaxRank = 192;
 // Whether the large-M path (forward and the backward's grad_x) merges the adapter into the dequantized weight
 // (dequantize_4bit_lora) instead of two low-rank GEMMs: where that is exact (the LoRA branch reads x itself, not a
 // dropped-out copy), the merging kernel takes the layout (16-bit dtype, dequantize_lora_supported), and the rows'
-// traffic M·(N + K) is at least twice the weight count N·K, i.e. M at least the harmonic mean of N and K. Measured on the H200 (2026-11-28, r = 16, bf16,
-// `python -m bench`, forward µs merged vs not): M = 4096 4096x4096 209.6 vs 227.1; 8192x8192 845 vs 779;
-// 8192x28672 3000 vs 2908; M = 256 8192x28672 416 vs 342 (the merging kernel takes 1.7x dequantize_4bit's time).
+// traffic M·(N + K) is at least a third of the weight count N·K. The two low-rank GEMMs read all of x and write
+// all of y (cost in M·(N + K)); merging costs what the merging kernel takes beyond dequantize_4bit (in N·K).
+// Measured on the H200 (2026-11-29, r = 16, bf16, µs; the kernels standalone with CUDA events, the cuBLAS calls
+// by triton do_bench), at M = 4096 for 4096², 8192², 8192x28672, 28672x8192: merging beyond dequantizing 5, 19,
+// 50, 46; the low-rank GEMMs 38, 58, 99, 107; so the break-even M is about 530, 1350, 2060, 1770, where
+// M·(N + K) / (N·K) = 0.26 to 0.33. In `python -m bench` at M = 4096 the merged path then read 1-14 % faster
+// than the unmerged one on all four shapes.
 inline bool can_merge_adapter(bool lora_reads_x, at::ScalarType dtype, int64_t K, int64_t r) {
   return lora_reads_x && dtype != at::kFloat && dequantize_lora_supported(K, r);
 }
+// The size rule alone, for int64_t or for c10::SymInt (whose comparison installs a guard on symbolic sizes, so
+// that eager and compiled runs take the same path).
+template <typename Int>
+auto merging_adapter_rows_pay(const Int& M, const Int& N, const Int& K) {
+  return M * (N + K) * 3 >= N * K;
+}
 inline bool merging_adapter_pays(bool lora_reads_x, at::ScalarType dtype, int64_t M, int64_t N, int64_t K,
                                  int64_t r) {
-  return can_merge_adapter(lora_reads_x, dtype, K, r) && M * (N + K) >= 2 * N * K;
+  return can_merge_adapter(lora_reads_x, dtype, K, r) && merging_adapter_rows_pay(M, N, K);
 }
 
 struct LoraLinearArgs {

@@ -101,10 +101,11 @@ class LoraLinear4bitFunction : public torch::autograd::Function<LoraLinear4bitFu
     const bool separate_x_lora = edges[4] >= 0;
     // Where the LoRA branch reads x itself, grad_x = g·(W + s·B·A): on the GPU, for large M, the adapter is merged
     // into the dequantized workspace (dequantize_4bit_lora) rather than added by two low-rank GEMMs over g, grad_x.
-    const std::optional<int64_t> rows = g.sym_size(0).maybe_as_int(), n = N.maybe_as_int(), k = K.maybe_as_int();
-    const bool merged = need_x && grad.is_cuda() && rows && n && k &&
-                        merging_adapter_pays(lora_A.defined() && !separate_x_lora, grad.scalar_type(), *rows, *n, *k,
-                                             lora_A.defined() ? lora_A.size(0) : 0);
+    // The two round differently, so with symbolic sizes (torch.compile) the choice is a guard, not a guess.
+    const bool merged = need_x && grad.is_cuda() && lora_A.defined() &&
+                        can_merge_adapter(!separate_x_lora, grad.scalar_type(), K.guard_int(__FILE__, __LINE__),
+                                          lora_A.sym_size(0).guard_int(__FILE__, __LINE__)) &&
+                        merging_adapter_rows_pay(g.sym_size(0), N, K);
     at::Tensor grad_x;
     if (lora_A.defined()) {
       const at::Tensor xl = lora_input.reshape_symint({-1, K});

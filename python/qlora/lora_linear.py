@@ -47,8 +47,8 @@ def lora_linear_4bit(x: torch.Tensor, packed: torch.Tensor, quant_state: QuantSt
         the fused kernel that scales per quantization block instead of per weight (blocksize 64, in_features %
         64 == 0, any rows of x in slices of 32; elsewhere as ``PATH_FUSED``).
         Dequantize + cuBLAS merges the adapter into the dequantized weight when the LoRA branch reads x itself
-        (no ``x_lora``), x is 16-bit and rows are many against the weight (M at least the harmonic mean of its
-        dimensions); ``PATH_DEQUANTIZE_GEMM_MERGED`` and ``PATH_DEQUANTIZE_GEMM_UNMERGED`` force either way.
+        (no ``x_lora``), x is 16-bit and rows are many against the weight (M at least a sixth of the harmonic
+        mean of its dimensions); ``PATH_DEQUANTIZE_GEMM_MERGED`` and ``PATH_DEQUANTIZE_GEMM_UNMERGED`` force either way.
 
     Returns
     -------

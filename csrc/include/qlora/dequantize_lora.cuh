@@ -5,15 +5,17 @@
 // replaces the low-rank GEMMs, which read all of x and write all of y (at M = 4096, 4096x4096 about 30 us),
 // by one m16n8k16 mma per 128 weights.
 //
-// A warp owns a 64-column strip of kDequantizeLoraTiles 16-row tiles and issues all their loads first. The
-// adapter's columns for the strip (the mma's B operand) are loaded once per warp; per tile the mma gives s·B·A
-// for the tile, and each lane adds it to the 32 weights it decodes. The mma's 8 output columns are mapped onto
-// the strip so that a lane's outputs are 16 consecutive weights of a row: an 8-byte packed load and two
-// 16-byte stores per row.
+// A CTA's kDequantizeLoraWarps warps take adjacent 64-column strips of the same rows (so the CTA reads whole
+// 128-byte lines of packed bytes), and each warp walks kDequantizeLoraTiles 16-row tiles down its strip with the
+// next tile's loads issued before the current tile's work. The adapter's columns for the strip (the mma's B
+// operand) are loaded once per warp; per tile the mma gives s·B·A for the tile, and each lane adds it to the 32
+// weights it decodes. The mma's 8 output columns are mapped onto the strip so that a lane's outputs are 16
+// consecutive weights of a row: an 8-byte packed load and two 16-byte stores per row.
 //
-// Measured on the H200 (2026-11-28, r = 16, torch.profiler, warm L2): 20.6 us for 4096x4096 and 238 us for
-// 8192x28672, against 12.2 and 148 us for dequantize_4bit alone. Tried and slower: a CTA's warps on adjacent
-// strips with two 8-weight groups per lane and row (30.4 / 346 us).
+// Standalone on the H200 (2026-11-29, r = 16, NF4 + double quantization, CUDA events, 256 MB written between
+// runs; outputs bit-identical), µs for 4096², 8192², 8192x28672, 28672x8192: dequantize_4bit alone 15.8, 47.6,
+// 152.9, 152.8; the previous layout (4 warps a CTA over 64 rows of one strip, all loads first) 24.4, 72.6, 243.4,
+// 226.3; this one 20.8, 66.8, 202.6, 198.7. Two tiles ahead, or 64 registers forced, were slower.
 //
 // Layout constraints (the caller falls back to dequantize + addmm otherwise): K % 16 == 0 (16 weights lie in
 // one quantization block and start on a byte), r <= kDequantizeLoraMaxRank, out 16-byte aligned, packed 8-byte
@@ -27,10 +29,10 @@
 
 namespace qlora {
 
-constexpr int kDequantizeLoraWarps = 4;
+constexpr int kDequantizeLoraWarps = 2;  // on adjacent strips
 constexpr int kDequantizeLoraThreads = kDequantizeLoraWarps * 32;
 constexpr int kDequantizeLoraCols = 64;  // a strip: 8 mma columns x 2 per lane x 4 lanes per row
-constexpr int kDequantizeLoraTiles = 4;  // 16-row tiles a warp owns; all their loads are issued first
+constexpr int kDequantizeLoraTiles = 8;  // 16-row tiles a warp walks down its strip
 
 template <typename T>
 struct DequantizeLoraParams {
@@ -52,35 +54,52 @@ __device__ __forceinline__ uint32_t load_u16_or_zero(const uint16_t* p, bool ok)
 // dequantized weights; otherwise the mma gives B·A and each weight takes one more FMA.
 template <typename T, QuantType QT, bool kDoubleQuant, int kRankChunks, bool kScaleInB>
 __global__ void __launch_bounds__(kDequantizeLoraThreads) dequantize_lora_kernel(const DequantizeLoraParams<T> p) {
-  constexpr int kTiles = kDequantizeLoraTiles;
   const float lane_value = QT == QuantType::NF4 ? kNF4ValuesDevice[threadIdx.x % 16] : kFP4ValuesDevice[threadIdx.x % 16];
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
   const int g = lane / 4, t = lane % 4;  // the mma fragment's row group and column pair
   const int64_t K = p.K, N = p.N;
-  const int64_t k0 = static_cast<int64_t>(blockIdx.x) * kDequantizeLoraCols;
+  const int64_t k0 = (static_cast<int64_t>(blockIdx.x) * kDequantizeLoraWarps + warp) * kDequantizeLoraCols;
   const int64_t kt = k0 + 16 * t;  // first of this lane's 16 output columns
   const bool cols_ok = kt < K;
-  const int64_t first_row = (static_cast<int64_t>(blockIdx.y) * kDequantizeLoraWarps + warp) * kTiles * 16;
+  const int64_t first_row = static_cast<int64_t>(blockIdx.y) * kDequantizeLoraTiles * 16;
   const auto* A = reinterpret_cast<const uint16_t*>(p.lora_A);
   const auto* B = reinterpret_cast<const uint16_t*>(p.lora_B);
 
-  // Every tile's weights and scale inputs first, so that a warp has all of them in flight at once.
-  uint2 words[kTiles][2];
-  uint32_t qcodes[kTiles][2];
-  float scales[kTiles][2];  // absmax, or absmax2 of the block until the code is looked up
-#pragma unroll
-  for (int tile = 0; tile < kTiles; ++tile) {
+  // What one tile needs from memory: rows g and g + 8 of the weights and their scale inputs (absmax, or the
+  // 8-bit code and absmax2 of the block until the code is looked up), and the mma's A operand, B's rows.
+  struct TileLoads {
+    uint2 words[2];
+    uint32_t qcodes[2];
+    float scales[2];
+    uint32_t b_rows[kRankChunks][4];
+  };
+  const auto load_tile = [&](int tile, TileLoads& l) {
+    const int64_t n0 = first_row + 16 * tile;
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
-      const int64_t row = first_row + 16 * tile + g + 8 * h;
+      const int64_t row = n0 + g + 8 * h;
       const bool ok = row < N && cols_ok;
       const int64_t e0 = row * K + kt;
       const int64_t block = e0 >> p.log2_blocksize;
-      words[tile][h] = ok ? __ldg(reinterpret_cast<const uint2*>(p.packed + e0 / 2)) : make_uint2(0, 0);
-      qcodes[tile][h] = kDoubleQuant && ok ? __ldg(p.scales.qabsmax + block) : 0u;
-      scales[tile][h] = !ok ? 0.0f : kDoubleQuant ? __ldg(p.scales.absmax2 + block / kAbsmaxBlocksize) : __ldg(p.scales.absmax + block);
+      l.words[h] = ok ? __ldg(reinterpret_cast<const uint2*>(p.packed + e0 / 2)) : make_uint2(0, 0);
+      l.qcodes[h] = kDoubleQuant && ok ? __ldg(p.scales.qabsmax + block) : 0u;
+      l.scales[h] = !ok ? 0.0f : kDoubleQuant ? __ldg(p.scales.absmax2 + block / kAbsmaxBlocksize) : __ldg(p.scales.absmax + block);
     }
-  }
+#pragma unroll
+    for (int c = 0; c < kRankChunks; ++c)
+#pragma unroll
+      for (int q = 0; q < 4; ++q) {  // rows g, g + 8 for rank columns 2t, 2t + 1, then 2t + 8, 2t + 9
+        const int64_t row = n0 + g + 8 * (q % 2);
+        const int j = 16 * c + 2 * t + 8 * (q / 2);
+        const uint16_t* src = B + row * p.r + j;
+        const bool ok = row < N && j < p.r;
+        l.b_rows[c][q] = p.lora_B_pairs ? (ok ? __ldg(reinterpret_cast<const uint32_t*>(src)) : 0u)
+                                        : load_u16_or_zero(src, ok) | load_u16_or_zero(src + 1, ok && j + 1 < p.r) << 16;
+      }
+  };
+  TileLoads cur, next;
+  load_tile(0, cur);
+
   // B operand of mma i: column c is weight column k0 + 16·(c / 2) + 2i + c % 2, so that lane t's outputs
   // (columns 2t, 2t + 1 of every mma) are the 16 weights from kt on. Rank rows past r are zero.
   uint32_t bfrag[kRankChunks][8][2];
@@ -99,31 +118,31 @@ __global__ void __launch_bounds__(kDequantizeLoraThreads) dequantize_lora_kernel
     }
   }
   __shared__ float smem_code2[256];
-  if constexpr (kDoubleQuant) {  // staged after the loads are issued, so the barrier overlaps their latency
+  float mean = 0.0f;
+  if constexpr (kDoubleQuant) {  // staged after the first loads are issued, so the barrier overlaps their latency
     for (int i = threadIdx.x; i < 256; i += kDequantizeLoraThreads) smem_code2[i] = p.scales.code2[i];
     __syncthreads();
-    const float mean = *p.scales.offset;
-#pragma unroll
-    for (int tile = 0; tile < kTiles; ++tile)
-#pragma unroll
-      for (int h = 0; h < 2; ++h)  // code2[q] * absmax2 + mean, rounded twice as bitsandbytes does
-        scales[tile][h] = mul_then_add(smem_code2[qcodes[tile][h]], scales[tile][h], mean);
+    mean = *p.scales.offset;
   }
 
-#pragma unroll
-  for (int tile = 0; tile < kTiles; ++tile) {
+  for (int tile = 0; tile < kDequantizeLoraTiles; ++tile) {
     const int64_t n0 = first_row + 16 * tile;
     if (n0 >= N) break;
+    if (tile + 1 < kDequantizeLoraTiles) load_tile(tile + 1, next);
+    float scales[2];
+#pragma unroll
+    for (int h = 0; h < 2; ++h)  // code2[q] * absmax2 + mean, rounded twice as bitsandbytes does
+      scales[h] = kDoubleQuant ? mul_then_add(smem_code2[cur.qcodes[h]], cur.scales[h], mean) : cur.scales[h];
     const int64_t rows[2] = {n0 + g, n0 + g + 8};
     float w[2][16];  // the dequantized weights of rows g and g + 8, in column order
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
 #pragma unroll
       for (int i = 0; i < 8; ++i) {  // every lane shuffles, also out of range, so that all 32 take part
-        const uint32_t word = i < 4 ? words[tile][h].x : words[tile][h].y;
+        const uint32_t word = i < 4 ? cur.words[h].x : cur.words[h].y;
         const int shift = 8 * (i % 4);
-        w[h][2 * i] = __fmul_rn(__shfl_sync(0xffffffffu, lane_value, static_cast<int>(word >> (shift + 4))), scales[tile][h]);
-        w[h][2 * i + 1] = __fmul_rn(__shfl_sync(0xffffffffu, lane_value, static_cast<int>(word >> shift)), scales[tile][h]);
+        w[h][2 * i] = __fmul_rn(__shfl_sync(0xffffffffu, lane_value, static_cast<int>(word >> (shift + 4))), scales[h]);
+        w[h][2 * i + 1] = __fmul_rn(__shfl_sync(0xffffffffu, lane_value, static_cast<int>(word >> shift)), scales[h]);
       }
     }
     float acc[8][4];
@@ -135,13 +154,8 @@ __global__ void __launch_bounds__(kDequantizeLoraThreads) dequantize_lora_kernel
     for (int c = 0; c < kRankChunks; ++c) {
       uint32_t a[4];
 #pragma unroll
-      for (int q = 0; q < 4; ++q) {  // rows g, g + 8 for rank columns 2t, 2t + 1, then 2t + 8, 2t + 9
-        const int64_t row = rows[q % 2];
-        const int j = 16 * c + 2 * t + 8 * (q / 2);
-        const uint16_t* src = B + row * p.r + j;
-        const bool ok = row < N && j < p.r;
-        a[q] = p.lora_B_pairs ? (ok ? __ldg(reinterpret_cast<const uint32_t*>(src)) : 0u)
-                              : load_u16_or_zero(src, ok) | load_u16_or_zero(src + 1, ok && j + 1 < p.r) << 16;
+      for (int q = 0; q < 4; ++q) {
+        a[q] = cur.b_rows[c][q];
         if constexpr (kScaleInB) {
           const float2 f = MmaType<T>::unpack(a[q]);
           a[q] = as_u32(MmaType<T>::pair(f.x * p.scale, f.y * p.scale));
@@ -163,16 +177,18 @@ __global__ void __launch_bounds__(kDequantizeLoraThreads) dequantize_lora_kernel
       VecIO<T>::store8(dst, v);
       VecIO<T>::store8(dst + 8, v + 8);
     }
+    cur = next;
   }
 }
 
 template <typename T, QuantType QT, bool kDoubleQuant, bool kScaleInB>
 cudaError_t launch_dequantize_lora_as(const DequantizeLoraParams<T>& p, cudaStream_t stream) {
   const int64_t strips = (p.K + kDequantizeLoraCols - 1) / kDequantizeLoraCols;
-  const int64_t rows_per_cta = int64_t{kDequantizeLoraWarps} * kDequantizeLoraTiles * 16;
+  const int64_t strip_groups = (strips + kDequantizeLoraWarps - 1) / kDequantizeLoraWarps;
+  const int64_t rows_per_cta = int64_t{kDequantizeLoraTiles} * 16;
   const int64_t row_groups = (p.N + rows_per_cta - 1) / rows_per_cta;
-  if (strips > 0x7fffffff || row_groups > 65535) return cudaErrorInvalidConfiguration;
-  const dim3 grid(static_cast<unsigned>(strips), static_cast<unsigned>(row_groups));
+  if (strip_groups > 0x7fffffff || row_groups > 65535) return cudaErrorInvalidConfiguration;
+  const dim3 grid(static_cast<unsigned>(strip_groups), static_cast<unsigned>(row_groups));
   const int chunks = (p.r + 15) / 16;
   if (chunks == 1) {
     dequantize_lora_kernel<T, QT, kDoubleQuant, 1, kScaleInB><<<grid, kDequantizeLoraThreads, 0, stream>>>(p);
