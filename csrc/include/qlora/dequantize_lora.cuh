@@ -15,7 +15,7 @@
 // Standalone on the H200 (2026-11-29, r = 16, NF4 + double quantization, CUDA events, 256 MB written between
 // runs; outputs bit-identical), µs for 4096², 8192², 8192x28672, 28672x8192: dequantize_4bit alone 15.8, 47.6,
 // 152.9, 152.8; the previous layout (4 warps a CTA over 64 rows of one strip, all loads first) 24.4, 72.6, 243.4,
-// 226.3; this one 20.8, 66.8, 202.6, 198.7. Two tiles ahead, or 64 registers forced, were slower.
+// 226.3; this one 21.3, 63.1, 198.2, 193.5. Two tiles ahead, or 64 registers forced, were slower.
 //
 // Layout constraints (the caller falls back to dequantize + addmm otherwise): K % 16 == 0 (16 weights lie in
 // one quantization block and start on a byte), r <= kDequantizeLoraMaxRank, out 16-byte aligned, packed 8-byte
