@@ -14,9 +14,10 @@ from qlora import reference
 from conftest import CUDA
 
 OP = torch.ops.qlora.dequantize_4bit_lora
-# (N, K, r): whole 64-column strips; a last strip of 32 columns and a partial 16-row tile; an odd rank; a rank that
-# is not a multiple of 16 (padded); the largest rank the kernel takes; more rows than one CTA's 256; then three
-# layouts the kernel refuses (K % 16 != 0 twice, r > 64) and the composite computes.
+# (N, K, r): whole 64-column strips; a last strip of 32 columns (a CTA whose second strip lies past K) and a partial
+# 16-row tile; an odd rank; a rank that is not a multiple of 16 (padded); the largest rank the kernel takes; more
+# rows than one CTA's 128 (its warps walk 8 16-row tiles), ending in a partial tile; then three layouts the kernel
+# refuses (K % 16 != 0 twice, r > 64) and the composite computes.
 SHAPES = [(48, 256, 16), (33, 160, 8), (21, 80, 5), (24, 112, 40), (40, 96, 64), (520, 1024, 16), (16, 100, 8),
           (21, 72, 5), (20, 64, 65)]
 # One unit in the last place of each dtype, relative: the reference rounds once, the ops may land one ulp away.
