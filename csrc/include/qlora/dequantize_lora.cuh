@@ -5,12 +5,13 @@
 // replaces the low-rank GEMMs, which read all of x and write all of y (at M = 4096, 4096x4096 about 30 us),
 // by one m16n8k16 mma per 128 weights.
 //
-// A CTA's kDequantizeLoraWarps warps take adjacent 64-column strips of the same rows (so the CTA reads whole
-// 128-byte lines of packed bytes), and each warp walks kDequantizeLoraTiles 16-row tiles down its strip with the
-// next tile's loads issued before the current tile's work. The adapter's columns for the strip (the mma's B
-// operand) are loaded once per warp; per tile the mma gives s·B·A for the tile, and each lane adds it to the 32
-// weights it decodes. The mma's 8 output columns are mapped onto the strip so that a lane's outputs are 16
-// consecutive weights of a row: an 8-byte packed load and two 16-byte stores per row.
+// A CTA's kDequantizeLoraWarps warps take adjacent 64-column strips of the same rows (so the CTA reads 64
+// contiguous packed bytes of each row, and its neighbour in blockIdx.x the next 64), and each warp walks
+// kDequantizeLoraTiles 16-row tiles down its strip with the next tile's loads issued before the current tile's
+// work. The adapter's columns for the strip (the mma's B operand) are loaded once per warp; per tile the mma
+// gives s·B·A for the tile, and each lane adds it to the 32 weights it decodes. The mma's 8 output columns are
+// mapped onto the strip so that a lane's outputs are 16 consecutive weights of a row: an 8-byte packed load and
+// two 16-byte stores per row.
 //
 // Standalone on the H200 (2026-11-29, r = 16, NF4 + double quantization, CUDA events, 256 MB written between
 // runs; outputs bit-identical), µs for 4096², 8192², 8192x28672, 28672x8192: dequantize_4bit alone 15.8, 47.6,
