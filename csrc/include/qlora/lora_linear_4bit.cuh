@@ -18,6 +18,7 @@
 
 #include <algorithm>
 #include <type_traits>
+#include <utility>
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -65,6 +66,24 @@ __host__ __device__ inline int64_t split_k_length(int64_t K, int64_t splits) {
   return ((K + splits - 1) / splits + kGemvSplitAlign - 1) / kGemvSplitAlign * kGemvSplitAlign;
 }
 
+// ---- launch overlap (sm_90 programmatic dependent launch) --------------------------------------------
+// The small-M op is three launches: lora_down, the GEMV, the split-K epilogue. The GEMV does not need
+// lora_down's output unless it finishes y itself, so it is launched as a programmatic dependent of lora_down
+// and starts while lora_down runs; the epilogue is launched as a dependent of the GEMV, so its launch latency
+// hides under the GEMV's last CTAs. A kernel launched that way calls wait_for_prior_grid before it reads what
+// its predecessor writes, and before it exits, so that its completion still implies its predecessors'.
+// Both are no-ops in a kernel launched normally, and compiled out below sm_90.
+__device__ __forceinline__ void allow_dependent_launch() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void wait_for_prior_grid() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+
 // ---- x_lora·Aᵀ ----------------------------------------------------------------------------------------
 // Grid (xa_splits, M). Warp w takes LoRA rows j = w, w+8, ...; its lanes stride the CTA's K range in 8-element
 // units and reduce with shuffles, so every (split, m, j) sum has one fixed order.
@@ -72,6 +91,7 @@ template <typename T>
 __global__ void __launch_bounds__(kLoraDownThreads) lora_down_kernel(const T* __restrict__ x, const T* __restrict__ A,
                                                                      float* __restrict__ xa_partial, int64_t M,
                                                                      int64_t K, int r) {
+  allow_dependent_launch();
   const int split = blockIdx.x;
   const int64_t m = blockIdx.y;
   const int64_t k_begin = static_cast<int64_t>(split) * kLoraDownSplitK;
@@ -208,7 +228,10 @@ __global__ void __launch_bounds__(kGemvThreads) lora_gemv_4bit_kernel(const Lora
   const int64_t m0 = static_cast<int64_t>(blockIdx.z) * kRows;
   fill_tables<T, QT>(p, pair_lut, smem_code2);
   const bool fused_epilogue = p.partial == nullptr;
-  if (fused_epilogue && p.lora_B != nullptr) stage_lora_rows(p, xa_s, m0, kRows);
+  if (fused_epilogue && p.lora_B != nullptr) {
+    wait_for_prior_grid();  // xa_partial comes from lora_down
+    stage_lora_rows(p, xa_s, m0, kRows);
+  }
   __syncthreads();
 
   const bool double_quant = p.scales.absmax == nullptr;
@@ -293,7 +316,9 @@ __global__ void __launch_bounds__(kGemvThreads) lora_gemv_4bit_kernel(const Lora
     }
   }
 
+  allow_dependent_launch();
   store_tile<T, MT8>(p, acc, rows, row_ok, m0, xa_s, fused_epilogue);
+  wait_for_prior_grid();
 }
 
 // ---- the block-scaled dequantize-GEMV (blocksize 64, K % 64 == 0, small M) -------------------------------------
@@ -381,7 +406,10 @@ __global__ void __launch_bounds__(scaled_warps(kX, MT8) * 32) lora_gemv_scaled_k
   }
   fill_tables<T, QT>(p, pair_lut, smem_code2);
   const bool fused_epilogue = p.partial == nullptr;
-  if (fused_epilogue && p.lora_B != nullptr) stage_lora_rows(p, xa_s, m0, kRows);
+  if (fused_epilogue && p.lora_B != nullptr) {
+    wait_for_prior_grid();  // xa_partial comes from lora_down
+    stage_lora_rows(p, xa_s, m0, kRows);
+  }
   if constexpr (kSplitX) cp_async_wait<0>();
   __syncthreads();
 
@@ -559,7 +587,9 @@ __global__ void __launch_bounds__(scaled_warps(kX, MT8) * 32) lora_gemv_scaled_k
     stage = stage + 1 == kScaledStages ? 0 : stage + 1;
   }
   cp_async_wait<0>();
+  allow_dependent_launch();
   store_tile<T, MT8>(p, acc, rows, row_ok, m0, xa_s, fused_epilogue);
+  wait_for_prior_grid();
 }
 
 // Split-K epilogue. Grid (ceil(N / kEpilogueThreads), ceil(M / rows_per_cta)); a thread owns column n for
@@ -570,6 +600,7 @@ __global__ void __launch_bounds__(kEpilogueThreads) lora_epilogue_kernel(const L
   extern __shared__ float xa_s[];  // [rows_per_cta][r]
   const int64_t m0 = static_cast<int64_t>(blockIdx.y) * rows_per_cta;
   const int rows = static_cast<int>(p.M - m0 < rows_per_cta ? p.M - m0 : rows_per_cta);
+  wait_for_prior_grid();  // the GEMV's partial sums (and, through the GEMV, lora_down's)
   if (p.lora_B != nullptr) stage_lora_rows(p, xa_s, m0, rows);
   __syncthreads();
   const int64_t n = static_cast<int64_t>(blockIdx.x) * kEpilogueThreads + threadIdx.x;
@@ -727,6 +758,35 @@ cudaError_t plan_lora_linear_4bit(int64_t M, int64_t N, int64_t K, int r, int lo
   return cudaSuccess;
 }
 
+// Whether the current device runs programmatic dependent launches (compute capability 9.0 or newer); asked of
+// the runtime once per device.
+inline bool dependent_launch_supported() {
+  int device = 0;
+  if (cudaGetDevice(&device) != cudaSuccess || device >= 64) return false;
+  static int major[64] = {};
+  if (major[device] == 0 && cudaDeviceGetAttribute(&major[device], cudaDevAttrComputeCapabilityMajor, device) != cudaSuccess)
+    return false;
+  return major[device] >= 9;
+}
+
+// kernel<<<grid, block, smem, stream>>>(args...), as a programmatic dependent of the launch just before it in
+// the stream when `dependent` (see allow_dependent_launch).
+template <typename... Params, typename... Args>
+cudaError_t launch_maybe_dependent(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem, cudaStream_t stream,
+                                   bool dependent, Args&&... args) {
+  cudaLaunchConfig_t config = {};
+  config.gridDim = grid;
+  config.blockDim = block;
+  config.dynamicSmemBytes = smem;
+  config.stream = stream;
+  cudaLaunchAttribute overlap = {};
+  overlap.id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  overlap.val.programmaticStreamSerializationAllowed = 1;
+  config.attrs = &overlap;
+  config.numAttrs = dependent ? 1 : 0;
+  return cudaLaunchKernelEx(&config, kernel, std::forward<Args>(args)...);
+}
+
 template <typename T, QuantType QT, int MT8, bool kBlockScaled, XSource kX>
 constexpr auto gemv_kernel() {
   if constexpr (kBlockScaled)
@@ -736,15 +796,15 @@ constexpr auto gemv_kernel() {
 }
 
 template <typename T, QuantType QT, int MT8, bool kBlockScaled, XSource kX = XSource::Global>
-cudaError_t launch_lora_gemv(const LoraLinearParams<T>& p, const LoraLinearPlan& plan, cudaStream_t stream) {
+cudaError_t launch_lora_gemv(const LoraLinearParams<T>& p, const LoraLinearPlan& plan, bool after_lora_down,
+                             cudaStream_t stream) {
   constexpr auto kernel = gemv_kernel<T, QT, MT8, kBlockScaled, kX>();
   constexpr int max_smem = kX != XSource::Global ? kScaledStagedMaxDynamicSmem
                                                  : (kBlockScaled ? kScaledRingBytes : 0) + kMaxLoraSmemBytes;
   const cudaError_t err = opt_in_dynamic_smem<kernel>(max_smem);
   if (err != cudaSuccess) return err;
   const int threads = kBlockScaled ? scaled_warps(kX, MT8) * 32 : kGemvThreads;
-  kernel<<<plan.grid, threads, plan.gemv_smem, stream>>>(p);
-  return cudaGetLastError();
+  return launch_maybe_dependent(kernel, plan.grid, dim3(threads), plan.gemv_smem, stream, after_lora_down, p);
 }
 
 // p.xa_partial and p.partial are set here from `scratch` (plan.scratch_floats floats); lora_A is [r, K].
@@ -759,6 +819,7 @@ cudaError_t launch_lora_linear_4bit(LoraLinearParams<T> p, const LoraLinearPlan&
   p.xa_splits = plan.xa_splits;
   p.xa_partial = scratch;
   p.partial = plan.splits > 1 ? scratch + static_cast<int64_t>(plan.xa_splits) * p.M * p.r : nullptr;
+  const bool overlap = dependent_launch_supported();
   if (p.r > 0) {
     lora_down_kernel<T><<<dim3(plan.xa_splits, static_cast<unsigned>(p.M)), kLoraDownThreads, 0, stream>>>(
         x_lora != nullptr ? x_lora : p.x, lora_A, scratch, p.M, p.K, p.r);
@@ -769,10 +830,10 @@ cudaError_t launch_lora_linear_4bit(LoraLinearParams<T> p, const LoraLinearPlan&
   const int mt8 = plan.mt8;
 #define QLORA_GEMV_CASE(QT_, MT8_, SCALED_)                                                \
   if (quant_type == QT_ && mt8 == MT8_ && plan.block_scaled == SCALED_ && plan.x_source == XSource::Global) \
-    err = launch_lora_gemv<T, QT_, MT8_, SCALED_>(p, plan, stream);
+    err = launch_lora_gemv<T, QT_, MT8_, SCALED_>(p, plan, overlap && p.r > 0, stream);
 #define QLORA_STAGED_CASE(QT_, MT8_, X_)                               \
   if (quant_type == QT_ && mt8 == MT8_ && plan.x_source == XSource::X_) \
-    err = launch_lora_gemv<T, QT_, MT8_, true, XSource::X_>(p, plan, stream);
+    err = launch_lora_gemv<T, QT_, MT8_, true, XSource::X_>(p, plan, overlap && p.r > 0, stream);
   QLORA_GEMV_CASE(QuantType::NF4, 1, false) QLORA_GEMV_CASE(QuantType::NF4, 2, false)
   QLORA_GEMV_CASE(QuantType::NF4, 4, false) QLORA_GEMV_CASE(QuantType::NF4, 8, false)
   QLORA_GEMV_CASE(QuantType::FP4, 1, false) QLORA_GEMV_CASE(QuantType::FP4, 2, false)
@@ -792,10 +853,9 @@ cudaError_t launch_lora_linear_4bit(LoraLinearParams<T> p, const LoraLinearPlan&
   const int64_t epi_y = (p.M + epi_rows - 1) / epi_rows;
   if (epi_y > 65535) return cudaErrorInvalidConfiguration;
   const size_t epi_smem = static_cast<size_t>(epi_rows) * p.r * sizeof(float);
-  lora_epilogue_kernel<T><<<dim3(static_cast<unsigned>((p.N + kEpilogueThreads - 1) / kEpilogueThreads),
-                                 static_cast<unsigned>(epi_y)),
-                            kEpilogueThreads, epi_smem, stream>>>(p, plan.splits, epi_rows);
-  return cudaGetLastError();
+  const dim3 epi_grid(static_cast<unsigned>((p.N + kEpilogueThreads - 1) / kEpilogueThreads), static_cast<unsigned>(epi_y));
+  return launch_maybe_dependent(lora_epilogue_kernel<T>, epi_grid, dim3(kEpilogueThreads), epi_smem, stream, overlap, p,
+                                plan.splits, epi_rows);
 }
 
 }  // namespace qlora
