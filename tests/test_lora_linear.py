@@ -269,7 +269,26 @@ def test_opcheck(device, M, variant):
 
 
 @cuda_only
-@pytest.mark.parametrize("M, K, path", [(1, 4128, 0), (16, 4128, 0), (300, 4128, 0), (200, 4096, 6)])
+@pytest.mark.parametrize("M, N, K", [(1, 1000, 4096), (3, 1000, 4128), (1, 4096, 256), (16, 1000, 4096)])
+def test_back_to_back_calls(M, N, K):
+    """Small M on sm_90 overlaps the op's own launches (the GEMV starts while lora_down runs, the epilogue while the
+    GEMV ends); calls queued back to back with different inputs give what each gives alone. K = 256 runs the GEMV
+    as one split, which finishes y itself. (The races the launch chain's waits prevent are too short to show here:
+    with either wait removed this test still passed on the H200, so it checks the chain, not the waits.)"""
+    a = sample_inputs("cuda", M, N, K, 16, torch.bfloat16)
+    xs = [torch.randn_like(a["x"]) for _ in range(6)]
+    expected = []
+    for x in xs:
+        expected.append(OP(**{**a, "x": x}))
+        torch.cuda.synchronize()
+    outs = [OP(**{**a, "x": x}) for x in xs * 4]  # no synchronisation between the calls
+    torch.cuda.synchronize()
+    for i, out in enumerate(outs):
+        assert torch.equal(out, expected[i % len(xs)]), f"call {i}"
+
+
+@cuda_only
+@pytest.mark.parametrize("M, K, path", [(1, 4128, 0), (1, 4096, 0), (16, 4128, 0), (300, 4128, 0), (200, 4096, 6)])
 def test_cuda_graph_capture(M, K, path):
     if path == 6 and not tensor_core_runs(torch.device("cuda")):
         pytest.skip("the tensor-core GEMM does not run here")
