@@ -106,7 +106,8 @@ const char* tensor_core_unsupported(const at::Tensor& x, const LoraLinearArgs& a
 
 // Mid-size M: cuBLAS computes xa = x_lora·Aᵀ ([M, r], small) and the kernel adds s·xa·Bᵀ and the bias to its fp32
 // tile before y's one rounding, instead of a second cuBLAS call writing them into y for the kernel to accumulate
-// onto. `python -m bench` on the H200, path 6 forward: 4096x4096 M = 16 47.1-71.8 µs in the two runs before,
+// onto. The kernel is launched as a programmatic dependent of that cuBLAS call (launch.cuh) and waits for it only
+// before its epilogue reads xa. `python -m bench` on the H200, path 6 forward: 4096x4096 M = 16 47.1-71.8 µs in the two runs before,
 // 28.2 after; M = 256 48.0-64.5 -> 37.3 (2026-11-29; the run after also had the split form's pipelines).
 at::Tensor tensor_core_forward(const at::Tensor& x2, const at::Tensor& packed, const at::Tensor& absmax,
                                int64_t blocksize, const LoraLinearArgs& args, const std::optional<at::Tensor>& absmax2,
@@ -118,11 +119,11 @@ at::Tensor tensor_core_forward(const at::Tensor& x2, const at::Tensor& packed, c
   const at::Tensor p = aligned_contiguous(packed);
   const ScaleInputs scales = contiguous_scales(absmax, absmax2, code2, offset, args.weight.double_quant);
   at::Tensor xa, lb, b;
-  if (args.lora) {
-    xa = lora_down(x2, *lora_A, xl2);
-    lb = lora_B->contiguous();
-  }
   if (bias.has_value()) b = bias->contiguous();
+  if (args.lora) {
+    lb = lora_B->contiguous();
+    xa = lora_down(x2, *lora_A, xl2);  // the last launch before the kernel, which starts as its dependent
+  }
   at::Tensor y = at::empty({args.M, args.N}, x.options());
   Gemm4bitParams prm;
   prm.x = static_cast<const __nv_bfloat16*>(x.const_data_ptr());

@@ -31,6 +31,7 @@
 #include <cstdint>
 
 #include "qlora/common.cuh"
+#include "qlora/launch.cuh"
 #include "qlora/pairs.cuh"
 #include "qlora/quantize_4bit.cuh"
 
@@ -46,7 +47,7 @@ struct Gemm4bitParams {
   int64_t M = 0, N = 0, K = 0;
   int log2_blocksize = 6;
   // Optional, added to the fp32 tile before y's one rounding: the LoRA term lora_scale·xa·lora_Bᵀ, where the
-  // caller computes xa = x_lora·Aᵀ, and a bias.
+  // caller computes xa = x_lora·Aᵀ in the launch just before (the kernel is its programmatic dependent), and a bias.
   const __nv_bfloat16* xa = nullptr;      // [M, r], rows contiguous
   const __nv_bfloat16* lora_B = nullptr;  // [N, r], rows contiguous
   int r = 0;                              // 0: no LoRA term
@@ -350,6 +351,7 @@ __global__ void __launch_bounds__(cta_threads(kWarpgroups, kSplitK), 1) gemm_4bi
 #pragma unroll
     for (int e = 0; e < 4; ++e) slice_at(j, e) = acc[4 * j + e];
   if (p.r > 0) {
+    wait_for_prior_grid();  // xa comes from the launch before this one (launch.cuh)
     // The LoRA term as one more wgmma product: lora_B's rows (A, from registers) times the token tile's xa (B, in
     // shared memory with the same 128-byte swizzle as x's stages), r in chunks of 64, the columns past r zero.
     // It runs once per CTA; in the split form only the first warpgroup adds it, to its slice.
@@ -505,8 +507,8 @@ cudaError_t launch_as(const Gemm4bitParams& p, cudaStream_t stream) {
                  CU_TENSOR_MAP_SWIZZLE_NONE))
     return cudaErrorNotSupported;
   const dim3 grid(static_cast<unsigned>((p.N + rows - 1) / rows), static_cast<unsigned>(tiles));
-  kernel<<<grid, cta_threads(kWarpgroups, kSplitK), kSmemBytes, stream>>>(args);
-  return cudaGetLastError();
+  const bool after_xa = p.r > 0 && dependent_launch_supported();
+  return launch_maybe_dependent(kernel, grid, dim3(cta_threads(kWarpgroups, kSplitK)), kSmemBytes, stream, after_xa, args);
 }
 
 template <QuantType QT, bool kDoubleQuant, int kTokens>

@@ -18,12 +18,12 @@
 
 #include <algorithm>
 #include <type_traits>
-#include <utility>
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include "qlora/launch.cuh"
 #include "qlora/pairs.cuh"
 #include "qlora/quantize_4bit.cuh"
 
@@ -64,24 +64,6 @@ struct LoraLinearParams {
 // be shorter): the launcher's split count and the kernels' ranges both come from it.
 __host__ __device__ inline int64_t split_k_length(int64_t K, int64_t splits) {
   return ((K + splits - 1) / splits + kGemvSplitAlign - 1) / kGemvSplitAlign * kGemvSplitAlign;
-}
-
-// ---- launch overlap (sm_90 programmatic dependent launch) --------------------------------------------
-// The small-M op is three launches: lora_down, the GEMV, the split-K epilogue. The GEMV does not need
-// lora_down's output unless it finishes y itself, so it is launched as a programmatic dependent of lora_down
-// and starts while lora_down runs; the epilogue is launched as a dependent of the GEMV, so its launch latency
-// hides under the GEMV's last CTAs. A kernel launched that way calls wait_for_prior_grid before it reads what
-// its predecessor writes, and before it exits, so that its completion still implies its predecessors'.
-// Both are no-ops in a kernel launched normally, and compiled out below sm_90.
-__device__ __forceinline__ void allow_dependent_launch() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
-#endif
-}
-__device__ __forceinline__ void wait_for_prior_grid() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  asm volatile("griddepcontrol.wait;" ::: "memory");
-#endif
 }
 
 // ---- x_lora·Aᵀ ----------------------------------------------------------------------------------------
@@ -756,35 +738,6 @@ cudaError_t plan_lora_linear_4bit(int64_t M, int64_t N, int64_t K, int r, int lo
       static_cast<int64_t>(pl.xa_splits) * M * r + (pl.splits > 1 ? static_cast<int64_t>(pl.splits) * M * N : 0);
   *plan = pl;
   return cudaSuccess;
-}
-
-// Whether the current device runs programmatic dependent launches (compute capability 9.0 or newer); asked of
-// the runtime once per device.
-inline bool dependent_launch_supported() {
-  int device = 0;
-  if (cudaGetDevice(&device) != cudaSuccess || device >= 64) return false;
-  static int major[64] = {};
-  if (major[device] == 0 && cudaDeviceGetAttribute(&major[device], cudaDevAttrComputeCapabilityMajor, device) != cudaSuccess)
-    return false;
-  return major[device] >= 9;
-}
-
-// kernel<<<grid, block, smem, stream>>>(args...), as a programmatic dependent of the launch just before it in
-// the stream when `dependent` (see allow_dependent_launch).
-template <typename... Params, typename... Args>
-cudaError_t launch_maybe_dependent(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem, cudaStream_t stream,
-                                   bool dependent, Args&&... args) {
-  cudaLaunchConfig_t config = {};
-  config.gridDim = grid;
-  config.blockDim = block;
-  config.dynamicSmemBytes = smem;
-  config.stream = stream;
-  cudaLaunchAttribute overlap = {};
-  overlap.id = cudaLaunchAttributeProgrammaticStreamSerialization;
-  overlap.val.programmaticStreamSerializationAllowed = 1;
-  config.attrs = &overlap;
-  config.numAttrs = dependent ? 1 : 0;
-  return cudaLaunchKernelEx(&config, kernel, std::forward<Args>(args)...);
 }
 
 template <typename T, QuantType QT, int MT8, bool kBlockScaled, XSource kX>

@@ -1,0 +1,59 @@
+// Programmatic dependent launch (sm_90): a kernel launched as a dependent of the launch just before it in the
+// stream may start before that one finishes. Torch-free.
+//
+// The small-M op (lora_linear_4bit.cuh) is three launches: lora_down, the GEMV, the split-K epilogue. The GEMV does
+// not need lora_down's output unless it finishes y itself, so it is launched as a dependent of lora_down and starts
+// while lora_down runs; the epilogue is launched as a dependent of the GEMV, so its launch latency hides under the
+// GEMV's last CTAs. The tensor-core GEMM (gemm_4bit.cuh) is launched as a dependent of the cuBLAS call that computes
+// xa, which it reads only in its epilogue. A kernel launched that way calls wait_for_prior_grid before it reads what
+// its predecessor writes, and before it exits, so that its completion still implies its predecessors'. Both device
+// calls are no-ops in a kernel launched normally, and compiled out below sm_90.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <utility>
+
+namespace qlora {
+
+__device__ __forceinline__ void allow_dependent_launch() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void wait_for_prior_grid() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+
+// Whether the current device runs programmatic dependent launches (compute capability 9.0 or newer); asked of
+// the runtime once per device.
+inline bool dependent_launch_supported() {
+  int device = 0;
+  if (cudaGetDevice(&device) != cudaSuccess || device >= 64) return false;
+  static int major[64] = {};
+  if (major[device] == 0 && cudaDeviceGetAttribute(&major[device], cudaDevAttrComputeCapabilityMajor, device) != cudaSuccess)
+    return false;
+  return major[device] >= 9;
+}
+
+// kernel<<<grid, block, smem, stream>>>(args...), as a programmatic dependent of the launch just before it in
+// the stream when `dependent` (see allow_dependent_launch).
+template <typename... Params, typename... Args>
+cudaError_t launch_maybe_dependent(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem, cudaStream_t stream,
+                                   bool dependent, Args&&... args) {
+  cudaLaunchConfig_t config = {};
+  config.gridDim = grid;
+  config.blockDim = block;
+  config.dynamicSmemBytes = smem;
+  config.stream = stream;
+  cudaLaunchAttribute overlap = {};
+  overlap.id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  overlap.val.programmaticStreamSerializationAllowed = 1;
+  config.attrs = &overlap;
+  config.numAttrs = dependent ? 1 : 0;
+  return cudaLaunchKernelEx(&config, kernel, std::forward<Args>(args)...);
+}
+
+}  // namespace qlora
