@@ -507,8 +507,8 @@ cudaError_t launch_as(const Gemm4bitParams& p, cudaStream_t stream) {
                  CU_TENSOR_MAP_SWIZZLE_NONE))
     return cudaErrorNotSupported;
   const dim3 grid(static_cast<unsigned>((p.N + rows - 1) / rows), static_cast<unsigned>(tiles));
-  const bool after_xa = p.r > 0 && dependent_launch_supported();
-  return launch_maybe_dependent(kernel, grid, dim3(cta_threads(kWarpgroups, kSplitK)), kSmemBytes, stream, after_xa, args);
+  // Only on sm_90 (launch_gemm_4bit), where dependent launches run: with LoRA, after the launch that computes xa.
+  return launch_maybe_dependent(kernel, grid, dim3(cta_threads(kWarpgroups, kSplitK)), kSmemBytes, stream, p.r > 0, args);
 }
 
 template <QuantType QT, bool kDoubleQuant, int kTokens>

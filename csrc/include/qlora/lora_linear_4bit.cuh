@@ -773,6 +773,7 @@ cudaError_t launch_lora_linear_4bit(LoraLinearParams<T> p, const LoraLinearPlan&
   p.xa_partial = scratch;
   p.partial = plan.splits > 1 ? scratch + static_cast<int64_t>(plan.xa_splits) * p.M * p.r : nullptr;
   const bool overlap = dependent_launch_supported();
+  const bool gemv_after_lora_down = overlap && p.r > 0;
   if (p.r > 0) {
     lora_down_kernel<T><<<dim3(plan.xa_splits, static_cast<unsigned>(p.M)), kLoraDownThreads, 0, stream>>>(
         x_lora != nullptr ? x_lora : p.x, lora_A, scratch, p.M, p.K, p.r);
@@ -783,10 +784,10 @@ cudaError_t launch_lora_linear_4bit(LoraLinearParams<T> p, const LoraLinearPlan&
   const int mt8 = plan.mt8;
 #define QLORA_GEMV_CASE(QT_, MT8_, SCALED_)                                                \
   if (quant_type == QT_ && mt8 == MT8_ && plan.block_scaled == SCALED_ && plan.x_source == XSource::Global) \
-    err = launch_lora_gemv<T, QT_, MT8_, SCALED_>(p, plan, overlap && p.r > 0, stream);
+    err = launch_lora_gemv<T, QT_, MT8_, SCALED_>(p, plan, gemv_after_lora_down, stream);
 #define QLORA_STAGED_CASE(QT_, MT8_, X_)                               \
   if (quant_type == QT_ && mt8 == MT8_ && plan.x_source == XSource::X_) \
-    err = launch_lora_gemv<T, QT_, MT8_, true, XSource::X_>(p, plan, overlap && p.r > 0, stream);
+    err = launch_lora_gemv<T, QT_, MT8_, true, XSource::X_>(p, plan, gemv_after_lora_down, stream);
   QLORA_GEMV_CASE(QuantType::NF4, 1, false) QLORA_GEMV_CASE(QuantType::NF4, 2, false)
   QLORA_GEMV_CASE(QuantType::NF4, 4, false) QLORA_GEMV_CASE(QuantType::NF4, 8, false)
   QLORA_GEMV_CASE(QuantType::FP4, 1, false) QLORA_GEMV_CASE(QuantType::FP4, 2, false)
