@@ -24,7 +24,8 @@ namespace qlora {
 // kPathDequantizeGemm merges the adapter into the dequantized weight by merging_adapter_pays;
 // kPathDequantizeGemmMerged always does where it can (no x_lora, 16-bit x, dequantize_lora_supported), and
 // kPathDequantizeGemmUnmerged never does. kPathTensorCore is the wgmma GEMM that decodes the weight in its
-// main loop (gemm_4bit.cuh: bfloat16, sm_90a, K % 64 == 0, blocksize >= 64).
+// main loop (gemm_4bit.cuh: bfloat16, sm_90a, K % 64 == 0, blocksize >= 64), with token tiles chosen by M and
+// the grid; kPathTensorCoreWide the same with 256-token tiles whatever M.
 enum LoraLinearPath : int64_t {
   kPathAuto = 0,
   kPathFused = 1,
@@ -33,6 +34,7 @@ enum LoraLinearPath : int64_t {
   kPathDequantizeGemmMerged = 4,
   kPathDequantizeGemmUnmerged = 5,
   kPathTensorCore = 6,
+  kPathTensorCoreWide = 7,
 };
 
 // Largest M for which the automatic choice takes the fused small-M kernel rather than dequantize + cuBLAS.
@@ -54,11 +56,14 @@ inline int64_t fused_max_m(int64_t blocksize, int64_t K, bool tensor_core_takes_
 }
 // Largest M for which the automatic choice takes the tensor-core GEMM (kPathTensorCore, where it applies)
 // rather than dequantize + cuBLAS, above the fused kernel's range. Measured on the H200 (2026-11-29, r = 16,
-// bf16, `python -m bench --only lora_linear`, forward µs, tensor-core vs the better dequantize + cuBLAS form):
-// M = 128 8192x28672 160.9 vs 296.8, 4096x4096 54.6 vs 58.6; M = 256 8192x28672 272.4 vs 352.9, 28672x8192
-// (3.4 waves) 328.4 vs 363.4, 8192x8192 93.4 vs 111.9; M = 512 8192x28672 569.6 vs 528.7 (wgmma at ~470 TFLOP/s
-// against cuBLAS's ~650 once the GEMM outweighs the dequantization).
-constexpr int64_t kTensorCoreMaxM = 256;
+// bf16, forward µs, tensor-core vs the better dequantize + cuBLAS form), with 128-token tiles (`python -m bench`):
+// M = 128 8192x28672 160.9 vs 296.8, 4096x4096 54.6 vs 58.6; M = 256 8192x8192 93.4 vs 111.9; and with 256-token
+// tiles where their grid fills the GPU (gemm_4bit_wide_tiles_pay), `python -m bench` paths rows: M = 512
+// 8192x28672 395.9 vs 502.6, 4096x4096 57.0 vs 80.5; M = 1024 8192x28672 813.9 vs 862.7, 4096x4096 67.9 vs 68.0;
+// triton do_bench: M = 1024 8192x8192 225.8 vs 245.8, 28672x8192 814.3 vs 868.0. At M = 4096 the merged
+// dequantize + cuBLAS wins (8192x28672 3165.9 vs 2920.3, 8192x8192 914.0 vs 838.0): under sustained load both run
+// at the board's power limit, where cuBLAS does more per clock than a kernel that also decodes.
+constexpr int64_t kTensorCoreMaxM = 1024;
 // Largest LoRA rank the fused kernel stages in shared memory (64 rows x r floats within 48 KB).
 constexpr int64_t kFusedMaxRank = 192;
 
@@ -148,10 +153,10 @@ inline LoraLinearArgs check_lora_linear_4bit_args(const at::Tensor& x, const at:
     TORCH_CHECK_VALUE(x_lora->sizes() == x.sizes(), "x_lora must have the shape of x ", x.sizes(), ", got ",
                       x_lora->sizes());
   }
-  TORCH_CHECK_VALUE(path >= kPathAuto && path <= kPathTensorCore,
+  TORCH_CHECK_VALUE(path >= kPathAuto && path <= kPathTensorCoreWide,
                     "path must be 0 (automatic), 1 (fused small-M kernel), 2 (dequantize + GEMM), 3 (fused, "
                     "block-scaled loop), 4 (dequantize + GEMM, adapter merged), 5 (dequantize + GEMM, adapter "
-                    "not merged) or 6 (tensor-core GEMM decoding the 4-bit weight), got ", path);
+                    "not merged), 6 (tensor-core GEMM decoding the 4-bit weight) or 7 (the same with 256-token tiles), got ", path);
   return args;
 }
 

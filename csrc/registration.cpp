@@ -24,8 +24,8 @@ TORCH_LIBRARY(qlora, m) {
   // shape = [out_features, in_features]; x_lora (x after LoRA dropout) defaults to x; lora_A/lora_B/bias are
   // optional. path: 0 chooses by M; 1 (fused small-M kernel, general loop), 2 (dequantize + GEMM), 3 (fused
   // kernel, block-scaled loop where the layout allows it, as 0 takes it), 4 and 5 (dequantize + GEMM with the
-  // adapter merged into the weight wherever it can be, or never) and 6 (tensor-core GEMM decoding the weight in
-  // its main loop; bfloat16, sm_90a) are for benchmarking.
+  // adapter merged into the weight wherever it can be, or never), 6 (tensor-core GEMM decoding the weight in
+  // its main loop; bfloat16, sm_90a) and 7 (the same with 256-token tiles) are for benchmarking.
   m.def(
       "lora_linear_4bit(Tensor x, Tensor packed, Tensor absmax, int blocksize, str quant_type, SymInt[] shape, "
       "Tensor? absmax2=None, Tensor? code2=None, Tensor? offset=None, Tensor? bias=None, Tensor? lora_A=None, "

@@ -74,7 +74,7 @@ def assert_accurate(out, ref, baseline, dtype, what="output"):
 
 
 def tensor_core_runs(device):
-    """Whether the tensor-core GEMM (path 6) runs here: sm_90a code in the library and an sm_90 GPU."""
+    """Whether the tensor-core GEMM (paths 6 and 7) runs here: sm_90a code in the library and an sm_90 GPU."""
     return device.type == "cuda" and qlora._C.sm90a() and torch.cuda.get_device_capability(device) == (9, 0)
 
 
@@ -84,7 +84,7 @@ def paths_for(device, dtype, K, blocksize=64):
         return [0]
     paths = [0, 2, 4, 5] + ([1, 3] if dtype != torch.float32 and K % 32 == 0 else [])
     if tensor_core_runs(device) and dtype == torch.bfloat16 and K % 64 == 0 and blocksize >= 64:
-        paths.append(6)
+        paths += [6, 7]
     return paths
 
 
@@ -162,13 +162,13 @@ def test_forward_empty_batch(device):
 
 
 @cuda_only
-@pytest.mark.parametrize("path", [1, 3, 6])
+@pytest.mark.parametrize("path", [1, 3, 6, 7])
 @pytest.mark.parametrize("N, K", [(1000, 4128), (520, 4096), (136, 4160)])
 @pytest.mark.parametrize("M", [1, 16, 40, 64, 300])
 def test_fused_writes_every_output_and_is_deterministic(M, N, K, path):
-    if path == 6 and not (tensor_core_runs(torch.device("cuda")) and K % 64 == 0):
+    if path in (6, 7) and not (tensor_core_runs(torch.device("cuda")) and K % 64 == 0):
         pytest.skip("the tensor-core GEMM does not run here")
-    if path != 6 and M > 64:
+    if path in (1, 3) and M > 64:
         pytest.skip("one large M is enough for the fused kernels")
     a = sample_inputs("cuda", M, N, K, 16, torch.bfloat16, lora=M != 300, bias=M != 300)  # M = 300: y = x·Wᵀ alone
     poisoned_allocator(M * N * 2, "cuda")  # y is the op's first allocation
@@ -180,27 +180,45 @@ def test_fused_writes_every_output_and_is_deterministic(M, N, K, path):
 
 
 @cuda_only
-@pytest.mark.parametrize("M", [1, 31, 32, 33, 40, 64, 65, 129, 200, 256])
-def test_tensor_core_token_tiles(M):
-    """The tensor-core GEMM takes 32, 64 or 128 tokens a tile by M; a tile with fewer than that left below M
-    (M below the tile, or the last of several) loads only those rows of x and leaves its other rows stale."""
+@pytest.mark.parametrize("path, M", [(6, M) for M in [1, 31, 32, 33, 40, 64, 65, 129, 200, 256]] +
+                         [(7, M) for M in [1, 129, 255, 256, 257, 600]])
+def test_tensor_core_token_tiles(path, M):
+    """The tensor-core GEMM takes 32, 64 or 128 tokens a tile by M (path 6 on a small grid), or 256 (path 7); a
+    tile with fewer than that left below M (M below the tile, or the last of several) loads only those rows of x
+    and leaves its other rows stale."""
     if not tensor_core_runs(torch.device("cuda")):
         pytest.skip("the tensor-core GEMM does not run here")
     a = sample_inputs("cuda", M, 520, 4096, 16, torch.bfloat16)
-    assert_accurate(OP(**a, path=6), reference.lora_linear_4bit(**a), torch_baseline(a), torch.bfloat16, "path 6")
+    assert_accurate(OP(**a, path=path), reference.lora_linear_4bit(**a), torch_baseline(a), torch.bfloat16,
+                    f"path {path}")
+
+
+@cuda_only
+@pytest.mark.parametrize("M", [129, 300])
+def test_tensor_core_tiles_agree(M):
+    """256-token tiles (path 7) sum every output in the same order as the 128-token row form: the same bits. N is
+    chosen so that path 6 takes that form here (its grid fills three quarters of the SMs, the wide one's does not)."""
+    if not tensor_core_runs(torch.device("cuda")):
+        pytest.skip("the tensor-core GEMM does not run here")
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    a = sample_inputs("cuda", M, 128 * math.ceil(sms * 0.75 / math.ceil(M / 128)), 512, 16, torch.bfloat16)
+    assert torch.equal(OP(**a, path=7), OP(**a, path=6))
 
 
 @cuda_only
 @pytest.mark.parametrize("r", [1, 7, 16, 64, 130])
 @pytest.mark.parametrize("N, K, M", [(520, 4096, 16), (520, 4096, 200), (16384, 256, 200)])
 @pytest.mark.parametrize("x_lora, bias", [(False, True), (True, False)])
-def test_tensor_core_lora_term(r, N, K, M, x_lora, bias):
+@pytest.mark.parametrize("path", [6, 7])
+def test_tensor_core_lora_term(r, N, K, M, x_lora, bias, path):
     """The tensor-core GEMM adds s·xa·Bᵀ as one more wgmma product, r in chunks of 64 with the columns past r
-    zero, in the split form (520 rows) and the row form (16384 rows), and the bias in its epilogue."""
+    zero, in the split form (520 rows) and the row form (16384 rows), and with 256-token tiles (path 7), and the
+    bias in its epilogue."""
     if not tensor_core_runs(torch.device("cuda")):
         pytest.skip("the tensor-core GEMM does not run here")
     a = sample_inputs("cuda", M, N, K, r, torch.bfloat16, bias=bias, x_lora=x_lora)
-    assert_accurate(OP(**a, path=6), reference.lora_linear_4bit(**a), torch_baseline(a), torch.bfloat16, "path 6")
+    assert_accurate(OP(**a, path=path), reference.lora_linear_4bit(**a), torch_baseline(a), torch.bfloat16,
+                    f"path {path}")
 
 
 @cuda_only
@@ -288,9 +306,10 @@ def test_back_to_back_calls(M, N, K):
 
 
 @cuda_only
-@pytest.mark.parametrize("M, K, path", [(1, 4128, 0), (1, 4096, 0), (16, 4128, 0), (300, 4128, 0), (200, 4096, 6)])
+@pytest.mark.parametrize("M, K, path", [(1, 4128, 0), (1, 4096, 0), (16, 4128, 0), (300, 4128, 0), (200, 4096, 6),
+                                        (300, 4096, 7)])
 def test_cuda_graph_capture(M, K, path):
-    if path == 6 and not tensor_core_runs(torch.device("cuda")):
+    if path in (6, 7) and not tensor_core_runs(torch.device("cuda")):
         pytest.skip("the tensor-core GEMM does not run here")
     a = sample_inputs("cuda", M, 1000, K, 16, torch.bfloat16)
     a["path"] = path
@@ -359,7 +378,7 @@ BAD = [
     ("x_lora shape", lambda a: a.update(x_lora=a["x"][:1]), ValueError, "x_lora must have the shape of x"),
     ("shape rank", lambda a: a.update(shape=[40 * 96]), ValueError, "shape must be the weight's"),
     ("absmax size", lambda a: a.update(absmax=a["absmax"][:-1]), ValueError, "absmax has"),
-    ("path", lambda a: a.update(path=7), ValueError, "path must be 0"),
+    ("path", lambda a: a.update(path=8), ValueError, "path must be 0"),
 ]
 
 
@@ -395,12 +414,13 @@ def test_fused_path_refuses_clearly(dtype, K, message):
 @pytest.mark.parametrize("dtype, K, blocksize, message", [(torch.float16, 128, 64, "x must be bfloat16"),
                                                            (torch.bfloat16, 96, 64, "multiple of 64"),
                                                            (torch.bfloat16, 128, 32, "blocksize at least 64")])
-def test_tensor_core_path_refuses_clearly(dtype, K, blocksize, message):
+@pytest.mark.parametrize("path", [6, 7])
+def test_tensor_core_path_refuses_clearly(dtype, K, blocksize, message, path):
     a = sample_inputs("cuda", 3, 40, K, 8, dtype, blocksize=blocksize)
     if not tensor_core_runs(torch.device("cuda")):
         message = "built without sm_90a|needs an sm_90 GPU"
-    with pytest.raises(ValueError, match=f"path=6 .*({message})"):
-        OP(**a, path=6)
+    with pytest.raises(ValueError, match=f"path={path} .*({message})"):
+        OP(**a, path=path)
     OP(**a, path=0)  # the automatic choice falls back instead
 
 

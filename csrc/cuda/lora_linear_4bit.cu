@@ -114,7 +114,7 @@ at::Tensor tensor_core_forward(const at::Tensor& x2, const at::Tensor& packed, c
                                const std::optional<at::Tensor>& code2, const std::optional<at::Tensor>& offset,
                                const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& lora_A,
                                const std::optional<at::Tensor>& lora_B, double scale,
-                               const std::optional<at::Tensor>& xl2, int num_sms) {
+                               const std::optional<at::Tensor>& xl2, int num_sms, bool wide) {
   const at::Tensor x = aligned_contiguous(x2);
   const at::Tensor p = aligned_contiguous(packed);
   const ScaleInputs scales = contiguous_scales(absmax, absmax2, code2, offset, args.weight.double_quant);
@@ -141,7 +141,7 @@ at::Tensor tensor_core_forward(const at::Tensor& x2, const at::Tensor& packed, c
     prm.lora_scale = static_cast<float>(scale);
   }
   if (b.defined()) prm.bias = static_cast<const __nv_bfloat16*>(b.const_data_ptr());
-  C10_CUDA_CHECK(launch_gemm_4bit(prm, args.weight.quant_type, num_sms, c10::cuda::getCurrentCUDAStream()));
+  C10_CUDA_CHECK(launch_gemm_4bit(prm, args.weight.quant_type, num_sms, wide, c10::cuda::getCurrentCUDAStream()));
   return y;
 }
 
@@ -199,15 +199,16 @@ at::Tensor lora_linear_4bit_cuda(const at::Tensor& x, const at::Tensor& packed, 
   };
   const bool fused = forced_fused || (path == kPathAuto && why_not_fused == nullptr &&
                                       args.M <= fused_max_m(blocksize, args.K, tensor_core_pays(kFusedBelowTensorCoreMaxM + 1)));
-  TORCH_CHECK_VALUE(path != kPathTensorCore || why_not_tensor_core == nullptr,
-                    "path=6 (tensor-core GEMM) cannot run: ", why_not_tensor_core == nullptr ? "" : why_not_tensor_core);
+  const bool forced_tensor_core = path == kPathTensorCore || path == kPathTensorCoreWide;
+  TORCH_CHECK_VALUE(!forced_tensor_core || why_not_tensor_core == nullptr, "path=", path,
+                    " (tensor-core GEMM) cannot run: ", why_not_tensor_core == nullptr ? "" : why_not_tensor_core);
   const bool tensor_core = !fused && why_not_tensor_core == nullptr &&
-                           (path == kPathTensorCore || (path == kPathAuto && tensor_core_pays(args.M)));
+                           (forced_tensor_core || (path == kPathAuto && tensor_core_pays(args.M)));
   const at::Tensor y =
       fused ? fused_forward(x2, packed, absmax, blocksize, args, absmax2, code2, offset, bias, lora_A, lora_B, scale,
                             xl2, path != kPathFused, num_sms)
       : tensor_core ? tensor_core_forward(x2, packed, absmax, blocksize, args, absmax2, code2, offset, bias, lora_A,
-                                          lora_B, scale, xl2, num_sms)
+                                          lora_B, scale, xl2, num_sms, path == kPathTensorCoreWide)
                     : dequantize_gemm_forward(x2, packed, absmax, blocksize, quant_type, shape, args, absmax2, code2,
                                               offset, bias, lora_A, lora_B, scale, xl2, path);
   return y.view(args.out_shape);

@@ -101,6 +101,8 @@ struct Tile {
   static constexpr int kAccumulators = kTokens / 2;                  // per thread: 64 rows x kTokens / 128
   static constexpr int kSmemBytes = kFixedSharedBytes + kStages * kStageBytes;
   static_assert(kSmemBytes <= kSharedBytesPerCta, "ring exceeds shared memory");
+  // Free for the epilogue once every stage is consumed: the rings and the table after them.
+  static constexpr int kEpilogueBytes = kStages * (kXStageBytes + kWStageBytes) + kTableBytes;
 };
 // W rows a CTA takes: 64 a warpgroup, or 64 shared by all of them in the split-K form; the two launch forms.
 constexpr int cta_rows(int warpgroups, bool split_k) { return split_k ? 64 : 64 * warpgroups; }
@@ -113,7 +115,17 @@ constexpr int kRowFormWarpgroups = 2;
 // row form keeps one producer: all its warpgroups consume every stage, and more producers did not change it.
 constexpr int split_form_warpgroups(int tokens) { return tokens == 128 ? 3 : 4; }
 constexpr int pipelines(int warpgroups, bool split_k) { return split_k ? warpgroups : 1; }
-constexpr int cta_threads(int warpgroups, bool split_k) { return 128 * warpgroups + 32 * pipelines(warpgroups, split_k); }
+// 256-token tiles (row form only): a warpgroup's 128 accumulators a thread need more registers than an even share
+// of the register file gives 384 threads, so the producers are a whole warpgroup that hands registers to the
+// consumers (setmaxnreg acts on whole warpgroups).
+constexpr int kWideTokens = 256;
+constexpr int kProducerRegisters = 40, kWideConsumerRegisters = 232;  // 128 * 40 + 256 * 232 <= 64 K
+constexpr int producer_threads(int tokens, int warpgroups, bool split_k) {
+  return tokens == kWideTokens ? 128 : 32 * pipelines(warpgroups, split_k);
+}
+constexpr int cta_threads(int tokens, int warpgroups, bool split_k) {
+  return 128 * warpgroups + producer_threads(tokens, warpgroups, split_k);
+}
 inline int64_t cta_count(int64_t M, int64_t N, int rows) {
   const int tokens = tokens_for(M);
   return ((N + rows - 1) / rows) * ((M + tokens - 1) / tokens);
@@ -195,6 +207,23 @@ __device__ __forceinline__ void wgmma_bf16(float (&d)[64], const uint32_t (&a)[4
         QLORA_ACC8(48), QLORA_ACC8(56)
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b));
 }
+__device__ __forceinline__ void wgmma_bf16(float (&d)[128], const uint32_t (&a)[4], uint64_t b) {
+  asm volatile(
+      "{\n.reg .pred p;\nsetp.ne.b32 p, 1, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n256k16.f32.bf16.bf16 "
+      "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, "
+      "%22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, "
+      "%43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63, "
+      "%64, %65, %66, %67, %68, %69, %70, %71, %72, %73, %74, %75, %76, %77, %78, %79, %80, %81, %82, %83, %84, "
+      "%85, %86, %87, %88, %89, %90, %91, %92, %93, %94, %95, %96, %97, %98, %99, %100, %101, %102, %103, %104, "
+      "%105, %106, %107, %108, %109, %110, %111, %112, %113, %114, %115, %116, %117, %118, %119, %120, %121, "
+      "%122, %123, %124, %125, %126, %127}, "
+      "{%128, %129, %130, %131}, %132, p, 1, 1, 0;\n}\n"
+      : QLORA_ACC8(0), QLORA_ACC8(8), QLORA_ACC8(16), QLORA_ACC8(24), QLORA_ACC8(32), QLORA_ACC8(40),
+        QLORA_ACC8(48), QLORA_ACC8(56), QLORA_ACC8(64), QLORA_ACC8(72), QLORA_ACC8(80), QLORA_ACC8(88),
+        QLORA_ACC8(96), QLORA_ACC8(104), QLORA_ACC8(112), QLORA_ACC8(120)
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b));
+}
 #undef QLORA_ACC8
 // Keeps the accumulators' uses after the wgmma that wrote them.
 template <int kCount>
@@ -207,7 +236,7 @@ __device__ __forceinline__ void fence_accumulators(float (&d)[kCount]) {
 // kWarpgroups x 64 rows of W a CTA, or (kSplitK) 64 rows with the stages dealt round-robin to the warpgroups;
 // producer warps after them issue the copies.
 template <QuantType QT, bool kDoubleQuant, int kTokens, int kWarpgroups, bool kSplitK>
-__global__ void __launch_bounds__(cta_threads(kWarpgroups, kSplitK), 1) gemm_4bit_kernel(const __grid_constant__ KernelArgs args) {
+__global__ void __launch_bounds__(cta_threads(kTokens, kWarpgroups, kSplitK), 1) gemm_4bit_kernel(const __grid_constant__ KernelArgs args) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   using T = Tile<kTokens>;
   constexpr int kStages = T::kStages, kXStageBytes = T::kXStageBytes;
@@ -251,9 +280,16 @@ __global__ void __launch_bounds__(cta_threads(kWarpgroups, kSplitK), 1) gemm_4bi
       for (int i = tid; i < 256; i += blockDim.x) code2_s[i] = p.scales.code2[i];
   }
   __syncthreads();
+  static_assert(kTokens != kWideTokens || (!kSplitK && kWarpgroups == 2), "256-token tiles: row form, 2 warpgroups");
+  if constexpr (kTokens == kWideTokens) {
+    if (tid >= kThreads)
+      asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(kProducerRegisters));
+    else
+      asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(kWideConsumerRegisters));
+  }
 
   if (tid >= kThreads) {  // the producers: rows past N arrive as zeros and their outputs are never stored
-    if (lane == 0) {
+    if (lane == 0 && (tid - kThreads) / 32 < kPipelines) {
       const int rows = tile_rows(p.M, m_base, kTokens);
       const CUtensorMap* x_map = rows < kTokens ? &args.x_last_map : &args.x_map;
       const uint32_t stage_bytes = rows * kStageK * 2 + kRows * kStageK / 2;
@@ -339,7 +375,7 @@ __global__ void __launch_bounds__(cta_threads(kWarpgroups, kSplitK), 1) gemm_4bi
   asm volatile("bar.sync 1, %0;\n" ::"n"(kThreads) : "memory");
   constexpr int kStride = kRows + 4;  // floats per token row: the fragment writes of a warp hit 32 banks
   constexpr int kSlices = kSplitK ? kWarpgroups : 1;
-  static_assert(kSlices * kTokens * kStride * 4 <= kStages * (kXStageBytes + kWStageBytes), "tile exceeds the rings");
+  static_assert(kSlices * kTokens * kStride * 4 <= T::kEpilogueBytes, "tile exceeds the rings");
   float* const tile = reinterpret_cast<float*>(smem);
   float* const slice = tile + (kSplitK ? warpgroup : 0) * kTokens * kStride;
   // accumulator 4j + e: row r0 (+ 8 for e >= 2), token 8j + 2 (lane % 4) (+ 1 for odd e)
@@ -356,7 +392,7 @@ __global__ void __launch_bounds__(cta_threads(kWarpgroups, kSplitK), 1) gemm_4bi
     // shared memory with the same 128-byte swizzle as x's stages), r in chunks of 64, the columns past r zero.
     // It runs once per CTA; in the split form only the first warpgroup adds it, to its slice.
     constexpr int kXaTile = (kSlices * kTokens * kStride * 4 + 1023) / 1024 * 1024;
-    static_assert(kXaTile + kTokens * 128 <= kStages * (kXStageBytes + kWStageBytes), "xa tile exceeds the rings");
+    static_assert(kXaTile + kTokens * 128 <= T::kEpilogueBytes, "xa tile exceeds the rings");
     const uint16_t* const xa = reinterpret_cast<const uint16_t*>(p.xa);
     const uint16_t* const lora_b = reinterpret_cast<const uint16_t*>(p.lora_B);
     auto xa_at = [&](int64_t m, int col) -> uint32_t { return m < p.M && col < p.r ? xa[m * p.r + col] : 0u; };
@@ -454,6 +490,19 @@ inline bool gemm_4bit_fills_gpu(int64_t M, int64_t N, int num_sms) {
   return 4 * ctas >= 3 * static_cast<int64_t>(num_sms);
 }
 
+// 256-token tiles above 128 tokens, where their launch (row form) has CTAs for three quarters of the SMs. Against
+// 128-token tiles on the H200 (2026-11-29, standalone program, NF4 + double quantization, no LoRA, µs, outputs
+// bit-identical): M = 4096 4096² 286.5 -> 206.7, 8192² 1134 -> 809, 8192x28672 4123 -> 2900, 28672x8192 4349 ->
+// 3121 (665-680 TFLOP/s where K is long); M = 256 28672x8192 (224 CTAs) 308 -> 223; but M = 256 8192x28672, 64
+// CTAs against 128, 253 -> 349. A warpgroup decodes a stage for 256 tokens' products instead of 128, so the
+// decoding that kept 128-token tiles near 470 TFLOP/s now hides under the wgmma.
+inline bool gemm_4bit_wide_tiles_pay(int64_t M, int64_t N, int num_sms) {
+  if (M <= kMaxTokens) return false;
+  const int64_t ctas = ((N + cta_rows(kRowFormWarpgroups, false) - 1) / cta_rows(kRowFormWarpgroups, false)) *
+                       ((M + kWideTokens - 1) / kWideTokens);
+  return 4 * ctas >= 3 * static_cast<int64_t>(num_sms);
+}
+
 // cuTensorMapEncodeTiled from the driver through the runtime, so that the library needs no link to libcuda.
 inline PFN_cuTensorMapEncodeTiled_v12000 tensor_map_encoder() {
   static const PFN_cuTensorMapEncodeTiled_v12000 encode = [] {
@@ -508,7 +557,7 @@ cudaError_t launch_as(const Gemm4bitParams& p, cudaStream_t stream) {
     return cudaErrorNotSupported;
   const dim3 grid(static_cast<unsigned>((p.N + rows - 1) / rows), static_cast<unsigned>(tiles));
   // Only on sm_90 (launch_gemm_4bit), where dependent launches run: with LoRA, after the launch that computes xa.
-  return launch_maybe_dependent(kernel, grid, dim3(cta_threads(kWarpgroups, kSplitK)), kSmemBytes, stream, p.r > 0, args);
+  return launch_maybe_dependent(kernel, grid, dim3(cta_threads(kTokens, kWarpgroups, kSplitK)), kSmemBytes, stream, p.r > 0, args);
 }
 
 template <QuantType QT, bool kDoubleQuant, int kTokens>
@@ -518,7 +567,9 @@ cudaError_t launch_with(const Gemm4bitParams& p, int num_sms, cudaStream_t strea
 }
 
 template <QuantType QT, bool kDoubleQuant>
-cudaError_t launch_for(const Gemm4bitParams& p, int num_sms, cudaStream_t stream) {
+cudaError_t launch_for(const Gemm4bitParams& p, int num_sms, bool wide, cudaStream_t stream) {
+  if (wide || gemm_4bit_wide_tiles_pay(p.M, p.N, num_sms))
+    return launch_as<QT, kDoubleQuant, kWideTokens, kRowFormWarpgroups, false>(p, stream);
   switch (tokens_for(p.M)) {
     case 32: return launch_with<QT, kDoubleQuant, 32>(p, num_sms, stream);
     case 64: return launch_with<QT, kDoubleQuant, 64>(p, num_sms, stream);
@@ -529,16 +580,18 @@ cudaError_t launch_for(const Gemm4bitParams& p, int num_sms, cudaStream_t stream
 }  // namespace gemm4bit
 
 // Only for bfloat16, gemm_4bit_supported layouts and a device the sm_90a code runs on (the caller checks).
-inline cudaError_t launch_gemm_4bit(const Gemm4bitParams& p, QuantType quant_type, int num_sms, cudaStream_t stream) {
+// `wide`: 256-token tiles whatever M (for tests and benchmarks); otherwise the tile is chosen by M and the grid.
+inline cudaError_t launch_gemm_4bit(const Gemm4bitParams& p, QuantType quant_type, int num_sms, bool wide,
+                                    cudaStream_t stream) {
   if (p.M == 0 || p.N == 0) return cudaSuccess;
   if (!gemm_4bit_supported(p.K, int64_t{1} << p.log2_blocksize) || !gemm4bit::gemm_4bit_rows_fit(p.M))
     return cudaErrorInvalidValue;
   const bool dq = p.scales.absmax == nullptr;
   if (quant_type == QuantType::NF4)
-    return dq ? gemm4bit::launch_for<QuantType::NF4, true>(p, num_sms, stream)
-              : gemm4bit::launch_for<QuantType::NF4, false>(p, num_sms, stream);
-  return dq ? gemm4bit::launch_for<QuantType::FP4, true>(p, num_sms, stream)
-            : gemm4bit::launch_for<QuantType::FP4, false>(p, num_sms, stream);
+    return dq ? gemm4bit::launch_for<QuantType::NF4, true>(p, num_sms, wide, stream)
+              : gemm4bit::launch_for<QuantType::NF4, false>(p, num_sms, wide, stream);
+  return dq ? gemm4bit::launch_for<QuantType::FP4, true>(p, num_sms, wide, stream)
+            : gemm4bit::launch_for<QuantType::FP4, false>(p, num_sms, wide, stream);
 }
 
 }  // namespace qlora
