@@ -194,15 +194,18 @@ def test_tensor_core_token_tiles(path, M):
 
 
 @cuda_only
+@pytest.mark.parametrize("K", [512, 1024, 4096])
 @pytest.mark.parametrize("M", [129, 300])
-def test_tensor_core_tiles_agree(M):
-    """256-token tiles (path 7) sum every output in the same order as the 128-token row form: the same bits. N is
-    chosen so that path 6 takes that form here (its grid fills three quarters of the SMs, the wide one's does not)."""
+def test_tensor_core_wide_split_k(M, K):
+    """256-token tiles on a small grid split K over a cluster of 2 CTAs where each split keeps at least 8 stages of
+    64 (K = 1024 and 4096; K = 512 stays whole), whose tiles are summed in rank order through distributed shared
+    memory."""
     if not tensor_core_runs(torch.device("cuda")):
         pytest.skip("the tensor-core GEMM does not run here")
-    sms = torch.cuda.get_device_properties(0).multi_processor_count
-    a = sample_inputs("cuda", M, 128 * math.ceil(sms * 0.75 / math.ceil(M / 128)), 512, 16, torch.bfloat16)
-    assert torch.equal(OP(**a, path=7), OP(**a, path=6))
+    a = sample_inputs("cuda", M, 520, K, 16, torch.bfloat16)
+    y = OP(**a, path=7)
+    assert_accurate(y, reference.lora_linear_4bit(**a), torch_baseline(a), torch.bfloat16, "path 7")
+    assert torch.equal(y, OP(**a, path=7)), "the split sums must be reproducible"
 
 
 @cuda_only

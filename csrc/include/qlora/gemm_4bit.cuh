@@ -6,8 +6,11 @@
 // every 32 rows of x.
 //
 // Layout: a CTA takes 32, 64 or 128 tokens of x (tokens_for: the smallest tile that holds M) and 64 rows of W
-// per warpgroup. Producer warps bring each 64-k stage of x (128-byte swizzled by the copy engine, K-major,
-// the wgmma B operand) and of W's packed bytes into a ring in shared memory with TMA tensor copies; per-stage
+// per warpgroup; above 128 tokens, where the grid fills the GPU, 256 tokens and 128 rows (gemm_4bit_wide_tiles_pay:
+// a producer warpgroup gives its registers to the two consumers, and K may be split over a cluster of two CTAs
+// whose fp32 tiles are summed through distributed shared memory). Producer warps bring each 64-k stage of x
+// (128-byte swizzled by the copy engine, K-major, the wgmma B operand) and of W's packed bytes into a ring in
+// shared memory with TMA tensor copies; per-stage
 // mbarriers (full: the bytes landed; empty: the consumers' wgmma finished) let the warpgroups run out of
 // step, so one decodes while another's wgmma run, and the consumer threads spend no instructions on copies.
 // A warpgroup decodes its 64 rows into the wgmma A fragments in registers: a byte of two codes is one byte
@@ -159,6 +162,23 @@ __device__ __forceinline__ void mbar_wait(uint32_t bar, uint32_t parity) {
   } while (!done);
 }
 
+// Every consumer thread of the cluster's CTAs has arrived (producers have exited), and their shared-memory writes
+// before it are visible to the others after it.
+__device__ __forceinline__ void cluster_sync() {
+  asm volatile("barrier.cluster.arrive.release.aligned;\nbarrier.cluster.wait.acquire.aligned;\n" ::: "memory");
+}
+// 16 bytes at the shared-memory address `local` of the cluster's CTA `rank`.
+__device__ __forceinline__ float4 load_cluster_f4(uint32_t local, uint32_t rank) {
+  uint32_t remote;
+  asm volatile("mapa.shared::cluster.u32 %0, %1, %2;\n" : "=r"(remote) : "r"(local), "r"(rank));
+  float4 v;
+  asm volatile("ld.shared::cluster.v4.f32 {%0, %1, %2, %3}, [%4];\n"
+               : "=f"(v.x), "=f"(v.y), "=f"(v.z), "=f"(v.w)
+               : "r"(remote)
+               : "memory");
+  return v;
+}
+
 // K-major B operand with the 128-byte swizzle: 8 token rows of 128 bytes per 1024-byte atom.
 __device__ __forceinline__ uint64_t swizzled_descriptor(uint32_t addr) {
   return static_cast<uint64_t>((addr & 0x3FFFF) >> 4) | (static_cast<uint64_t>(1024 >> 4) << 32) |
@@ -263,7 +283,11 @@ __global__ void __launch_bounds__(cta_threads(kTokens, kWarpgroups, kSplitK), 1)
 
   const int tid = threadIdx.x, lane = tid % 32, warpgroup = tid / 128, warp = (tid / 32) % 4;
   const int64_t n_base = static_cast<int64_t>(blockIdx.x) * kRows, m_base = static_cast<int64_t>(blockIdx.y) * kTokens;
-  const int stages = static_cast<int>(p.K / kStageK);
+  // Split-K over a cluster (gridDim.z CTAs of the same tile, 256-token tiles only): CTA z takes stages
+  // [k_begin, k_begin + stages); the epilogue sums the cluster's tiles through distributed shared memory.
+  const int splits = static_cast<int>(gridDim.z), split = static_cast<int>(blockIdx.z);
+  const int all_stages = static_cast<int>(p.K / kStageK), per_split = (all_stages + splits - 1) / splits;
+  const int k_begin = split * per_split, stages = min(all_stages - k_begin, per_split);
 
   if (tid == 0) {
     for (int s = 0; s < kStages; ++s) {
@@ -297,8 +321,9 @@ __global__ void __launch_bounds__(cta_threads(kTokens, kWarpgroups, kSplitK), 1)
         const int slot = slot_of(stage);
         if (round_of(stage) > 0) mbar_wait(empty(slot), (round_of(stage) - 1) & 1);
         mbar_arrive_expecting(full(slot), stage_bytes);
-        tma_load_2d(x_ring + slot * kXStageBytes, x_map, stage * kStageK, static_cast<int>(m_base), full(slot));
-        tma_load_2d(w_ring + slot * kWStageBytes, &args.w_map, stage * (kStageK / 2), static_cast<int>(n_base), full(slot));
+        tma_load_2d(x_ring + slot * kXStageBytes, x_map, (k_begin + stage) * kStageK, static_cast<int>(m_base), full(slot));
+        tma_load_2d(w_ring + slot * kWStageBytes, &args.w_map, (k_begin + stage) * (kStageK / 2), static_cast<int>(n_base),
+                    full(slot));
       }
     }
     return;
@@ -332,7 +357,7 @@ __global__ void __launch_bounds__(cta_threads(kTokens, kWarpgroups, kSplitK), 1)
 #pragma unroll
   for (int i = 0; i < T::kAccumulators; ++i) acc[i] = 0.0f;
   const int first = kSplitK ? warpgroup : 0, step = kSplitK ? kWarpgroups : 1;
-  auto stage_k = [&](int stage) { return static_cast<int64_t>(min(stage, stages - 1)) * kStageK; };
+  auto stage_k = [&](int stage) { return static_cast<int64_t>(k_begin + min(stage, stages - 1)) * kStageK; };
   RawScale now0 = load_scale(element0 + stage_k(first)), now1 = load_scale(element1 + stage_k(first));
   RawScale next0 = load_scale(element0 + stage_k(first + step)), next1 = load_scale(element1 + stage_k(first + step));
   for (int k = first; k < stages; k += step) {
@@ -390,7 +415,8 @@ __global__ void __launch_bounds__(cta_threads(kTokens, kWarpgroups, kSplitK), 1)
     wait_for_prior_grid();  // xa comes from the launch before this one (launch.cuh)
     // The LoRA term as one more wgmma product: lora_B's rows (A, from registers) times the token tile's xa (B, in
     // shared memory with the same 128-byte swizzle as x's stages), r in chunks of 64, the columns past r zero.
-    // It runs once per CTA; in the split form only the first warpgroup adds it, to its slice.
+    // It runs once per CTA; in the split form only the first warpgroup adds it, to its slice, and with split-K over
+    // a cluster only the cluster's first CTA.
     constexpr int kXaTile = (kSlices * kTokens * kStride * 4 + 1023) / 1024 * 1024;
     static_assert(kXaTile + kTokens * 128 <= T::kEpilogueBytes, "xa tile exceeds the rings");
     const uint16_t* const xa = reinterpret_cast<const uint16_t*>(p.xa);
@@ -403,7 +429,7 @@ __global__ void __launch_bounds__(cta_threads(kTokens, kWarpgroups, kSplitK), 1)
     };
     const int64_t n0 = n_base + r0, n1 = n0 + 8;
     const int q = 2 * (lane % 4);
-    for (int c0 = 0; c0 < p.r; c0 += 64) {
+    for (int c0 = 0; split == 0 && c0 < p.r; c0 += 64) {
       for (int chunk = tid; chunk < kTokens * 8; chunk += kThreads) {  // 16 bytes: token t, columns c0 + 8c ..
         const int t = chunk / 8, c = chunk % 8;
         uint32_t w[4];
@@ -442,17 +468,31 @@ __global__ void __launch_bounds__(cta_threads(kTokens, kWarpgroups, kSplitK), 1)
     }
   }
   asm volatile("bar.sync 1, %0;\n" ::"n"(kThreads) : "memory");
+  // Split-K over a cluster: once every CTA has staged its tile, CTA z finishes tokens [z, z + 1) * kTokens / splits,
+  // summing the cluster's tiles in rank order.
+  if (splits > 1) cluster_sync();
   constexpr int kRunsPerToken = kRows / 8;
-  for (int run = tid; run < kTokens * kRunsPerToken; run += kThreads) {
-    const int token = run / kRunsPerToken, n_local = (run % kRunsPerToken) * 8;
+  const int tokens_here = kTokens / splits, first_token = split * tokens_here;
+  for (int run = tid; run < tokens_here * kRunsPerToken; run += kThreads) {
+    const int token = first_token + run / kRunsPerToken, n_local = (run % kRunsPerToken) * 8;
     const int64_t m = m_base + token, n = n_base + n_local;
     if (m >= p.M || n >= p.N) continue;
     float v[8];
+    if (splits > 1) {
+      const uint32_t at = base + static_cast<uint32_t>(token * kStride + n_local) * 4;
 #pragma unroll
-    for (int i = 0; i < 8; ++i) {
-      v[i] = tile[token * kStride + n_local + i];
+      for (int i = 0; i < 8; ++i) v[i] = 0.0f;
+      for (int rank = 0; rank < splits; ++rank) {
+        const float4 lo = load_cluster_f4(at, rank), hi = load_cluster_f4(at + 16, rank);
+        v[0] += lo.x, v[1] += lo.y, v[2] += lo.z, v[3] += lo.w, v[4] += hi.x, v[5] += hi.y, v[6] += hi.z, v[7] += hi.w;
+      }
+    } else {
 #pragma unroll
-      for (int sl = 1; sl < kSlices; ++sl) v[i] += tile[(sl * kTokens + token) * kStride + n_local + i];
+      for (int i = 0; i < 8; ++i) {
+        v[i] = tile[token * kStride + n_local + i];
+#pragma unroll
+        for (int sl = 1; sl < kSlices; ++sl) v[i] += tile[(sl * kTokens + token) * kStride + n_local + i];
+      }
     }
     if (p.bias != nullptr)
 #pragma unroll
@@ -468,6 +508,7 @@ __global__ void __launch_bounds__(cta_threads(kTokens, kWarpgroups, kSplitK), 1)
       for (int i = 0; i < 8 && n + i < p.N; ++i) out[i] = __float2bfloat16_rn(v[i]);
     }
   }
+  if (splits > 1) cluster_sync();  // the other CTAs may still read this one's tile
 #else
   __trap();  // built without sm_90a code: gemm_4bit_built() is false and the launcher refuses
 #endif
@@ -490,17 +531,32 @@ inline bool gemm_4bit_fills_gpu(int64_t M, int64_t N, int num_sms) {
   return 4 * ctas >= 3 * static_cast<int64_t>(num_sms);
 }
 
-// 256-token tiles above 128 tokens, where their launch (row form) has CTAs for three quarters of the SMs. Against
-// 128-token tiles on the H200 (2026-11-29, standalone program, NF4 + double quantization, no LoRA, µs, outputs
-// bit-identical): M = 4096 4096² 286.5 -> 206.7, 8192² 1134 -> 809, 8192x28672 4123 -> 2900, 28672x8192 4349 ->
-// 3121 (665-680 TFLOP/s where K is long); M = 256 28672x8192 (224 CTAs) 308 -> 223; but M = 256 8192x28672, 64
-// CTAs against 128, 253 -> 349. A warpgroup decodes a stage for 256 tokens' products instead of 128, so the
-// decoding that kept 128-token tiles near 470 TFLOP/s now hides under the wgmma.
-inline bool gemm_4bit_wide_tiles_pay(int64_t M, int64_t N, int num_sms) {
-  if (M <= kMaxTokens) return false;
-  const int64_t ctas = ((N + cta_rows(kRowFormWarpgroups, false) - 1) / cta_rows(kRowFormWarpgroups, false)) *
-                       ((M + kWideTokens - 1) / kWideTokens);
-  return 4 * ctas >= 3 * static_cast<int64_t>(num_sms);
+// 256-token tiles above 128 tokens, where their launch (row form, K split in two where that fills more SMs) has
+// CTAs for three quarters of the SMs. Against 128-token tiles on the H200 (2026-11-29, standalone program, NF4 +
+// double quantization, no LoRA, µs, outputs bit-identical without the split): M = 4096 4096² 286.5 -> 206.7, 8192²
+// 1134 -> 809, 8192x28672 4123 -> 2900, 28672x8192 4349 -> 3121 (665-680 TFLOP/s where K is long); M = 256
+// 28672x8192 (224 CTAs) 308 -> 223; M = 256 8192x28672 without the split (64 CTAs against 128) 253 -> 349. A
+// warpgroup decodes a stage for 256 tokens' products instead of 128, so the decoding that kept 128-token tiles
+// near 470 TFLOP/s now hides under the wgmma.
+inline int64_t wide_tiles(int64_t M, int64_t N) {
+  constexpr int rows = cta_rows(kRowFormWarpgroups, false);
+  return ((N + rows - 1) / rows) * ((M + kWideTokens - 1) / kWideTokens);
+}
+// K splits of a 256-token tile (a cluster of CTAs, summed through distributed shared memory): 2 where one split's
+// grid has CTAs for less than three quarters of the SMs and each split keeps at least kMinStagesPerSplit stages.
+// Measured on the H200 (2026-11-29, standalone program, NF4 + double quantization, µs, against 128-token tiles in
+// their own form): M = 256 8192x28672 232.6 -> 178.0 (2 splits), 8192x8192 74.3 -> 60.5 (2); 4096x4096 25.6 ->
+// 49.2 with 4 splits of 16 stages, where the per-CTA costs (table, pipeline fill, epilogue) outweigh the work.
+constexpr int kMaxWideSplits = 2, kMinStagesPerSplit = 8;
+inline int wide_splits(int64_t M, int64_t N, int64_t K, int num_sms) {
+  int splits = 1;
+  while (splits < kMaxWideSplits && 4 * wide_tiles(M, N) * splits < 3 * static_cast<int64_t>(num_sms) &&
+         K / kStageK >= 2 * splits * kMinStagesPerSplit)
+    splits *= 2;
+  return splits;
+}
+inline bool gemm_4bit_wide_tiles_pay(int64_t M, int64_t N, int64_t K, int num_sms) {
+  return M > kMaxTokens && 4 * wide_tiles(M, N) * wide_splits(M, N, K, num_sms) >= 3 * static_cast<int64_t>(num_sms);
 }
 
 // cuTensorMapEncodeTiled from the driver through the runtime, so that the library needs no link to libcuda.
@@ -533,8 +589,9 @@ inline bool encode_2d(CUtensorMap* map, CUtensorMapDataType type, int element_by
                 swizzle, CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
 }
 
+// splits > 1: split-K over clusters of that many CTAs (256-token tiles only).
 template <QuantType QT, bool kDoubleQuant, int kTokens, int kWarpgroups, bool kSplitK>
-cudaError_t launch_as(const Gemm4bitParams& p, cudaStream_t stream) {
+cudaError_t launch_as(const Gemm4bitParams& p, cudaStream_t stream, int splits = 1) {
   auto kernel = gemm_4bit_kernel<QT, kDoubleQuant, kTokens, kWarpgroups, kSplitK>;
   constexpr int kSmemBytes = Tile<kTokens>::kSmemBytes;
   const cudaError_t attribute = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes);
@@ -555,9 +612,11 @@ cudaError_t launch_as(const Gemm4bitParams& p, cudaStream_t stream) {
   if (!encode_2d(&args.w_map, CU_TENSOR_MAP_DATA_TYPE_UINT8, 1, p.packed, p.N, p.K / 2, kStageK / 2, rows,
                  CU_TENSOR_MAP_SWIZZLE_NONE))
     return cudaErrorNotSupported;
-  const dim3 grid(static_cast<unsigned>((p.N + rows - 1) / rows), static_cast<unsigned>(tiles));
+  if (splits > 1 && kTokens != kWideTokens) return cudaErrorInvalidValue;
+  const dim3 grid(static_cast<unsigned>((p.N + rows - 1) / rows), static_cast<unsigned>(tiles), static_cast<unsigned>(splits));
   // Only on sm_90 (launch_gemm_4bit), where dependent launches run: with LoRA, after the launch that computes xa.
-  return launch_maybe_dependent(kernel, grid, dim3(cta_threads(kTokens, kWarpgroups, kSplitK)), kSmemBytes, stream, p.r > 0, args);
+  return launch_in_clusters(kernel, grid, dim3(cta_threads(kTokens, kWarpgroups, kSplitK)), kSmemBytes, stream, p.r > 0,
+                            static_cast<unsigned>(splits), args);
 }
 
 template <QuantType QT, bool kDoubleQuant, int kTokens>
@@ -568,8 +627,8 @@ cudaError_t launch_with(const Gemm4bitParams& p, int num_sms, cudaStream_t strea
 
 template <QuantType QT, bool kDoubleQuant>
 cudaError_t launch_for(const Gemm4bitParams& p, int num_sms, bool wide, cudaStream_t stream) {
-  if (wide || gemm_4bit_wide_tiles_pay(p.M, p.N, num_sms))
-    return launch_as<QT, kDoubleQuant, kWideTokens, kRowFormWarpgroups, false>(p, stream);
+  if (wide || gemm_4bit_wide_tiles_pay(p.M, p.N, p.K, num_sms))
+    return launch_as<QT, kDoubleQuant, kWideTokens, kRowFormWarpgroups, false>(p, stream, wide_splits(p.M, p.N, p.K, num_sms));
   switch (tokens_for(p.M)) {
     case 32: return launch_with<QT, kDoubleQuant, 32>(p, num_sms, stream);
     case 64: return launch_with<QT, kDoubleQuant, 64>(p, num_sms, stream);

@@ -39,21 +39,32 @@ inline bool dependent_launch_supported() {
 }
 
 // kernel<<<grid, block, smem, stream>>>(args...), as a programmatic dependent of the launch just before it in
-// the stream when `dependent` (see allow_dependent_launch).
+// the stream when `dependent` (see allow_dependent_launch), with the grid's z dimension in clusters of cluster_z
+// CTAs when that is above 1.
 template <typename... Params, typename... Args>
-cudaError_t launch_maybe_dependent(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem, cudaStream_t stream,
-                                   bool dependent, Args&&... args) {
+cudaError_t launch_in_clusters(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem, cudaStream_t stream,
+                               bool dependent, unsigned cluster_z, Args&&... args) {
   cudaLaunchConfig_t config = {};
   config.gridDim = grid;
   config.blockDim = block;
   config.dynamicSmemBytes = smem;
   config.stream = stream;
-  cudaLaunchAttribute overlap = {};
-  overlap.id = cudaLaunchAttributeProgrammaticStreamSerialization;
-  overlap.val.programmaticStreamSerializationAllowed = 1;
-  config.attrs = &overlap;
-  config.numAttrs = dependent ? 1 : 0;
+  cudaLaunchAttribute attributes[2] = {};
+  config.attrs = attributes;
+  if (dependent) {
+    attributes[config.numAttrs].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    attributes[config.numAttrs++].val.programmaticStreamSerializationAllowed = 1;
+  }
+  if (cluster_z > 1) {
+    attributes[config.numAttrs].id = cudaLaunchAttributeClusterDimension;
+    attributes[config.numAttrs++].val.clusterDim = {1, 1, cluster_z};
+  }
   return cudaLaunchKernelEx(&config, kernel, std::forward<Args>(args)...);
+}
+template <typename... Params, typename... Args>
+cudaError_t launch_maybe_dependent(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem, cudaStream_t stream,
+                                   bool dependent, Args&&... args) {
+  return launch_in_clusters(kernel, grid, block, smem, stream, dependent, 1u, std::forward<Args>(args)...);
 }
 
 }  // namespace qlora
