@@ -60,10 +60,14 @@ inline int64_t fused_max_m(int64_t blocksize, int64_t K, bool tensor_core_takes_
 // M = 128 8192x28672 160.9 vs 296.8, 4096x4096 54.6 vs 58.6; M = 256 8192x8192 93.4 vs 111.9; and with 256-token
 // tiles where their grid fills the GPU (gemm_4bit_wide_tiles_pay), `python -m bench` paths rows: M = 512
 // 8192x28672 395.9 vs 502.6, 4096x4096 57.0 vs 80.5; M = 1024 8192x28672 813.9 vs 862.7, 4096x4096 67.9 vs 68.0;
-// triton do_bench: M = 1024 8192x8192 225.8 vs 245.8, 28672x8192 814.3 vs 868.0. At M = 4096 the merged
-// dequantize + cuBLAS wins (8192x28672 3165.9 vs 2920.3, 8192x8192 914.0 vs 838.0): under sustained load both run
-// at the board's power limit, where cuBLAS does more per clock than a kernel that also decodes.
-constexpr int64_t kTensorCoreMaxM = 1024;
+// triton do_bench (both orders averaged), M = 1024: 8192x8192 233.0 vs 251.9, 8192x28672 793.9 vs 863.2,
+// 28672x8192 860.8 vs 884.0, 4096x14336 204.3 vs 225.7; but where K = 4096 it ties or loses: 4096x4096 67.9 vs
+// 68.4, 14336x4096 246.4 vs 229.7, 1024x4096 39.4 vs 31.4 (64 stages a CTA, and the last a short grid). From
+// M = 1536 dequantize + cuBLAS wins on all but one of seven shapes (8192x28672 1210.0 vs 1202.6), and at M = 4096
+// the merged form by 5-15 %: under sustained load both run at the board's power limit, where cuBLAS does more
+// per clock than a kernel that also decodes.
+constexpr int64_t kTensorCoreMaxM = 512, kTensorCoreLongKMaxM = 1024, kTensorCoreLongK = 8192;
+inline int64_t tensor_core_max_m(int64_t K) { return K >= kTensorCoreLongK ? kTensorCoreLongKMaxM : kTensorCoreMaxM; }
 // Largest LoRA rank the fused kernel stages in shared memory (64 rows x r floats within 48 KB).
 constexpr int64_t kFusedMaxRank = 192;
 

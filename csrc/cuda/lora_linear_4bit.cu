@@ -194,7 +194,7 @@ at::Tensor lora_linear_4bit_cuda(const at::Tensor& x, const at::Tensor& packed, 
   const int num_sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
   // Small token tiles pay only on a launch that fills the GPU; larger M takes 128-token tiles, which pay anyway.
   auto tensor_core_pays = [&](int64_t M) {
-    return why_not_tensor_core == nullptr && M <= kTensorCoreMaxM &&
+    return why_not_tensor_core == nullptr && M <= tensor_core_max_m(args.K) &&
            (M > gemm4bit::kSmallTokensMaxM || gemm4bit::gemm_4bit_fills_gpu(M, args.N, num_sms));
   };
   const bool fused = forced_fused || (path == kPathAuto && why_not_fused == nullptr &&

@@ -38,16 +38,16 @@ def lora_linear_4bit(x: torch.Tensor, packed: torch.Tensor, quant_state: QuantSt
         Input of the LoRA branch, e.g. ``dropout(x)``; defaults to x. Passing the dropped-out tensor keeps the op
         itself deterministic.
     path : int
-        CUDA only: ``PATH_AUTO`` picks the fused small-M kernel for up to 16 rows of x, then up to 1024 rows the
-        tensor-core GEMM that decodes the 4-bit weight in its main loop where it runs (``PATH_TENSOR_CORE``:
-        bfloat16, in_features % 64 == 0, blocksize >= 64, an sm_90 GPU and a library built for sm_90a); up to 64
-        rows it takes that GEMM only where its launch fills the GPU, else the fused kernel (up to 64 rows with
-        blocksize 64 and in_features % 64 == 0, up to 32 otherwise; float16/bfloat16, in_features % 32 == 0);
-        dequantize + cuBLAS beyond. The other values force one (benchmarking). ``PATH_TENSOR_CORE_WIDE`` is that
-        GEMM with 256-token tiles whatever the rows (``PATH_TENSOR_CORE`` takes them above 128 rows where their
-        grid fills the GPU). ``PATH_FUSED_BLOCK_SCALED`` is
-        the fused kernel that scales per quantization block instead of per weight (blocksize 64, in_features %
-        64 == 0, any rows of x in slices of 32; elsewhere as ``PATH_FUSED``).
+        CUDA only: ``PATH_AUTO`` picks the fused small-M kernel for up to 16 rows of x, then up to 512 rows (1024
+        where in_features >= 8192) the tensor-core GEMM that decodes the 4-bit weight in its main loop where it
+        runs (``PATH_TENSOR_CORE``: bfloat16, in_features % 64 == 0, blocksize >= 64, an sm_90 GPU and a library
+        built for sm_90a); up to 64 rows it takes that GEMM only where its launch fills the GPU, else the fused
+        kernel (up to 64 rows with blocksize 64 and in_features % 64 == 0, up to 32 otherwise; float16/bfloat16,
+        in_features % 32 == 0); dequantize + cuBLAS beyond. The other values force one (benchmarking).
+        ``PATH_TENSOR_CORE_WIDE`` is that GEMM with 256-token tiles whatever the rows (``PATH_TENSOR_CORE`` takes
+        them above 128 rows where their grid fills the GPU). ``PATH_FUSED_BLOCK_SCALED`` is the fused kernel that
+        scales per quantization block instead of per weight (blocksize 64, in_features % 64 == 0, any rows of x in
+        slices of 32; elsewhere as ``PATH_FUSED``).
         Dequantize + cuBLAS merges the adapter into the dequantized weight when the LoRA branch reads x itself
         (no ``x_lora``), x is 16-bit and rows are many against the weight (M at least a sixth of the harmonic
         mean of its dimensions); ``PATH_DEQUANTIZE_GEMM_MERGED`` and ``PATH_DEQUANTIZE_GEMM_UNMERGED`` force either way.
