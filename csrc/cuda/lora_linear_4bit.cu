@@ -192,7 +192,8 @@ at::Tensor lora_linear_4bit_cuda(const at::Tensor& x, const at::Tensor& packed, 
                     why_not_fused == nullptr ? "" : why_not_fused);
   const char* why_not_tensor_core = tensor_core_unsupported(x, args, blocksize);
   const int num_sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
-  // Small token tiles pay only on a launch that fills the GPU; larger M takes 128-token tiles, which pay anyway.
+  // Small token tiles pay only on a launch that fills the GPU; larger M takes 128- or 256-token tiles, which pay
+  // anyway up to tensor_core_max_m.
   auto tensor_core_pays = [&](int64_t M) {
     return why_not_tensor_core == nullptr && M <= tensor_core_max_m(args.K) &&
            (M > gemm4bit::kSmallTokensMaxM || gemm4bit::gemm_4bit_fills_gpu(M, args.N, num_sms));

@@ -129,8 +129,9 @@ constexpr int producer_threads(int tokens, int warpgroups, bool split_k) {
 constexpr int cta_threads(int tokens, int warpgroups, bool split_k) {
   return 128 * warpgroups + producer_threads(tokens, warpgroups, split_k);
 }
-inline int64_t cta_count(int64_t M, int64_t N, int rows) {
-  const int tokens = tokens_for(M);
+// CTAs of a launch with `rows` rows of W and `tokens` tokens of x a CTA (by default the tile tokens_for gives M).
+inline int64_t cta_count(int64_t M, int64_t N, int rows, int tokens = 0) {
+  if (tokens == 0) tokens = tokens_for(M);
   return ((N + rows - 1) / rows) * ((M + tokens - 1) / tokens);
 }
 
@@ -538,10 +539,7 @@ inline bool gemm_4bit_fills_gpu(int64_t M, int64_t N, int num_sms) {
 // 28672x8192 (224 CTAs) 308 -> 223; M = 256 8192x28672 without the split (64 CTAs against 128) 253 -> 349. A
 // warpgroup decodes a stage for 256 tokens' products instead of 128, so the decoding that kept 128-token tiles
 // near 470 TFLOP/s now hides under the wgmma.
-inline int64_t wide_tiles(int64_t M, int64_t N) {
-  constexpr int rows = cta_rows(kRowFormWarpgroups, false);
-  return ((N + rows - 1) / rows) * ((M + kWideTokens - 1) / kWideTokens);
-}
+inline int64_t wide_tiles(int64_t M, int64_t N) { return cta_count(M, N, cta_rows(kRowFormWarpgroups, false), kWideTokens); }
 // K splits of a 256-token tile (a cluster of CTAs, summed through distributed shared memory): 2 where one split's
 // grid has CTAs for less than three quarters of the SMs and each split keeps at least kMinStagesPerSplit stages.
 // Measured on the H200 (2026-11-29, standalone program, NF4 + double quantization, µs, against 128-token tiles in
