@@ -590,9 +590,9 @@ inline bool encode_2d(CUtensorMap* map, CUtensorMapDataType type, int element_by
 // splits > 1: split-K over clusters of that many CTAs (256-token tiles only).
 template <QuantType QT, bool kDoubleQuant, int kTokens, int kWarpgroups, bool kSplitK>
 cudaError_t launch_as(const Gemm4bitParams& p, cudaStream_t stream, int splits = 1) {
-  auto kernel = gemm_4bit_kernel<QT, kDoubleQuant, kTokens, kWarpgroups, kSplitK>;
+  constexpr auto kernel = gemm_4bit_kernel<QT, kDoubleQuant, kTokens, kWarpgroups, kSplitK>;
   constexpr int kSmemBytes = Tile<kTokens>::kSmemBytes;
-  const cudaError_t attribute = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes);
+  const cudaError_t attribute = opt_in_dynamic_smem<kernel>(kSmemBytes);
   if (attribute != cudaSuccess) return attribute;
   constexpr int rows = cta_rows(kWarpgroups, kSplitK);
   KernelArgs args;

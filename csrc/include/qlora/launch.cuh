@@ -38,6 +38,20 @@ inline bool dependent_launch_supported() {
   return major[device] >= 9;
 }
 
+// Lets Kernel take up to `bytes` of dynamic shared memory, beyond the default 48 KB a CTA may take; asked of the
+// runtime once per kernel and device, not on every launch.
+template <auto Kernel>
+cudaError_t opt_in_dynamic_smem(int bytes) {
+  int device = 0;
+  cudaError_t err = cudaGetDevice(&device);
+  if (err != cudaSuccess) return err;
+  static bool done[64] = {};
+  if (device < 64 && done[device]) return cudaSuccess;
+  err = cudaFuncSetAttribute(Kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
+  if (err == cudaSuccess && device < 64) done[device] = true;
+  return err;
+}
+
 // kernel<<<grid, block, smem, stream>>>(args...), as a programmatic dependent of the launch just before it in
 // the stream when `dependent` (see allow_dependent_launch), with the grid's z dimension in clusters of cluster_z
 // CTAs when that is above 1.
