@@ -6,6 +6,7 @@
 // Backward: grad_x = g·dequant(W) + s·(g·B)·A, grad_A = s·(g·B)ᵀ·x_lora, grad_B = s·gᵀ·(x_lora·Aᵀ),
 // grad_bias = Σg. Only the packed weight and the LoRA input are saved, never a dequantized copy of W.
 #include <ATen/ATen.h>
+#include <ATen/core/grad_mode.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/csrc/autograd/custom_function.h>
 #include <torch/library.h>
@@ -145,6 +146,14 @@ at::Tensor lora_linear_4bit_autograd(const at::Tensor& x, const at::Tensor& pack
                                      const OptTensor& absmax2, const OptTensor& code2, const OptTensor& offset,
                                      const OptTensor& bias, const OptTensor& lora_A, const OptTensor& lora_B,
                                      double scale, const OptTensor& x_lora, int64_t path) {
+  // Nothing to differentiate (inference, decoding): no autograd node, whose context and saved tensors cost host
+  // time on every call.
+  const auto requires_grad = [](const OptTensor& t) { return t.has_value() && t->defined() && t->requires_grad(); };
+  if (!at::GradMode::is_enabled() ||
+      !(x.requires_grad() || absmax.requires_grad() || requires_grad(absmax2) || requires_grad(code2) || requires_grad(offset) ||
+        requires_grad(bias) || requires_grad(lora_A) || requires_grad(lora_B) || requires_grad(x_lora)))
+    return lora_linear_4bit_below_autograd(x, packed, absmax, blocksize, quant_type, shape, absmax2, code2, offset,
+                                           bias, lora_A, lora_B, scale, x_lora, path);
   return LoraLinear4bitFunction::apply(x, packed, absmax, blocksize, quant_type, shape, absmax2, code2, offset, bias,
                                        lora_A, lora_B, scale, x_lora, path);
 }
