@@ -274,6 +274,24 @@ def test_backward_no_weight_grad_and_frozen_buffers(device):
     assert not a["packed"].requires_grad and a["packed"].grad is None
 
 
+@pytest.mark.parametrize("leaf", ["x", "lora_B", "bias", "x_lora"])
+def test_autograd_only_where_needed(device, leaf):
+    """Without grad mode, or with no input that requires grad, the op builds no autograd node; the output is the
+    same either way, and one input that requires grad is enough for a node and its gradient."""
+    a = sample_inputs(device, 5, 40, 96, 8, torch.float32, x_lora=True)
+    plain = OP(**a)
+    assert not plain.requires_grad and plain.grad_fn is None
+    b = {**a, leaf: a[leaf].detach().clone().requires_grad_()}
+    with torch.no_grad():
+        no_grad = OP(**b)
+    assert not no_grad.requires_grad
+    tracked = OP(**b)
+    assert tracked.requires_grad and tracked.grad_fn is not None
+    assert torch.equal(plain, no_grad) and torch.equal(plain, tracked.detach())
+    tracked.sum().backward()
+    assert b[leaf].grad is not None and torch.isfinite(b[leaf].grad).all()
+
+
 # ---- torch.library, CUDA graphs, torch.compile -------------------------------------------------------------------
 
 @pytest.mark.parametrize("M", [1, 33])
