@@ -6,7 +6,6 @@ and without LoRA (calls back to back). Finally the host time to enqueue one call
     python tools/lora_time_split.py 1,4096
 """
 
-import math
 import sys
 import time
 
@@ -16,8 +15,7 @@ from triton.testing import do_bench
 
 import qlora
 
-SHAPES = [(4096, 4096), (8192, 8192), (8192, 28672), (28672, 8192)]  # N x K
-R, SCALE = 16, 2.0
+from time_lora_paths import SCALE, SHAPES, layer  # this folder is on sys.path when run as a script
 
 
 def kernel_times(fn, calls=5):
@@ -47,10 +45,7 @@ def main():
     torch.manual_seed(0)
     dev = "cuda"
     for N, K in SHAPES:
-        w = torch.randn(N, K, device=dev, dtype=torch.bfloat16) * 0.02
-        packed, qs = qlora.quantize_4bit(w)
-        A = torch.randn(R, K, device=dev, dtype=torch.bfloat16) / math.sqrt(K)
-        B = torch.randn(N, R, device=dev, dtype=torch.bfloat16) * 0.01
+        w, packed, qs, A, B = layer(N, K, dev)
         for M in Ms:
             x = torch.randn(M, K, device=dev, dtype=torch.bfloat16)
             op = lambda: qlora.lora_linear_4bit(x, packed, qs, None, A, B, SCALE)

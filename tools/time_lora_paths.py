@@ -25,13 +25,19 @@ def both(fn):
     return eager, graph
 
 
+def layer(N, K, dev):
+    """A bf16 weight [N, K], its NF4 + double-quantized form and an r = R adapter: (w, packed, qs, A, B)."""
+    w = torch.randn(N, K, device=dev, dtype=torch.bfloat16) * 0.02
+    packed, qs = qlora.quantize_4bit(w)
+    A = torch.randn(R, K, device=dev, dtype=torch.bfloat16) / math.sqrt(K)
+    B = torch.randn(N, R, device=dev, dtype=torch.bfloat16) * 0.01
+    return w, packed, qs, A, B
+
+
 def main():
     dev = torch.device("cuda")
     for N, K in SHAPES:
-        w = torch.randn(N, K, device=dev, dtype=torch.bfloat16) * 0.02
-        packed, qs = qlora.quantize_4bit(w)
-        A = torch.randn(R, K, device=dev, dtype=torch.bfloat16) / math.sqrt(K)
-        B = torch.randn(N, R, device=dev, dtype=torch.bfloat16) * 0.01
+        w, packed, qs, A, B = layer(N, K, dev)
         for M in MS:
             x = torch.randn(M, K, device=dev, dtype=torch.bfloat16)
             cells = []
