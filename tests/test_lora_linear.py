@@ -522,6 +522,25 @@ def test_lora_linear4bit_merge_unmerge(device):
         m.merge_into(torch.nn.Linear(95, 40).to(device))
 
 
+def test_lora_linear4bit_adapter_in_another_dtype(device):
+    """A float32 adapter on a bfloat16 input: the adapter is cast for the op (and its gradient flows back in
+    float32), the output is bfloat16; an adapter already in x's dtype is passed as it is."""
+    lin = torch.nn.Linear(96, 40).to(device, torch.bfloat16)
+    m = LoraLinear4bit.from_linear(lin, r=8, alpha=16)
+    m.lora_A.float()
+    m.lora_B.float()
+    torch.nn.init.normal_(m.lora_B.weight, std=0.1)
+    x = torch.randn(5, 96, device=device, dtype=torch.bfloat16)
+    y = m(x)
+    assert y.dtype == torch.bfloat16
+    a, b = m.lora_A.weight.bfloat16(), m.lora_B.weight.bfloat16()
+    expected = OP(x, *m.base._weight_args(), m.base.bias, a, b, m.scaling)
+    assert torch.equal(y, expected)
+    y.float().sum().backward()
+    assert m.lora_A.weight.grad.dtype == torch.float32 and m.lora_B.weight.grad.dtype == torch.float32
+    assert torch.isfinite(m.lora_A.weight.grad).all()
+
+
 def test_lora_linear4bit_dropout_and_training(device):
     lin = torch.nn.Linear(96, 40).to(device, torch.float32)
     m = LoraLinear4bit.from_linear(lin, r=8, alpha=16, dropout=0.5)
