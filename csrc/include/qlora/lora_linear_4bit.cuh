@@ -658,9 +658,6 @@ inline int lora_epilogue_rows(int64_t M, int64_t N, int r, int num_sms) {
   return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>({64, smem_rows, to_fill})));
 }
 
-// Static shared memory (the per-lane pair table, ~34 KB) plus the dynamic part (ring, staged LoRA rows) can
-// exceed the default 48 KB a CTA may take, so each kernel opts in once per device (opt_in_dynamic_smem).
-
 // CTAs of the block-scaled kernel one SM holds with its ring (no staged LoRA rows); asked of the runtime once
 // per device.
 template <typename T, QuantType QT, int MT8>
@@ -763,6 +760,7 @@ cudaError_t launch_lora_gemv(const LoraLinearParams<T>& p, const LoraLinearPlan&
   constexpr auto kernel = gemv_kernel<T, QT, MT8, kBlockScaled, kX>();
   constexpr int max_smem = kX != XSource::Global ? kScaledStagedMaxDynamicSmem
                                                  : (kBlockScaled ? kScaledRingBytes : 0) + kMaxLoraSmemBytes;
+  // The static pair table (~34 KB) plus the dynamic part (ring, staged x, LoRA rows) can exceed the default 48 KB.
   const cudaError_t err = opt_in_dynamic_smem<kernel>(max_smem);
   if (err != cudaSuccess) return err;
   const int threads = kBlockScaled ? scaled_warps(kX, MT8) * 32 : kGemvThreads;
