@@ -297,14 +297,7 @@ __global__ void __launch_bounds__(cta_threads(kTokens, kWarpgroups, kSplitK), 1)
     }
     asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
   }
-  {
-    const float* values = QT == QuantType::NF4 ? kNF4ValuesDevice : kFP4ValuesDevice;
-    uint32_t* t = reinterpret_cast<uint32_t*>(smem + (table - base));
-    for (int i = tid; i < 256 * 32; i += blockDim.x) t[(i / 32) * 64 + i % 32] = as_u32(Bf16::pair(values[i / 32 >> 4], values[i / 32 & 15]));
-    if (kDoubleQuant)
-      for (int i = tid; i < 256; i += blockDim.x) code2_s[i] = p.scales.code2[i];
-  }
-  __syncthreads();
+  __syncthreads();  // the barriers are initialised before a producer arms one
   static_assert(kTokens != kWideTokens || (!kSplitK && kWarpgroups == 2), "256-token tiles: row form, 2 warpgroups");
   if constexpr (kTokens == kWideTokens) {
     if (tid >= kThreads)
@@ -329,6 +322,15 @@ __global__ void __launch_bounds__(cta_threads(kTokens, kWarpgroups, kSplitK), 1)
     }
     return;
   }
+  // The consumers build the tables while the producers' first copies are in flight.
+  {
+    const float* values = QT == QuantType::NF4 ? kNF4ValuesDevice : kFP4ValuesDevice;
+    uint32_t* t = reinterpret_cast<uint32_t*>(smem + (table - base));
+    for (int i = tid; i < 256 * 32; i += kThreads) t[(i / 32) * 64 + i % 32] = as_u32(Bf16::pair(values[i / 32 >> 4], values[i / 32 & 15]));
+    if (kDoubleQuant)
+      for (int i = tid; i < 256; i += kThreads) code2_s[i] = p.scales.code2[i];
+  }
+  asm volatile("bar.sync 1, %0;\n" ::"n"(kThreads) : "memory");
   const float mean = kDoubleQuant ? *p.scales.offset : 0.0f;
 
   // Fragment rows of this thread: r0 and r0 + 8 of its warp's 16; its byte of each 4-byte word is lane % 4.
