@@ -76,6 +76,25 @@ def test_dynamic_map_is_sorted_and_spans_the_range():
         assert m[-1] == 1.0 and (0.0 in m.tolist()) and (m[0] < -0.99 if signed else m[0] == 0.0)
 
 
+def test_dynamic_map_hands_out_a_tensor_of_its_own(device):
+    for signed in (True, False):
+        qlora.dynamic_map(signed, device=device).fill_(0.5)
+        assert torch.equal(qlora.dynamic_map(signed, device=device).cpu(), qlora.dynamic_map(signed))
+
+
+@cuda_only
+def test_quantize_4bit_queues_without_waiting_for_the_gpu():
+    w = torch.randn(256, 256, device="cuda")
+    qlora.quantize_4bit(w)  # first call: builds what is kept per device
+    torch.cuda.synchronize()
+    torch.cuda._sleep(200_000_000)  # ~0.1 s of GPU time queued ahead of the call
+    packed, qs = qlora.quantize_4bit(w)
+    still_busy = not torch.cuda.current_stream().query()
+    torch.cuda.synchronize()
+    assert still_busy, "quantize_4bit waited for the work queued before it"
+    assert torch.equal(qlora.dequantize_4bit(packed, qs), qlora.dequantize_4bit(*qlora.quantize_4bit(w)))
+
+
 # ---- kernels against the reference ---------------------------------------------------------------------
 
 @pytest.mark.parametrize("case", CPU_CASES, ids=ids(CPU_CASES))

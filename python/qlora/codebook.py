@@ -54,8 +54,20 @@ def code_values(quant_type: str, device=None) -> torch.Tensor:
 
 
 def dynamic_map(signed: bool = True, device=None) -> torch.Tensor:
-    """The 8-bit dynamic code as a tensor; see ``_dynamic_values``."""
-    return torch.tensor(_DYNAMIC_SIGNED if signed else _DYNAMIC_UNSIGNED, dtype=torch.float32, device=device)
+    """The 8-bit dynamic code as a tensor of its own; see ``_dynamic_values``.
+
+    On a GPU it is a copy of one kept on that device: building it from host values would be a host-to-device
+    copy, which waits for all the work queued before it (quantize_4bit calls this for every tensor)."""
+    values = _DYNAMIC_SIGNED if signed else _DYNAMIC_UNSIGNED
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    if device.type != "cuda" or torch.compiler.is_compiling():
+        return torch.tensor(values, dtype=torch.float32, device=device)
+    if device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    key = (signed, device)
+    if key not in _DEVICE_MAPS:
+        _DEVICE_MAPS[key] = torch.tensor(values, dtype=torch.float32, device=device)
+    return _DEVICE_MAPS[key].clone()
 
 
 def _dynamic_values(signed: bool) -> tuple:
@@ -84,3 +96,4 @@ def _dynamic_values(signed: bool) -> tuple:
 # Computed once, so that building the tensor inside a compiled region is a plain constant.
 _DYNAMIC_SIGNED = _dynamic_values(signed=True)
 _DYNAMIC_UNSIGNED = _dynamic_values(signed=False)
+_DEVICE_MAPS: dict = {}  # (signed, device) -> the code on that device, never handed out itself
