@@ -27,9 +27,12 @@ struct BlockScales {
 };
 
 // Quantize: 16 elements a thread (two 16-byte loads of bf16/fp16, 8 packed bytes out); a block of
-// blocksize elements is blocksize/16 consecutive threads, so the 256-thread CTA holds whole blocks.
+// blocksize elements is blocksize/16 consecutive threads, so the 256-thread CTA holds whole blocks. A CTA codes
+// kQuantizeTiles tiles of kQuantizeThreads * kQuantizeElems elements, the later tiles' loads in flight while the
+// first is coded.
 constexpr int kQuantizeElems = 16;
 constexpr int kQuantizeThreads = 256;
+constexpr int kQuantizeTiles = 2;
 // Dequantize: a unit is 4 packed bytes -> 8 elements (one 16-byte bf16 store); each thread loads
 // kDequantizeUnits units and their scales before decoding any, so that several loads are in flight.
 constexpr int kDequantizeElems = 8;
@@ -60,8 +63,92 @@ __device__ __forceinline__ void stage_buckets(Bucket* smem) {
     smem[threadIdx.x] = QT == QuantType::NF4 ? kNF4BucketsDevice.bucket[threadIdx.x] : kFP4BucketsDevice.bucket[threadIdx.x];
 }
 
+// The CTA's tiles from element first on; kWhole: they lie wholly below n, so no element needs a bounds check and
+// the tiles' code is one straight run, which lets the scheduler interleave their table lookups.
+template <bool kWhole, typename T, QuantType QT>
+__device__ __forceinline__ void quantize_tiles(const T* __restrict__ A, uint8_t* __restrict__ packed,
+                                               float* __restrict__ absmax, int64_t n, int log2_blocksize, int64_t first,
+                                               const Bucket* buckets, const FastBucket* fast_buckets, uint32_t* warp_max) {
+  auto first_element = [&](int t) { return first + (static_cast<int64_t>(t) * kQuantizeThreads + threadIdx.x) * kQuantizeElems; };
+  typename VecIO<T>::Raw8 raw[kQuantizeTiles][kQuantizeElems / 8];
+#pragma unroll
+  for (int t = 0; t < kQuantizeTiles; ++t) {
+    if (kWhole || first_element(t) + kQuantizeElems <= n) {
+#pragma unroll
+      for (int h = 0; h < kQuantizeElems / 8; ++h) raw[t][h] = VecIO<T>::load_raw8(A + first_element(t) + 8 * h);
+    }
+  }
+  // Publishes the staged buckets. No loaded register is read before it, so the loads stay in flight across it
+  // and each warp goes on as soon as its own data arrives.
+  __syncthreads();
+  const int group_threads = (1 << log2_blocksize) / kQuantizeElems;
+#pragma unroll
+  for (int t = 0; t < kQuantizeTiles; ++t) {
+    const int64_t e0 = first_element(t);
+    float v[kQuantizeElems];
+    if (kWhole || e0 + kQuantizeElems <= n) {
+#pragma unroll
+      for (int h = 0; h < kQuantizeElems / 8; ++h) VecIO<T>::unpack8(raw[t][h], v + 8 * h);
+    } else {
+#pragma unroll
+      for (int i = 0; i < kQuantizeElems; ++i) v[i] = e0 + i < n ? VecIO<T>::to_float(A[e0 + i]) : 0.0f;
+    }
+    uint32_t m = 0;
+#pragma unroll
+    for (int i = 0; i < kQuantizeElems; ++i) m = max(m, abs_bits(v[i]));
+    m = warp_max_over(m, min(group_threads, 32));
+    if (group_threads > 32) {  // a block spans warps (the same branch in every thread of the CTA)
+      const int warp = threadIdx.x / 32, group_warps = group_threads / 32;
+      if (threadIdx.x % 32 == 0) warp_max[warp] = m;
+      __syncthreads();
+      const int first_warp = warp / group_warps * group_warps;
+      for (int w = first_warp; w < first_warp + group_warps; ++w) m = max(m, warp_max[w]);
+      __syncthreads();  // read before the next tile writes
+    }
+    const float block_absmax = bits_float(m);
+    const float inv = inverse_scale(block_absmax);
+
+    uint32_t words[2] = {0, 0};
+    if (QT == QuantType::NF4 && finite_scale(block_absmax, inv)) {
+      // Codes as exact floats, packed by fused multiply-adds: four codes make a 16-bit value, whose bits the
+      // rounding bias exposes, and a byte permute joins two of them into a word.
+      constexpr float kRoundingBias = 12582912.0f;
+#pragma unroll
+      for (int w = 0; w < 2; ++w) {
+        uint32_t halves[2];
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          const float* e = v + 8 * w + 4 * h;
+          const float byte0 = fmaf(nf4_code_finite(e[0] * inv, fast_buckets), 16.0f,
+                                   nf4_code_finite(e[1] * inv, fast_buckets));
+          const float byte1 = fmaf(nf4_code_finite(e[2] * inv, fast_buckets), 16.0f,
+                                   nf4_code_finite(e[3] * inv, fast_buckets));
+          halves[h] = float_bits(fmaf(byte1, 256.0f, byte0) + kRoundingBias);
+        }
+        words[w] = __byte_perm(halves[0], halves[1], 0x5410);
+      }
+    } else {
+#pragma unroll
+      for (int j = 0; j < kQuantizeElems / 2; ++j) {
+        const uint32_t hi = code_4bit<QT>(v[2 * j] * inv, buckets);
+        const uint32_t lo = code_4bit<QT>(v[2 * j + 1] * inv, buckets);
+        words[j / 4] |= ((hi << 4) | lo) << (8 * (j % 4));
+      }
+    }
+    if (kWhole || e0 + kQuantizeElems <= n) {
+      *reinterpret_cast<uint2*>(packed + e0 / 2) = make_uint2(words[0], words[1]);
+    } else if (e0 < n) {
+      const int64_t bytes = (n - e0 + 1) / 2;
+#pragma unroll
+      for (int j = 0; j < kQuantizeElems / 2; ++j)
+        if (j < bytes) packed[e0 / 2 + j] = static_cast<uint8_t>(words[j / 4] >> (8 * (j % 4)));
+    }
+    if ((kWhole || e0 < n) && (threadIdx.x & (group_threads - 1)) == 0) absmax[e0 >> log2_blocksize] = block_absmax;
+  }
+}
+
 template <typename T, QuantType QT>
-__global__ void __launch_bounds__(kQuantizeThreads, 6) quantize_4bit_kernel(const T* __restrict__ A, uint8_t* __restrict__ packed,
+__global__ void __launch_bounds__(kQuantizeThreads, 4) quantize_4bit_kernel(const T* __restrict__ A, uint8_t* __restrict__ packed,
                                                                           float* __restrict__ absmax, int64_t n,
                                                                           int log2_blocksize) {
   __shared__ uint32_t warp_max[kQuantizeThreads / 32];
@@ -69,68 +156,12 @@ __global__ void __launch_bounds__(kQuantizeThreads, 6) quantize_4bit_kernel(cons
   __shared__ FastBucket fast_buckets[kNF4FastBuckets];
   stage_buckets<QT>(buckets);
   if (QT == QuantType::NF4 && threadIdx.x < kNF4FastBuckets) fast_buckets[threadIdx.x] = kNF4FastBucketsDevice.bucket[threadIdx.x];
-  const int64_t e0 = (static_cast<int64_t>(blockIdx.x) * kQuantizeThreads + threadIdx.x) * kQuantizeElems;
-  float v[kQuantizeElems];
-  if (e0 + kQuantizeElems <= n) {
-    VecIO<T>::load8(A + e0, v);
-    VecIO<T>::load8(A + e0 + 8, v + 8);
-  } else {
-#pragma unroll
-    for (int i = 0; i < kQuantizeElems; ++i) v[i] = e0 + i < n ? VecIO<T>::to_float(A[e0 + i]) : 0.0f;
-  }
-  uint32_t m = 0;
-#pragma unroll
-  for (int i = 0; i < kQuantizeElems; ++i) m = max(m, abs_bits(v[i]));
-
-  const int group_threads = (1 << log2_blocksize) / kQuantizeElems;
-  m = warp_max_over(m, min(group_threads, 32));
-  const int warp = threadIdx.x / 32;
-  if (threadIdx.x % 32 == 0) warp_max[warp] = m;
-  __syncthreads();  // also publishes the staged buckets
-  if (group_threads > 32) {
-    const int group_warps = group_threads / 32;
-    const int first = warp / group_warps * group_warps;
-    for (int w = first; w < first + group_warps; ++w) m = max(m, warp_max[w]);
-  }
-  const float block_absmax = bits_float(m);
-  const float inv = inverse_scale(block_absmax);
-
-  uint32_t words[2] = {0, 0};
-  if (QT == QuantType::NF4 && finite_scale(block_absmax, inv)) {
-    // Codes as exact floats, packed by fused multiply-adds: four codes make a 16-bit value, whose bits the
-    // rounding bias exposes, and a byte permute joins two of them into a word.
-    constexpr float kRoundingBias = 12582912.0f;
-#pragma unroll
-    for (int w = 0; w < 2; ++w) {
-      uint32_t halves[2];
-#pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        const float* e = v + 8 * w + 4 * h;
-        const float byte0 = fmaf(nf4_code_finite(e[0] * inv, fast_buckets), 16.0f,
-                                 nf4_code_finite(e[1] * inv, fast_buckets));
-        const float byte1 = fmaf(nf4_code_finite(e[2] * inv, fast_buckets), 16.0f,
-                                 nf4_code_finite(e[3] * inv, fast_buckets));
-        halves[h] = float_bits(fmaf(byte1, 256.0f, byte0) + kRoundingBias);
-      }
-      words[w] = __byte_perm(halves[0], halves[1], 0x5410);
-    }
-  } else {
-#pragma unroll
-    for (int j = 0; j < kQuantizeElems / 2; ++j) {
-      const uint32_t hi = code_4bit<QT>(v[2 * j] * inv, buckets);
-      const uint32_t lo = code_4bit<QT>(v[2 * j + 1] * inv, buckets);
-      words[j / 4] |= ((hi << 4) | lo) << (8 * (j % 4));
-    }
-  }
-  if (e0 + kQuantizeElems <= n) {
-    *reinterpret_cast<uint2*>(packed + e0 / 2) = make_uint2(words[0], words[1]);
-  } else if (e0 < n) {
-    const int64_t bytes = (n - e0 + 1) / 2;
-#pragma unroll
-    for (int j = 0; j < kQuantizeElems / 2; ++j)
-      if (j < bytes) packed[e0 / 2 + j] = static_cast<uint8_t>(words[j / 4] >> (8 * (j % 4)));
-  }
-  if (e0 < n && (threadIdx.x & (group_threads - 1)) == 0) absmax[e0 >> log2_blocksize] = block_absmax;
+  constexpr int64_t per_cta = int64_t{kQuantizeThreads} * kQuantizeElems * kQuantizeTiles;
+  const int64_t first = static_cast<int64_t>(blockIdx.x) * per_cta;
+  if (first + per_cta <= n)
+    quantize_tiles<true, T, QT>(A, packed, absmax, n, log2_blocksize, first, buckets, fast_buckets, warp_max);
+  else
+    quantize_tiles<false, T, QT>(A, packed, absmax, n, log2_blocksize, first, buckets, fast_buckets, warp_max);
 }
 
 // Fixed-order sums (the CPU implementation repeats this order exactly, so both give the same bits).
@@ -296,7 +327,7 @@ template <typename T>
 cudaError_t launch_quantize_4bit(const T* A, uint8_t* packed, float* absmax, int64_t n, int64_t blocksize,
                                  QuantType quant_type, cudaStream_t stream) {
   if (n == 0) return cudaSuccess;
-  constexpr int64_t per_cta = static_cast<int64_t>(kQuantizeThreads) * kQuantizeElems;
+  constexpr int64_t per_cta = static_cast<int64_t>(kQuantizeThreads) * kQuantizeElems * kQuantizeTiles;
   const int64_t grid = (n + per_cta - 1) / per_cta;
   if (grid > 0x7fffffff) return cudaErrorInvalidConfiguration;
   const int log2_blocksize = log2_exact(blocksize);
