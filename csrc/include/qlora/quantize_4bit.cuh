@@ -33,6 +33,7 @@ struct BlockScales {
 constexpr int kQuantizeElems = 16;
 constexpr int kQuantizeThreads = 256;
 constexpr int kQuantizeTiles = 2;
+constexpr int64_t kQuantizeCtaElems = int64_t{kQuantizeThreads} * kQuantizeElems * kQuantizeTiles;
 // Dequantize: a unit is 4 packed bytes -> 8 elements (one 16-byte bf16 store); each thread loads
 // kDequantizeUnits units and their scales before decoding any, so that several loads are in flight.
 constexpr int kDequantizeElems = 8;
@@ -156,9 +157,8 @@ __global__ void __launch_bounds__(kQuantizeThreads, 4) quantize_4bit_kernel(cons
   __shared__ FastBucket fast_buckets[kNF4FastBuckets];
   stage_buckets<QT>(buckets);
   if (QT == QuantType::NF4 && threadIdx.x < kNF4FastBuckets) fast_buckets[threadIdx.x] = kNF4FastBucketsDevice.bucket[threadIdx.x];
-  constexpr int64_t per_cta = int64_t{kQuantizeThreads} * kQuantizeElems * kQuantizeTiles;
-  const int64_t first = static_cast<int64_t>(blockIdx.x) * per_cta;
-  if (first + per_cta <= n)
+  const int64_t first = static_cast<int64_t>(blockIdx.x) * kQuantizeCtaElems;
+  if (first + kQuantizeCtaElems <= n)
     quantize_tiles<true, T, QT>(A, packed, absmax, n, log2_blocksize, first, buckets, fast_buckets, warp_max);
   else
     quantize_tiles<false, T, QT>(A, packed, absmax, n, log2_blocksize, first, buckets, fast_buckets, warp_max);
@@ -327,8 +327,7 @@ template <typename T>
 cudaError_t launch_quantize_4bit(const T* A, uint8_t* packed, float* absmax, int64_t n, int64_t blocksize,
                                  QuantType quant_type, cudaStream_t stream) {
   if (n == 0) return cudaSuccess;
-  constexpr int64_t per_cta = static_cast<int64_t>(kQuantizeThreads) * kQuantizeElems * kQuantizeTiles;
-  const int64_t grid = (n + per_cta - 1) / per_cta;
+  const int64_t grid = (n + kQuantizeCtaElems - 1) / kQuantizeCtaElems;
   if (grid > 0x7fffffff) return cudaErrorInvalidConfiguration;
   const int log2_blocksize = log2_exact(blocksize);
   if (quant_type == QuantType::NF4) {
