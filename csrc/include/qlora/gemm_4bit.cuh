@@ -592,6 +592,7 @@ inline bool encode_2d(CUtensorMap* map, CUtensorMapDataType type, int element_by
 // splits > 1: split-K over clusters of that many CTAs (256-token tiles only).
 template <QuantType QT, bool kDoubleQuant, int kTokens, int kWarpgroups, bool kSplitK>
 cudaError_t launch_as(const Gemm4bitParams& p, cudaStream_t stream, int splits = 1) {
+  if (splits > 1 && kTokens != kWideTokens) return cudaErrorInvalidValue;
   constexpr auto kernel = gemm_4bit_kernel<QT, kDoubleQuant, kTokens, kWarpgroups, kSplitK>;
   constexpr int kSmemBytes = Tile<kTokens>::kSmemBytes;
   const cudaError_t attribute = opt_in_dynamic_smem<kernel>(kSmemBytes);
@@ -612,7 +613,6 @@ cudaError_t launch_as(const Gemm4bitParams& p, cudaStream_t stream, int splits =
   if (!encode_2d(&args.w_map, CU_TENSOR_MAP_DATA_TYPE_UINT8, 1, p.packed, p.N, p.K / 2, kStageK / 2, rows,
                  CU_TENSOR_MAP_SWIZZLE_NONE))
     return cudaErrorNotSupported;
-  if (splits > 1 && kTokens != kWideTokens) return cudaErrorInvalidValue;
   const dim3 grid(static_cast<unsigned>((p.N + rows - 1) / rows), static_cast<unsigned>(tiles), static_cast<unsigned>(splits));
   // Only on sm_90 (launch_gemm_4bit), where dependent launches run: with LoRA, after the launch that computes xa.
   return launch_in_clusters(kernel, grid, dim3(cta_threads(kTokens, kWarpgroups, kSplitK)), kSmemBytes, stream, p.r > 0,
