@@ -95,7 +95,7 @@ class Linear4bit(nn.Module):
     def dequantize(self, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
         """The weight as a dense ``[out_features, in_features]`` tensor (for inspection and merging)."""
         w = dequantize_4bit(self.weight, self.quant_state)
-        return w if dtype is None else w.to(dtype)
+        return _as_dtype(w, dtype)
 
     def _cast(self, x: torch.Tensor) -> torch.Tensor:
         return _as_dtype(x, self.compute_dtype)
