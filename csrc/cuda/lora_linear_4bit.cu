@@ -107,8 +107,9 @@ const char* tensor_core_unsupported(const at::Tensor& x, const LoraLinearArgs& a
 // Mid-size M: cuBLAS computes xa = x_lora·Aᵀ ([M, r], small) and the kernel adds s·xa·Bᵀ and the bias to its fp32
 // tile before y's one rounding, instead of a second cuBLAS call writing them into y for the kernel to accumulate
 // onto. The kernel is launched as a programmatic dependent of that cuBLAS call (launch.cuh) and waits for it only
-// before its epilogue reads xa. `python -m bench` on the H200, path 6 forward: 4096x4096 M = 16 47.1-71.8 µs in the two runs before,
-// 28.2 after; M = 256 48.0-64.5 -> 37.3 (2026-11-29; the run after also had the split form's pipelines).
+// before its epilogue reads xa. `python -m bench` on the H200, path 6 forward: 4096x4096 M = 16 47.1-71.8 µs in
+// the two runs before, 28.2 after; M = 256 48.0-64.5 -> 37.3 (2026-11-29; the run after also had the split form's
+// pipelines).
 at::Tensor tensor_core_forward(const at::Tensor& x2, const at::Tensor& packed, const at::Tensor& absmax,
                                int64_t blocksize, const LoraLinearArgs& args, const std::optional<at::Tensor>& absmax2,
                                const std::optional<at::Tensor>& code2, const std::optional<at::Tensor>& offset,
