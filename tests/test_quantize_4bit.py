@@ -121,10 +121,13 @@ def test_dequantize_matches_reference(device, case, double_quant):
     assert_bits_equal(out, expected)
 
 
-@pytest.mark.parametrize("n", [1, 255, 256, 257, 5000, 70_001])
-def test_double_quantize_matches_reference(device, n):
+# The dynamic code is searched by table on the GPU; the linear one has a midpoint at 0, which the table cannot
+# carry, so it takes the binary search. 1_200_001 values are more blocks than the GPU kernel's CTAs take at once.
+@pytest.mark.parametrize("code_name", ["dynamic", "linear"])
+@pytest.mark.parametrize("n", [1, 255, 256, 257, 5000, 70_001, 1_200_001])
+def test_double_quantize_matches_reference(device, n, code_name):
     absmax = (torch.rand(n) * 3 + 0.01).to(device)
-    code = qlora.dynamic_map(device=device)
+    code = qlora.dynamic_map(device=device) if code_name == "dynamic" else torch.linspace(-1, 1, 256, device=device)
     q, absmax2, offset = torch.ops.qlora.double_quantize(absmax, code)
     eq, eabsmax2, eoffset = ref.double_quantize(absmax, code)
     assert_bits_equal(offset, eoffset)

@@ -43,9 +43,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> double_quantize_cuda(const at::Te
   at::Tensor qabsmax = at::empty({n}, a.options().dtype(at::kByte));
   at::Tensor absmax2 = at::empty({ceil_div(n, kAbsmaxBlocksize)}, a.options());
   at::Tensor offset = at::zeros({}, a.options());
-  at::Tensor partial = at::empty({absmax_num_partials(n)}, a.options().dtype(at::kDouble));
+  at::Tensor scratch = at::empty({ceil_div(double_quantize_scratch_bytes(n), 8)}, a.options().dtype(at::kDouble));
   C10_CUDA_CHECK(launch_double_quantize(a.const_data_ptr<float>(), c.const_data_ptr<float>(), qabsmax.data_ptr<uint8_t>(),
-                                        absmax2.data_ptr<float>(), offset.data_ptr<float>(), partial.data_ptr<double>(), n,
+                                        absmax2.data_ptr<float>(), offset.data_ptr<float>(), scratch.data_ptr(), n,
                                         c10::cuda::getCurrentCUDAStream()));
   return {qabsmax, absmax2, offset};
 }

@@ -1,8 +1,10 @@
-// The 4-bit codebooks and the decision thresholds that pick a code, shared by the CPU and CUDA kernels.
+// The 4-bit codebooks and the decision thresholds that pick a code, and the searches of 8-bit codes, shared by
+// the CPU and CUDA kernels.
 // python/qlora/codebook.py holds the same tables; tests/test_quantize_4bit.py checks that they agree bit for bit.
 // Hex literals keep every value exact: the thresholds are bitsandbytes' decimal constants rounded to float32.
 #pragma once
 
+#include <cstdint>
 #include <limits>
 
 #include "qlora/common.cuh"
@@ -196,6 +198,107 @@ QLORA_HD uint32_t code_8bit(const float* code, float x) {
   }
   const float midpoint = (lower + val) * 0.5f;
   return x < midpoint ? lower_pivot : pivot;
+}
+
+// ---- 8-bit code search by table ----------------------------------------------------------------------
+// code_8bit, bitsandbytes' binary search, costs eight dependent loads and divergent branches per value. For
+// a code whose neighbour midpoints M_k = (code[k] + code[k+1]) * 0.5 (in float) satisfy
+// code[k] < M_k < code[k+1] and M_k != 0, its result is the number of midpoints x passes, an even k being
+// passed when x > M_k and an odd k when x >= M_k: the search compares x with odd entries only and ends on an
+// even pivot p with code[p-1] < x <= code[p+1], so every midpoint but M_{p-1} and M_p lies wholly below or
+// above x, and its final comparison with one of those two sends ties to p. NaN gets code 0, as -inf does.
+//
+// A table turns that count into one load: it splits the floats into buckets (by |x|: one below 2^-23, 32
+// per binade up to 2^-4, 128 per binade up to 1, one from 1 to inf; each for either sign) that each hold at
+// most one midpoint. An entry is the count below its bucket in the top 8 bits, plus a 24-bit addend that
+// carries into them exactly when x is past the bucket's midpoint. Both dynamic codes fit; a code that does
+// not (build_code_table returns false) keeps the binary search.
+
+// Floats as int32 in float order (-1 - |x|bits for negative x); the one disorder, -0 below +0, is harmless
+// because no midpoint is zero.
+QLORA_HD int32_t ordered_key(float x) {
+  const uint32_t bits = float_bits(x);
+  return static_cast<int32_t>(bits ^ (static_cast<uint32_t>(static_cast<int32_t>(bits) >> 31) >> 1));
+}
+
+constexpr uint32_t kBucketFloor = 104u << 23;  // 2^-23, below the smallest midpoint of either dynamic code
+constexpr uint32_t kBucketFine = 123u << 23;   // 2^-4: from here the codes are dense enough to need 128 per binade
+constexpr uint32_t kBucketTop = 127u << 23;    // 1.0, above the largest midpoint
+constexpr int kCoarseBucketShift = 18;         // 32 buckets per binade
+constexpr int kFineBucketShift = 16;           // 128 buckets per binade
+constexpr int kCoarseBuckets = static_cast<int>((kBucketFine - kBucketFloor) >> kCoarseBucketShift);
+constexpr int kFineBuckets = static_cast<int>((kBucketTop - kBucketFine) >> kFineBucketShift);
+constexpr int kMagnitudeBuckets = 1 + kCoarseBuckets + kFineBuckets + 1;
+constexpr int kCodeTableSize = 2 * kMagnitudeBuckets;
+// Bucket b >= 1 begins where (|x|bits >> shift) - bias first reaches b, for either shift: the coarse
+// buckets start at bucket 1, the fine ones follow them.
+constexpr int kCoarseBucketBias = static_cast<int>(kBucketFloor >> kCoarseBucketShift) - 1;
+constexpr int kFineBucketBias = static_cast<int>(kBucketFine >> kFineBucketShift) - (1 + kCoarseBuckets);
+constexpr uint32_t kCarryBits = 0xffffffu;  // x's offset in its bucket: the low 24 bits of its key
+
+QLORA_HD int magnitude_bucket(uint32_t abs_bits) {
+  const int fine = static_cast<int>(abs_bits >> kFineBucketShift) - kFineBucketBias;
+  const int coarse = static_cast<int>(abs_bits >> kCoarseBucketShift) - kCoarseBucketBias;
+  const int b = fine > coarse ? fine : coarse;
+  return b < 0 ? 0 : (b < kMagnitudeBuckets - 1 ? b : kMagnitudeBuckets - 1);
+}
+
+// The smallest |x| bits in bucket b (1 <= b < kMagnitudeBuckets).
+QLORA_HD uint32_t magnitude_bucket_start(int b) {
+  const uint32_t fine = static_cast<uint32_t>(b + kFineBucketBias) << kFineBucketShift;
+  const uint32_t coarse = static_cast<uint32_t>(b + kCoarseBucketBias) << kCoarseBucketShift;
+  return fine < coarse ? fine : coarse;
+}
+
+// The table search: exactly code_8bit(code, x) for every float x when table was built from a code that fits.
+QLORA_HD uint32_t code_8bit_table(const uint32_t* table, float x) {
+  // NaN and -inf become the lowest finite float, which passes no midpoint either.
+#if defined(__CUDA_ARCH__)
+  const float clamped = fmaxf(x, -0x1.fffffep127f);
+#else
+  const float clamped = x > -0x1.fffffep127f ? x : -0x1.fffffep127f;
+#endif
+  const uint32_t bits = float_bits(clamped);
+  const uint32_t negative = static_cast<uint32_t>(static_cast<int32_t>(bits) >> 31);
+  // The negative half is stored in reverse, so that the table runs in float order: ~b = -1 - b.
+  const uint32_t entry = table[kMagnitudeBuckets + (magnitude_bucket(bits & 0x7fffffffu) ^ static_cast<int>(negative))];
+  return (entry + ((bits ^ negative) & kCarryBits)) >> 24;
+}
+
+// Midpoint k as the key that x's key must exceed to pass it; false when the code breaks the midpoint rule.
+QLORA_HD bool code_threshold(const float* code, int k, int32_t* key) {
+  const float mid = (code[k] + code[k + 1]) * 0.5f;
+  *key = ordered_key(mid) - (k & 1);
+  return code[k] < mid && mid < code[k + 1] && mid != 0.0f;
+}
+
+// Table entry j from the 255 threshold keys (increasing, as a code that keeps the midpoint rule gives them)
+// followed by INT32_MAX; clears *fits when the bucket holds two thresholds, or one it cannot carry.
+QLORA_HD uint32_t code_table_entry(const int32_t* keys, int j, bool* fits) {
+  const bool negative = j < kMagnitudeBuckets;
+  const int b = negative ? kMagnitudeBuckets - 1 - j : j - kMagnitudeBuckets;
+  const uint32_t lo = b == 0 ? 0u : magnitude_bucket_start(b);
+  const uint32_t hi = b == kMagnitudeBuckets - 1 ? 0x7f800000u : magnitude_bucket_start(b + 1) - 1;
+  const int32_t first = negative ? -1 - static_cast<int32_t>(hi) : static_cast<int32_t>(lo);
+  const int32_t last = negative ? -1 - static_cast<int32_t>(lo) : static_cast<int32_t>(hi);
+  int below = 0;  // thresholds below the bucket
+  for (int step = 128; step > 0; step >>= 1)
+    if (keys[below + step - 1] < first) below += step;
+  const bool inside = keys[below] < last;  // a threshold in [first, last): passed within the bucket
+  if (inside && (keys[below + 1] < last || ((static_cast<uint32_t>(first) ^ static_cast<uint32_t>(last)) >> 24) != 0))
+    *fits = false;
+  const uint32_t carry = inside ? kCarryBits - (static_cast<uint32_t>(keys[below]) & kCarryBits) : 0u;
+  return (static_cast<uint32_t>(below) << 24) + carry;
+}
+
+// Builds the table of a 256-entry code on the host; false when the code does not fit it.
+inline bool build_code_table(const float* code, uint32_t* table) {
+  int32_t keys[256];
+  bool fits = true;
+  for (int k = 0; k < 255; ++k) fits = code_threshold(code, k, &keys[k]) && fits;
+  keys[255] = INT32_MAX;
+  for (int j = 0; fits && j < kCodeTableSize; ++j) table[j] = code_table_entry(keys, j, &fits);
+  return fits;
 }
 
 QLORA_HD bool valid_blocksize_4bit(int64_t blocksize) {

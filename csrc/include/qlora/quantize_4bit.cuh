@@ -175,10 +175,12 @@ __device__ __forceinline__ double block_sum_fixed_order(double acc, double* smem
   return smem[0];
 }
 
-// Pass 1 of the mean: one double per chunk of kMeanChunk absmax values.
+// Pass 1 of the mean: one double per chunk of kMeanChunk absmax values. The last CTA also builds the search
+// table of the 8-bit code for pass 3 (code_8bit_table), with whether the code fits it in the entry after it.
 static __global__ void __launch_bounds__(kMeanThreads) absmax_partial_sums_kernel(const float* __restrict__ absmax,
                                                                                    double* __restrict__ partial,
-                                                                                   int64_t n) {
+                                                                                   int64_t n, const float* __restrict__ code,
+                                                                                   uint32_t* __restrict__ code_table) {
   __shared__ double smem[kMeanThreads];
   const int64_t first = static_cast<int64_t>(blockIdx.x) * kMeanChunk + threadIdx.x * kMeanPerThread;
   double acc = 0.0;
@@ -187,6 +189,18 @@ static __global__ void __launch_bounds__(kMeanThreads) absmax_partial_sums_kerne
     if (first + j < n) acc += static_cast<double>(absmax[first + j]);
   const double total = block_sum_fixed_order(acc, smem);
   if (threadIdx.x == 0) partial[blockIdx.x] = total;
+  if (blockIdx.x != gridDim.x - 1) return;
+  static_assert(kMeanThreads == 256, "one threshold key a thread");
+  __shared__ int32_t keys[256];
+  bool fits = true;
+  if (threadIdx.x < 255)
+    fits = code_threshold(code, threadIdx.x, &keys[threadIdx.x]);
+  else
+    keys[255] = INT32_MAX;
+  __syncthreads();
+  for (int j = threadIdx.x; j < kCodeTableSize; j += kMeanThreads) code_table[j] = code_table_entry(keys, j, &fits);
+  fits = __syncthreads_and(fits) != 0;
+  if (threadIdx.x == 0) code_table[kCodeTableSize] = fits ? 1u : 0u;
 }
 
 // Pass 2: one CTA adds the chunk sums and writes the mean as float32.
@@ -200,51 +214,60 @@ static __global__ void __launch_bounds__(kMeanThreads) absmax_mean_kernel(const 
   if (threadIdx.x == 0) *offset = static_cast<float>(total / static_cast<double>(n));
 }
 
-// Pass 3: one warp per block of 256 absmax values (8 a lane): absmax - mean as 8-bit codes and the block's
-// scale. A warp needs no barrier, and each lane's 8 code searches are independent, so their shared-memory
-// latencies overlap.
+// Pass 3: one warp per block of 256 absmax values (8 a lane) at a time: absmax - mean as 8-bit codes and the
+// block's scale. A warp needs no barrier after the staging, and each lane's 8 code searches are independent.
+// The CTAs stride over the blocks, so each stages the code and its search table once; the table search gives
+// exactly the binary search's codes, which remains for a code that does not fit the table.
 constexpr int kDoubleQuantizeWarps = 8;
+constexpr int kDoubleQuantizeCtasPerSm = 4;
 
 static __global__ void __launch_bounds__(kDoubleQuantizeWarps * 32) double_quantize_kernel(
     const float* __restrict__ absmax, const float* __restrict__ offset, const float* __restrict__ code,
-    uint8_t* __restrict__ qabsmax, float* __restrict__ absmax2, int64_t n) {
+    const uint32_t* __restrict__ code_table, uint8_t* __restrict__ qabsmax, float* __restrict__ absmax2, int64_t n) {
   constexpr int kPerLane = kAbsmaxBlocksize / 32;
   __shared__ float smem_code[256];
+  __shared__ uint32_t smem_table[kCodeTableSize];
+  const bool table_fits = code_table[kCodeTableSize] != 0;
   for (int i = threadIdx.x; i < 256; i += blockDim.x) smem_code[i] = code[i];
+  if (table_fits)
+    for (int i = threadIdx.x; i < kCodeTableSize; i += blockDim.x) smem_table[i] = code_table[i];
   __syncthreads();
   const float mean = *offset;
-  const int64_t block = static_cast<int64_t>(blockIdx.x) * kDoubleQuantizeWarps + threadIdx.x / 32;
-  const int64_t first = block * kAbsmaxBlocksize + (threadIdx.x % 32) * kPerLane;
-  float centered[kPerLane];
-  if (first + kPerLane <= n) {
-    const float4 lo = *reinterpret_cast<const float4*>(absmax + first);
-    const float4 hi = *reinterpret_cast<const float4*>(absmax + first + 4);
-    const float raw[kPerLane] = {lo.x, lo.y, lo.z, lo.w, hi.x, hi.y, hi.z, hi.w};
+  const int64_t blocks = (n + kAbsmaxBlocksize - 1) / kAbsmaxBlocksize;
+  for (int64_t block = static_cast<int64_t>(blockIdx.x) * kDoubleQuantizeWarps + threadIdx.x / 32; block < blocks;
+       block += static_cast<int64_t>(gridDim.x) * kDoubleQuantizeWarps) {  // the same trip count in all 32 lanes
+    const int64_t first = block * kAbsmaxBlocksize + (threadIdx.x % 32) * kPerLane;
+    float centered[kPerLane];
+    if (first + kPerLane <= n) {
+      const float4 lo = *reinterpret_cast<const float4*>(absmax + first);
+      const float4 hi = *reinterpret_cast<const float4*>(absmax + first + 4);
+      const float raw[kPerLane] = {lo.x, lo.y, lo.z, lo.w, hi.x, hi.y, hi.z, hi.w};
 #pragma unroll
-    for (int i = 0; i < kPerLane; ++i) centered[i] = raw[i] - mean;
-  } else {
+      for (int i = 0; i < kPerLane; ++i) centered[i] = raw[i] - mean;
+    } else {
 #pragma unroll
-    for (int i = 0; i < kPerLane; ++i) centered[i] = first + i < n ? absmax[first + i] - mean : 0.0f;
-  }
-  uint32_t m = 0;
+      for (int i = 0; i < kPerLane; ++i) centered[i] = first + i < n ? absmax[first + i] - mean : 0.0f;
+    }
+    uint32_t m = 0;
 #pragma unroll
-  for (int i = 0; i < kPerLane; ++i) m = max(m, abs_bits(centered[i]));
-  m = warp_max_over(m, 32);
-  if (block * kAbsmaxBlocksize >= n) return;  // whole warps only: no shuffle follows
-  const float scale = bits_float(m);
-  const float inv = inverse_scale(scale);
-  uint32_t q[kPerLane];
-#pragma unroll
-  for (int i = 0; i < kPerLane; ++i) q[i] = code_8bit(smem_code, centered[i] * inv);
-  if (first + kPerLane <= n) {
-    *reinterpret_cast<uint2*>(qabsmax + first) =
-        make_uint2(q[0] | q[1] << 8 | q[2] << 16 | q[3] << 24, q[4] | q[5] << 8 | q[6] << 16 | q[7] << 24);
-  } else {
+    for (int i = 0; i < kPerLane; ++i) m = max(m, abs_bits(centered[i]));
+    m = warp_max_over(m, 32);
+    const float scale = bits_float(m);
+    const float inv = inverse_scale(scale);
+    uint32_t q[kPerLane];
 #pragma unroll
     for (int i = 0; i < kPerLane; ++i)
-      if (first + i < n) qabsmax[first + i] = static_cast<uint8_t>(q[i]);
+      q[i] = table_fits ? code_8bit_table(smem_table, centered[i] * inv) : code_8bit(smem_code, centered[i] * inv);
+    if (first + kPerLane <= n) {
+      *reinterpret_cast<uint2*>(qabsmax + first) =
+          make_uint2(q[0] | q[1] << 8 | q[2] << 16 | q[3] << 24, q[4] | q[5] << 8 | q[6] << 16 | q[7] << 24);
+    } else {
+#pragma unroll
+      for (int i = 0; i < kPerLane; ++i)
+        if (first + i < n) qabsmax[first + i] = static_cast<uint8_t>(q[i]);
+    }
+    if (threadIdx.x % 32 == 0) absmax2[block] = scale;
   }
-  if (threadIdx.x % 32 == 0) absmax2[block] = scale;
 }
 
 // kDoubleQuant: absmax is nullptr and qabsmax, absmax2, code2, offset describe the scales (a template
@@ -340,17 +363,30 @@ cudaError_t launch_quantize_4bit(const T* A, uint8_t* packed, float* absmax, int
 
 inline int64_t absmax_num_partials(int64_t n) { return (n + kMeanChunk - 1) / kMeanChunk; }
 
-// partial: scratch of absmax_num_partials(n) doubles.
+// Bytes of scratch launch_double_quantize needs (8-byte aligned): the chunk sums of the mean, then the code's
+// search table and its fits flag.
+inline int64_t double_quantize_scratch_bytes(int64_t n) {
+  return absmax_num_partials(n) * static_cast<int64_t>(sizeof(double)) + (kCodeTableSize + 1) * 4;
+}
+
 inline cudaError_t launch_double_quantize(const float* absmax, const float* code, uint8_t* qabsmax, float* absmax2,
-                                          float* offset, double* partial, int64_t n, cudaStream_t stream) {
+                                          float* offset, void* scratch, int64_t n, cudaStream_t stream) {
   if (n == 0) return cudaSuccess;
   const int64_t num_partials = absmax_num_partials(n);
-  absmax_partial_sums_kernel<<<static_cast<unsigned>(num_partials), kMeanThreads, 0, stream>>>(absmax, partial, n);
+  double* partial = static_cast<double*>(scratch);
+  uint32_t* code_table = reinterpret_cast<uint32_t*>(partial + num_partials);
+  absmax_partial_sums_kernel<<<static_cast<unsigned>(num_partials), kMeanThreads, 0, stream>>>(absmax, partial, n, code,
+                                                                                               code_table);
   absmax_mean_kernel<<<1, kMeanThreads, 0, stream>>>(partial, num_partials, n, offset);
+  int device = 0, sms = 0;
+  cudaError_t err = cudaGetDevice(&device);
+  if (err == cudaSuccess) err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
+  if (err != cudaSuccess) return err;
   const int64_t blocks = (n + kAbsmaxBlocksize - 1) / kAbsmaxBlocksize;
-  const int64_t ctas = (blocks + kDoubleQuantizeWarps - 1) / kDoubleQuantizeWarps;
-  double_quantize_kernel<<<static_cast<unsigned>(ctas), kDoubleQuantizeWarps * 32, 0, stream>>>(absmax, offset, code,
-                                                                                                qabsmax, absmax2, n);
+  const int64_t ctas = std::min<int64_t>((blocks + kDoubleQuantizeWarps - 1) / kDoubleQuantizeWarps,
+                                         static_cast<int64_t>(sms) * kDoubleQuantizeCtasPerSm);
+  double_quantize_kernel<<<static_cast<unsigned>(ctas), kDoubleQuantizeWarps * 32, 0, stream>>>(
+      absmax, offset, code, code_table, qabsmax, absmax2, n);
   return cudaGetLastError();
 }
 
