@@ -175,13 +175,17 @@ __device__ __forceinline__ double block_sum_fixed_order(double acc, double* smem
   return smem[0];
 }
 
-// Pass 1 of the mean: one double per chunk of kMeanChunk absmax values. The last CTA also builds the search
-// table of the 8-bit code for pass 3 (code_8bit_table), with whether the code fits it in the entry after it.
+// Pass 1 of the mean: one double per chunk of kMeanChunk absmax values. CTA 0 also builds the search table of
+// the 8-bit code for pass 3 (code_8bit_table), with whether the code fits it in the entry after it: the first
+// CTA, so that the other CTAs' sums hide the build (the last one left it on the kernel's tail).
 static __global__ void __launch_bounds__(kMeanThreads) absmax_partial_sums_kernel(const float* __restrict__ absmax,
                                                                                    double* __restrict__ partial,
                                                                                    int64_t n, const float* __restrict__ code,
                                                                                    uint32_t* __restrict__ code_table) {
+  static_assert(kMeanThreads == 256, "one code value and one threshold key a thread");
   __shared__ double smem[kMeanThreads];
+  const bool builds_table = blockIdx.x == 0;
+  const float code_value = builds_table ? code[threadIdx.x] : 0.0f;  // loaded beside the sums' loads
   const int64_t first = static_cast<int64_t>(blockIdx.x) * kMeanChunk + threadIdx.x * kMeanPerThread;
   double acc = 0.0;
 #pragma unroll
@@ -189,16 +193,24 @@ static __global__ void __launch_bounds__(kMeanThreads) absmax_partial_sums_kerne
     if (first + j < n) acc += static_cast<double>(absmax[first + j]);
   const double total = block_sum_fixed_order(acc, smem);
   if (threadIdx.x == 0) partial[blockIdx.x] = total;
-  if (blockIdx.x != gridDim.x - 1) return;
-  static_assert(kMeanThreads == 256, "one threshold key a thread");
+  if (!builds_table) return;
+  __shared__ float code_s[256];
   __shared__ int32_t keys[256];
+  code_s[threadIdx.x] = code_value;
+  __syncthreads();
   bool fits = true;
   if (threadIdx.x < 255)
-    fits = code_threshold(code, threadIdx.x, &keys[threadIdx.x]);
+    fits = code_threshold(code_s, threadIdx.x, &keys[threadIdx.x]);
   else
     keys[255] = INT32_MAX;
   __syncthreads();
-  for (int j = threadIdx.x; j < kCodeTableSize; j += kMeanThreads) code_table[j] = code_table_entry(keys, j, &fits);
+  // Unrolled, so that a thread's independent searches overlap their shared-memory latencies.
+  constexpr int kEntriesPerThread = (kCodeTableSize + kMeanThreads - 1) / kMeanThreads;
+#pragma unroll
+  for (int e = 0; e < kEntriesPerThread; ++e) {
+    const int j = threadIdx.x + e * kMeanThreads;
+    if (j < kCodeTableSize) code_table[j] = code_table_entry(keys, j, &fits);
+  }
   fits = __syncthreads_and(fits) != 0;
   if (threadIdx.x == 0) code_table[kCodeTableSize] = fits ? 1u : 0u;
 }
