@@ -175,16 +175,16 @@ __device__ __forceinline__ double block_sum_fixed_order(double acc, double* smem
   return smem[0];
 }
 
-// Pass 1 of the mean: one double per chunk of kMeanChunk absmax values. CTA 0 also builds the search table of
-// the 8-bit code for pass 3 (code_8bit_table), with whether the code fits it in the entry after it: the first
-// CTA, so that the other CTAs' sums hide the build (the last one left it on the kernel's tail).
+// Pass 1 of the mean: one double per chunk of kMeanChunk absmax values. Given a code_table, CTA 0 also builds the
+// search table of the 8-bit code for pass 3 (code_8bit_table), with whether the code fits it in the entry after
+// it: the first CTA, so that the other CTAs' sums hide the build (the last one left it on the kernel's tail).
 static __global__ void __launch_bounds__(kMeanThreads) absmax_partial_sums_kernel(const float* __restrict__ absmax,
                                                                                    double* __restrict__ partial,
                                                                                    int64_t n, const float* __restrict__ code,
                                                                                    uint32_t* __restrict__ code_table) {
   static_assert(kMeanThreads == 256, "one code value and one threshold key a thread");
   __shared__ double smem[kMeanThreads];
-  const bool builds_table = blockIdx.x == 0;
+  const bool builds_table = code_table != nullptr && blockIdx.x == 0;
   const float code_value = builds_table ? code[threadIdx.x] : 0.0f;  // loaded beside the sums' loads
   const int64_t first = static_cast<int64_t>(blockIdx.x) * kMeanChunk + threadIdx.x * kMeanPerThread;
   double acc = 0.0;
@@ -229,7 +229,8 @@ static __global__ void __launch_bounds__(kMeanThreads) absmax_mean_kernel(const 
 // Pass 3: one warp per block of 256 absmax values (8 a lane) at a time: absmax - mean as 8-bit codes and the
 // block's scale. A warp needs no barrier after the staging, and each lane's 8 code searches are independent.
 // The CTAs stride over the blocks, so each stages the code and its search table once; the table search gives
-// exactly the binary search's codes, which remains for a code that does not fit the table.
+// exactly the binary search's codes, which remains for a code that does not fit the table and where no table
+// was built (code_table nullptr).
 constexpr int kDoubleQuantizeWarps = 8;
 constexpr int kDoubleQuantizeCtasPerSm = 4;
 
@@ -239,7 +240,7 @@ static __global__ void __launch_bounds__(kDoubleQuantizeWarps * 32) double_quant
   constexpr int kPerLane = kAbsmaxBlocksize / 32;
   __shared__ float smem_code[256];
   __shared__ uint32_t smem_table[kCodeTableSize];
-  const bool table_fits = code_table[kCodeTableSize] != 0;
+  const bool table_fits = code_table != nullptr && code_table[kCodeTableSize] != 0;
   for (int i = threadIdx.x; i < 256; i += blockDim.x) smem_code[i] = code[i];
   if (table_fits)
     for (int i = threadIdx.x; i < kCodeTableSize; i += blockDim.x) smem_table[i] = code_table[i];
@@ -381,20 +382,27 @@ inline int64_t double_quantize_scratch_bytes(int64_t n) {
   return absmax_num_partials(n) * static_cast<int64_t>(sizeof(double)) + (kCodeTableSize + 1) * 4;
 }
 
+// The table pays where the grid strides, each CTA searching several blocks: in one pass of the grid, building it
+// costs more than the binary search it saves.
+inline bool double_quantize_table_pays(int64_t blocks, int sms) {
+  return blocks > static_cast<int64_t>(sms) * kDoubleQuantizeCtasPerSm * kDoubleQuantizeWarps;
+}
+
 inline cudaError_t launch_double_quantize(const float* absmax, const float* code, uint8_t* qabsmax, float* absmax2,
                                           float* offset, void* scratch, int64_t n, cudaStream_t stream) {
   if (n == 0) return cudaSuccess;
-  const int64_t num_partials = absmax_num_partials(n);
-  double* partial = static_cast<double*>(scratch);
-  uint32_t* code_table = reinterpret_cast<uint32_t*>(partial + num_partials);
-  absmax_partial_sums_kernel<<<static_cast<unsigned>(num_partials), kMeanThreads, 0, stream>>>(absmax, partial, n, code,
-                                                                                               code_table);
-  absmax_mean_kernel<<<1, kMeanThreads, 0, stream>>>(partial, num_partials, n, offset);
   int device = 0, sms = 0;
   cudaError_t err = cudaGetDevice(&device);
   if (err == cudaSuccess) err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
   if (err != cudaSuccess) return err;
+  const int64_t num_partials = absmax_num_partials(n);
   const int64_t blocks = (n + kAbsmaxBlocksize - 1) / kAbsmaxBlocksize;
+  double* partial = static_cast<double*>(scratch);
+  uint32_t* code_table =
+      double_quantize_table_pays(blocks, sms) ? reinterpret_cast<uint32_t*>(partial + num_partials) : nullptr;
+  absmax_partial_sums_kernel<<<static_cast<unsigned>(num_partials), kMeanThreads, 0, stream>>>(absmax, partial, n, code,
+                                                                                               code_table);
+  absmax_mean_kernel<<<1, kMeanThreads, 0, stream>>>(partial, num_partials, n, offset);
   const int64_t ctas = std::min<int64_t>((blocks + kDoubleQuantizeWarps - 1) / kDoubleQuantizeWarps,
                                          static_cast<int64_t>(sms) * kDoubleQuantizeCtasPerSm);
   double_quantize_kernel<<<static_cast<unsigned>(ctas), kDoubleQuantizeWarps * 32, 0, stream>>>(
