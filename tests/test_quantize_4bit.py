@@ -79,7 +79,18 @@ def test_dynamic_map_is_sorted_and_spans_the_range():
 def test_dynamic_map_hands_out_a_tensor_of_its_own(device):
     for signed in (True, False):
         qlora.dynamic_map(signed, device=device).fill_(0.5)
-        assert torch.equal(qlora.dynamic_map(signed, device=device).cpu(), qlora.dynamic_map(signed))
+        expected = torch.tensor(codebook._DYNAMIC_SIGNED if signed else codebook._DYNAMIC_UNSIGNED)
+        assert torch.equal(qlora.dynamic_map(signed, device=device).cpu(), expected)
+
+
+def test_dynamic_map_under_a_fake_tensor_mode_keeps_no_fake_code(device):
+    from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
+    codebook._DEVICE_MAPS.clear()  # so that the call under the mode is the first for this device
+    with FakeTensorMode():
+        assert isinstance(qlora.dynamic_map(device=device), FakeTensor)
+    real = qlora.dynamic_map(device=device)
+    assert not isinstance(real, FakeTensor)
+    assert torch.equal(real.cpu(), torch.tensor(codebook._DYNAMIC_SIGNED))
 
 
 @cuda_only

@@ -7,6 +7,7 @@ for bit. Values are written as hex floats because they are float32 numbers: no d
 from __future__ import annotations
 
 import torch
+from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 __all__ = ["NF4_VALUES", "FP4_VALUES", "NF4_THRESHOLDS", "FP4_THRESHOLDS", "FP4_CODE_OF_RANK", "code_values",
            "dynamic_map"]
@@ -56,13 +57,15 @@ def code_values(quant_type: str, device=None) -> torch.Tensor:
 def dynamic_map(signed: bool = True, device=None) -> torch.Tensor:
     """The 8-bit dynamic code as a tensor of its own; see ``_dynamic_values``.
 
-    On a GPU it is a copy of one kept on that device: building it from host values would be a host-to-device
-    copy, which waits for all the work queued before it (quantize_4bit calls this for every tensor)."""
+    It is a copy of one kept on that device (quantize_4bit calls this for every tensor). On a GPU, building it
+    from host values would be a host-to-device copy, which waits for all the work queued before it; on the CPU
+    it would take half the time of quantizing a small tensor."""
     values = _DYNAMIC_SIGNED if signed else _DYNAMIC_UNSIGNED
     device = torch.device(device) if device is not None else torch.device("cpu")
-    if device.type != "cuda" or torch.compiler.is_compiling():
+    if torch.compiler.is_compiling() or _get_current_dispatch_mode() is not None:
+        # Traced, or under a mode such as FakeTensorMode: a tensor of that world, never kept.
         return torch.tensor(values, dtype=torch.float32, device=device)
-    if device.index is None:
+    if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
     key = (signed, device)
     if key not in _DEVICE_MAPS:
