@@ -11,6 +11,7 @@
 #include <cstdio>
 #include <vector>
 #include <cstdint>
+#include "flushed_timing.cuh"
 
 template <int RW, int SB, int WN, int WK, int U>
 __global__ void __launch_bounds__(WN * WK * 32) readk(const uint8_t* __restrict__ w, int64_t rows, int64_t row_bytes,
@@ -51,25 +52,7 @@ __global__ void __launch_bounds__(WN * WK * 32) readk(const uint8_t* __restrict_
 }
 
 static char* flush_buf;
-template <typename F>
-static float time_it(F launch) {
-  cudaEvent_t a, b;
-  cudaEventCreate(&a);
-  cudaEventCreate(&b);
-  std::vector<float> t;
-  for (int i = 0; i < 40; ++i) {
-    cudaMemsetAsync(flush_buf, i, 256 << 20);
-    cudaEventRecord(a);
-    launch();
-    cudaEventRecord(b);
-    cudaEventSynchronize(b);
-    float ms;
-    cudaEventElapsedTime(&ms, a, b);
-    if (i >= 8) t.push_back(ms * 1000);
-  }
-  std::sort(t.begin(), t.end());
-  return t[t.size() / 2];
-}
+static float time_it(auto launch) { return flushed_median_us(flush_buf, launch, 40, 8); }
 
 template <int RW, int SB, int WN, int WK, int U>
 void run(const char* name, const uint8_t* w, int64_t rows, int64_t rb, unsigned* out) {
@@ -91,7 +74,7 @@ void run(const char* name, const uint8_t* w, int64_t rows, int64_t rb, unsigned*
 
 int main() {
   setvbuf(stdout, nullptr, _IONBF, 0);
-  if (const cudaError_t err = cudaMalloc(&flush_buf, 256 << 20); err != cudaSuccess) {
+  if (const cudaError_t err = cudaMalloc(&flush_buf, kFlushBytes); err != cudaSuccess) {
     fprintf(stderr, "read_patterns needs a GPU: %s\n", cudaGetErrorString(err));
     return 1;
   }

@@ -15,6 +15,7 @@
 #include <vector>
 
 #include "qlora/lora_linear_4bit.cuh"
+#include "flushed_timing.cuh"
 
 using namespace qlora;
 using bf16 = __nv_bfloat16;
@@ -146,25 +147,7 @@ __global__ void __launch_bounds__(kWarps * 32, kMinCtas) rows_kernel(const LoraL
 }
 
 static char* flush_buf;
-template <typename F>
-static float time_it(F launch) {
-  cudaEvent_t a, b;
-  cudaEventCreate(&a);
-  cudaEventCreate(&b);
-  std::vector<float> t;
-  for (int i = 0; i < 60; ++i) {
-    cudaMemsetAsync(flush_buf, i, 256 << 20);
-    cudaEventRecord(a);
-    launch();
-    cudaEventRecord(b);
-    cudaEventSynchronize(b);
-    float ms;
-    cudaEventElapsedTime(&ms, a, b);
-    if (i >= 10) t.push_back(ms * 1000);
-  }
-  std::sort(t.begin(), t.end());
-  return t[t.size() / 2];
-}
+static float time_it(auto launch) { return flushed_median_us(flush_buf, launch, 60, 10); }
 
 static float host_bf16(uint16_t b) { uint32_t u = uint32_t{b} << 16; float f; memcpy(&f, &u, 4); return f; }
 
@@ -190,7 +173,7 @@ static cudaError_t launch_rows(LoraLinearParams<bf16> p, float* partial, int sms
 
 int main() {
   setvbuf(stdout, nullptr, _IONBF, 0);
-  if (cudaMalloc(&flush_buf, 256 << 20) != cudaSuccess) { printf("no GPU\n"); return 1; }
+  if (cudaMalloc(&flush_buf, kFlushBytes) != cudaSuccess) { printf("no GPU\n"); return 1; }
   int sms = 0;
   cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, 0);
   const int64_t shapes[][2] = {{4096, 4096}, {8192, 8192}, {8192, 28672}, {28672, 8192}, {14336, 4096}, {4096, 14336}};
