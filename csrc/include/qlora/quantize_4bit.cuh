@@ -382,12 +382,6 @@ inline int64_t double_quantize_scratch_bytes(int64_t n) {
   return absmax_num_partials(n) * static_cast<int64_t>(sizeof(double)) + (kCodeTableSize + 1) * 4;
 }
 
-// The table pays where the grid strides, each CTA searching several blocks: in one pass of the grid, building it
-// costs more than the binary search it saves.
-inline bool double_quantize_table_pays(int64_t blocks, int sms) {
-  return blocks > static_cast<int64_t>(sms) * kDoubleQuantizeCtasPerSm * kDoubleQuantizeWarps;
-}
-
 inline cudaError_t launch_double_quantize(const float* absmax, const float* code, uint8_t* qabsmax, float* absmax2,
                                           float* offset, void* scratch, int64_t n, cudaStream_t stream) {
   if (n == 0) return cudaSuccess;
@@ -397,14 +391,15 @@ inline cudaError_t launch_double_quantize(const float* absmax, const float* code
   if (err != cudaSuccess) return err;
   const int64_t num_partials = absmax_num_partials(n);
   const int64_t blocks = (n + kAbsmaxBlocksize - 1) / kAbsmaxBlocksize;
+  const int64_t ctas_wanted = (blocks + kDoubleQuantizeWarps - 1) / kDoubleQuantizeWarps;
+  const int64_t ctas = std::min<int64_t>(ctas_wanted, static_cast<int64_t>(sms) * kDoubleQuantizeCtasPerSm);
   double* partial = static_cast<double*>(scratch);
-  uint32_t* code_table =
-      double_quantize_table_pays(blocks, sms) ? reinterpret_cast<uint32_t*>(partial + num_partials) : nullptr;
+  // The table pays where the grid strides, each CTA searching several blocks: in one pass of the grid, building it
+  // costs more than the binary search it saves.
+  uint32_t* code_table = ctas < ctas_wanted ? reinterpret_cast<uint32_t*>(partial + num_partials) : nullptr;
   absmax_partial_sums_kernel<<<static_cast<unsigned>(num_partials), kMeanThreads, 0, stream>>>(absmax, partial, n, code,
                                                                                                code_table);
   absmax_mean_kernel<<<1, kMeanThreads, 0, stream>>>(partial, num_partials, n, offset);
-  const int64_t ctas = std::min<int64_t>((blocks + kDoubleQuantizeWarps - 1) / kDoubleQuantizeWarps,
-                                         static_cast<int64_t>(sms) * kDoubleQuantizeCtasPerSm);
   double_quantize_kernel<<<static_cast<unsigned>(ctas), kDoubleQuantizeWarps * 32, 0, stream>>>(
       absmax, offset, code, code_table, qabsmax, absmax2, n);
   return cudaGetLastError();
