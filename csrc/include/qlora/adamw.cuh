@@ -236,13 +236,7 @@ __global__ void __launch_bounds__(kAdamWThreads, 3)
   codes.code1[tid] = qmap1[tid];
   codes.code2[tid] = qmap2[tid];
   __syncthreads();
-  bool fits = true;
-  if (tid < 255) {
-    fits = code_threshold(codes.code1, tid, &codes.keys1[tid]) && code_threshold(codes.code2, tid, &codes.keys2[tid]);
-  } else {
-    codes.keys1[255] = INT32_MAX;
-    codes.keys2[255] = INT32_MAX;
-  }
+  bool fits = code_key(codes.code1, tid, codes.keys1) && code_key(codes.code2, tid, codes.keys2);
   const uint32_t negative_codes1 = __syncthreads_count(float_bits(codes.code1[tid]) >> 31);
   for (int j = tid; j < kCodeTableSize; j += kAdamWThreads) {
     codes.table1[j] = code_table_entry(codes.keys1, j, &fits);

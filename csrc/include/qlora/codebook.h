@@ -272,6 +272,16 @@ QLORA_HD bool code_threshold(const float* code, int k, int32_t* key) {
   return code[k] < mid && mid < code[k + 1] && mid != 0.0f;
 }
 
+// Search key k of a code, k < 256: the threshold of midpoint k, or for k = 255 a key past every float; false when
+// midpoint k breaks the midpoint rule.
+QLORA_HD bool code_key(const float* code, int k, int32_t* keys) {
+  if (k == 255) {
+    keys[255] = INT32_MAX;
+    return true;
+  }
+  return code_threshold(code, k, &keys[k]);
+}
+
 // Table entry j from the 255 threshold keys (increasing, as a code that keeps the midpoint rule gives them)
 // followed by INT32_MAX; clears *fits when the bucket holds two thresholds, or one it cannot carry.
 QLORA_HD uint32_t code_table_entry(const int32_t* keys, int j, bool* fits) {
@@ -295,8 +305,7 @@ QLORA_HD uint32_t code_table_entry(const int32_t* keys, int j, bool* fits) {
 inline bool build_code_table(const float* code, uint32_t* table) {
   int32_t keys[256];
   bool fits = true;
-  for (int k = 0; k < 255; ++k) fits = code_threshold(code, k, &keys[k]) && fits;
-  keys[255] = INT32_MAX;
+  for (int k = 0; k < 256; ++k) fits = code_key(code, k, keys) && fits;
   for (int j = 0; fits && j < kCodeTableSize; ++j) table[j] = code_table_entry(keys, j, &fits);
   return fits;
 }

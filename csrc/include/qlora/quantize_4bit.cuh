@@ -198,11 +198,7 @@ static __global__ void __launch_bounds__(kMeanThreads) absmax_partial_sums_kerne
   __shared__ int32_t keys[256];
   code_s[threadIdx.x] = code_value;
   __syncthreads();
-  bool fits = true;
-  if (threadIdx.x < 255)
-    fits = code_threshold(code_s, threadIdx.x, &keys[threadIdx.x]);
-  else
-    keys[255] = INT32_MAX;
+  bool fits = code_key(code_s, threadIdx.x, keys);
   __syncthreads();
   // Unrolled, so that a thread's independent searches overlap their shared-memory latencies.
   constexpr int kEntriesPerThread = (kCodeTableSize + kMeanThreads - 1) / kMeanThreads;
