@@ -2,8 +2,8 @@
 bf16 F.linear (with and without the same LoRA in PyTorch), then torch.profiler's per-kernel times of the op with
 and without LoRA (calls back to back). Finally the host time to enqueue one call, against F.linear's.
 
-    python tools/lora_time_split.py            # M = 1, 16, 256
-    python tools/lora_time_split.py 1,4096
+    PYTHONPATH=python:. python tools/lora_time_split.py            # M = 1, 16, 256
+    PYTHONPATH=python:. python tools/lora_time_split.py 1,4096
 """
 
 import sys
@@ -11,9 +11,9 @@ import time
 
 import torch
 import torch.nn.functional as F
-from triton.testing import do_bench
 
 import qlora
+from bench.common import time_us
 
 from time_lora_paths import SCALE, SHAPES, layer  # this folder is on sys.path when run as a script
 
@@ -28,7 +28,8 @@ def kernel_times(fn, calls=5):
 
 
 def enqueue_us(fn, calls=300):
-    """Host µs per call, with the GPU kept busy enough that the queue never drains."""
+    """Host µs per call: launches return before their kernels run, so the loop times what the host does to
+    enqueue a call (until the launch queue fills)."""
     for _ in range(10):
         fn()
     torch.cuda.synchronize()
@@ -53,7 +54,7 @@ def main():
             bf16 = lambda: F.linear(x, w)
             timed = {"op": op, "op without LoRA": op_plain, "x·Aᵀ": lambda: F.linear(x, A), "bf16": bf16,
                      "bf16 + LoRA": lambda: F.linear(x, w).add_(F.linear(F.linear(x, A), B), alpha=SCALE)}
-            us = {name: do_bench(fn, warmup=25, rep=100, return_mode="median") * 1e3 for name, fn in timed.items()}
+            us = {name: time_us(fn, torch.device(dev)) for name, fn in timed.items()}
             print(f"{N}x{K} M={M}: " + "  ".join(f"{k} {v:.1f}" for k, v in us.items()), flush=True)
             for name, fn in [("with LoRA", op), ("without", op_plain)]:
                 print(f"   kernels {name} (µs each): " +
