@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 import qlora
-from bench.common import Context, Row, rotating, time_both_orders
+from bench.common import Context, Row, rotating, time_both_orders, with_gpu_alone
 
 SHAPES = [(4096, 4096), (8192, 8192), (28672, 8192), (8192, 28672)]  # N x K (out x in)
 MS = [1, 16, 256, 4096]
@@ -61,9 +61,8 @@ def run(ctx: Context) -> list[Row]:
         """Times the rows of one case against each other (time_both_orders) and keeps those that ran."""
         timed = time_both_orders([fn for _, fn in pending], dev,
                                  [f"lora_linear {row.case} {row.shape} {row.impl}" for row, _ in pending])
-        for (row, _), us in zip(pending, timed):
-            if us is not None:
-                rows.append(dataclasses.replace(row, us=us))
+        ran = [(dataclasses.replace(row, us=us), fn) for (row, fn), us in zip(pending, timed) if us is not None]
+        rows.extend(with_gpu_alone([row for row, _ in ran], [fn for _, fn in ran], dev))
         pending.clear()
 
     for N, K in shapes:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 import qlora
-from bench.common import Context, Row, rotating, time_us
+from bench.common import Context, Row, rotating, time_us, with_gpu_alone
 
 SHAPES = [(4096, 4096), (28672, 8192)]
 QUICK_SHAPES = [(256, 512), (1024, 1024)]
@@ -27,7 +27,8 @@ def run(ctx: Context) -> list[Row]:
         next_q = rotating(lambda: qlora.quantize_4bit(weight()), n / 2)
 
         def add(case, impl, fn, nbytes, note=""):
-            rows.append(Row("quantize_4bit", case, shape, impl, time_us(fn, ctx.device), nbytes, note=note))
+            row = Row("quantize_4bit", case, shape, impl, time_us(fn, ctx.device), nbytes, note=note)
+            rows.extend(with_gpu_alone([row], [fn], ctx.device))
 
         add("quantize nf4+dq", "qlora", lambda: qlora.quantize_4bit(next_w()), q_bytes)
         add("dequantize nf4+dq", "qlora", lambda: qlora.dequantize_4bit(*next_q()), dq_bytes)

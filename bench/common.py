@@ -31,6 +31,12 @@ class Row:
     bytes: float = 0.0    # fewest bytes the op must move (read + write)
     flops: float = 0.0
     note: str = ""
+    gpu_us: float = 0.0   # the GPU's time alone (gpu_alone_us), where measured; 0 where not
+
+    @property
+    def host_bound(self) -> bool:
+        """do_bench's median is mostly the host's: the GPU alone takes under 1/1.15 of it."""
+        return self.gpu_us > 0 and self.us > HOST_BOUND_RATIO * self.gpu_us
 
     @property
     def gbps(self) -> float:
@@ -85,6 +91,39 @@ def time_us(fn: Callable[[], object], device: torch.device, warmup_ms: float = 2
         fn()
         samples.append(time.perf_counter() - t0)
     return statistics.median(samples) * 1e6
+
+
+HOST_BOUND_RATIO = 1.15
+GPU_ALONE_BELOW_US = 500.0  # longer calls leave the host time to enqueue the next one: not measured
+_FLUSH_BYTES = 256 << 20    # as triton's do_bench
+
+
+def gpu_alone_us(fn: Callable[[], object], device: torch.device, reps: int = 15) -> float:
+    """Median GPU time of fn() with the host out of the way: before each call a ~1 ms sleep kernel gives the host
+    a head start, so every kernel of the call is queued before the GPU reaches the first (do_bench times the gaps
+    too, which are the host's enqueue time where that exceeds the GPU's work: a short op of several launches).
+    L2 is emptied before each call as do_bench does."""
+    flush = torch.empty(_FLUSH_BYTES, dtype=torch.uint8, device=device)
+    fn()
+    pairs = []
+    for _ in range(reps):
+        torch.cuda._sleep(2_000_000)
+        flush.zero_()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        pairs.append((start, end))
+    torch.cuda.synchronize(device)
+    return statistics.median(s.elapsed_time(e) for s, e in pairs) * 1e3
+
+
+def with_gpu_alone(rows: Sequence[Row], fns: Sequence[Callable[[], object]], device: torch.device) -> list[Row]:
+    """rows with gpu_us filled in where do_bench read less than GPU_ALONE_BELOW_US (CUDA only)."""
+    if device.type != "cuda":
+        return list(rows)
+    return [dataclasses.replace(r, gpu_us=gpu_alone_us(fn, device)) if r.us < GPU_ALONE_BELOW_US else r
+            for r, fn in zip(rows, fns)]
 
 
 def time_both_orders(fns: Sequence[Callable[[], object]], device: torch.device,
@@ -171,7 +210,12 @@ def format_table(rows: Sequence[Row], ctx: Context) -> str:
         gbps = f"{ours.gbps:>9.0f}" if ours and ours.bytes else f"{'':>9}"
         frac = f"{ours.gbps / ctx.copy_gbps:>8.0%} " if ours and ours.bytes and ctx.copy_gbps else f"{'':>9}"
         ratios = "  ".join(f"{i}/qlora={by_impl[i].us / ours.us:.2f}x" for i in by_impl if ours and i != "qlora")
-        lines.append(f"{case[:34]:34} {shape[:18]:18}{cells}{gbps}{frac}  {ratios}")
+        host = ", ".join(f"{i} {r.gpu_us:.1f}" for i, r in by_impl.items() if r.host_bound)
+        host = f"  host-bound, GPU alone µs: {host}" if host else ""
+        lines.append(f"{case[:34]:34} {shape[:18]:18}{cells}{gbps}{frac}  {ratios}{host}")
+    if any(r.host_bound for r in rows):
+        lines.append(f"host-bound: do_bench's median over {HOST_BOUND_RATIO}x the GPU's time alone (bench.common."
+                     "gpu_alone_us); the gap is the host's enqueue time, which do_bench counts")
     return "\n".join(lines)
 
 
