@@ -9,15 +9,15 @@
 
 constexpr size_t kFlushBytes = size_t{256} << 20;
 
-// flush: a device buffer of kFlushBytes.
-template <typename F>
-float flushed_median_us(char* flush, F launch, int runs, int warmup) {
+// prepare(i) runs before run i, outside the timed events.
+template <typename P, typename F>
+float median_us_after(P prepare, F launch, int runs, int warmup) {
   cudaEvent_t a, b;
   cudaEventCreate(&a);
   cudaEventCreate(&b);
   std::vector<float> t;
   for (int i = 0; i < runs; ++i) {
-    cudaMemsetAsync(flush, i, kFlushBytes);
+    prepare(i);
     cudaEventRecord(a);
     launch();
     cudaEventRecord(b);
@@ -30,4 +30,10 @@ float flushed_median_us(char* flush, F launch, int runs, int warmup) {
   cudaEventDestroy(b);
   std::sort(t.begin(), t.end());
   return t[t.size() / 2];
+}
+
+// flush: a device buffer of kFlushBytes.
+template <typename F>
+float flushed_median_us(char* flush, F launch, int runs, int warmup) {
+  return median_us_after([&](int i) { cudaMemsetAsync(flush, i, kFlushBytes); }, launch, runs, warmup);
 }

@@ -11,7 +11,6 @@
 // one (which leaves L2 clean); `read` and `expand` also with an evict_first cache hint on their loads.
 // cp.async with the hint is not timed: nvcc 13.0's ptxas gives its LDGSTS a descriptor register it never sets
 // (with createpolicy and with the constant alike), and the copy traps as an illegal instruction on the H200.
-#include <algorithm>
 #include <cstdint>
 #include <cstdio>
 
@@ -113,35 +112,18 @@ static char* flush_buf;
 static unsigned* out;
 static int sms;
 
-// The median of 40 runs after a written flush (as the benchmarks) and after a read one (L2 left clean).
+// The median of 32 runs after a written flush (as the benchmarks) and after a read one: the flush buffer written,
+// then read twice, so L2 holds its lines clean.
 template <typename F>
 void report(const char* name, double bytes_moved, F launch) {
   const float written = flushed_median_us(flush_buf, launch, 40, 8);
-  // After a read flush (flushed_median_us only writes): the flush buffer written, then read twice, so L2 holds
-  // its lines clean.
-  cudaEvent_t a, b;
-  cudaEventCreate(&a);
-  cudaEventCreate(&b);
-  float best[64];
-  int count = 0;
-  for (int i = 0; i < 48; ++i) {
-    cudaMemset(flush_buf, i, kFlushBytes);
-    read_flush_kernel<<<sms * 8, 256>>>(reinterpret_cast<const uint4*>(flush_buf), kFlushBytes / 16, out);
-    read_flush_kernel<<<sms * 8, 256>>>(reinterpret_cast<const uint4*>(flush_buf), kFlushBytes / 16, out);
-    cudaEventRecord(a);
-    launch();
-    cudaEventRecord(b);
-    cudaEventSynchronize(b);
-    float ms;
-    cudaEventElapsedTime(&ms, a, b);
-    if (i >= 8) best[count++] = ms * 1000;
-  }
-  std::sort(best, best + count);
-  const float read_flushed = best[count / 2];
+  const float read_flushed = median_us_after([&](int i) {
+    cudaMemsetAsync(flush_buf, i, kFlushBytes);
+    for (int pass = 0; pass < 2; ++pass)
+      read_flush_kernel<<<sms * 8, 256>>>(reinterpret_cast<const uint4*>(flush_buf), kFlushBytes / 16, out);
+  }, launch, 40, 8);
   printf("  %-28s written flush %7.1f us %5.0f GB/s | read flush %7.1f us %5.0f GB/s\n", name, written,
          bytes_moved / written / 1e3, read_flushed, bytes_moved / read_flushed / 1e3);
-  cudaEventDestroy(a);
-  cudaEventDestroy(b);
 }
 
 int main() {
