@@ -308,12 +308,14 @@ def test_opcheck(device, M, variant):
 
 
 @cuda_only
-@pytest.mark.parametrize("M, N, K", [(1, 1000, 4096), (3, 1000, 4128), (1, 4096, 256), (16, 1000, 4096)])
+@pytest.mark.parametrize("M, N, K", [(1, 1000, 4096), (3, 1000, 4128), (1, 4096, 256), (16, 1000, 4096),
+                                     (256, 1000, 4096), (300, 520, 4096)])
 def test_back_to_back_calls(M, N, K):
     """Small M on sm_90 overlaps the op's own launches (the GEMV starts while lora_down runs, the epilogue while the
-    GEMV ends); calls queued back to back with different inputs give what each gives alone. K = 256 runs the GEMV
-    as one split, which finishes y itself. (The races the launch chain's waits prevent are too short to show here:
-    with either wait removed this test still passed on the H200, so it checks the chain, not the waits.)"""
+    GEMV ends), and so does the tensor-core GEMM at M = 256-300 with the launch that computes xa; calls queued back to
+    back with different inputs give what each gives alone. K = 256 runs the GEMV as one split, which finishes y
+    itself. (The races the launch chain's waits prevent are too short to show here: with either wait removed this
+    test still passed on the H200, so it checks the chain, not the waits.)"""
     a = sample_inputs("cuda", M, N, K, 16, torch.bfloat16)
     xs = [torch.randn_like(a["x"]) for _ in range(6)]
     expected = []
