@@ -16,6 +16,14 @@ bool built_with_cuda() {
 
 std::string built_cuda_archs() { return QLORA_CUDA_ARCHS; }
 
+bool built_with_openmp() {
+#ifdef _OPENMP
+  return true;
+#else
+  return false;
+#endif
+}
+
 bool built_for_sm90a() {
   // With a plain sm_90 image beside it, which of the two an H100/H200 loads is not ours to pick.
   const std::string archs = std::string(" ") + QLORA_CUDA_ARCHS + " ";

@@ -28,4 +28,5 @@ PYBIND11_MODULE(_C, m) {
   m.def("with_cuda", &qlora::built_with_cuda, "Whether the CUDA kernels were compiled into the library.");
   m.def("cuda_archs", &qlora::built_cuda_archs, "The CUDA architectures the kernels were compiled for.");
   m.def("sm90a", &qlora::built_for_sm90a, "Whether the sm_90a kernels (tensor-core 4-bit GEMM) were compiled.");
+  m.def("openmp", &qlora::built_with_openmp, "Whether the CPU kernels run on torch's OpenMP threads.");
 }
