@@ -145,8 +145,17 @@ QLORA_HD bool finite_scale(float absmax, float inv) {
 }
 
 QLORA_HD uint32_t fp4_code(float x, const Bucket* buckets) {
+  // |x| for x < 0, else x itself (-0 and NaN stay as they are; NaN falls to rank 0, like bitsandbytes).
+#if defined(__CUDA_ARCH__)
   const uint32_t sign = x < 0.0f ? 8u : 0u;
-  const float a = x < 0.0f ? -x : x;  // NaN stays NaN and falls to rank 0, like bitsandbytes
+  const float a = x < 0.0f ? -x : x;
+#else
+  // The same by a flag and a sign-bit flip: as selects, the host compiler branched on the sign, a coin toss per
+  // element (2048x2048 FP4 quantize on one core 36.7 ms, against 20.5 now).
+  const uint32_t negative = static_cast<uint32_t>(x < 0.0f);
+  const uint32_t sign = negative << 3;
+  const float a = bits_float(float_bits(x) ^ (negative << 31));
+#endif
   const Bucket b = buckets[bucket_index(a, kFP4Buckets, 0.0f, kFP4Buckets)];
   const uint32_t rank = b.base + (a > b.threshold ? 1u : 0u);
   return sign | ((kFP4CodeOfRank >> (4u * rank)) & 0xfu);
