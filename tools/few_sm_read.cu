@@ -8,6 +8,7 @@
 #include <cstdio>
 
 #include "flushed_timing.cuh"
+#include "ring_read.cuh"
 
 template <int U>
 __global__ void __launch_bounds__(1024, 1) read_kernel(const uint4* __restrict__ w, int64_t n16, unsigned* out) {
@@ -24,34 +25,6 @@ __global__ void __launch_bounds__(1024, 1) read_kernel(const uint4* __restrict__
   if ((acc.x ^ acc.y ^ acc.z ^ acc.w) == 0x12345678u) out[0] = 1;
 }
 
-// S stages of 16 KB in a cp.async ring (S - 1 in flight while one is read).
-template <int S>
-__global__ void __launch_bounds__(1024, 1) ring_kernel(const uint8_t* __restrict__ w, int64_t bytes, unsigned* out) {
-  constexpr int kStage = 16384;
-  extern __shared__ __align__(16) uint8_t ring[];
-  const int64_t per_cta = (bytes / gridDim.x + kStage - 1) / kStage * kStage;
-  const int64_t begin = blockIdx.x * per_cta, end = bytes < begin + per_cta ? bytes : begin + per_cta;
-  const int steps = begin < end ? static_cast<int>((end - begin + kStage - 1) / kStage) : 0;
-  auto issue = [&](int s) {
-    if (s < steps) {
-      const int64_t src = begin + static_cast<int64_t>(s) * kStage + threadIdx.x * 16;
-      const uint32_t dst = static_cast<uint32_t>(__cvta_generic_to_shared(ring + (s % S) * kStage + threadIdx.x * 16));
-      if (src < end) asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(dst), "l"(w + src));
-    }
-    asm volatile("cp.async.commit_group;\n" ::);
-  };
-  for (int s = 0; s < S - 1; ++s) issue(s);
-  uint32_t acc = 0;
-  for (int s = 0; s < steps; ++s) {
-    issue(s + S - 1);
-    asm volatile("cp.async.wait_group %0;\n" ::"n"(S - 1));
-    __syncthreads();
-    acc ^= reinterpret_cast<const uint32_t*>(ring + (s % S) * kStage)[threadIdx.x];
-    __syncthreads();
-  }
-  if (acc == 0x12345678u) out[0] = 1;
-}
-
 static char* flush_buf;
 
 int main() {
@@ -66,16 +39,14 @@ int main() {
   uint8_t* w;
   cudaMalloc(&w, bytes);
   cudaMemset(w, 1, bytes);
-  cudaFuncSetAttribute(ring_kernel<8>, cudaFuncAttributeMaxDynamicSharedMemorySize, 8 * 16384);
-  cudaFuncSetAttribute(ring_kernel<12>, cudaFuncAttributeMaxDynamicSharedMemorySize, 12 * 16384);
   printf("%.1f MB, GB/s (us) by CTAs, one an SM\n", bytes / 1e6);
   for (const int ctas : {1, 2, 4, 8, 16}) {
     auto show = [&](const char* name, float us) { printf("  %2d CTAs %-18s %7.1f us %6.0f GB/s\n", ctas, name, us, bytes / us / 1e3); };
     const int64_t n16 = bytes / 16;
     show("loads, U 4", flushed_median_us(flush_buf, [&] { read_kernel<4><<<ctas, 1024>>>(reinterpret_cast<const uint4*>(w), n16, out); }, 20, 4));
     show("loads, U 8", flushed_median_us(flush_buf, [&] { read_kernel<8><<<ctas, 1024>>>(reinterpret_cast<const uint4*>(w), n16, out); }, 20, 4));
-    show("ring, 8 x 16 KB", flushed_median_us(flush_buf, [&] { ring_kernel<8><<<ctas, 1024, 8 * 16384>>>(w, bytes, out); }, 20, 4));
-    show("ring, 12 x 16 KB", flushed_median_us(flush_buf, [&] { ring_kernel<12><<<ctas, 1024, 12 * 16384>>>(w, bytes, out); }, 20, 4));
+    show("ring, 8 x 16 KB", flushed_median_us(flush_buf, [&] { launch_ring_read<16384, 8>(ctas, 1024, w, bytes, out); }, 20, 4));
+    show("ring, 12 x 16 KB", flushed_median_us(flush_buf, [&] { launch_ring_read<16384, 12>(ctas, 1024, w, bytes, out); }, 20, 4));
   }
   printf("%s\n", cudaGetErrorString(cudaGetLastError()));
 }

@@ -15,6 +15,7 @@
 #include <cstdio>
 
 #include "flushed_timing.cuh"
+#include "ring_read.cuh"
 
 __device__ __forceinline__ uint64_t created_policy() {
   uint64_t policy;
@@ -71,34 +72,6 @@ __global__ void __launch_bounds__(256) expand_kernel(const uint4* __restrict__ w
   }
 }
 
-// A CTA streams a contiguous range through a 4-stage ring of 8 KB stages (each thread 2 pieces of 16 bytes a stage).
-__global__ void __launch_bounds__(256) cp_async_kernel(const uint8_t* __restrict__ w, int64_t bytes, unsigned* out) {
-  constexpr int kStage = 8192, kStages = 4;
-  __shared__ __align__(16) uint8_t ring[kStages * kStage];
-  const int64_t per_cta = (bytes / gridDim.x + kStage - 1) / kStage * kStage;
-  const int64_t begin = blockIdx.x * per_cta, end = bytes < begin + per_cta ? bytes : begin + per_cta;
-  const int steps = begin < end ? static_cast<int>((end - begin + kStage - 1) / kStage) : 0;
-  auto issue = [&](int s) {
-    if (s < steps)
-      for (int piece = threadIdx.x; piece < kStage / 16; piece += blockDim.x) {
-        const int64_t src = begin + static_cast<int64_t>(s) * kStage + piece * 16;
-        const uint32_t dst = static_cast<uint32_t>(__cvta_generic_to_shared(ring + (s % kStages) * kStage + piece * 16));
-        if (src < end) asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(dst), "l"(w + src));
-      }
-    asm volatile("cp.async.commit_group;\n" ::);
-  };
-  for (int s = 0; s < kStages - 1; ++s) issue(s);
-  uint32_t acc = 0;
-  for (int s = 0; s < steps; ++s) {
-    issue(s + kStages - 1);
-    asm volatile("cp.async.wait_group %0;\n" ::"n"(kStages - 1));
-    __syncthreads();
-    acc ^= reinterpret_cast<const uint32_t*>(ring + (s % kStages) * kStage)[threadIdx.x];
-    __syncthreads();
-  }
-  if (acc == 0x12345678u) out[0] = 1;
-}
-
 __global__ void read_flush_kernel(const uint4* __restrict__ f, int64_t n16, unsigned* out) {
   uint4 acc = make_uint4(0, 0, 0, 0);
   for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n16; i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
@@ -149,7 +122,7 @@ int main() {
     const unsigned grid_read = sms * 8;
     report("read", bytes, [&] { read_kernel<false><<<grid_read, 256>>>(reinterpret_cast<const uint4*>(w), n16, out); });
     report("read, evict_first", bytes, [&] { read_kernel<true><<<grid_read, 256>>>(reinterpret_cast<const uint4*>(w), n16, out); });
-    report("cp.async", bytes, [&] { cp_async_kernel<<<sms * 4, 256>>>(w, bytes, out); });
+    report("cp.async", bytes, [&] { launch_ring_read<8192, 4>(sms * 4, 256, w, bytes, out); });
     const unsigned grid_expand = static_cast<unsigned>((n16 + 255) / 256);
     report("expand x4", 5.0 * bytes, [&] { expand_kernel<false><<<grid_expand, 256>>>(reinterpret_cast<const uint4*>(w), reinterpret_cast<uint4*>(y), n16); });
     report("expand x4, evict_first", 5.0 * bytes, [&] { expand_kernel<true><<<grid_expand, 256>>>(reinterpret_cast<const uint4*>(w), reinterpret_cast<uint4*>(y), n16); });
