@@ -25,6 +25,7 @@
 #include <cstdint>
 
 #include "qlora/launch.cuh"
+#include "qlora/pairs.cuh"
 
 namespace qlora {
 namespace lora_down_mma {
@@ -43,14 +44,6 @@ constexpr int unroll() { return NT <= 2 ? 4 : NT <= 4 ? 2 : 1; }
 // r <= 8 * NT.
 template <int NT>
 constexpr int smem_bytes() { return kWarps * 16 * 8 * NT * 4; }
-
-__device__ __forceinline__ void mma_bf16(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
-  asm volatile(
-      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
-      "{%0, %1, %2, %3};\n"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-}
 
 __device__ __forceinline__ uint4 load16_or_zero(const __nv_bfloat16* p, bool ok) {
   return ok ? __ldg(reinterpret_cast<const uint4*>(p)) : make_uint4(0, 0, 0, 0);
@@ -104,7 +97,10 @@ __global__ void __launch_bounds__(kThreads, 1) lora_down_mma_kernel(const __nv_b
           const uint32_t a[4] = {word(xv[u][0], 2 * s), word(xv[u][1], 2 * s), word(xv[u][0], 2 * s + 1),
                                  word(xv[u][1], 2 * s + 1)};
 #pragma unroll
-          for (int j = 0; j < NT; ++j) mma_bf16(acc[j], a, word(av[u][j], 2 * s), word(av[u][j], 2 * s + 1));
+          for (int j = 0; j < NT; ++j) {
+            const uint32_t b[2] = {word(av[u][j], 2 * s), word(av[u][j], 2 * s + 1)};
+            MmaType<__nv_bfloat16>::mma(acc[j], a, b);
+          }
         }
     }
     // d0, d1: row g, columns 2c, 2c + 1 of the n-tile; d2, d3: row g + 8.
