@@ -616,7 +616,7 @@ cudaError_t launch_as(const Gemm4bitParams& p, cudaStream_t stream, int splits =
   const dim3 grid(static_cast<unsigned>((p.N + rows - 1) / rows), static_cast<unsigned>(tiles), static_cast<unsigned>(splits));
   // Only on sm_90 (launch_gemm_4bit), where dependent launches run: with LoRA, after the launch that computes xa.
   return launch_in_clusters(kernel, grid, dim3(cta_threads(kTokens, kWarpgroups, kSplitK)), kSmemBytes, stream, p.r > 0,
-                            static_cast<unsigned>(splits), args);
+                            dim3(1, 1, static_cast<unsigned>(splits)), args);
 }
 
 template <QuantType QT, bool kDoubleQuant, int kTokens>

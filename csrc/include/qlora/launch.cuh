@@ -53,11 +53,11 @@ cudaError_t opt_in_dynamic_smem(int bytes) {
 }
 
 // kernel<<<grid, block, smem, stream>>>(args...), as a programmatic dependent of the launch just before it in
-// the stream when `dependent` (see allow_dependent_launch), with the grid's z dimension in clusters of cluster_z
-// CTAs when that is above 1.
+// the stream when `dependent` (see allow_dependent_launch), with the grid in clusters of `cluster` CTAs when that
+// holds more than one.
 template <typename... Params, typename... Args>
 cudaError_t launch_in_clusters(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem, cudaStream_t stream,
-                               bool dependent, unsigned cluster_z, Args&&... args) {
+                               bool dependent, dim3 cluster, Args&&... args) {
   cudaLaunchConfig_t config = {};
   config.gridDim = grid;
   config.blockDim = block;
@@ -69,16 +69,16 @@ cudaError_t launch_in_clusters(void (*kernel)(Params...), dim3 grid, dim3 block,
     attributes[config.numAttrs].id = cudaLaunchAttributeProgrammaticStreamSerialization;
     attributes[config.numAttrs++].val.programmaticStreamSerializationAllowed = 1;
   }
-  if (cluster_z > 1) {
+  if (cluster.x * cluster.y * cluster.z > 1) {
     attributes[config.numAttrs].id = cudaLaunchAttributeClusterDimension;
-    attributes[config.numAttrs++].val.clusterDim = {1, 1, cluster_z};
+    attributes[config.numAttrs++].val.clusterDim = {cluster.x, cluster.y, cluster.z};
   }
   return cudaLaunchKernelEx(&config, kernel, std::forward<Args>(args)...);
 }
 template <typename... Params, typename... Args>
 cudaError_t launch_maybe_dependent(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem, cudaStream_t stream,
                                    bool dependent, Args&&... args) {
-  return launch_in_clusters(kernel, grid, block, smem, stream, dependent, 1u, std::forward<Args>(args)...);
+  return launch_in_clusters(kernel, grid, block, smem, stream, dependent, dim3(1, 1, 1), std::forward<Args>(args)...);
 }
 
 }  // namespace qlora

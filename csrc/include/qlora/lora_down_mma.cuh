@@ -137,19 +137,8 @@ cudaError_t launch_as(const __nv_bfloat16* x, const __nv_bfloat16* A, __nv_bfloa
   const int64_t rounds = ((M + 15) / 16 + kTilesPerRound - 1) / kTilesPerRound;
   unsigned ctas = static_cast<unsigned>(rounds < kCtas ? rounds : kCtas);
   ctas = (ctas + cluster - 1) / cluster * cluster;
-  cudaLaunchConfig_t config = {};
-  config.gridDim = dim3(ctas);
-  config.blockDim = dim3(kThreads);
-  config.dynamicSmemBytes = smem_bytes<NT>();
-  config.stream = stream;
-  cudaLaunchAttribute attribute = {};
-  if (cluster > 1) {
-    attribute.id = cudaLaunchAttributeClusterDimension;
-    attribute.val.clusterDim = {cluster, 1, 1};
-    config.attrs = &attribute;
-    config.numAttrs = 1;
-  }
-  return cudaLaunchKernelEx(&config, kernel, x, A, xa, M, K, r);
+  return launch_in_clusters(kernel, dim3(ctas), dim3(kThreads), smem_bytes<NT>(), stream, false, dim3(cluster, 1, 1), x,
+                            A, xa, M, K, r);
 }
 
 }  // namespace lora_down_mma
