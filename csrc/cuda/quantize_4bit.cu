@@ -1,5 +1,6 @@
 // CUDA glue for the quantization ops: argument checks, allocation, the current stream, dtype dispatch.
 #include <ATen/core/Tensor.h>
+#include <ATen/cuda/CUDAContext.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/zeros.h>
 #include <c10/cuda/CUDAException.h>
@@ -46,6 +47,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> double_quantize_cuda(const at::Te
   at::Tensor scratch = at::empty({ceil_div(double_quantize_scratch_bytes(n), 8)}, a.options().dtype(at::kDouble));
   C10_CUDA_CHECK(launch_double_quantize(a.const_data_ptr<float>(), c.const_data_ptr<float>(), qabsmax.data_ptr<uint8_t>(),
                                         absmax2.data_ptr<float>(), offset.data_ptr<float>(), scratch.data_ptr(), n,
+                                        at::cuda::getCurrentDeviceProperties()->multiProcessorCount,
                                         c10::cuda::getCurrentCUDAStream()));
   return {qabsmax, absmax2, offset};
 }

@@ -379,16 +379,12 @@ inline int64_t double_quantize_scratch_bytes(int64_t n) {
 }
 
 inline cudaError_t launch_double_quantize(const float* absmax, const float* code, uint8_t* qabsmax, float* absmax2,
-                                          float* offset, void* scratch, int64_t n, cudaStream_t stream) {
+                                          float* offset, void* scratch, int64_t n, int num_sms, cudaStream_t stream) {
   if (n == 0) return cudaSuccess;
-  int device = 0, sms = 0;
-  cudaError_t err = cudaGetDevice(&device);
-  if (err == cudaSuccess) err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
-  if (err != cudaSuccess) return err;
   const int64_t num_partials = absmax_num_partials(n);
   const int64_t blocks = (n + kAbsmaxBlocksize - 1) / kAbsmaxBlocksize;
   const int64_t ctas_wanted = (blocks + kDoubleQuantizeWarps - 1) / kDoubleQuantizeWarps;
-  const int64_t ctas = std::min<int64_t>(ctas_wanted, static_cast<int64_t>(sms) * kDoubleQuantizeCtasPerSm);
+  const int64_t ctas = std::min<int64_t>(ctas_wanted, static_cast<int64_t>(num_sms) * kDoubleQuantizeCtasPerSm);
   double* partial = static_cast<double*>(scratch);
   // The table pays where the grid strides, each CTA searching several blocks: in one pass of the grid, building it
   // costs more than the binary search it saves.
