@@ -17,6 +17,7 @@
 #include "dispatch.h"
 #include "qlora/build_info.h"
 #include "qlora/gemm_4bit.cuh"
+#include "qlora/lora_down_mma.cuh"
 #include "qlora/lora_linear_4bit.cuh"
 
 namespace qlora {
@@ -104,12 +105,14 @@ const char* tensor_core_unsupported(const at::Tensor& x, const LoraLinearArgs& a
   return nullptr;
 }
 
-// Mid-size M: cuBLAS computes xa = x_lora·Aᵀ ([M, r], small) and the kernel adds s·xa·Bᵀ and the bias to its fp32
+// Mid-size M: xa = x_lora·Aᵀ ([M, r], small) comes first and the kernel adds s·xa·Bᵀ and the bias to its fp32
 // tile before y's one rounding, instead of a second cuBLAS call writing them into y for the kernel to accumulate
-// onto. The kernel is launched as a programmatic dependent of that cuBLAS call (launch.cuh) and waits for it only
-// before its epilogue reads xa. `python -m bench` on the H200, path 6 forward: 4096x4096 M = 16 47.1-71.8 µs in
-// the two runs before, 28.2 after; M = 256 48.0-64.5 -> 37.3 (2026-11-29; the run after also had the split form's
-// pipelines).
+// onto. `python -m bench` on the H200, path 6 forward: 4096x4096 M = 16 47.1-71.8 µs in the two runs before, 28.2
+// after; M = 256 48.0-64.5 -> 37.3 (2026-11-29). The kernel is launched as a programmatic dependent of the launch
+// that computes xa (launch.cuh) and waits for it only before its epilogue. That launch is lora_down_mma where it
+// takes the layout: a few CTAs that allow the GEMM's launch at their start, so that xa is computed beside the GEMM
+// instead of ahead of it, as cuBLAS's x·Aᵀ was (5.5-9 µs at M = 256; beside it, 0.2-1.8 µs more than the GEMM with
+// xa ready, tools/xa_beside_gemm.cu on the H200, 2026-11-29). Otherwise cuBLAS.
 at::Tensor tensor_core_forward(const at::Tensor& x2, const at::Tensor& packed, const at::Tensor& absmax,
                                int64_t blocksize, const LoraLinearArgs& args, const std::optional<at::Tensor>& absmax2,
                                const std::optional<at::Tensor>& code2, const std::optional<at::Tensor>& offset,
@@ -123,7 +126,18 @@ at::Tensor tensor_core_forward(const at::Tensor& x2, const at::Tensor& packed, c
   if (bias.has_value()) b = bias->contiguous();
   if (args.lora) {
     lb = lora_B->contiguous();
-    xa = lora_down(x2, *lora_A, xl2);  // the last launch before the kernel, which starts as its dependent
+    // The last launch before the kernel, which starts as its dependent.
+    if (lora_down_mma_supported(args.K, args.r)) {
+      const at::Tensor xl = xl2.has_value() ? aligned_contiguous(*xl2) : x;
+      const at::Tensor la = aligned_contiguous(*lora_A);
+      xa = at::empty({args.M, args.r}, x.options());
+      C10_CUDA_CHECK(launch_lora_down_mma(
+          static_cast<const __nv_bfloat16*>(xl.const_data_ptr()), static_cast<const __nv_bfloat16*>(la.const_data_ptr()),
+          static_cast<__nv_bfloat16*>(xa.data_ptr()), args.M, args.K, static_cast<int>(args.r),
+          c10::cuda::getCurrentCUDAStream(), gemm_4bit_cluster_size(args.M, args.N, args.K, num_sms, wide)));
+    } else {
+      xa = lora_down(x2, *lora_A, xl2);
+    }
   }
   at::Tensor y = at::empty({args.M, args.N}, x.options());
   Gemm4bitParams prm;

@@ -638,6 +638,14 @@ cudaError_t launch_for(const Gemm4bitParams& p, int num_sms, bool wide, cudaStre
 
 }  // namespace gemm4bit
 
+// CTAs a cluster in the launch launch_gemm_4bit makes (256-token tiles split over K run in clusters of the splits):
+// a kernel running beside the GEMM takes its SMs in clusters of as many, so that it leaves whole cluster slots free.
+inline unsigned gemm_4bit_cluster_size(int64_t M, int64_t N, int64_t K, int num_sms, bool wide) {
+  return wide || gemm4bit::gemm_4bit_wide_tiles_pay(M, N, K, num_sms)
+             ? static_cast<unsigned>(gemm4bit::wide_splits(M, N, K, num_sms))
+             : 1u;
+}
+
 // Only for bfloat16, gemm_4bit_supported layouts and a device the sm_90a code runs on (the caller checks).
 // `wide`: 256-token tiles whatever M (for tests and benchmarks); otherwise the tile is chosen by M and the grid.
 inline cudaError_t launch_gemm_4bit(const Gemm4bitParams& p, QuantType quant_type, int num_sms, bool wide,

@@ -4,10 +4,10 @@
 // The small-M op (lora_linear_4bit.cuh) is three launches: lora_down, the GEMV, the split-K epilogue. The GEMV does
 // not need lora_down's output unless it finishes y itself, so it is launched as a dependent of lora_down and starts
 // while lora_down runs; the epilogue is launched as a dependent of the GEMV, so its launch latency hides under the
-// GEMV's last CTAs. The tensor-core GEMM (gemm_4bit.cuh) is launched as a dependent of the cuBLAS call that computes
-// xa, which it reads only in its epilogue. A kernel launched that way calls wait_for_prior_grid before it reads what
-// its predecessor writes, and before it exits, so that its completion still implies its predecessors'. Both device
-// calls are no-ops in a kernel launched normally, and compiled out below sm_90.
+// GEMV's last CTAs. The tensor-core GEMM (gemm_4bit.cuh) is launched as a dependent of the launch that computes xa
+// (lora_down_mma.cuh, or cuBLAS), which it reads only in its epilogue. A kernel launched that way calls
+// wait_for_prior_grid before it reads what its predecessor writes, and before it exits, so that its completion still
+// implies its predecessors'. Both device calls are no-ops in a kernel launched normally, and compiled out below sm_90.
 #pragma once
 
 #include <cuda_runtime.h>
