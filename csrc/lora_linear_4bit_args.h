@@ -5,6 +5,7 @@
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
 
+#include <algorithm>
 #include <optional>
 #include <string>
 #include <vector>
@@ -43,16 +44,20 @@ enum LoraLinearPath : int64_t {
 // vs 300.4) and loses at M = 128 (4096x4096 55.3 vs 43.6, 8192x28672 497.2 vs 299.0), where each 32-row slice
 // of x decodes the weights again. The general loop lost to dequantize + cuBLAS already at M = 32 (4096x4096 44 vs 33 us,
 // 8192x28672 371 vs 288; CUDA-graph times, tools/time_lora_paths.py), so other layouts stop at 32.
-// Where the tensor-core GEMM runs with token tiles of 32 or 64 (gemm4bit::tokens_for) on a launch that fills the
-// GPU (gemm_4bit_fills_gpu), it takes over above M = 16 (H200, 2026-11-29, do_bench µs, with the LoRA term):
-// 8192x28672 M = 32 118.0 against 140.9 for the fused kernel, M = 64 130.8 against 248.5; 8192x8192 M = 32 47.6
-// against 56.4. At M = 16 the fused kernel is ahead (8192x28672 91.9 against 118.5).
+// Where the tensor-core GEMM can run, it takes over from the fused kernel at an M set by the CTAs of its launch
+// with 32- or 64-token tiles (gemm4bit::gemm_4bit_ctas): above 16 where they fill three quarters of the SMs, above
+// 32 where they fill a third. H200, 2026-11-29, tools/time_lora_paths.py, do_bench µs, r = 16, fused (the
+// better layout) against tensor-core: 224 and 128 CTAs, 14336x4096 M = 16 35.2 vs 37.1, M = 24 49.2 vs 37.2;
+// 8192x8192 M = 16 34.0 vs 36.9, M = 24 48.1 vs 37.2. 64 CTAs, 4096x14336 M = 32 45.1 vs 53.0, M = 48 73.1 vs
+// 58.3, M = 64 77.3 vs 58.4; 4096x4096 M = 32 24.8 vs 23.3, M = 48 32.5 vs 25.3. 16 CTAs, 1024x4096: the fused
+// kernel wins through its range (M = 48 19.4 vs 24.7, M = 64 22.3 vs 24.9).
 constexpr int64_t kFusedMaxM = 32;
 constexpr int64_t kFusedBlockScaledMaxM = 64;
-constexpr int64_t kFusedBelowTensorCoreMaxM = 16;
-inline int64_t fused_max_m(int64_t blocksize, int64_t K, bool tensor_core_takes_over) {
-  if (tensor_core_takes_over) return kFusedBelowTensorCoreMaxM;
-  return block_scaled_layout(blocksize, K) ? kFusedBlockScaledMaxM : kFusedMaxM;
+inline int64_t fused_max_m(int64_t blocksize, int64_t K, int64_t tensor_core_ctas, int num_sms) {
+  const int64_t own = block_scaled_layout(blocksize, K) ? kFusedBlockScaledMaxM : kFusedMaxM;
+  if (4 * tensor_core_ctas >= 3 * static_cast<int64_t>(num_sms)) return std::min<int64_t>(own, 16);
+  if (3 * tensor_core_ctas >= static_cast<int64_t>(num_sms)) return std::min<int64_t>(own, 32);
+  return own;
 }
 // Largest M for which the automatic choice takes the tensor-core GEMM (kPathTensorCore, where it applies)
 // rather than dequantize + cuBLAS, above the fused kernel's range. Measured on the H200 (2026-11-29, r = 16,

@@ -2,9 +2,10 @@
 included, L2 emptied between runs) and do_bench_cudagraph (GPU time only; warm L2 for weights that fit in it).
 Prints "do_bench/graph" in µs per path, then torch.profiler's per-kernel split of the fused path at 4096x4096.
 
-    python tools/time_lora_paths.py
+    python tools/time_lora_paths.py [--shapes 4096x4096,1024x4096] [--ms 1,16,32] [--paths auto,tensor-core] [--profile]
 """
 
+import argparse
 import math
 
 import torch
@@ -34,24 +35,44 @@ def layer(N, K, dev):
     return w, packed, qs, A, B
 
 
+def tensor_core_runs(x, packed, qs, A, B):
+    try:
+        qlora.lora_linear_4bit(x, packed, qs, None, A, B, SCALE, None, 6)
+        return True
+    except ValueError:
+        return False
+
+
 def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--shapes", default=",".join(f"{n}x{k}" for n, k in SHAPES), help="N x K, comma-separated")
+    parser.add_argument("--ms", default=",".join(map(str, MS)))
+    parser.add_argument("--paths", default="auto,fused,block-scaled,dequant+gemm,tensor-core,bf16,bf16+LoRA")
+    parser.add_argument("--profile", action="store_true", help="torch.profiler's split of the fused path at 4096x4096")
+    args = parser.parse_args()
+    shapes = [tuple(int(d) for d in s.split("x")) for s in args.shapes.split(",")]
+    wanted = set(args.paths.split(","))
     dev = torch.device("cuda")
-    for N, K in SHAPES:
+    for N, K in shapes:
         w, packed, qs, A, B = layer(N, K, dev)
-        for M in MS:
+        for M in (int(m) for m in args.ms.split(",")):
             x = torch.randn(M, K, device=dev, dtype=torch.bfloat16)
             cells = []
-            for name, path in [("auto", 0), ("fused", 1), ("block-scaled", 3), ("dequant+gemm", 2)]:
-                if path == 3 and M > 32:
+            for name, path in [("auto", 0), ("fused", 1), ("block-scaled", 3), ("dequant+gemm", 2), ("tensor-core", 6)]:
+                if name not in wanted or (path == 3 and M > 32):
+                    continue
+                if path == 6 and not tensor_core_runs(x, packed, qs, A, B):
                     continue
                 eager, graph = both(lambda: qlora.lora_linear_4bit(x, packed, qs, None, A, B, SCALE, None, path))
                 cells.append(f"{name} {eager:.1f}/{graph:.1f}")
-            eager, graph = both(lambda: F.linear(x, w))
-            cells.append(f"bf16 {eager:.1f}/{graph:.1f}")
-            eager, graph = both(lambda: F.linear(x, w) + SCALE * F.linear(F.linear(x, A), B))
-            cells.append(f"bf16+LoRA {eager:.1f}/{graph:.1f}")
+            if "bf16" in wanted:
+                eager, graph = both(lambda: F.linear(x, w))
+                cells.append(f"bf16 {eager:.1f}/{graph:.1f}")
+            if "bf16+LoRA" in wanted:
+                eager, graph = both(lambda: F.linear(x, w) + SCALE * F.linear(F.linear(x, A), B))
+                cells.append(f"bf16+LoRA {eager:.1f}/{graph:.1f}")
             print(f"{N}x{K} M={M}: " + "  ".join(cells), flush=True)
-        if (N, K) == (4096, 4096):
+        if args.profile and (N, K) == (4096, 4096):
             for M in (1, 16):
                 x = torch.randn(M, K, device=dev, dtype=torch.bfloat16)
                 with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:

@@ -524,14 +524,10 @@ inline bool gemm_4bit_split_k(int64_t M, int64_t N, int num_sms) {
   return 4 * cta_count(M, N, cta_rows(kRowFormWarpgroups, false)) < 3 * static_cast<int64_t>(num_sms);
 }
 
-// Whether the launch has CTAs for at least three quarters of the SMs. With 32- and 64-token tiles a launch
-// short of that ran at half speed and worse (H200, 2026-11-29, do_bench µs, 4096x4096 with 64 CTAs: M = 32 74.5,
-// M = 64 77.2, against 39.6 at M = 128 and 29.0 / 40.9 for the fused kernel), where launches of 128 CTAs and more
-// did not (8192x8192 M = 32 47.6 against the fused kernel's 56.4).
-inline bool gemm_4bit_fills_gpu(int64_t M, int64_t N, int num_sms) {
-  const int64_t ctas = gemm_4bit_split_k(M, N, num_sms) ? cta_count(M, N, cta_rows(split_form_warpgroups(tokens_for(M)), true))
-                                                        : cta_count(M, N, cta_rows(kRowFormWarpgroups, false));
-  return 4 * ctas >= 3 * static_cast<int64_t>(num_sms);
+// The CTAs of the launch for M tokens (row form or split form, as launch_gemm_4bit chooses without wide tiles).
+inline int64_t gemm_4bit_ctas(int64_t M, int64_t N, int num_sms) {
+  return gemm_4bit_split_k(M, N, num_sms) ? cta_count(M, N, cta_rows(split_form_warpgroups(tokens_for(M)), true))
+                                          : cta_count(M, N, cta_rows(kRowFormWarpgroups, false));
 }
 
 // 256-token tiles above 128 tokens, where their launch (row form, K split in two where that fills more SMs) has
