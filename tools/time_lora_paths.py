@@ -47,7 +47,8 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--shapes", default=",".join(f"{n}x{k}" for n, k in SHAPES), help="N x K, comma-separated")
     parser.add_argument("--ms", default=",".join(map(str, MS)))
-    parser.add_argument("--paths", default="auto,fused,block-scaled,dequant+gemm,tensor-core,bf16,bf16+LoRA")
+    parser.add_argument("--paths",
+                        default="auto,fused,block-scaled,dequant+gemm,tensor-core,tensor-core-wide,bf16,bf16+LoRA")
     parser.add_argument("--profile", action="store_true", help="torch.profiler's split of the fused path at 4096x4096")
     args = parser.parse_args()
     shapes = [tuple(int(d) for d in s.split("x")) for s in args.shapes.split(",")]
@@ -58,10 +59,11 @@ def main():
         for M in (int(m) for m in args.ms.split(",")):
             x = torch.randn(M, K, device=dev, dtype=torch.bfloat16)
             cells = []
-            for name, path in [("auto", 0), ("fused", 1), ("block-scaled", 3), ("dequant+gemm", 2), ("tensor-core", 6)]:
+            for name, path in [("auto", 0), ("fused", 1), ("block-scaled", 3), ("dequant+gemm", 2), ("tensor-core", 6),
+                               ("tensor-core-wide", 7)]:
                 if name not in wanted or (path == 3 and M > 32):
                     continue
-                if path == 6 and not tensor_core_runs(x, packed, qs, A, B):
+                if path in (6, 7) and not tensor_core_runs(x, packed, qs, A, B):
                     continue
                 eager, graph = both(lambda: qlora.lora_linear_4bit(x, packed, qs, None, A, B, SCALE, None, path))
                 cells.append(f"{name} {eager:.1f}/{graph:.1f}")
