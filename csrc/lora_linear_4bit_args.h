@@ -59,20 +59,23 @@ inline int64_t fused_max_m(int64_t blocksize, int64_t K, int64_t tensor_core_cta
   if (3 * tensor_core_ctas >= static_cast<int64_t>(num_sms)) return std::min<int64_t>(own, 32);
   return own;
 }
-// Largest M for which the automatic choice takes the tensor-core GEMM (kPathTensorCore, where it applies)
-// rather than dequantize + cuBLAS, above the fused kernel's range. Measured on the H200 (2026-11-29, r = 16,
-// bf16, forward µs, tensor-core vs the better dequantize + cuBLAS form), with 128-token tiles (`python -m bench`):
-// M = 128 8192x28672 160.9 vs 296.8, 4096x4096 54.6 vs 58.6; M = 256 8192x8192 93.4 vs 111.9; and with 256-token
-// tiles where their grid fills the GPU (gemm_4bit_wide_tiles_pay), `python -m bench` paths rows: M = 512
-// 8192x28672 395.9 vs 502.6, 4096x4096 57.0 vs 80.5; M = 1024 8192x28672 813.9 vs 862.7, 4096x4096 67.9 vs 68.0;
-// triton do_bench (both orders averaged), M = 1024: 8192x8192 233.0 vs 251.9, 8192x28672 793.9 vs 863.2,
-// 28672x8192 860.8 vs 884.0, 4096x14336 204.3 vs 225.7; but where K = 4096 it ties or loses: 4096x4096 67.9 vs
-// 68.4, 14336x4096 246.4 vs 229.7, 1024x4096 39.4 vs 31.4 (64 stages a CTA, and the last a short grid). From
-// M = 1536 dequantize + cuBLAS wins on all but one of seven shapes (8192x28672 1210.0 vs 1202.6), and at M = 4096
-// the merged form by 5-15 %: under sustained load both run at the board's power limit, where cuBLAS does more
-// per clock than a kernel that also decodes.
-constexpr int64_t kTensorCoreMaxM = 512, kTensorCoreLongKMaxM = 1024, kTensorCoreLongK = 8192;
-inline int64_t tensor_core_max_m(int64_t K) { return K >= kTensorCoreLongK ? kTensorCoreLongKMaxM : kTensorCoreMaxM; }
+// Largest M for which the automatic choice takes the tensor-core GEMM (kPathTensorCore, where it applies) rather
+// than dequantize + cuBLAS, above the fused kernel's range; above 128 tokens only where its launch has CTAs for
+// three quarters of the SMs (gemm4bit::gemm_4bit_ctas), and above 512 only with 256-token tiles
+// (gemm_4bit_wide_tiles_pay: 1024x4096 M = 1024 in 128 CTAs of 128-token tiles took 54.3 µs, against 31.7 for
+// dequantize + cuBLAS). Measured on the H200 (2026-11-29, r = 16, bf16, forward µs, tensor-core vs the better
+// dequantize + cuBLAS form), with 128-token tiles (`python -m bench`): M = 128 8192x28672 160.9 vs 296.8, 4096x4096
+// 54.6 vs 58.6 (and 29.9 vs 110.6 in the run of 18cc912, with 64 CTAs); M = 256 8192x8192 93.4 vs 111.9; with
+// 256-token tiles where their grid fills the GPU (gemm_4bit_wide_tiles_pay), `python -m bench` paths rows: M = 512
+// 8192x28672 395.9 vs 502.6, 4096x4096 57.0 vs 80.5; M = 1024 8192x28672 813.9 vs 862.7. With x·Aᵀ beside the GEMM
+// (lora_down_mma), tools/time_lora_paths.py, do_bench µs, M = 1024: 4096x4096 63.2 vs 77.7 (the automatic choice,
+// then dequantize + cuBLAS, 68.1), 14336x4096 242.7 vs 241.7, 4096x14336 185.4 vs 232.5, 8192x8192 234.9 vs 262.4,
+// 28672x8192 854.5 vs 909.0. Launches short of the SMs lose above 128 tokens: 1024x4096 M = 512 (64 CTAs) 32.5 vs
+// 28.3, M = 256 (32 CTAs) 29.4 vs 29.6. At M = 1536 dequantize + cuBLAS wins on all seven shapes (4096x4096 104.7 vs
+// 136.3, 14336x4096 335.0 vs 385.7, 8192x28672 1242.2 vs 1279.0), and at M = 4096 the merged form by 5-15 %: under
+// sustained load both run at the board's power limit, where cuBLAS does more per clock than a kernel that also
+// decodes.
+constexpr int64_t kTensorCoreMaxM = 1024, kTensorCoreNarrowMaxM = 512;
 // Largest LoRA rank the fused kernel stages in shared memory (64 rows x r floats within 48 KB).
 constexpr int64_t kFusedMaxRank = 192;
 

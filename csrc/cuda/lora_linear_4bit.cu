@@ -207,16 +207,21 @@ at::Tensor lora_linear_4bit_cuda(const at::Tensor& x, const at::Tensor& packed, 
                     why_not_fused == nullptr ? "" : why_not_fused);
   const char* why_not_tensor_core = tensor_core_unsupported(x, args, blocksize);
   const int num_sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
-  const bool tensor_core_in_range = why_not_tensor_core == nullptr && args.M <= tensor_core_max_m(args.K);
-  const int64_t small_tile_ctas =
-      why_not_tensor_core == nullptr ? gemm4bit::gemm_4bit_ctas(gemm4bit::kSmallTokensMaxM, args.N, num_sms) : 0;
+  auto tensor_core_ctas = [&](int64_t M) {
+    return why_not_tensor_core == nullptr ? gemm4bit::gemm_4bit_ctas(M, args.N, args.K, num_sms) : 0;
+  };
+  const bool tensor_core_pays =
+      why_not_tensor_core == nullptr && args.M <= kTensorCoreMaxM &&
+      (args.M <= gemm4bit::kMaxTokens || 4 * tensor_core_ctas(args.M) >= 3 * static_cast<int64_t>(num_sms)) &&
+      (args.M <= kTensorCoreNarrowMaxM || gemm4bit::gemm_4bit_wide_tiles_pay(args.M, args.N, args.K, num_sms));
+  const int64_t small_tile_ctas = tensor_core_ctas(gemm4bit::kSmallTokensMaxM);
   const bool fused = forced_fused || (path == kPathAuto && why_not_fused == nullptr &&
                                       args.M <= fused_max_m(blocksize, args.K, small_tile_ctas, num_sms));
   const bool forced_tensor_core = path == kPathTensorCore || path == kPathTensorCoreWide;
   TORCH_CHECK_VALUE(!forced_tensor_core || why_not_tensor_core == nullptr, "path=", path,
                     " (tensor-core GEMM) cannot run: ", why_not_tensor_core == nullptr ? "" : why_not_tensor_core);
   const bool tensor_core = !fused && why_not_tensor_core == nullptr &&
-                           (forced_tensor_core || (path == kPathAuto && tensor_core_in_range));
+                           (forced_tensor_core || (path == kPathAuto && tensor_core_pays));
   const at::Tensor y =
       fused ? fused_forward(x2, packed, absmax, blocksize, args, absmax2, code2, offset, bias, lora_A, lora_B, scale,
                             xl2, path != kPathFused, num_sms)

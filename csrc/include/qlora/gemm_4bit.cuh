@@ -524,11 +524,6 @@ inline bool gemm_4bit_split_k(int64_t M, int64_t N, int num_sms) {
   return 4 * cta_count(M, N, cta_rows(kRowFormWarpgroups, false)) < 3 * static_cast<int64_t>(num_sms);
 }
 
-// The CTAs of the launch for M tokens (row form or split form, as launch_gemm_4bit chooses without wide tiles).
-inline int64_t gemm_4bit_ctas(int64_t M, int64_t N, int num_sms) {
-  return gemm_4bit_split_k(M, N, num_sms) ? cta_count(M, N, cta_rows(split_form_warpgroups(tokens_for(M)), true))
-                                          : cta_count(M, N, cta_rows(kRowFormWarpgroups, false));
-}
 
 // 256-token tiles above 128 tokens, where their launch (row form, K split in two where that fills more SMs) has
 // CTAs for three quarters of the SMs. Against 128-token tiles on the H200 (2026-11-29, standalone program, NF4 +
@@ -553,6 +548,12 @@ inline int wide_splits(int64_t M, int64_t N, int64_t K, int num_sms) {
 }
 inline bool gemm_4bit_wide_tiles_pay(int64_t M, int64_t N, int64_t K, int num_sms) {
   return M > kMaxTokens && 4 * wide_tiles(M, N) * wide_splits(M, N, K, num_sms) >= 3 * static_cast<int64_t>(num_sms);
+}
+// The CTAs of the launch launch_gemm_4bit makes for M tokens without `wide`.
+inline int64_t gemm_4bit_ctas(int64_t M, int64_t N, int64_t K, int num_sms) {
+  if (gemm_4bit_wide_tiles_pay(M, N, K, num_sms)) return wide_tiles(M, N) * wide_splits(M, N, K, num_sms);
+  return gemm_4bit_split_k(M, N, num_sms) ? cta_count(M, N, cta_rows(split_form_warpgroups(tokens_for(M)), true))
+                                          : cta_count(M, N, cta_rows(kRowFormWarpgroups, false));
 }
 
 // cuTensorMapEncodeTiled from the driver through the runtime, so that the library needs no link to libcuda.
