@@ -53,10 +53,11 @@ enum LoraLinearPath : int64_t {
 // kernel wins through its range (M = 48 19.4 vs 24.7, M = 64 22.3 vs 24.9).
 constexpr int64_t kFusedMaxM = 32;
 constexpr int64_t kFusedBlockScaledMaxM = 64;
+constexpr int64_t kFusedBelowTensorCoreMaxM = 16, kFusedBelowShortTensorCoreMaxM = 32;
 inline int64_t fused_max_m(int64_t blocksize, int64_t K, int64_t tensor_core_ctas, int num_sms) {
   const int64_t own = block_scaled_layout(blocksize, K) ? kFusedBlockScaledMaxM : kFusedMaxM;
-  if (4 * tensor_core_ctas >= 3 * static_cast<int64_t>(num_sms)) return std::min<int64_t>(own, 16);
-  if (3 * tensor_core_ctas >= static_cast<int64_t>(num_sms)) return std::min<int64_t>(own, 32);
+  if (4 * tensor_core_ctas >= 3 * static_cast<int64_t>(num_sms)) return std::min(own, kFusedBelowTensorCoreMaxM);
+  if (3 * tensor_core_ctas >= static_cast<int64_t>(num_sms)) return std::min(own, kFusedBelowShortTensorCoreMaxM);
   return own;
 }
 // Largest M for which the automatic choice takes the tensor-core GEMM (kPathTensorCore, where it applies) rather
