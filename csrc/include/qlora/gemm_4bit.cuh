@@ -548,11 +548,23 @@ inline int wide_splits(int64_t M, int64_t N, int64_t K, int num_sms) {
 inline bool gemm_4bit_wide_tiles_pay(int64_t M, int64_t N, int64_t K, int num_sms) {
   return M > kMaxTokens && 4 * wide_tiles(M, N) * wide_splits(M, N, K, num_sms) >= 3 * static_cast<int64_t>(num_sms);
 }
+// How launch_gemm_4bit launches for M tokens: the token tile, the split form or the row form, and the K splits of a
+// 256-token tile (a cluster of that many CTAs). `wide`: 256-token tiles whatever M.
+struct LaunchPlan {
+  int tokens;
+  bool split_form;
+  int splits;
+};
+inline LaunchPlan launch_plan(int64_t M, int64_t N, int64_t K, int num_sms, bool wide) {
+  if (wide || gemm_4bit_wide_tiles_pay(M, N, K, num_sms)) return {kWideTokens, false, wide_splits(M, N, K, num_sms)};
+  return {tokens_for(M), gemm_4bit_split_k(M, N, num_sms), 1};
+}
 // The CTAs of the launch launch_gemm_4bit makes for M tokens without `wide`.
 inline int64_t gemm_4bit_ctas(int64_t M, int64_t N, int64_t K, int num_sms) {
-  if (gemm_4bit_wide_tiles_pay(M, N, K, num_sms)) return wide_tiles(M, N) * wide_splits(M, N, K, num_sms);
-  return gemm_4bit_split_k(M, N, num_sms) ? cta_count(M, N, cta_rows(split_form_warpgroups(tokens_for(M)), true))
-                                          : cta_count(M, N, cta_rows(kRowFormWarpgroups, false));
+  const LaunchPlan plan = launch_plan(M, N, K, num_sms, false);
+  const int rows =
+      plan.split_form ? cta_rows(split_form_warpgroups(plan.tokens), true) : cta_rows(kRowFormWarpgroups, false);
+  return cta_count(M, N, rows, plan.tokens) * plan.splits;
 }
 
 // cuTensorMapEncodeTiled from the driver through the runtime, so that the library needs no link to libcuda.
@@ -616,19 +628,19 @@ cudaError_t launch_as(const Gemm4bitParams& p, cudaStream_t stream, int splits =
 }
 
 template <QuantType QT, bool kDoubleQuant, int kTokens>
-cudaError_t launch_with(const Gemm4bitParams& p, int num_sms, cudaStream_t stream) {
-  return gemm_4bit_split_k(p.M, p.N, num_sms) ? launch_as<QT, kDoubleQuant, kTokens, split_form_warpgroups(kTokens), true>(p, stream)
-                                              : launch_as<QT, kDoubleQuant, kTokens, kRowFormWarpgroups, false>(p, stream);
+cudaError_t launch_with(const Gemm4bitParams& p, bool split_form, cudaStream_t stream) {
+  return split_form ? launch_as<QT, kDoubleQuant, kTokens, split_form_warpgroups(kTokens), true>(p, stream)
+                    : launch_as<QT, kDoubleQuant, kTokens, kRowFormWarpgroups, false>(p, stream);
 }
 
 template <QuantType QT, bool kDoubleQuant>
 cudaError_t launch_for(const Gemm4bitParams& p, int num_sms, bool wide, cudaStream_t stream) {
-  if (wide || gemm_4bit_wide_tiles_pay(p.M, p.N, p.K, num_sms))
-    return launch_as<QT, kDoubleQuant, kWideTokens, kRowFormWarpgroups, false>(p, stream, wide_splits(p.M, p.N, p.K, num_sms));
-  switch (tokens_for(p.M)) {
-    case 32: return launch_with<QT, kDoubleQuant, 32>(p, num_sms, stream);
-    case 64: return launch_with<QT, kDoubleQuant, 64>(p, num_sms, stream);
-    default: return launch_with<QT, kDoubleQuant, kMaxTokens>(p, num_sms, stream);
+  const LaunchPlan plan = launch_plan(p.M, p.N, p.K, num_sms, wide);
+  switch (plan.tokens) {
+    case 32: return launch_with<QT, kDoubleQuant, 32>(p, plan.split_form, stream);
+    case 64: return launch_with<QT, kDoubleQuant, 64>(p, plan.split_form, stream);
+    case kMaxTokens: return launch_with<QT, kDoubleQuant, kMaxTokens>(p, plan.split_form, stream);
+    default: return launch_as<QT, kDoubleQuant, kWideTokens, kRowFormWarpgroups, false>(p, stream, plan.splits);
   }
 }
 
@@ -637,9 +649,7 @@ cudaError_t launch_for(const Gemm4bitParams& p, int num_sms, bool wide, cudaStre
 // CTAs a cluster in the launch launch_gemm_4bit makes (256-token tiles split over K run in clusters of the splits):
 // a kernel running beside the GEMM takes its SMs in clusters of as many, so that it leaves whole cluster slots free.
 inline unsigned gemm_4bit_cluster_size(int64_t M, int64_t N, int64_t K, int num_sms, bool wide) {
-  return wide || gemm4bit::gemm_4bit_wide_tiles_pay(M, N, K, num_sms)
-             ? static_cast<unsigned>(gemm4bit::wide_splits(M, N, K, num_sms))
-             : 1u;
+  return static_cast<unsigned>(gemm4bit::launch_plan(M, N, K, num_sms, wide).splits);
 }
 
 // Only for bfloat16, gemm_4bit_supported layouts and a device the sm_90a code runs on (the caller checks).
