@@ -59,11 +59,12 @@ def main():
         for M in (int(m) for m in args.ms.split(",")):
             x = torch.randn(M, K, device=dev, dtype=torch.bfloat16)
             cells = []
+            tensor_core = tensor_core_runs(x, packed, qs, A, B)
             for name, path in [("auto", 0), ("fused", 1), ("block-scaled", 3), ("dequant+gemm", 2), ("tensor-core", 6),
                                ("tensor-core-wide", 7)]:
                 if name not in wanted or (path == 3 and M > 32):
                     continue
-                if path in (6, 7) and not tensor_core_runs(x, packed, qs, A, B):
+                if path in (6, 7) and not tensor_core:
                     continue
                 eager, graph = both(lambda: qlora.lora_linear_4bit(x, packed, qs, None, A, B, SCALE, None, path))
                 cells.append(f"{name} {eager:.1f}/{graph:.1f}")
