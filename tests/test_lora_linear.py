@@ -209,6 +209,26 @@ def test_tensor_core_wide_split_k(M, K):
 
 
 @cuda_only
+@pytest.mark.parametrize("M, K", [(200, 256), (256, 1024), (300, 4160)])
+@pytest.mark.parametrize("lora", [False, True])
+def test_tensor_core_stream_k(M, K, lora):
+    """20480 rows of 256-token tiles make 160 or 320 tiles, a wave and a poorly filled last one on an H200, so the
+    GEMM runs in stream-K form: one CTA an SM (four fewer beside lora_down_mma) with an even share of all tiles'
+    stages, tiles split between two CTAs summed through a workspace by whichever gets there second. Its output is
+    accurate, the same on every call (the counters reset), also queued back to back."""
+    if not tensor_core_runs(torch.device("cuda")):
+        pytest.skip("the tensor-core GEMM does not run here")
+    a = sample_inputs("cuda", M, 20480, K, 16, torch.bfloat16, lora=lora, bias=lora)
+    y = OP(**a, path=6)
+    assert_accurate(y, reference.lora_linear_4bit(**a), torch_baseline(a), torch.bfloat16, "stream-K")
+    xs = [torch.randn_like(a["x"]) for _ in range(3)]
+    outs = [OP(**{**a, "x": x}, path=6) for x in xs * 2]
+    for i, out in enumerate(outs):
+        assert torch.equal(out, OP(**{**a, "x": xs[i % 3]}, path=6)), f"call {i}"
+    assert torch.equal(y, OP(**a, path=6))
+
+
+@cuda_only
 @pytest.mark.parametrize("r", [1, 7, 16, 64, 130])
 @pytest.mark.parametrize("N, K, M", [(520, 4096, 16), (520, 4096, 200), (16384, 256, 200)])
 @pytest.mark.parametrize("x_lora, bias", [(False, True), (True, False)])

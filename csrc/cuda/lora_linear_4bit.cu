@@ -124,10 +124,19 @@ at::Tensor tensor_core_forward(const at::Tensor& x2, const at::Tensor& packed, c
   const ScaleInputs scales = contiguous_scales(absmax, absmax2, code2, offset, args.weight.double_quant);
   at::Tensor xa, lb, b;
   if (bias.has_value()) b = bias->contiguous();
+  // The stream-K form's workspace, before xa's launch, which must be the last before the kernel.
+  const bool xa_beside = args.lora && lora_down_mma_supported(args.K, args.r);
+  const int stream_k_ctas =
+      gemm4bit::gemm_4bit_stream_k_ctas(args.M, args.N, args.K, num_sms, xa_beside ? lora_down_mma::kCtas : 0);
+  at::Tensor stream_k_partials, stream_k_arrivals;
+  if (stream_k_ctas > 0) {
+    stream_k_partials = at::empty({gemm4bit::stream_k_partial_floats(stream_k_ctas)}, x.options().dtype(at::kFloat));
+    stream_k_arrivals = at::empty({stream_k_ctas}, x.options().dtype(at::kInt)).zero_();
+  }
   if (args.lora) {
     lb = lora_B->contiguous();
     // The last launch before the kernel, which starts as its dependent.
-    if (lora_down_mma_supported(args.K, args.r)) {
+    if (xa_beside) {
       const at::Tensor xl = xl2.has_value() ? aligned_contiguous(*xl2) : x;
       const at::Tensor la = aligned_contiguous(*lora_A);
       xa = at::empty({args.M, args.r}, x.options());
@@ -156,6 +165,11 @@ at::Tensor tensor_core_forward(const at::Tensor& x2, const at::Tensor& packed, c
     prm.lora_scale = static_cast<float>(scale);
   }
   if (b.defined()) prm.bias = static_cast<const __nv_bfloat16*>(b.const_data_ptr());
+  if (stream_k_ctas > 0) {
+    prm.stream_k_ctas = stream_k_ctas;
+    prm.stream_k_partials = stream_k_partials.data_ptr<float>();
+    prm.stream_k_arrivals = reinterpret_cast<unsigned*>(stream_k_arrivals.data_ptr<int32_t>());
+  }
   C10_CUDA_CHECK(launch_gemm_4bit(prm, args.weight.quant_type, num_sms, wide, c10::cuda::getCurrentCUDAStream()));
   return y;
 }

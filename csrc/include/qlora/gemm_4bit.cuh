@@ -56,6 +56,12 @@ struct Gemm4bitParams {
   int r = 0;                              // 0: no LoRA term
   float lora_scale = 0.0f;
   const __nv_bfloat16* bias = nullptr;    // [N]
+  // The stream-K form of the 256-token tiles in stream_k_ctas CTAs (gemm_4bit_stream_k_ctas; 0: not), with its
+  // workspace: stream_k_partial_floats(stream_k_ctas) floats and as many counters, zero before the launch (a launch
+  // leaves them zero).
+  int stream_k_ctas = 0;
+  float* stream_k_partials = nullptr;
+  unsigned* stream_k_arrivals = nullptr;
 };
 
 namespace gemm4bit {
@@ -68,6 +74,9 @@ struct KernelArgs {
   CUtensorMap x_last_map;
   CUtensorMap w_map;
   Gemm4bitParams p;
+  // Stream-K (stream_k_tiles > 0): the grid's CTAs take equal spans of all tiles' stages in order, tiles row tile
+  // first; a tile split between two CTAs is finished by whichever of them gets there second.
+  int stream_k_tiles_n = 0, stream_k_tiles = 0;
 };
 // Tokens of x the box of the tile at token m_base holds: just the rows below M, and the tile's other rows stay
 // stale (a token's outputs read only its own row, and stale ones are never stored). A box that reaches past M
@@ -92,7 +101,8 @@ constexpr int tokens_for(int64_t M) { return M <= 32 ? 32 : M <= kSmallTokensMax
 // Whether x's token tiles fit the grid's y dimension (M past kSmallTokensMaxM takes kMaxTokens a tile).
 inline bool gemm_4bit_rows_fit(int64_t M) { return (M + kMaxTokens - 1) / kMaxTokens <= 65535; }
 constexpr int kSharedBytesPerCta = 227 * 1024;  // the most a CTA may opt in to on sm_90
-constexpr int kFixedSharedBytes = 1024 /* alignment */ + kTableBytes + 256 * 4 /* code2 */;
+constexpr int kFixedSharedBytes =
+    1024 /* alignment */ + kTableBytes + 256 * 4 /* code2 */ + 16 /* stream-K: segment barrier, arrival order */;
 template <int kTokens>
 struct Tile {
   static constexpr int kXStageBytes = kTokens * kStageK * 2;         // a multiple of the 1024-byte swizzle atom
@@ -256,7 +266,7 @@ __device__ __forceinline__ void fence_accumulators(float (&d)[kCount]) {
 
 // kWarpgroups x 64 rows of W a CTA, or (kSplitK) 64 rows with the stages dealt round-robin to the warpgroups;
 // producer warps after them issue the copies.
-template <QuantType QT, bool kDoubleQuant, int kTokens, int kWarpgroups, bool kSplitK>
+template <QuantType QT, bool kDoubleQuant, int kTokens, int kWarpgroups, bool kSplitK, bool kStreamK = false>
 __global__ void __launch_bounds__(cta_threads(kTokens, kWarpgroups, kSplitK), 1) gemm_4bit_kernel(const __grid_constant__ KernelArgs args) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   using T = Tile<kTokens>;
@@ -275,6 +285,8 @@ __global__ void __launch_bounds__(cta_threads(kTokens, kWarpgroups, kSplitK), 1)
   const uint32_t barriers = table + kTableBytes + 256 * 4;
   auto full = [&](int slot) { return barriers + 8 * slot; };
   auto empty = [&](int slot) { return barriers + 8 * (kStages + slot); };
+  const uint32_t segment_done = barriers + 8 * 2 * kStages;  // the consumers are done with a segment's epilogue
+  const uint32_t arrival_order = segment_done + 8;  // stream-K: whether this CTA reached a split tile second
   // Stage s belongs to pipeline s % kPipelines, whose slots are its own, so each slot's full and empty phases
   // alternate: a slot shared by pipelines that run out of step could be two phases ahead of a waiter, which
   // the parity wait cannot tell from done.
@@ -283,18 +295,39 @@ __global__ void __launch_bounds__(cta_threads(kTokens, kWarpgroups, kSplitK), 1)
   auto round_of = [&](int stage) { return stage / kPipelines / kSlots; };  // how often the slot was used before
 
   const int tid = threadIdx.x, lane = tid % 32, warpgroup = tid / 128, warp = (tid / 32) % 4;
-  const int64_t n_base = static_cast<int64_t>(blockIdx.x) * kRows, m_base = static_cast<int64_t>(blockIdx.y) * kTokens;
   // Split-K over a cluster (gridDim.z CTAs of the same tile, 256-token tiles only): CTA z takes stages
   // [k_begin, k_begin + stages); the epilogue sums the cluster's tiles through distributed shared memory.
   const int splits = static_cast<int>(gridDim.z), split = static_cast<int>(blockIdx.z);
   const int all_stages = static_cast<int>(p.K / kStageK), per_split = (all_stages + splits - 1) / splits;
-  const int k_begin = split * per_split, stages = min(all_stages - k_begin, per_split);
+  // What a CTA works through: one segment (its tile, or its cluster's share of it), or with stream-K the segments
+  // of its span [it_begin, it_end) of all tiles' stages: the tail of a tile split with the CTA before, whole tiles,
+  // the head of one split with the CTA after (a span is at least a tile long, so no tile meets three CTAs).
+  struct Segment {
+    int64_t n_base, m_base;
+    int k_begin, stages;
+  };
+  static_assert(!kStreamK || (kTokens == kWideTokens && pipelines(kWarpgroups, kSplitK) == 1), "stream-K: wide tiles");
+  // 32-bit stage indices (the launcher checks that they fit): the producers run on 40 registers.
+  const int it_total = kStreamK ? args.stream_k_tiles * all_stages : 1;
+  const int it_begin = kStreamK ? static_cast<int>(int64_t{it_total} * blockIdx.x / gridDim.x) : 0;
+  const int it_end = kStreamK ? static_cast<int>(int64_t{it_total} * (blockIdx.x + 1) / gridDim.x) : 1;
+  auto segment_at = [&](int it) {
+    if constexpr (!kStreamK) {
+      const int k_begin = split * per_split;
+      return Segment{static_cast<int64_t>(blockIdx.x) * kRows, static_cast<int64_t>(blockIdx.y) * kTokens, k_begin,
+                     min(all_stages - k_begin, per_split)};
+    }
+    const int tile = it / all_stages, k0 = it % all_stages, k1 = min(all_stages, k0 + (it_end - it));
+    return Segment{static_cast<int64_t>(tile % args.stream_k_tiles_n) * kRows,
+                   static_cast<int64_t>(tile / args.stream_k_tiles_n) * kTokens, k0, k1 - k0};
+  };
 
   if (tid == 0) {
     for (int s = 0; s < kStages; ++s) {
       mbar_init(full(s), 1);
       mbar_init(empty(s), (kSplitK ? 128 : kThreads) / 32);  // one arrival per consumer warp of the stage
     }
+    mbar_init(segment_done, 1);
     asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
   }
   __syncthreads();  // the barriers are initialised before a producer arms one
@@ -308,34 +341,50 @@ __global__ void __launch_bounds__(cta_threads(kTokens, kWarpgroups, kSplitK), 1)
 
   if (tid >= kThreads) {  // the producers: rows past N arrive as zeros and their outputs are never stored
     if (lane == 0 && (tid - kThreads) / 32 < kPipelines) {
-      const int rows = tile_rows(p.M, m_base, kTokens);
-      const CUtensorMap* x_map = rows < kTokens ? &args.x_last_map : &args.x_map;
-      const uint32_t stage_bytes = rows * kStageK * 2 + kRows * kStageK / 2;
-      for (int stage = (tid - kThreads) / 32; stage < stages; stage += kPipelines) {
-        const int slot = slot_of(stage);
-        if (round_of(stage) > 0) mbar_wait(empty(slot), (round_of(stage) - 1) & 1);
-        mbar_arrive_expecting(full(slot), stage_bytes);
-        tma_load_2d(x_ring + slot * kXStageBytes, x_map, (k_begin + stage) * kStageK, static_cast<int>(m_base), full(slot));
-        tma_load_2d(w_ring + slot * kWStageBytes, &args.w_map, (k_begin + stage) * (kStageK / 2), static_cast<int>(n_base),
-                    full(slot));
+      // A segment's copies (issued: the CTA's stages before it).
+      auto issue_segment = [&](const Segment& seg, int issued) {
+        const int rows = tile_rows(p.M, seg.m_base, kTokens);
+        const CUtensorMap* x_map = rows < kTokens ? &args.x_last_map : &args.x_map;
+        const uint32_t stage_bytes = rows * kStageK * 2 + kRows * kStageK / 2;
+        for (int stage = (tid - kThreads) / 32; stage < seg.stages; stage += kPipelines) {
+          const int slot = slot_of(issued + stage), round = round_of(issued + stage);
+          if (round > 0) mbar_wait(empty(slot), (round - 1) & 1);
+          mbar_arrive_expecting(full(slot), stage_bytes);
+          tma_load_2d(x_ring + slot * kXStageBytes, x_map, (seg.k_begin + stage) * kStageK, static_cast<int>(seg.m_base),
+                      full(slot));
+          tma_load_2d(w_ring + slot * kWStageBytes, &args.w_map, (seg.k_begin + stage) * (kStageK / 2),
+                      static_cast<int>(seg.n_base), full(slot));
+        }
+      };
+      if constexpr (kStreamK) {
+        int issued = 0, segments = 0;
+        for (int it = it_begin; it < it_end; ++segments) {
+          const Segment seg = segment_at(it);
+          it += seg.stages;
+          if (segments > 0) mbar_wait(segment_done, (segments - 1) & 1);  // its epilogue reused the rings
+          issue_segment(seg, issued);
+          issued += seg.stages;
+        }
+      } else {
+        issue_segment(segment_at(0), 0);
       }
     }
     return;
   }
   // The consumers build the tables while the producers' first copies are in flight.
-  {
+  auto build_table = [&] {
     const float* values = QT == QuantType::NF4 ? kNF4ValuesDevice : kFP4ValuesDevice;
     uint32_t* t = reinterpret_cast<uint32_t*>(smem + (table - base));
     for (int i = tid; i < 256 * 32; i += kThreads) t[(i / 32) * 64 + i % 32] = as_u32(Bf16::pair(values[i / 32 >> 4], values[i / 32 & 15]));
-    if (kDoubleQuant)
-      for (int i = tid; i < 256; i += kThreads) code2_s[i] = p.scales.code2[i];
-  }
+  };
+  build_table();
+  if (kDoubleQuant)
+    for (int i = tid; i < 256; i += kThreads) code2_s[i] = p.scales.code2[i];
   asm volatile("bar.sync 1, %0;\n" ::"n"(kThreads) : "memory");
   const float mean = kDoubleQuant ? *p.scales.offset : 0.0f;
 
   // Fragment rows of this thread: r0 and r0 + 8 of its warp's 16; its byte of each 4-byte word is lane % 4.
   const int r0 = (kSplitK ? 0 : warpgroup * 64) + warp * 16 + lane / 4;
-  const int64_t element0 = min(n_base + r0, p.N - 1) * p.K, element1 = min(n_base + r0 + 8, p.N - 1) * p.K;
   // A scale's loads are issued two stages ahead of its use: (qabsmax, absmax2) or (0, absmax).
   struct RawScale {
     uint32_t code;
@@ -356,162 +405,221 @@ __global__ void __launch_bounds__(cta_threads(kTokens, kWarpgroups, kSplitK), 1)
     return scaled_pair<__nv_bfloat16>(*reinterpret_cast<const Bf16::Pair*>(&bits), scale);
   };
 
-  float acc[T::kAccumulators];
+  // A segment's stages (consumed: the CTA's stages before it), then its tile's epilogue where this CTA finishes the
+  // tile; whether it did.
+  auto run_segment = [&](const Segment& seg, int consumed) {
+    const int64_t element0 = min(seg.n_base + r0, p.N - 1) * p.K, element1 = min(seg.n_base + r0 + 8, p.N - 1) * p.K;
+    float acc[T::kAccumulators];
 #pragma unroll
-  for (int i = 0; i < T::kAccumulators; ++i) acc[i] = 0.0f;
-  const int first = kSplitK ? warpgroup : 0, step = kSplitK ? kWarpgroups : 1;
-  auto stage_k = [&](int stage) { return static_cast<int64_t>(k_begin + min(stage, stages - 1)) * kStageK; };
-  RawScale now0 = load_scale(element0 + stage_k(first)), now1 = load_scale(element1 + stage_k(first));
-  RawScale next0 = load_scale(element0 + stage_k(first + step)), next1 = load_scale(element1 + stage_k(first + step));
-  for (int k = first; k < stages; k += step) {
-    const float s0 = scale_of(now0), s1 = scale_of(now1);
-    now0 = next0;
-    now1 = next1;
-    next0 = load_scale(element0 + stage_k(k + 2 * step));
-    next1 = load_scale(element1 + stage_k(k + 2 * step));
-    const int slot = slot_of(k);
-    mbar_wait(full(slot), round_of(k) & 1);
-    const uint8_t* w_stage = smem + (w_ring - base) + slot * kWStageBytes;
-    const uint4 a_lo = *reinterpret_cast<const uint4*>(w_stage + r0 * 32);
-    const uint4 a_hi = *reinterpret_cast<const uint4*>(w_stage + r0 * 32 + 16);
-    const uint4 b_lo = *reinterpret_cast<const uint4*>(w_stage + (r0 + 8) * 32);
-    const uint4 b_hi = *reinterpret_cast<const uint4*>(w_stage + (r0 + 8) * 32 + 16);
-    const uint32_t row0[8] = {a_lo.x, a_lo.y, a_lo.z, a_lo.w, a_hi.x, a_hi.y, a_hi.z, a_hi.w};
-    const uint32_t row1[8] = {b_lo.x, b_lo.y, b_lo.z, b_lo.w, b_hi.x, b_hi.y, b_hi.z, b_hi.w};
-    const SplitScale<__nv_bfloat16> scale0 = split_scale<__nv_bfloat16>(s0), scale1 = split_scale<__nv_bfloat16>(s1);
-    uint32_t a[4][4];  // k16 step j: rows r0 / r0 + 8, k 16j + 2c.. and 16j + 8 + 2c..
+    for (int i = 0; i < T::kAccumulators; ++i) acc[i] = 0.0f;
+    const int first = kSplitK ? warpgroup : 0, step = kSplitK ? kWarpgroups : 1;
+    auto stage_k = [&](int stage) { return static_cast<int64_t>(seg.k_begin + min(stage, seg.stages - 1)) * kStageK; };
+    RawScale now0 = load_scale(element0 + stage_k(first)), now1 = load_scale(element1 + stage_k(first));
+    RawScale next0 = load_scale(element0 + stage_k(first + step)), next1 = load_scale(element1 + stage_k(first + step));
+    for (int k = first; k < seg.stages; k += step) {
+      const float s0 = scale_of(now0), s1 = scale_of(now1);
+      now0 = next0;
+      now1 = next1;
+      next0 = load_scale(element0 + stage_k(k + 2 * step));
+      next1 = load_scale(element1 + stage_k(k + 2 * step));
+      const int slot = slot_of(consumed + k);
+      mbar_wait(full(slot), round_of(consumed + k) & 1);
+      const uint8_t* w_stage = smem + (w_ring - base) + slot * kWStageBytes;
+      const uint4 a_lo = *reinterpret_cast<const uint4*>(w_stage + r0 * 32);
+      const uint4 a_hi = *reinterpret_cast<const uint4*>(w_stage + r0 * 32 + 16);
+      const uint4 b_lo = *reinterpret_cast<const uint4*>(w_stage + (r0 + 8) * 32);
+      const uint4 b_hi = *reinterpret_cast<const uint4*>(w_stage + (r0 + 8) * 32 + 16);
+      const uint32_t row0[8] = {a_lo.x, a_lo.y, a_lo.z, a_lo.w, a_hi.x, a_hi.y, a_hi.z, a_hi.w};
+      const uint32_t row1[8] = {b_lo.x, b_lo.y, b_lo.z, b_lo.w, b_hi.x, b_hi.y, b_hi.z, b_hi.w};
+      const SplitScale<__nv_bfloat16> scale0 = split_scale<__nv_bfloat16>(s0), scale1 = split_scale<__nv_bfloat16>(s1);
+      uint32_t a[4][4];  // k16 step j: rows r0 / r0 + 8, k 16j + 2c.. and 16j + 8 + 2c..
 #pragma unroll
-    for (int j = 0; j < 4; ++j) {
-      a[j][0] = decode(row0[2 * j], scale0);
-      a[j][1] = decode(row1[2 * j], scale1);
-      a[j][2] = decode(row0[2 * j + 1], scale0);
-      a[j][3] = decode(row1[2 * j + 1], scale1);
+      for (int j = 0; j < 4; ++j) {
+        a[j][0] = decode(row0[2 * j], scale0);
+        a[j][1] = decode(row1[2 * j], scale1);
+        a[j][2] = decode(row0[2 * j + 1], scale0);
+        a[j][3] = decode(row1[2 * j + 1], scale1);
+      }
+      wgmma_fence(a);
+#pragma unroll
+      for (int j = 0; j < 4; ++j) wgmma_bf16(acc, a[j], swizzled_descriptor(x_ring + slot * kXStageBytes + 32 * j));
+      wgmma_commit_and_wait();
+      fence_accumulators(acc);
+      __syncwarp();
+      if (lane == 0) mbar_arrive(empty(slot));
     }
-    wgmma_fence(a);
-#pragma unroll
-    for (int j = 0; j < 4; ++j) wgmma_bf16(acc, a[j], swizzled_descriptor(x_ring + slot * kXStageBytes + 32 * j));
-    wgmma_commit_and_wait();
-    fence_accumulators(acc);
-    __syncwarp();
-    if (lane == 0) mbar_arrive(empty(slot));
-  }
 
-  // Epilogue through shared memory, so that y is read and written in 16-byte runs of one token rather than the
-  // fragments' scattered 2-byte outputs (whose read-modify-writes would serialize). Split-K: one slice per
-  // warpgroup, summed in warpgroup order.
-  // Every stage consumed, so every copy landed: the rings are free. Consumers only: the producers have left.
-  asm volatile("bar.sync 1, %0;\n" ::"n"(kThreads) : "memory");
-  constexpr int kStride = kRows + 4;  // floats per token row: the fragment writes of a warp hit 32 banks
-  constexpr int kSlices = kSplitK ? kWarpgroups : 1;
-  static_assert(kSlices * kTokens * kStride * 4 <= T::kEpilogueBytes, "tile exceeds the rings");
-  float* const tile = reinterpret_cast<float*>(smem);
-  float* const slice = tile + (kSplitK ? warpgroup : 0) * kTokens * kStride;
-  // accumulator 4j + e: row r0 (+ 8 for e >= 2), token 8j + 2 (lane % 4) (+ 1 for odd e)
-  auto slice_at = [&](int j, int e) -> float& {
-    return slice[(8 * j + 2 * (lane % 4) + (e & 1)) * kStride + r0 + (e >= 2 ? 8 : 0)];
-  };
-#pragma unroll
-  for (int j = 0; j < kTokens / 8; ++j)
-#pragma unroll
-    for (int e = 0; e < 4; ++e) slice_at(j, e) = acc[4 * j + e];
-  if (p.r > 0) {
-    wait_for_prior_grid();  // xa comes from the launch before this one (launch.cuh)
-    // The LoRA term as one more wgmma product: lora_B's rows (A, from registers) times the token tile's xa (B, in
-    // shared memory with the same 128-byte swizzle as x's stages), r in chunks of 64, the columns past r zero.
-    // It runs once per CTA; in the split form only the first warpgroup adds it, to its slice, and with split-K over
-    // a cluster only the cluster's first CTA.
-    constexpr int kXaTile = (kSlices * kTokens * kStride * 4 + 1023) / 1024 * 1024;
-    static_assert(kXaTile + kTokens * 128 <= T::kEpilogueBytes, "xa tile exceeds the rings");
-    const uint16_t* const xa = reinterpret_cast<const uint16_t*>(p.xa);
-    const uint16_t* const lora_b = reinterpret_cast<const uint16_t*>(p.lora_B);
-    auto xa_at = [&](int64_t m, int col) -> uint32_t { return m < p.M && col < p.r ? xa[m * p.r + col] : 0u; };
-    auto b_pair = [&](int64_t n, int col) -> uint32_t {
-      if (n >= p.N) return 0u;
-      const uint16_t* row = lora_b + n * p.r;
-      return (col < p.r ? row[col] : 0u) | (col + 1 < p.r ? uint32_t{row[col + 1]} << 16 : 0u);
-    };
-    const int64_t n0 = n_base + r0, n1 = n0 + 8;
-    const int q = 2 * (lane % 4);
-    for (int c0 = 0; split == 0 && c0 < p.r; c0 += 64) {
-      for (int chunk = tid; chunk < kTokens * 8; chunk += kThreads) {  // 16 bytes: token t, columns c0 + 8c ..
-        const int t = chunk / 8, c = chunk % 8;
-        uint32_t w[4];
-#pragma unroll
-        for (int i = 0; i < 4; ++i) {
-          const int col = c0 + 8 * c + 2 * i;
-          w[i] = xa_at(m_base + t, col) | (xa_at(m_base + t, col + 1) << 16);
-        }
-        *reinterpret_cast<uint4*>(smem + kXaTile + t * 128 + ((c ^ (t % 8)) * 16)) = make_uint4(w[0], w[1], w[2], w[3]);
-      }
-      asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");  // the generic stores, before wgmma reads them
+    // Stream-K, a tile split with another CTA: the first to get here hands its sums over through the workspace, the
+    // second adds them (a + b: the same either way) and finishes the tile. Counter b of the boundary between CTAs b
+    // and b + 1: 1 when the first has arrived, 2 more once its sums are stored and the second has arrived. The second
+    // waits only on a CTA that is running and waits on nothing, so any order of scheduling completes.
+    bool finish = true;
+    if (kStreamK && seg.stages < all_stages) {
+      const int64_t boundary = seg.k_begin == 0 ? blockIdx.x : blockIdx.x - 1;
+      unsigned* const counter = p.stream_k_arrivals + boundary;
+      float* const sums = p.stream_k_partials + boundary * T::kAccumulators * kThreads + tid;
+      // Not in the rings: the other warpgroup may still be reading the segment's last stage there.
+      unsigned* const order = reinterpret_cast<unsigned*>(smem + (arrival_order - base));
+      if (tid == 0) *order = atomicAdd(counter, 1u);
       asm volatile("bar.sync 1, %0;\n" ::"n"(kThreads) : "memory");
-      if (!kSplitK || warpgroup == 0) {
-        uint32_t a[4][4];
+      finish = *order != 0;
+      if (!finish) {
 #pragma unroll
-        for (int j = 0; j < 4; ++j) {
-          const int col = c0 + 16 * j + q;
-          a[j][0] = b_pair(n0, col);
-          a[j][1] = b_pair(n1, col);
-          a[j][2] = b_pair(n0, col + 8);
-          a[j][3] = b_pair(n1, col + 8);
+        for (int i = 0; i < T::kAccumulators; ++i) __stcg(sums + i * kThreads, acc[i]);
+        __threadfence();
+        asm volatile("bar.sync 1, %0;\n" ::"n"(kThreads) : "memory");
+        if (tid == 0) atomicAdd(counter, 1u);
+      } else {
+        if (tid == 0) {
+          while (atomicOr(counter, 0u) != 3u) __nanosleep(64);
+          *counter = 0;  // for the next launch
         }
+        asm volatile("bar.sync 1, %0;\n" ::"n"(kThreads) : "memory");
+        __threadfence();
 #pragma unroll
-        for (int i = 0; i < T::kAccumulators; ++i) acc[i] = 0.0f;
-        wgmma_fence(a);
-#pragma unroll
-        for (int j = 0; j < 4; ++j) wgmma_bf16(acc, a[j], swizzled_descriptor(base + kXaTile + 32 * j));
-        wgmma_commit_and_wait();
-        fence_accumulators(acc);
-#pragma unroll
-        for (int j = 0; j < kTokens / 8; ++j)
-#pragma unroll
-          for (int e = 0; e < 4; ++e) slice_at(j, e) += p.lora_scale * acc[4 * j + e];
+        for (int i = 0; i < T::kAccumulators; ++i) acc[i] += __ldcg(sums + i * kThreads);
       }
-      asm volatile("bar.sync 1, %0;\n" ::"n"(kThreads) : "memory");  // before the next chunk overwrites the tile
     }
+    if (finish) {
+      // Epilogue through shared memory, so that y is read and written in 16-byte runs of one token rather than the
+      // fragments' scattered 2-byte outputs (whose read-modify-writes would serialize). Split-K: one slice per
+      // warpgroup, summed in warpgroup order.
+      // Every stage consumed, so every copy landed: the rings are free. Consumers only: the producers have left.
+      asm volatile("bar.sync 1, %0;\n" ::"n"(kThreads) : "memory");
+      constexpr int kStride = kRows + 4;  // floats per token row: the fragment writes of a warp hit 32 banks
+      constexpr int kSlices = kSplitK ? kWarpgroups : 1;
+      static_assert(kSlices * kTokens * kStride * 4 <= T::kEpilogueBytes, "tile exceeds the rings");
+      float* const tile = reinterpret_cast<float*>(smem);
+      float* const slice = tile + (kSplitK ? warpgroup : 0) * kTokens * kStride;
+      // accumulator 4j + e: row r0 (+ 8 for e >= 2), token 8j + 2 (lane % 4) (+ 1 for odd e)
+      auto slice_at = [&](int j, int e) -> float& {
+        return slice[(8 * j + 2 * (lane % 4) + (e & 1)) * kStride + r0 + (e >= 2 ? 8 : 0)];
+      };
+#pragma unroll
+      for (int j = 0; j < kTokens / 8; ++j)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) slice_at(j, e) = acc[4 * j + e];
+      if (p.r > 0) {
+        wait_for_prior_grid();  // xa comes from the launch before this one (launch.cuh)
+        // The LoRA term as one more wgmma product: lora_B's rows (A, from registers) times the token tile's xa (B, in
+        // shared memory with the same 128-byte swizzle as x's stages), r in chunks of 64, the columns past r zero.
+        // It runs once per CTA; in the split form only the first warpgroup adds it, to its slice, and with split-K over
+        // a cluster only the cluster's first CTA.
+        constexpr int kXaTile = (kSlices * kTokens * kStride * 4 + 1023) / 1024 * 1024;
+        static_assert(kXaTile + kTokens * 128 <= T::kEpilogueBytes, "xa tile exceeds the rings");
+        const uint16_t* const xa = reinterpret_cast<const uint16_t*>(p.xa);
+        const uint16_t* const lora_b = reinterpret_cast<const uint16_t*>(p.lora_B);
+        auto xa_at = [&](int64_t m, int col) -> uint32_t { return m < p.M && col < p.r ? xa[m * p.r + col] : 0u; };
+        auto b_pair = [&](int64_t n, int col) -> uint32_t {
+          if (n >= p.N) return 0u;
+          const uint16_t* row = lora_b + n * p.r;
+          return (col < p.r ? row[col] : 0u) | (col + 1 < p.r ? uint32_t{row[col + 1]} << 16 : 0u);
+        };
+        const int64_t n0 = seg.n_base + r0, n1 = n0 + 8;
+        const int q = 2 * (lane % 4);
+        for (int c0 = 0; split == 0 && c0 < p.r; c0 += 64) {
+          for (int chunk = tid; chunk < kTokens * 8; chunk += kThreads) {  // 16 bytes: token t, columns c0 + 8c ..
+            const int t = chunk / 8, c = chunk % 8;
+            uint32_t w[4];
+#pragma unroll
+            for (int i = 0; i < 4; ++i) {
+              const int col = c0 + 8 * c + 2 * i;
+              w[i] = xa_at(seg.m_base + t, col) | (xa_at(seg.m_base + t, col + 1) << 16);
+            }
+            *reinterpret_cast<uint4*>(smem + kXaTile + t * 128 + ((c ^ (t % 8)) * 16)) = make_uint4(w[0], w[1], w[2], w[3]);
+          }
+          asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");  // the generic stores, before wgmma reads them
+          asm volatile("bar.sync 1, %0;\n" ::"n"(kThreads) : "memory");
+          if (!kSplitK || warpgroup == 0) {
+            uint32_t a[4][4];
+#pragma unroll
+            for (int j = 0; j < 4; ++j) {
+              const int col = c0 + 16 * j + q;
+              a[j][0] = b_pair(n0, col);
+              a[j][1] = b_pair(n1, col);
+              a[j][2] = b_pair(n0, col + 8);
+              a[j][3] = b_pair(n1, col + 8);
+            }
+#pragma unroll
+            for (int i = 0; i < T::kAccumulators; ++i) acc[i] = 0.0f;
+            wgmma_fence(a);
+#pragma unroll
+            for (int j = 0; j < 4; ++j) wgmma_bf16(acc, a[j], swizzled_descriptor(base + kXaTile + 32 * j));
+            wgmma_commit_and_wait();
+            fence_accumulators(acc);
+#pragma unroll
+            for (int j = 0; j < kTokens / 8; ++j)
+#pragma unroll
+              for (int e = 0; e < 4; ++e) slice_at(j, e) += p.lora_scale * acc[4 * j + e];
+          }
+          asm volatile("bar.sync 1, %0;\n" ::"n"(kThreads) : "memory");  // before the next chunk overwrites the tile
+        }
+      }
+      asm volatile("bar.sync 1, %0;\n" ::"n"(kThreads) : "memory");
+      // Split-K over a cluster: once every CTA has staged its tile, CTA z finishes tokens [z, z + 1) * kTokens / splits,
+      // summing the cluster's tiles in rank order.
+      if (splits > 1) cluster_sync();
+      constexpr int kRunsPerToken = kRows / 8;
+      const int tokens_here = kTokens / splits, first_token = split * tokens_here;
+      for (int run = tid; run < tokens_here * kRunsPerToken; run += kThreads) {
+        const int token = first_token + run / kRunsPerToken, n_local = (run % kRunsPerToken) * 8;
+        const int64_t m = seg.m_base + token, n = seg.n_base + n_local;
+        if (m >= p.M || n >= p.N) continue;
+        float v[8];
+        if (splits > 1) {
+          const uint32_t at = base + static_cast<uint32_t>(token * kStride + n_local) * 4;
+#pragma unroll
+          for (int i = 0; i < 8; ++i) v[i] = 0.0f;
+          for (int rank = 0; rank < splits; ++rank) {
+            const float4 lo = load_cluster_f4(at, rank), hi = load_cluster_f4(at + 16, rank);
+            v[0] += lo.x, v[1] += lo.y, v[2] += lo.z, v[3] += lo.w, v[4] += hi.x, v[5] += hi.y, v[6] += hi.z, v[7] += hi.w;
+          }
+        } else {
+#pragma unroll
+          for (int i = 0; i < 8; ++i) {
+            v[i] = tile[token * kStride + n_local + i];
+#pragma unroll
+            for (int sl = 1; sl < kSlices; ++sl) v[i] += tile[(sl * kTokens + token) * kStride + n_local + i];
+          }
+        }
+        if (p.bias != nullptr)
+#pragma unroll
+          for (int i = 0; i < 8; ++i) v[i] += n + i < p.N ? __bfloat162float(p.bias[n + i]) : 0.0f;
+        __nv_bfloat16* const out = p.y + m * p.N + n;
+        if (n + 8 <= p.N && reinterpret_cast<uintptr_t>(out) % 16 == 0) {
+          uint4 bits;
+          __nv_bfloat162* pairs = reinterpret_cast<__nv_bfloat162*>(&bits);
+#pragma unroll
+          for (int i = 0; i < 4; ++i) pairs[i] = __floats2bfloat162_rn(v[2 * i], v[2 * i + 1]);
+          *reinterpret_cast<uint4*>(out) = bits;
+        } else {
+          for (int i = 0; i < 8 && n + i < p.N; ++i) out[i] = __float2bfloat16_rn(v[i]);
+        }
+      }
+      if (splits > 1) cluster_sync();  // the other CTAs may still read this one's tile
+    }
+    return finish;
+  };
+  if constexpr (kStreamK) {
+    int consumed = 0;
+    for (int it = it_begin; it < it_end;) {
+      const Segment seg = segment_at(it);
+      it += seg.stages;
+      const bool finished = run_segment(seg, consumed);
+      consumed += seg.stages;
+      if (it < it_end) {  // the producer waits for this before the next segment's copies
+        asm volatile("bar.sync 1, %0;\n" ::"n"(kThreads) : "memory");
+        if (finished && p.r > 0) {  // the xa tile overlapped the code table
+          build_table();
+          asm volatile("bar.sync 1, %0;\n" ::"n"(kThreads) : "memory");
+        }
+        if (tid == 0) mbar_arrive(segment_done);
+      }
+    }
+    if (p.r > 0) wait_for_prior_grid();  // before exit, also where no segment finished a tile (launch.cuh)
+  } else {
+    run_segment(segment_at(0), 0);
   }
-  asm volatile("bar.sync 1, %0;\n" ::"n"(kThreads) : "memory");
-  // Split-K over a cluster: once every CTA has staged its tile, CTA z finishes tokens [z, z + 1) * kTokens / splits,
-  // summing the cluster's tiles in rank order.
-  if (splits > 1) cluster_sync();
-  constexpr int kRunsPerToken = kRows / 8;
-  const int tokens_here = kTokens / splits, first_token = split * tokens_here;
-  for (int run = tid; run < tokens_here * kRunsPerToken; run += kThreads) {
-    const int token = first_token + run / kRunsPerToken, n_local = (run % kRunsPerToken) * 8;
-    const int64_t m = m_base + token, n = n_base + n_local;
-    if (m >= p.M || n >= p.N) continue;
-    float v[8];
-    if (splits > 1) {
-      const uint32_t at = base + static_cast<uint32_t>(token * kStride + n_local) * 4;
-#pragma unroll
-      for (int i = 0; i < 8; ++i) v[i] = 0.0f;
-      for (int rank = 0; rank < splits; ++rank) {
-        const float4 lo = load_cluster_f4(at, rank), hi = load_cluster_f4(at + 16, rank);
-        v[0] += lo.x, v[1] += lo.y, v[2] += lo.z, v[3] += lo.w, v[4] += hi.x, v[5] += hi.y, v[6] += hi.z, v[7] += hi.w;
-      }
-    } else {
-#pragma unroll
-      for (int i = 0; i < 8; ++i) {
-        v[i] = tile[token * kStride + n_local + i];
-#pragma unroll
-        for (int sl = 1; sl < kSlices; ++sl) v[i] += tile[(sl * kTokens + token) * kStride + n_local + i];
-      }
-    }
-    if (p.bias != nullptr)
-#pragma unroll
-      for (int i = 0; i < 8; ++i) v[i] += n + i < p.N ? __bfloat162float(p.bias[n + i]) : 0.0f;
-    __nv_bfloat16* const out = p.y + m * p.N + n;
-    if (n + 8 <= p.N && reinterpret_cast<uintptr_t>(out) % 16 == 0) {
-      uint4 bits;
-      __nv_bfloat162* pairs = reinterpret_cast<__nv_bfloat162*>(&bits);
-#pragma unroll
-      for (int i = 0; i < 4; ++i) pairs[i] = __floats2bfloat162_rn(v[2 * i], v[2 * i + 1]);
-      *reinterpret_cast<uint4*>(out) = bits;
-    } else {
-      for (int i = 0; i < 8 && n + i < p.N; ++i) out[i] = __float2bfloat16_rn(v[i]);
-    }
-  }
-  if (splits > 1) cluster_sync();  // the other CTAs may still read this one's tile
 #else
   __trap();  // built without sm_90a code: gemm_4bit_built() is false and the launcher refuses
 #endif
@@ -559,6 +667,22 @@ inline LaunchPlan launch_plan(int64_t M, int64_t N, int64_t K, int num_sms, bool
   if (wide || gemm_4bit_wide_tiles_pay(M, N, K, num_sms)) return {kWideTokens, false, wide_splits(M, N, K, num_sms)};
   return {tokens_for(M), gemm_4bit_split_k(M, N, num_sms), 1};
 }
+// CTAs of the stream-K form of the 256-token tiles, or 0 where it does not apply: where the tiles, one CTA each
+// without a K split, make at least a wave but fill their last one to less than nine tenths (28672x8192 at M = 256:
+// 224 tiles, two waves, the second 70 % full), the launch is one CTA an SM with an even share of the tiles' stages,
+// on the SMs that a kernel running beside it (busy_sms: lora_down_mma's) leaves free, since a CTA that starts late
+// finishes late.
+inline int gemm_4bit_stream_k_ctas(int64_t M, int64_t N, int64_t K, int num_sms, int busy_sms = 0) {
+  const LaunchPlan plan = launch_plan(M, N, K, num_sms, false);
+  if (plan.tokens != kWideTokens || plan.splits != 1) return 0;
+  const int64_t tiles = wide_tiles(M, N), waves = (tiles + num_sms - 1) / num_sms, ctas = num_sms - busy_sms;
+  const bool fits = ctas > 0 && tiles >= ctas && tiles * (K / kStageK) <= INT32_MAX;  // launch_as's conditions
+  return fits && 10 * tiles < 9 * waves * num_sms ? static_cast<int>(ctas) : 0;
+}
+// The floats of Gemm4bitParams::stream_k_partials a launch of `ctas` CTAs needs: a tile of fp32 sums a boundary.
+constexpr int64_t stream_k_partial_floats(int ctas) {
+  return int64_t{ctas} * Tile<kWideTokens>::kAccumulators * 128 * kRowFormWarpgroups;
+}
 // The CTAs of the launch launch_gemm_4bit makes for M tokens without `wide`.
 inline int64_t gemm_4bit_ctas(int64_t M, int64_t N, int64_t K, int num_sms) {
   const LaunchPlan plan = launch_plan(M, N, K, num_sms, false);
@@ -597,11 +721,15 @@ inline bool encode_2d(CUtensorMap* map, CUtensorMapDataType type, int element_by
                 swizzle, CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
 }
 
-// splits > 1: split-K over clusters of that many CTAs (256-token tiles only).
-template <QuantType QT, bool kDoubleQuant, int kTokens, int kWarpgroups, bool kSplitK>
-cudaError_t launch_as(const Gemm4bitParams& p, cudaStream_t stream, int splits = 1) {
+// splits > 1: split-K over clusters of that many CTAs (256-token tiles only). stream_k_ctas > 0: the stream-K form
+// in that many CTAs (256-token tiles, no split, p's stream-K workspace set).
+template <QuantType QT, bool kDoubleQuant, int kTokens, int kWarpgroups, bool kSplitK, bool kStreamK = false>
+cudaError_t launch_as(const Gemm4bitParams& p, cudaStream_t stream, int splits = 1, int stream_k_ctas = 0) {
   if (splits > 1 && kTokens != kWideTokens) return cudaErrorInvalidValue;
-  constexpr auto kernel = gemm_4bit_kernel<QT, kDoubleQuant, kTokens, kWarpgroups, kSplitK>;
+  if (kStreamK != (stream_k_ctas > 0) ||
+      (kStreamK && (splits > 1 || p.stream_k_partials == nullptr || p.stream_k_arrivals == nullptr)))
+    return cudaErrorInvalidValue;
+  constexpr auto kernel = gemm_4bit_kernel<QT, kDoubleQuant, kTokens, kWarpgroups, kSplitK, kStreamK>;
   constexpr int kSmemBytes = Tile<kTokens>::kSmemBytes;
   const cudaError_t attribute = opt_in_dynamic_smem<kernel>(kSmemBytes);
   if (attribute != cudaSuccess) return attribute;
@@ -621,7 +749,15 @@ cudaError_t launch_as(const Gemm4bitParams& p, cudaStream_t stream, int splits =
   if (!encode_2d(&args.w_map, CU_TENSOR_MAP_DATA_TYPE_UINT8, 1, p.packed, p.N, p.K / 2, kStageK / 2, rows,
                  CU_TENSOR_MAP_SWIZZLE_NONE))
     return cudaErrorNotSupported;
-  const dim3 grid(static_cast<unsigned>((p.N + rows - 1) / rows), static_cast<unsigned>(tiles), static_cast<unsigned>(splits));
+  dim3 grid(static_cast<unsigned>((p.N + rows - 1) / rows), static_cast<unsigned>(tiles), static_cast<unsigned>(splits));
+  if (stream_k_ctas > 0) {
+    const int64_t stream_k_tiles = int64_t{grid.x} * grid.y;
+    // A span must hold a whole tile, and the stage indices fit 32 bits.
+    if (stream_k_tiles < stream_k_ctas || stream_k_tiles * (p.K / kStageK) > INT32_MAX) return cudaErrorInvalidValue;
+    args.stream_k_tiles_n = static_cast<int>(grid.x);
+    args.stream_k_tiles = static_cast<int>(stream_k_tiles);
+    grid = dim3(static_cast<unsigned>(stream_k_ctas));
+  }
   // Only on sm_90 (launch_gemm_4bit), where dependent launches run: with LoRA, after the launch that computes xa.
   return launch_in_clusters(kernel, grid, dim3(cta_threads(kTokens, kWarpgroups, kSplitK)), kSmemBytes, stream, p.r > 0,
                             dim3(1, 1, static_cast<unsigned>(splits)), args);
@@ -636,11 +772,16 @@ cudaError_t launch_with(const Gemm4bitParams& p, bool split_form, cudaStream_t s
 template <QuantType QT, bool kDoubleQuant>
 cudaError_t launch_for(const Gemm4bitParams& p, int num_sms, bool wide, cudaStream_t stream) {
   const LaunchPlan plan = launch_plan(p.M, p.N, p.K, num_sms, wide);
+  if (p.stream_k_ctas > 0 && (plan.tokens != kWideTokens || plan.splits != 1))
+    return cudaErrorInvalidValue;  // stream-K is a form of the 256-token tiles without a K split
   switch (plan.tokens) {
     case 32: return launch_with<QT, kDoubleQuant, 32>(p, plan.split_form, stream);
     case 64: return launch_with<QT, kDoubleQuant, 64>(p, plan.split_form, stream);
     case kMaxTokens: return launch_with<QT, kDoubleQuant, kMaxTokens>(p, plan.split_form, stream);
-    default: return launch_as<QT, kDoubleQuant, kWideTokens, kRowFormWarpgroups, false>(p, stream, plan.splits);
+    default:
+      if (p.stream_k_ctas > 0)
+        return launch_as<QT, kDoubleQuant, kWideTokens, kRowFormWarpgroups, false, true>(p, stream, 1, p.stream_k_ctas);
+      return launch_as<QT, kDoubleQuant, kWideTokens, kRowFormWarpgroups, false>(p, stream, plan.splits);
   }
 }
 
