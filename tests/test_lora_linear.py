@@ -78,6 +78,15 @@ def tensor_core_runs(device):
     return device.type == "cuda" and qlora._C.sm90a() and torch.cuda.get_device_capability(device) == (9, 0)
 
 
+def gemm_forms(fn):
+    """The stream-K flag (the last template argument) of each tensor-core GEMM kernel fn launches, by torch.profiler."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    names = [e.name for e in prof.events() if "gemm_4bit_kernel<" in e.name]
+    return [name.split("gemm_4bit_kernel<", 1)[1].split(">(", 1)[0].split(", ")[-1] == "true" for name in names]
+
+
 def paths_for(device, dtype, K, blocksize=64):
     """Implementations to exercise: the automatic choice, and on CUDA each path the arguments allow."""
     if device.type != "cuda":
@@ -220,6 +229,7 @@ def test_tensor_core_stream_k(M, K, lora):
         pytest.skip("the tensor-core GEMM does not run here")
     a = sample_inputs("cuda", M, 20480, K, 16, torch.bfloat16, lora=lora, bias=lora)
     y = OP(**a, path=6)
+    assert gemm_forms(lambda: OP(**a, path=6)) == [True], "the GEMM should run in stream-K form here"
     assert_accurate(y, reference.lora_linear_4bit(**a), torch_baseline(a), torch.bfloat16, "stream-K")
     xs = [torch.randn_like(a["x"]) for _ in range(3)]
     outs = [OP(**{**a, "x": x}, path=6) for x in xs * 2]
