@@ -359,12 +359,13 @@ def test_back_to_back_calls(M, N, K):
 
 
 @cuda_only
-@pytest.mark.parametrize("M, K, path", [(1, 4128, 0), (1, 4096, 0), (16, 4128, 0), (300, 4128, 0), (200, 4096, 6),
-                                        (300, 4096, 7)])
-def test_cuda_graph_capture(M, K, path):
+@pytest.mark.parametrize("M, N, K, path", [(1, 1000, 4128, 0), (1, 1000, 4096, 0), (16, 1000, 4128, 0),
+                                           (300, 1000, 4128, 0), (200, 1000, 4096, 6), (300, 1000, 4096, 7),
+                                           (256, 20480, 1024, 6)])  # the last in stream-K form: its counters reset
+def test_cuda_graph_capture(M, N, K, path):
     if path in (6, 7) and not tensor_core_runs(torch.device("cuda")):
         pytest.skip("the tensor-core GEMM does not run here")
-    a = sample_inputs("cuda", M, 1000, K, 16, torch.bfloat16)
+    a = sample_inputs("cuda", M, N, K, 16, torch.bfloat16)
     a["path"] = path
     eager = OP(**a)
     static_x = a["x"].clone()
