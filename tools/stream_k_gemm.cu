@@ -12,45 +12,16 @@
 #include <vector>
 
 #include "flushed_timing.cuh"
-#include "qlora/gemm_4bit.cuh"
+#include "gemm_tool.cuh"
+#include "tool_host.cuh"
 
 using qlora::Gemm4bitParams;
 
-static uint16_t to_bf16(float f) {
-  uint32_t u;
-  std::memcpy(&u, &f, 4);
-  return static_cast<uint16_t>((u + 0x7fff + ((u >> 16) & 1)) >> 16);
-}
-static float from_bf16(uint16_t h) {
-  const uint32_t u = static_cast<uint32_t>(h) << 16;
-  float f;
-  std::memcpy(&f, &u, 4);
-  return f;
-}
-
-template <typename T>
-static T* device_copy(const std::vector<T>& v) {
-  T* d;
-  cudaMalloc(&d, v.size() * sizeof(T));
-  cudaMemcpy(d, v.data(), v.size() * sizeof(T), cudaMemcpyHostToDevice);
-  return d;
-}
-
-static std::vector<uint16_t> host_copy(const __nv_bfloat16* d, size_t n) {
-  std::vector<uint16_t> h(n);
-  cudaMemcpy(h.data(), d, n * 2, cudaMemcpyDeviceToHost);
-  return h;
-}
-
 int main() {
   setvbuf(stdout, nullptr, _IONBF, 0);
+  const int num_sms = sm_count_or_complain("stream_k_gemm");
   char* flush;
-  if (cudaMalloc(&flush, kFlushBytes) != cudaSuccess) {
-    fprintf(stderr, "stream_k_gemm needs a GPU\n");
-    return 1;
-  }
-  int num_sms = 0;
-  cudaDeviceGetAttribute(&num_sms, cudaDevAttrMultiProcessorCount, 0);
+  if (num_sms == 0 || cudaMalloc(&flush, kFlushBytes) != cudaSuccess) return 1;
   float* partials;
   unsigned* arrivals;
   cudaMalloc(&partials, qlora::gemm4bit::stream_k_partial_floats(num_sms) * sizeof(float));
@@ -70,11 +41,10 @@ int main() {
       printf("%lldx%lld M=%lld: no stream-K form\n", (long long)N, (long long)K, (long long)M);
       continue;
     }
-    std::vector<uint16_t> x(M * K), xa(M * r), B(N * r), bias(N);
-    for (auto& v : x) v = to_bf16(normal(rng));
-    for (auto& v : xa) v = to_bf16(normal(rng));
-    for (auto& v : B) v = to_bf16(0.01f * normal(rng));
-    for (auto& v : bias) v = to_bf16(normal(rng));
+    const auto x = bf16_values(M * K, [&] { return normal(rng); });
+    const auto xa = bf16_values(M * r, [&] { return normal(rng); });
+    const auto B = bf16_values(N * r, [&] { return 0.01f * normal(rng); });
+    const auto bias = bf16_values(N, [&] { return normal(rng); });
     std::vector<uint8_t> packed(N * K / 2);
     for (auto& v : packed) v = static_cast<uint8_t>(byte(rng));
     std::vector<float> absmax(N * K / 64);
@@ -90,14 +60,7 @@ int main() {
     cudaMalloc(&dy_stream, M * N * 2);
     cudaMalloc(&dy_again, M * N * 2);
     for (const bool lora : {false, true}) {
-      Gemm4bitParams p;
-      p.x = reinterpret_cast<const __nv_bfloat16*>(dx);
-      p.packed = dp;
-      p.scales.absmax = dabs;
-      p.M = M;
-      p.N = N;
-      p.K = K;
-      p.log2_blocksize = 6;
+      Gemm4bitParams p = nf4_gemm_params(dx, dp, dabs, M, N, K);
       if (lora) {
         p.xa = reinterpret_cast<const __nv_bfloat16*>(dxa);
         p.lora_B = reinterpret_cast<const __nv_bfloat16*>(dB);

@@ -2,7 +2,7 @@
 // against the GEMM alone with xa ready: is the down-projection hidden? Also checks xa against a host fp32 reference
 // and that the GEMM waits for it (xa filled with NaN before the pair runs; y must equal the GEMM's with xa ready).
 //
-//   nvcc -O3 -std=c++20 --expt-relaxed-constexpr -arch=sm_90a -I csrc/include -diag-suppress 177 \
+//   nvcc -O3 -std=c++20 --expt-relaxed-constexpr -arch=sm_90a -I csrc/include -I tools -diag-suppress 177 \
 //        tools/xa_beside_gemm.cu -o /tmp/xa_beside_gemm && /tmp/xa_beside_gemm
 #include <cmath>
 #include <cstdio>
@@ -11,40 +11,17 @@
 #include <vector>
 
 #include "flushed_timing.cuh"
-#include "qlora/gemm_4bit.cuh"
+#include "gemm_tool.cuh"
+#include "tool_host.cuh"
 #include "qlora/lora_down_mma.cuh"
 
 using qlora::Gemm4bitParams;
 
-static uint16_t to_bf16(float f) {
-  uint32_t u;
-  std::memcpy(&u, &f, 4);
-  return static_cast<uint16_t>((u + 0x7fff + ((u >> 16) & 1)) >> 16);
-}
-static float from_bf16(uint16_t h) {
-  const uint32_t u = static_cast<uint32_t>(h) << 16;
-  float f;
-  std::memcpy(&f, &u, 4);
-  return f;
-}
-
-template <typename T>
-static T* device_copy(const std::vector<T>& v) {
-  T* d;
-  cudaMalloc(&d, v.size() * sizeof(T));
-  cudaMemcpy(d, v.data(), v.size() * sizeof(T), cudaMemcpyHostToDevice);
-  return d;
-}
-
 int main() {
   setvbuf(stdout, nullptr, _IONBF, 0);
+  const int num_sms = sm_count_or_complain("xa_beside_gemm");
   char* flush;
-  if (cudaMalloc(&flush, kFlushBytes) != cudaSuccess) {
-    fprintf(stderr, "xa_beside_gemm needs a GPU\n");
-    return 1;
-  }
-  int num_sms = 0;
-  cudaDeviceGetAttribute(&num_sms, cudaDevAttrMultiProcessorCount, 0);
+  if (num_sms == 0 || cudaMalloc(&flush, kFlushBytes) != cudaSuccess) return 1;
   const int r = 16;
   const int64_t shapes[][3] = {{4096, 4096, 256}, {8192, 8192, 256}, {8192, 28672, 256}, {28672, 8192, 256},
                                {8192, 28672, 64}, {4096, 4096, 32},  {8192, 28672, 1024}};
@@ -53,10 +30,9 @@ int main() {
   std::uniform_int_distribution<int> byte(0, 255);
   for (const auto& s : shapes) {
     const int64_t N = s[0], K = s[1], M = s[2];
-    std::vector<uint16_t> x(M * K), A(r * K), B(N * r);
-    for (auto& v : x) v = to_bf16(normal(rng));
-    for (auto& v : A) v = to_bf16(normal(rng) / std::sqrt(static_cast<float>(K)));
-    for (auto& v : B) v = to_bf16(0.01f * normal(rng));
+    const auto x = bf16_values(M * K, [&] { return normal(rng); });
+    const auto A = bf16_values(r * K, [&] { return normal(rng) / std::sqrt(static_cast<float>(K)); });
+    const auto B = bf16_values(N * r, [&] { return 0.01f * normal(rng); });
     std::vector<uint8_t> packed(N * K / 2);
     for (auto& v : packed) v = static_cast<uint8_t>(byte(rng));
     std::vector<float> absmax(N * K / 64, 0.02f);
@@ -85,14 +61,7 @@ int main() {
         scale = std::max(scale, std::fabs(ref));
       }
 
-    Gemm4bitParams p;
-    p.x = bx;
-    p.packed = dp;
-    p.scales.absmax = dabs;
-    p.M = M;
-    p.N = N;
-    p.K = K;
-    p.log2_blocksize = 6;
+    Gemm4bitParams p = nf4_gemm_params(bx, dp, dabs, M, N, K);
     p.xa = dxa;
     p.lora_B = reinterpret_cast<const __nv_bfloat16*>(dB);
     p.r = r;

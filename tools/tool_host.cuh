@@ -1,0 +1,56 @@
+// Host-side helpers of the standalone kernel programs in tools/: the device they run on, bf16 bits to and from
+// float (round to nearest even), and copies between host vectors and device buffers.
+#pragma once
+
+#include <cstdint>
+#include <cstdio>
+#include <cstring>
+#include <vector>
+
+#include <cuda_runtime.h>
+
+// Device 0's SM count, or 0 (after saying so on stderr) where `program` finds no GPU.
+inline int sm_count_or_complain(const char* program) {
+  int num_sms = 0;
+  if (cudaDeviceGetAttribute(&num_sms, cudaDevAttrMultiProcessorCount, 0) != cudaSuccess || num_sms == 0) {
+    fprintf(stderr, "%s needs a GPU\n", program);
+    return 0;
+  }
+  return num_sms;
+}
+
+inline uint16_t to_bf16(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  return static_cast<uint16_t>((u + 0x7fff + ((u >> 16) & 1)) >> 16);
+}
+inline float from_bf16(uint16_t h) {
+  const uint32_t u = static_cast<uint32_t>(h) << 16;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+
+// n bf16 values, each draw() rounded.
+template <typename F>
+std::vector<uint16_t> bf16_values(size_t n, F draw) {
+  std::vector<uint16_t> v(n);
+  for (auto& e : v) e = to_bf16(draw());
+  return v;
+}
+
+template <typename T>
+T* device_copy(const std::vector<T>& v) {
+  T* d;
+  cudaMalloc(&d, v.size() * sizeof(T));
+  cudaMemcpy(d, v.data(), v.size() * sizeof(T), cudaMemcpyHostToDevice);
+  return d;
+}
+
+template <typename T>
+std::vector<uint16_t> host_copy(const T* d, size_t n) {  // n 2-byte elements (bf16) back to the host
+  static_assert(sizeof(T) == 2, "bf16 elements");
+  std::vector<uint16_t> h(n);
+  cudaMemcpy(h.data(), d, n * 2, cudaMemcpyDeviceToHost);
+  return h;
+}
