@@ -20,6 +20,9 @@
 // Split-K (small M · N): three or four warpgroups (split_form_warpgroups) share 64 rows and take alternate
 // stages; their sums meet in shared memory at the end, where the output tile is staged to read and write y in
 // 16-byte runs.
+// Stream-K (256-token tiles whose last wave would be less than 90 % full, gemm_4bit_stream_k_ctas): one CTA an SM
+// takes an even span of all tiles' stages; a tile split between two CTAs is finished by the second to arrive,
+// which adds the first's fp32 sums from a global workspace (Gemm4bitParams::stream_k_partials).
 //
 // Constraints (the caller checks gemm_4bit_supported): K % 64 == 0, blocksize a power of two >= 64 (a stage's
 // 64 weights of a row share one scale), x and the packed weight 16-byte aligned with contiguous rows (the
