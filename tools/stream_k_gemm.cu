@@ -33,7 +33,6 @@ int main() {
                                {28672, 8192, 200}, {8192, 8192, 1024}};  // N, K, M
   std::mt19937 rng(0);
   std::normal_distribution<float> normal(0.0f, 1.0f);
-  std::uniform_int_distribution<int> byte(0, 255);
   for (const auto& s : shapes) {
     const int64_t N = s[0], K = s[1], M = s[2];
     const int ctas = qlora::gemm4bit::gemm_4bit_stream_k_ctas(M, N, K, num_sms);
@@ -45,8 +44,7 @@ int main() {
     const auto xa = bf16_values(M * r, [&] { return normal(rng); });
     const auto B = bf16_values(N * r, [&] { return 0.01f * normal(rng); });
     const auto bias = bf16_values(N, [&] { return normal(rng); });
-    std::vector<uint8_t> packed(N * K / 2);
-    for (auto& v : packed) v = static_cast<uint8_t>(byte(rng));
+    const auto packed = random_bytes(N * K / 2, rng);
     std::vector<float> absmax(N * K / 64);
     for (auto& v : absmax) v = 0.02f * (1.0f + 0.5f * std::fabs(normal(rng)));
     auto* dx = device_copy(x);

@@ -5,6 +5,7 @@
 #include <cstdint>
 #include <cstdio>
 #include <cstring>
+#include <random>
 #include <vector>
 
 #include <cuda_runtime.h>
@@ -36,6 +37,15 @@ template <typename F>
 std::vector<uint16_t> bf16_values(size_t n, F draw) {
   std::vector<uint16_t> v(n);
   for (auto& e : v) e = to_bf16(draw());
+  return v;
+}
+
+// n random bytes (4-bit code pairs) from rng.
+template <typename Rng>
+std::vector<uint8_t> random_bytes(size_t n, Rng& rng) {
+  std::uniform_int_distribution<int> byte(0, 255);
+  std::vector<uint8_t> v(n);
+  for (auto& e : v) e = static_cast<uint8_t>(byte(rng));
   return v;
 }
 

@@ -27,14 +27,12 @@ int main() {
                                {8192, 28672, 64}, {4096, 4096, 32},  {8192, 28672, 1024}};
   std::mt19937 rng(0);
   std::normal_distribution<float> normal(0.0f, 1.0f);
-  std::uniform_int_distribution<int> byte(0, 255);
   for (const auto& s : shapes) {
     const int64_t N = s[0], K = s[1], M = s[2];
     const auto x = bf16_values(M * K, [&] { return normal(rng); });
     const auto A = bf16_values(r * K, [&] { return normal(rng) / std::sqrt(static_cast<float>(K)); });
     const auto B = bf16_values(N * r, [&] { return 0.01f * normal(rng); });
-    std::vector<uint8_t> packed(N * K / 2);
-    for (auto& v : packed) v = static_cast<uint8_t>(byte(rng));
+    const auto packed = random_bytes(N * K / 2, rng);
     std::vector<float> absmax(N * K / 64, 0.02f);
     auto* dx = device_copy(x);
     auto* dA = device_copy(A);
