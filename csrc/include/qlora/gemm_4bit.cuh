@@ -99,6 +99,7 @@ constexpr int kTableBytes = 256 * 256;                     // bf16 pair of byte 
 // a 128-token product. Measured on the H200 (2026-11-29, standalone program, µs, 8192x28672 split-K form):
 // M = 32 98 with 32-token tiles against 112 with 64; M = 64 113 with 64 against 156 with 128 (library).
 constexpr int kMaxTokens = 128;
+constexpr int kWideTokens = 256;  // the row form's large tile (see producer_threads)
 constexpr int64_t kSmallTokensMaxM = 64;  // M up to this takes a tile below kMaxTokens
 constexpr int tokens_for(int64_t M) { return M <= 32 ? 32 : M <= kSmallTokensMaxM ? 64 : kMaxTokens; }
 // Whether x's token tiles fit the grid's y dimension (M past kSmallTokensMaxM takes kMaxTokens a tile).
@@ -109,7 +110,12 @@ constexpr int kFixedSharedBytes =
 template <int kTokens>
 struct Tile {
   static constexpr int kXStageBytes = kTokens * kStageK * 2;         // a multiple of the 1024-byte swizzle atom
-  static constexpr int kStageBytes = kXStageBytes + kWStageBytes + 2 * 8 /* full and empty barriers */;
+  // 256-token tiles: two of the producer warpgroup's idle warps work out each stage's block scales (a bf16 pair of
+  // hi and one of lo a row) into a slot of their own, so the consumers read 8 bytes a row instead of loading and
+  // converting them. The other tiles have no room for it: 128 tokens would lose a stage.
+  static constexpr bool kScalesStaged = kTokens == kWideTokens;
+  static constexpr int kScaleSlotBytes = kScalesStaged ? kMaxRows * 8 : 0;
+  static constexpr int kStageBytes = kXStageBytes + kWStageBytes + 2 * 8 /* full and empty barriers */ + kScaleSlotBytes;
   // As many stages as the shared memory holds (8, 13 and 20 for 128, 64 and 32 tokens): against 6 and 12 they
   // took 8192x28672 from 137.6 to 128.4 µs at M = 128 and from 240.4 to 225.8 at M = 256 (H200, 2026-11-29,
   // standalone program, L2 emptied between runs), and changed the small tiles by 1-3 %.
@@ -133,8 +139,7 @@ constexpr int split_form_warpgroups(int tokens) { return tokens == 128 ? 3 : 4; 
 constexpr int pipelines(int warpgroups, bool split_k) { return split_k ? warpgroups : 1; }
 // 256-token tiles (row form only): a warpgroup's 128 accumulators a thread need more registers than an even share
 // of the register file gives 384 threads, so the producers are a whole warpgroup that hands registers to the
-// consumers (setmaxnreg acts on whole warpgroups).
-constexpr int kWideTokens = 256;
+// consumers (setmaxnreg acts on whole warpgroups). kWideTokens is defined above, beside kMaxTokens.
 constexpr int kProducerRegisters = 40, kWideConsumerRegisters = 232;  // 128 * 40 + 256 * 232 <= 64 K
 constexpr int producer_threads(int tokens, int warpgroups, bool split_k) {
   return tokens == kWideTokens ? 128 : 32 * pipelines(warpgroups, split_k);
@@ -290,6 +295,8 @@ __global__ void __launch_bounds__(cta_threads(kTokens, kWarpgroups, kSplitK), 1)
   auto empty = [&](int slot) { return barriers + 8 * (kStages + slot); };
   const uint32_t segment_done = barriers + 8 * 2 * kStages;  // the consumers are done with a segment's epilogue
   const uint32_t arrival_order = segment_done + 8;  // stream-K: whether this CTA reached a split tile second
+  const uint32_t scale_ring = arrival_order + 8;    // T::kScalesStaged: a slot of T::kScaleSlotBytes a stage
+  constexpr int kScaleWarps = 2;
   // Stage s belongs to pipeline s % kPipelines, whose slots are its own, so each slot's full and empty phases
   // alternate: a slot shared by pipelines that run out of step could be two phases ahead of a waiter, which
   // the parity wait cannot tell from done.
@@ -327,7 +334,7 @@ __global__ void __launch_bounds__(cta_threads(kTokens, kWarpgroups, kSplitK), 1)
 
   if (tid == 0) {
     for (int s = 0; s < kStages; ++s) {
-      mbar_init(full(s), 1);
+      mbar_init(full(s), T::kScalesStaged ? 1 + kScaleWarps : 1);  // the copies' producer (and the scale warps)
       mbar_init(empty(s), (kSplitK ? 128 : kThreads) / 32);  // one arrival per consumer warp of the stage
     }
     mbar_init(segment_done, 1);
@@ -370,6 +377,60 @@ __global__ void __launch_bounds__(cta_threads(kTokens, kWarpgroups, kSplitK), 1)
         }
       } else {
         issue_segment(segment_at(0), 0);
+      }
+    }
+    if constexpr (T::kScalesStaged) {
+      const int scale_thread = tid - kThreads - 32 * (4 - kScaleWarps);  // the last kScaleWarps warps
+      if (scale_thread >= 0) {
+        static_assert(kRows == 2 * 32 * kScaleWarps, "a scale thread a pair of rows");
+        const float mean = kDoubleQuant ? *p.scales.offset : 0.0f;
+        struct Raw {  // (qabsmax, absmax2) or (0, absmax), loaded a stage ahead of its use
+          uint32_t code;
+          float value;
+        };
+        auto raw_at = [&](int64_t element) {
+          const int64_t block = element >> p.log2_blocksize;
+          if constexpr (kDoubleQuant)
+            return Raw{__ldg(p.scales.qabsmax + block), __ldg(p.scales.absmax2 + block / kAbsmaxBlocksize)};
+          else
+            return Raw{0u, __ldg(p.scales.absmax + block)};
+        };
+        auto split_bits = [&](Raw r) {
+          const float scale = kDoubleQuant ? mul_then_add(__ldg(p.scales.code2 + r.code), r.value, mean) : r.value;
+          const SplitScale<__nv_bfloat16> split = split_scale<__nv_bfloat16>(scale);
+          return make_uint2(as_u32(split.hi), as_u32(split.lo));
+        };
+        // Rows scale_thread and scale_thread + 64 of each stage. The scale slots lie outside the epilogue's space,
+        // so unlike the copies they need no wait for an epilogue: the empty barriers alone order them.
+        auto stage_segment = [&](const Segment& seg, int issued) {
+          const int64_t e0 = min(seg.n_base + scale_thread, p.N - 1) * p.K;
+          const int64_t e1 = min(seg.n_base + scale_thread + kRows / 2, p.N - 1) * p.K;
+          auto stage_k = [&](int stage) { return static_cast<int64_t>(seg.k_begin + min(stage, seg.stages - 1)) * kStageK; };
+          Raw now0 = raw_at(e0 + stage_k(0)), now1 = raw_at(e1 + stage_k(0));
+          for (int stage = 0; stage < seg.stages; ++stage) {
+            const Raw next0 = raw_at(e0 + stage_k(stage + 1)), next1 = raw_at(e1 + stage_k(stage + 1));
+            const int slot = slot_of(issued + stage), round = round_of(issued + stage);
+            if (round > 0) mbar_wait(empty(slot), (round - 1) & 1);
+            uint2* const out = reinterpret_cast<uint2*>(smem + (scale_ring - base) + slot * T::kScaleSlotBytes);
+            out[scale_thread] = split_bits(now0);
+            out[scale_thread + kRows / 2] = split_bits(now1);
+            __syncwarp();
+            if (lane == 0) mbar_arrive(full(slot));
+            now0 = next0;
+            now1 = next1;
+          }
+        };
+        if constexpr (kStreamK) {
+          int issued = 0;
+          for (int it = it_begin; it < it_end;) {
+            const Segment seg = segment_at(it);
+            it += seg.stages;
+            stage_segment(seg, issued);
+            issued += seg.stages;
+          }
+        } else {
+          stage_segment(segment_at(0), 0);
+        }
       }
     }
     return;
@@ -417,14 +478,20 @@ __global__ void __launch_bounds__(cta_threads(kTokens, kWarpgroups, kSplitK), 1)
     for (int i = 0; i < T::kAccumulators; ++i) acc[i] = 0.0f;
     const int first = kSplitK ? warpgroup : 0, step = kSplitK ? kWarpgroups : 1;
     auto stage_k = [&](int stage) { return static_cast<int64_t>(seg.k_begin + min(stage, seg.stages - 1)) * kStageK; };
-    RawScale now0 = load_scale(element0 + stage_k(first)), now1 = load_scale(element1 + stage_k(first));
-    RawScale next0 = load_scale(element0 + stage_k(first + step)), next1 = load_scale(element1 + stage_k(first + step));
+    RawScale now0{}, now1{}, next0{}, next1{};
+    if constexpr (!T::kScalesStaged) {
+      now0 = load_scale(element0 + stage_k(first)), now1 = load_scale(element1 + stage_k(first));
+      next0 = load_scale(element0 + stage_k(first + step)), next1 = load_scale(element1 + stage_k(first + step));
+    }
     for (int k = first; k < seg.stages; k += step) {
-      const float s0 = scale_of(now0), s1 = scale_of(now1);
-      now0 = next0;
-      now1 = next1;
-      next0 = load_scale(element0 + stage_k(k + 2 * step));
-      next1 = load_scale(element1 + stage_k(k + 2 * step));
+      float s0 = 0.0f, s1 = 0.0f;
+      if constexpr (!T::kScalesStaged) {
+        s0 = scale_of(now0), s1 = scale_of(now1);
+        now0 = next0;
+        now1 = next1;
+        next0 = load_scale(element0 + stage_k(k + 2 * step));
+        next1 = load_scale(element1 + stage_k(k + 2 * step));
+      }
       const int slot = slot_of(consumed + k);
       mbar_wait(full(slot), round_of(consumed + k) & 1);
       const uint8_t* w_stage = smem + (w_ring - base) + slot * kWStageBytes;
@@ -434,7 +501,16 @@ __global__ void __launch_bounds__(cta_threads(kTokens, kWarpgroups, kSplitK), 1)
       const uint4 b_hi = *reinterpret_cast<const uint4*>(w_stage + (r0 + 8) * 32 + 16);
       const uint32_t row0[8] = {a_lo.x, a_lo.y, a_lo.z, a_lo.w, a_hi.x, a_hi.y, a_hi.z, a_hi.w};
       const uint32_t row1[8] = {b_lo.x, b_lo.y, b_lo.z, b_lo.w, b_hi.x, b_hi.y, b_hi.z, b_hi.w};
-      const SplitScale<__nv_bfloat16> scale0 = split_scale<__nv_bfloat16>(s0), scale1 = split_scale<__nv_bfloat16>(s1);
+      SplitScale<__nv_bfloat16> scale0, scale1;
+      if constexpr (T::kScalesStaged) {
+        const uint2* const staged = reinterpret_cast<const uint2*>(smem + (scale_ring - base) + slot * T::kScaleSlotBytes);
+        const uint2 bits0 = staged[r0], bits1 = staged[r0 + 8];
+        auto as_pair = [](uint32_t bits) { return *reinterpret_cast<const Bf16::Pair*>(&bits); };
+        scale0 = {as_pair(bits0.x), as_pair(bits0.y)};
+        scale1 = {as_pair(bits1.x), as_pair(bits1.y)};
+      } else {
+        scale0 = split_scale<__nv_bfloat16>(s0), scale1 = split_scale<__nv_bfloat16>(s1);
+      }
       uint32_t a[4][4];  // k16 step j: rows r0 / r0 + 8, k 16j + 2c.. and 16j + 8 + 2c..
 #pragma unroll
       for (int j = 0; j < 4; ++j) {
