@@ -114,6 +114,11 @@ struct Tile {
   // hi and one of lo a row) into a slot of their own, so the consumers read 8 bytes a row instead of loading and
   // converting them. The other tiles have no room for it: 128 tokens would lose a stage.
   static constexpr bool kScalesStaged = kTokens == kWideTokens;
+  // 256-token tiles: a warpgroup decodes the next k16 step while its wgmma runs (see run_segment). ncu of the
+  // 28672x8192 M = 256 stream-K launch had put the tensor pipe at 72 % of its active cycles and the consumer warps
+  // half of their time at the wait for their own wgmma (cuBLAS: 96 % at the same shape); with this, 76 % and
+  // 182.5 -> 176.7 µs (H200, 2026-11-29, tools/stream_k_gemm.cu).
+  static constexpr bool kStepPipelined = kTokens == kWideTokens;
   static constexpr int kScaleSlotBytes = kScalesStaged ? kMaxRows * 8 : 0;
   static constexpr int kStageBytes = kXStageBytes + kWStageBytes + 2 * 8 /* full and empty barriers */ + kScaleSlotBytes;
   // As many stages as the shared memory holds (8, 13 and 20 for 128, 64 and 32 tokens): against 6 and 12 they
@@ -211,8 +216,13 @@ __device__ __forceinline__ void wgmma_fence(uint32_t (&a)[4][4]) {  // every wri
                  "+r"(a[1][2]), "+r"(a[1][3]), "+r"(a[2][0]), "+r"(a[2][1]), "+r"(a[2][2]), "+r"(a[2][3]),
                  "+r"(a[3][0]), "+r"(a[3][1]), "+r"(a[3][2]), "+r"(a[3][3])::"memory");
 }
+__device__ __forceinline__ void wgmma_fence(uint32_t (&a)[4]) {
+  asm volatile("wgmma.fence.sync.aligned;\n" : "+r"(a[0]), "+r"(a[1]), "+r"(a[2]), "+r"(a[3])::"memory");
+}
+// Commits the wgmma issued since the last commit and waits until at most kPending groups are still running.
+template <int kPending = 0>
 __device__ __forceinline__ void wgmma_commit_and_wait() {
-  asm volatile("wgmma.commit_group.sync.aligned;\nwgmma.wait_group.sync.aligned 0;\n" ::: "memory");
+  asm volatile("wgmma.commit_group.sync.aligned;\nwgmma.wait_group.sync.aligned %0;\n" ::"n"(kPending) : "memory");
 }
 #define QLORA_ACC8(i) "+f"(d[i]), "+f"(d[i + 1]), "+f"(d[i + 2]), "+f"(d[i + 3]), "+f"(d[i + 4]), "+f"(d[i + 5]), \
                       "+f"(d[i + 6]), "+f"(d[i + 7])
@@ -279,6 +289,7 @@ __global__ void __launch_bounds__(cta_threads(kTokens, kWarpgroups, kSplitK), 1)
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   using T = Tile<kTokens>;
   constexpr int kStages = T::kStages, kXStageBytes = T::kXStageBytes;
+  constexpr bool kStepPipelined = T::kStepPipelined;
   const Gemm4bitParams& p = args.p;
   constexpr int kThreads = 128 * kWarpgroups;  // the consumers; the producer warps come after them
   constexpr int kRows = cta_rows(kWarpgroups, kSplitK);
@@ -479,6 +490,10 @@ __global__ void __launch_bounds__(cta_threads(kTokens, kWarpgroups, kSplitK), 1)
     const int first = kSplitK ? warpgroup : 0, step = kSplitK ? kWarpgroups : 1;
     auto stage_k = [&](int stage) { return static_cast<int64_t>(seg.k_begin + min(stage, seg.stages - 1)) * kStageK; };
     RawScale now0{}, now1{}, next0{}, next1{};
+    // kStepPipelined: a warpgroup decodes step j + 1 while step j's wgmma runs (two register sets of A), so its
+    // tensor-core work does not stop for its own decoding; a stage's slot is released one step after its last wgmma.
+    uint32_t a_steps[2][4];
+    int running_slot = -1;  // the slot of the stage whose last wgmma may still run
     if constexpr (!T::kScalesStaged) {
       now0 = load_scale(element0 + stage_k(first)), now1 = load_scale(element1 + stage_k(first));
       next0 = load_scale(element0 + stage_k(first + step)), next1 = load_scale(element1 + stage_k(first + step));
@@ -511,21 +526,46 @@ __global__ void __launch_bounds__(cta_threads(kTokens, kWarpgroups, kSplitK), 1)
       } else {
         scale0 = split_scale<__nv_bfloat16>(s0), scale1 = split_scale<__nv_bfloat16>(s1);
       }
-      uint32_t a[4][4];  // k16 step j: rows r0 / r0 + 8, k 16j + 2c.. and 16j + 8 + 2c..
+      // k16 step j: rows r0 / r0 + 8, k 16j + 2c.. and 16j + 8 + 2c..
+      auto decode_step = [&](int j, uint32_t (&a)[4]) {
+        a[0] = decode(row0[2 * j], scale0);
+        a[1] = decode(row1[2 * j], scale1);
+        a[2] = decode(row0[2 * j + 1], scale0);
+        a[3] = decode(row1[2 * j + 1], scale1);
+      };
+      if constexpr (kStepPipelined) {
 #pragma unroll
-      for (int j = 0; j < 4; ++j) {
-        a[j][0] = decode(row0[2 * j], scale0);
-        a[j][1] = decode(row1[2 * j], scale1);
-        a[j][2] = decode(row0[2 * j + 1], scale0);
-        a[j][3] = decode(row1[2 * j + 1], scale1);
+        for (int j = 0; j < 4; ++j) {
+          decode_step(j, a_steps[j % 2]);
+          wgmma_fence(a_steps[j % 2]);
+          wgmma_bf16(acc, a_steps[j % 2], swizzled_descriptor(x_ring + slot * kXStageBytes + 32 * j));
+          wgmma_commit_and_wait<1>();  // the step before is done: its registers, and at j = 0 its slot, are free
+          if (j == 0 && running_slot >= 0) {
+            __syncwarp();
+            if (lane == 0) mbar_arrive(empty(running_slot));
+          }
+        }
+        running_slot = slot;
+      } else {
+        uint32_t a[4][4];
+#pragma unroll
+        for (int j = 0; j < 4; ++j) decode_step(j, a[j]);
+        wgmma_fence(a);
+#pragma unroll
+        for (int j = 0; j < 4; ++j) wgmma_bf16(acc, a[j], swizzled_descriptor(x_ring + slot * kXStageBytes + 32 * j));
+        wgmma_commit_and_wait();
+        fence_accumulators(acc);
+        __syncwarp();
+        if (lane == 0) mbar_arrive(empty(slot));
       }
-      wgmma_fence(a);
-#pragma unroll
-      for (int j = 0; j < 4; ++j) wgmma_bf16(acc, a[j], swizzled_descriptor(x_ring + slot * kXStageBytes + 32 * j));
+    }
+    if constexpr (kStepPipelined) {
       wgmma_commit_and_wait();
       fence_accumulators(acc);
-      __syncwarp();
-      if (lane == 0) mbar_arrive(empty(slot));
+      if (running_slot >= 0) {
+        __syncwarp();
+        if (lane == 0) mbar_arrive(empty(running_slot));
+      }
     }
 
     // Stream-K, a tile split with another CTA: the first to get here hands its sums over through the workspace, the
