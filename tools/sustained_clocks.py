@@ -1,18 +1,16 @@
 """Whether sustained load slows lora_linear_4bit more than bf16 F.linear: each runs back to back for a second (a
-256 MB zero-fill before each call, as do_bench's), timed call by call with CUDA events, while nvidia-smi samples the
-SM clock, the power draw and the clock-limit reasons every 50 ms. Prints, per op, the median µs of the first 5 % of
-the calls and of the last half, and the median clock and power over the run.
+256 MB zero-fill before each call, as do_bench's), timed call by call with CUDA events, while nvidia-smi is asked
+for the SM clock, the power draw and the clock-limit reasons about every 50 ms. Prints, per op, the median µs of
+the first 5 % of the calls and of the last half, and the median clock and power over the run.
 
     python tools/sustained_clocks.py [--cases 28672x8192:256,4096x4096:4096] [--seconds 1]
 """
 
 import argparse
-import datetime
 import math
-import os
 import statistics
 import subprocess
-import tempfile
+import threading
 import time
 
 import torch
@@ -21,34 +19,38 @@ import torch.nn.functional as F
 import qlora
 
 R, SCALE = 16, 2.0
-FIELDS = ["timestamp", "clocks.sm", "power.draw", "clocks_event_reasons.active"]
+FIELDS = ["clocks.sm", "power.draw", "clocks_event_reasons.active"]
 
 
-def start_sampler(path):
-    """nvidia-smi writing a CSV line every 50 ms, or None without nvidia-smi; drops the reasons field if unknown."""
-    for fields in (FIELDS, FIELDS[:3]):
-        query = ["nvidia-smi", f"--query-gpu={','.join(fields)}", "--format=csv,noheader,nounits"]
-        try:
-            if subprocess.run(query, capture_output=True).returncode != 0:
-                continue
-        except FileNotFoundError:
-            return None
-        return subprocess.Popen(query + ["-lms", "50", "-f", path])
-    return None
+class Sampler(threading.Thread):
+    """Queries nvidia-smi about every 50 ms (one process a query, so no output waits in a buffer) and keeps
+    (host time, SM MHz, watts, clock-limit reasons)."""
 
-
-def samples_between(path, t0, t1):
-    """[(sm MHz, watts, reasons)] sampled in [t0, t1] (datetimes)."""
-    rows = []
-    with open(path) as f:
-        for line in f:
-            parts = [p.strip() for p in line.split(",")]
+    def __init__(self):
+        super().__init__(daemon=True)
+        self.rows, self.query, self.running = [], None, True
+        for fields in (FIELDS, FIELDS[:2]):
+            query = ["nvidia-smi", f"--query-gpu={','.join(fields)}", "--format=csv,noheader,nounits"]
             try:
-                when = datetime.datetime.strptime(parts[0], "%Y/%m/%d %H:%M:%S.%f")
-                rows.append((when, float(parts[1]), float(parts[2]), parts[3] if len(parts) > 3 else ""))
+                if subprocess.run(query, capture_output=True).returncode == 0:
+                    self.query = query
+                    break
+            except FileNotFoundError:
+                break
+
+    def run(self):
+        while self.running and self.query is not None:
+            out = subprocess.run(self.query, capture_output=True, text=True).stdout.strip().split("\n")[0]
+            parts = [part.strip() for part in out.split(",")]
+            try:
+                reasons = parts[2] if len(parts) > 2 else ""
+                self.rows.append((time.perf_counter(), float(parts[0]), float(parts[1]), reasons))
             except (ValueError, IndexError):
-                continue
-    return [(mhz, watts, reasons) for when, mhz, watts, reasons in rows if t0 <= when <= t1]
+                pass
+            time.sleep(0.05)
+
+    def between(self, t0, t1):
+        return [(mhz, watts, reasons) for when, mhz, watts, reasons in self.rows if t0 <= when <= t1]
 
 
 def sustained(fn, seconds, flush):
@@ -62,14 +64,14 @@ def sustained(fn, seconds, flush):
     torch.cuda.synchronize()
     calls = max(20, int(seconds / ((time.perf_counter() - begin) / 5)))
     events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(calls)]
-    t0 = datetime.datetime.now()
+    t0 = time.perf_counter()
     for start, end in events:
         flush.zero_()
         start.record()
         fn()
         end.record()
     torch.cuda.synchronize()
-    t1 = datetime.datetime.now()
+    t1 = time.perf_counter()
     return [start.elapsed_time(end) * 1e3 for start, end in events], t0, t1
 
 
@@ -81,11 +83,11 @@ def main():
     args = parser.parse_args()
     dev = torch.device("cuda")
     flush = torch.empty(256 << 20, dtype=torch.int8, device=dev)
-    log = os.path.join(tempfile.mkdtemp(), "smi.csv")
-    sampler = start_sampler(log)
+    sampler = Sampler()
+    sampler.start()
     time.sleep(0.5)
     try:
-        for case in args.cases.split(","):
+        for i, case in enumerate(args.cases.split(",")):
             shape, M = case.split(":")
             N, K = (int(d) for d in shape.split("x"))
             W = torch.randn(N, K, device=dev, dtype=torch.bfloat16) * 0.02
@@ -95,23 +97,20 @@ def main():
             x = torch.randn(int(M), K, device=dev, dtype=torch.bfloat16)
             ops = {"qlora": lambda: qlora.lora_linear_4bit(x, packed, qs, None, A, B, SCALE),
                    "bf16 F.linear": lambda: F.linear(x, W)}
-            for label, fn in ops.items():
+            for label, fn in list(ops.items())[::1 if i % 2 == 0 else -1]:  # each op first in every other case
                 time.sleep(0.5)  # the same idle start for each op
                 us, t0, t1 = sustained(fn, args.seconds, flush)
                 line = (f"{shape} M={M} {label:14s} calls {len(us):5d}  µs first 5 % "
                         f"{statistics.median(us[:max(1, len(us) // 20)]):8.1f}  last half "
                         f"{statistics.median(us[len(us) // 2:]):8.1f}")
-                if sampler is not None:
-                    time.sleep(0.1)  # the sampler's last lines reach the file
-                    seen = samples_between(log, t0, t1)
-                    if seen:
-                        reasons = sorted({r for _, _, r in seen if r})
-                        line += (f"  SM MHz {statistics.median(m for m, _, _ in seen):6.0f}"
-                                 f"  W {statistics.median(w for _, w, _ in seen):5.0f}  reasons {' '.join(reasons)}")
+                seen = sampler.between(t0, t1)
+                if seen:
+                    reasons = sorted({r for _, _, r in seen if r})
+                    line += (f"  SM MHz {statistics.median(m for m, _, _ in seen):6.0f}"
+                             f"  W {statistics.median(w for _, w, _ in seen):5.0f}  reasons {' '.join(reasons)}")
                 print(line, flush=True)
     finally:
-        if sampler is not None:
-            sampler.terminate()
+        sampler.running = False
 
 
 if __name__ == "__main__":
