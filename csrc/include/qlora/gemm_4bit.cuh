@@ -282,6 +282,20 @@ __device__ __forceinline__ void fence_accumulators(float (&d)[kCount]) {
 }
 #endif
 
+// A block's scale as loaded, before the conversion: (qabsmax, absmax2) with double quantization, else (0, absmax).
+struct RawScale {
+  uint32_t code;
+  float value;
+};
+template <bool kDoubleQuant>
+__device__ __forceinline__ RawScale load_raw_scale(const Gemm4bitParams& p, int64_t element) {
+  const int64_t block = element >> p.log2_blocksize;
+  if constexpr (kDoubleQuant)
+    return RawScale{__ldg(p.scales.qabsmax + block), __ldg(p.scales.absmax2 + block / kAbsmaxBlocksize)};
+  else
+    return RawScale{0u, __ldg(p.scales.absmax + block)};
+}
+
 // kWarpgroups x 64 rows of W a CTA, or (kSplitK) 64 rows with the stages dealt round-robin to the warpgroups;
 // producer warps after them issue the copies.
 template <QuantType QT, bool kDoubleQuant, int kTokens, int kWarpgroups, bool kSplitK, bool kStreamK = false>
@@ -395,18 +409,8 @@ __global__ void __launch_bounds__(cta_threads(kTokens, kWarpgroups, kSplitK), 1)
       if (scale_thread >= 0) {
         static_assert(kRows == 2 * 32 * kScaleWarps, "a scale thread a pair of rows");
         const float mean = kDoubleQuant ? *p.scales.offset : 0.0f;
-        struct Raw {  // (qabsmax, absmax2) or (0, absmax), loaded a stage ahead of its use
-          uint32_t code;
-          float value;
-        };
-        auto raw_at = [&](int64_t element) {
-          const int64_t block = element >> p.log2_blocksize;
-          if constexpr (kDoubleQuant)
-            return Raw{__ldg(p.scales.qabsmax + block), __ldg(p.scales.absmax2 + block / kAbsmaxBlocksize)};
-          else
-            return Raw{0u, __ldg(p.scales.absmax + block)};
-        };
-        auto split_bits = [&](Raw r) {
+        auto raw_at = [&](int64_t element) { return load_raw_scale<kDoubleQuant>(p, element); };  // a stage ahead
+        auto split_bits = [&](RawScale r) {
           const float scale = kDoubleQuant ? mul_then_add(__ldg(p.scales.code2 + r.code), r.value, mean) : r.value;
           const SplitScale<__nv_bfloat16> split = split_scale<__nv_bfloat16>(scale);
           return make_uint2(as_u32(split.hi), as_u32(split.lo));
@@ -417,9 +421,9 @@ __global__ void __launch_bounds__(cta_threads(kTokens, kWarpgroups, kSplitK), 1)
           const int64_t e0 = min(seg.n_base + scale_thread, p.N - 1) * p.K;
           const int64_t e1 = min(seg.n_base + scale_thread + kRows / 2, p.N - 1) * p.K;
           auto stage_k = [&](int stage) { return static_cast<int64_t>(seg.k_begin + min(stage, seg.stages - 1)) * kStageK; };
-          Raw now0 = raw_at(e0 + stage_k(0)), now1 = raw_at(e1 + stage_k(0));
+          RawScale now0 = raw_at(e0 + stage_k(0)), now1 = raw_at(e1 + stage_k(0));
           for (int stage = 0; stage < seg.stages; ++stage) {
-            const Raw next0 = raw_at(e0 + stage_k(stage + 1)), next1 = raw_at(e1 + stage_k(stage + 1));
+            const RawScale next0 = raw_at(e0 + stage_k(stage + 1)), next1 = raw_at(e1 + stage_k(stage + 1));
             const int slot = slot_of(issued + stage), round = round_of(issued + stage);
             if (round > 0) mbar_wait(empty(slot), (round - 1) & 1);
             uint2* const out = reinterpret_cast<uint2*>(smem + (scale_ring - base) + slot * T::kScaleSlotBytes);
@@ -460,18 +464,8 @@ __global__ void __launch_bounds__(cta_threads(kTokens, kWarpgroups, kSplitK), 1)
 
   // Fragment rows of this thread: r0 and r0 + 8 of its warp's 16; its byte of each 4-byte word is lane % 4.
   const int r0 = (kSplitK ? 0 : warpgroup * 64) + warp * 16 + lane / 4;
-  // A scale's loads are issued two stages ahead of its use: (qabsmax, absmax2) or (0, absmax).
-  struct RawScale {
-    uint32_t code;
-    float value;
-  };
-  auto load_scale = [&](int64_t element) {
-    const int64_t block = element >> p.log2_blocksize;
-    if constexpr (kDoubleQuant)
-      return RawScale{__ldg(p.scales.qabsmax + block), __ldg(p.scales.absmax2 + block / kAbsmaxBlocksize)};
-    else
-      return RawScale{0u, __ldg(p.scales.absmax + block)};
-  };
+  // A scale's loads are issued two stages ahead of its use.
+  auto load_scale = [&](int64_t element) { return load_raw_scale<kDoubleQuant>(p, element); };
   auto scale_of = [&](RawScale r) { return kDoubleQuant ? mul_then_add(code2_s[r.code], r.value, mean) : r.value; };
   const uint32_t lane_bytes = lane * 4, selector = 0x5504u | ((lane % 4) << 4);  // (lane * 4, byte lane % 4, 0, 0)
   auto decode = [&](uint32_t word, const SplitScale<__nv_bfloat16>& scale) {
