@@ -7,14 +7,12 @@ With many calls, the first and last tenth's medians of the call's end show wheth
 """
 
 import argparse
-import math
 import statistics
 
 import torch
 
 import qlora
-
-R, SCALE = 16, 2.0
+from time_lora_paths import SCALE, layer  # this folder is on sys.path when run as a script
 
 
 def timeline(fn, calls):
@@ -58,10 +56,7 @@ def main():
     args = parser.parse_args()
     dev = torch.device("cuda")
     for N, K in (tuple(int(d) for d in s.split("x")) for s in args.shapes.split(",")):
-        W = torch.randn(N, K, device=dev, dtype=torch.bfloat16) * 0.02
-        packed, qs = qlora.quantize_4bit(W)
-        A = torch.randn(R, K, device=dev, dtype=torch.bfloat16) / math.sqrt(K)
-        B = torch.randn(N, R, device=dev, dtype=torch.bfloat16) * 0.01
+        W, packed, qs, A, B = layer(N, K, dev)
         for M in (int(m) for m in args.ms.split(",")):
             x = torch.randn(M, K, device=dev, dtype=torch.bfloat16)
             ops = {f"path {args.path}": lambda: qlora.lora_linear_4bit(x, packed, qs, None, A, B, SCALE, None, args.path)}

@@ -7,7 +7,6 @@ the first 5 % of the calls and of the last half, and the median clock and power 
 """
 
 import argparse
-import math
 import statistics
 import subprocess
 import threading
@@ -17,8 +16,8 @@ import torch
 import torch.nn.functional as F
 
 import qlora
+from time_lora_paths import SCALE, layer  # this folder is on sys.path when run as a script
 
-R, SCALE = 16, 2.0
 FIELDS = ["clocks.sm", "power.draw", "clocks_event_reasons.active"]
 
 
@@ -90,10 +89,7 @@ def main():
         for i, case in enumerate(args.cases.split(",")):
             shape, M = case.split(":")
             N, K = (int(d) for d in shape.split("x"))
-            W = torch.randn(N, K, device=dev, dtype=torch.bfloat16) * 0.02
-            packed, qs = qlora.quantize_4bit(W)
-            A = torch.randn(R, K, device=dev, dtype=torch.bfloat16) / math.sqrt(K)
-            B = torch.randn(N, R, device=dev, dtype=torch.bfloat16) * 0.01
+            W, packed, qs, A, B = layer(N, K, dev)
             x = torch.randn(int(M), K, device=dev, dtype=torch.bfloat16)
             ops = {"qlora": lambda: qlora.lora_linear_4bit(x, packed, qs, None, A, B, SCALE),
                    "bf16 F.linear": lambda: F.linear(x, W)}
