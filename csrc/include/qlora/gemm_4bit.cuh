@@ -488,6 +488,10 @@ __global__ void __launch_bounds__(cta_threads(kTokens, kWarpgroups, kSplitK), 1)
     // tensor-core work does not stop for its own decoding; a stage's slot is released one step after its last wgmma.
     uint32_t a_steps[2][4];
     int running_slot = -1;  // the slot of the stage whose last wgmma may still run
+    auto release = [&](int slot) {  // this warp's wgmma are done with the slot
+      __syncwarp();
+      if (lane == 0) mbar_arrive(empty(slot));
+    };
     if constexpr (!T::kScalesStaged) {
       now0 = load_scale(element0 + stage_k(first)), now1 = load_scale(element1 + stage_k(first));
       next0 = load_scale(element0 + stage_k(first + step)), next1 = load_scale(element1 + stage_k(first + step));
@@ -534,10 +538,7 @@ __global__ void __launch_bounds__(cta_threads(kTokens, kWarpgroups, kSplitK), 1)
           wgmma_fence(a_steps[j % 2]);
           wgmma_bf16(acc, a_steps[j % 2], swizzled_descriptor(x_ring + slot * kXStageBytes + 32 * j));
           wgmma_commit_and_wait<1>();  // the step before is done: its registers, and at j = 0 its slot, are free
-          if (j == 0 && running_slot >= 0) {
-            __syncwarp();
-            if (lane == 0) mbar_arrive(empty(running_slot));
-          }
+          if (j == 0 && running_slot >= 0) release(running_slot);
         }
         running_slot = slot;
       } else {
@@ -549,17 +550,13 @@ __global__ void __launch_bounds__(cta_threads(kTokens, kWarpgroups, kSplitK), 1)
         for (int j = 0; j < 4; ++j) wgmma_bf16(acc, a[j], swizzled_descriptor(x_ring + slot * kXStageBytes + 32 * j));
         wgmma_commit_and_wait();
         fence_accumulators(acc);
-        __syncwarp();
-        if (lane == 0) mbar_arrive(empty(slot));
+        release(slot);
       }
     }
     if constexpr (kStepPipelined) {
       wgmma_commit_and_wait();
       fence_accumulators(acc);
-      if (running_slot >= 0) {
-        __syncwarp();
-        if (lane == 0) mbar_arrive(empty(running_slot));
-      }
+      if (running_slot >= 0) release(running_slot);
     }
 
     // Stream-K, a tile split with another CTA: the first to get here hands its sums over through the workspace, the
