@@ -219,10 +219,17 @@ __device__ __forceinline__ void wgmma_fence(uint32_t (&a)[4][4]) {  // every wri
 __device__ __forceinline__ void wgmma_fence(uint32_t (&a)[4]) {
   asm volatile("wgmma.fence.sync.aligned;\n" : "+r"(a[0]), "+r"(a[1]), "+r"(a[2]), "+r"(a[3])::"memory");
 }
+__device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
+// Waits until at most kPending committed groups are still running.
+template <int kPending = 0>
+__device__ __forceinline__ void wgmma_wait() {
+  asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(kPending) : "memory");
+}
 // Commits the wgmma issued since the last commit and waits until at most kPending groups are still running.
 template <int kPending = 0>
 __device__ __forceinline__ void wgmma_commit_and_wait() {
-  asm volatile("wgmma.commit_group.sync.aligned;\nwgmma.wait_group.sync.aligned %0;\n" ::"n"(kPending) : "memory");
+  wgmma_commit();
+  wgmma_wait<kPending>();
 }
 #define QLORA_ACC8(i) "+f"(d[i]), "+f"(d[i + 1]), "+f"(d[i + 2]), "+f"(d[i + 3]), "+f"(d[i + 4]), "+f"(d[i + 5]), \
                       "+f"(d[i + 6]), "+f"(d[i + 7])
@@ -473,6 +480,12 @@ __global__ void __launch_bounds__(cta_threads(kTokens, kWarpgroups, kSplitK), 1)
     asm("ld.shared.b32 %0, [%1];\n" : "=r"(bits) : "r"(table + __byte_perm(word, lane_bytes, selector)));
     return scaled_pair<__nv_bfloat16>(*reinterpret_cast<const Bf16::Pair*>(&bits), scale);
   };
+  // Volatile: the lookup stays where it is written, ahead of the wgmma wait whose latency it is meant to overlap.
+  auto lookup_ahead = [&](uint32_t word) {
+    uint32_t bits;
+    asm volatile("ld.shared.b32 %0, [%1];\n" : "=r"(bits) : "r"(table + __byte_perm(word, lane_bytes, selector)));
+    return bits;
+  };
 
   // A segment's stages (consumed: the CTA's stages before it), then its tile's epilogue where this CTA finishes the
   // tile; whether it did.
@@ -532,12 +545,28 @@ __global__ void __launch_bounds__(cta_threads(kTokens, kWarpgroups, kSplitK), 1)
         a[3] = decode(row1[2 * j + 1], scale1);
       };
       if constexpr (kStepPipelined) {
+        // Step j + 1's table lookups are issued before the wait for step j - 1, so their latency overlaps it.
+        auto lookup_step = [&](int j, uint32_t (&bits)[4]) {
+          bits[0] = lookup_ahead(row0[2 * j]);
+          bits[1] = lookup_ahead(row1[2 * j]);
+          bits[2] = lookup_ahead(row0[2 * j + 1]);
+          bits[3] = lookup_ahead(row1[2 * j + 1]);
+        };
+        auto pair = [](uint32_t bits) { return *reinterpret_cast<const Bf16::Pair*>(&bits); };
+        uint32_t bits[4];
+        lookup_step(0, bits);
 #pragma unroll
         for (int j = 0; j < 4; ++j) {
-          decode_step(j, a_steps[j % 2]);
-          wgmma_fence(a_steps[j % 2]);
-          wgmma_bf16(acc, a_steps[j % 2], swizzled_descriptor(x_ring + slot * kXStageBytes + 32 * j));
-          wgmma_commit_and_wait<1>();  // the step before is done: its registers, and at j = 0 its slot, are free
+          uint32_t (&a)[4] = a_steps[j % 2];
+          a[0] = scaled_pair<__nv_bfloat16>(pair(bits[0]), scale0);
+          a[1] = scaled_pair<__nv_bfloat16>(pair(bits[1]), scale1);
+          a[2] = scaled_pair<__nv_bfloat16>(pair(bits[2]), scale0);
+          a[3] = scaled_pair<__nv_bfloat16>(pair(bits[3]), scale1);
+          wgmma_fence(a);
+          wgmma_bf16(acc, a, swizzled_descriptor(x_ring + slot * kXStageBytes + 32 * j));
+          wgmma_commit();
+          if (j < 3) lookup_step(j + 1, bits);
+          wgmma_wait<1>();  // the step before is done: its registers, and at j = 0 its slot, are free
           if (j == 0 && running_slot >= 0) release(running_slot);
         }
         running_slot = slot;
