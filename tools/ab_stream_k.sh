@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# A/B of a kernel change on the standalone stream-K GEMM tool (tools/stream_k_gemm.cu): builds the tool from the
+# tree as it is ("B") and from the tree with PATCH reversed ("A"), runs them interleaved (A B A B, so that clock
+# drift favours neither), and prints each run's accuracy verdict and times one line per case.
+#
+#   git diff > /tmp/change.patch            # on the machine that has the repository
+#   tools/ab_stream_k.sh /tmp/change.patch  # on the GPU machine, in a copy of the changed tree
+set -u -o pipefail
+cd "$(dirname "$0")/.."
+patch_file=$(realpath "${1:?usage: tools/ab_stream_k.sh PATCH}")
+out=${OUT:-/tmp/ab_stream_k}
+rm -rf "$out" && mkdir -p "$out"
+base=$(mktemp -d)
+cp -r csrc tools "$base/"
+(cd "$base" && patch -s -R -p1 < "$patch_file") || { echo "PATCH does not reverse cleanly on this tree"; exit 1; }
+nvcc=${NVCC:-$(command -v nvcc || echo /usr/local/cuda/bin/nvcc)}
+flags="-O3 -std=c++20 --expt-relaxed-constexpr -arch=sm_90a -I csrc/include -I tools -diag-suppress 177"
+$nvcc $flags tools/stream_k_gemm.cu -o "$out/B" > "$out/B.build.log" 2>&1 &
+(cd "$base" && $nvcc $flags tools/stream_k_gemm.cu -o "$out/A" > "$out/A.build.log" 2>&1) &
+wait
+[ -x "$out/A" ] && [ -x "$out/B" ] || { echo "build failed:"; tail -20 "$out"/*.build.log; exit 1; }
+status=0
+for run in 1 2; do
+  for v in A B; do
+    "$out/$v" > "$out/$v$run.txt" 2>&1 || status=1
+  done
+done
+for f in A1 B1 A2 B2; do
+  echo "== $f"
+  # "NxK M=m[ +LoRA+bias]: ... tiles a, stream-K b; second run identical; tiles t us, stream-K s us" -> one short line
+  sed -E 's/^([0-9]+x[0-9]+ M=[0-9]+( \+LoRA\+bias)?):.*in units of the allowed error: tiles ([0-9.]+), stream-K ([0-9.]+)([^;]*); second run ([a-zA-Z]+); tiles ([0-9.]+) us, stream-K ([0-9.]+) us/  \1: fp64 \3 \/ \4\5, rerun \6, tiles \7 us, stream-K \8 us/' "$out/$f.txt"
+done
+rm -rf "$base"
+exit $status
