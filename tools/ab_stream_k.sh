@@ -9,7 +9,8 @@ set -u -o pipefail
 cd "$(dirname "$0")/.."
 patch_file=$(realpath "${1:?usage: tools/ab_stream_k.sh PATCH}")
 out=${OUT:-/tmp/ab_stream_k}
-rm -rf "$out" && mkdir -p "$out"
+mkdir -p "$out"
+rm -f "$out/A" "$out/B"
 base=$(mktemp -d)
 cp -r csrc tools "$base/"
 (cd "$base" && patch -s -R -p1 < "$patch_file") || { echo "PATCH does not reverse cleanly on this tree"; exit 1; }
