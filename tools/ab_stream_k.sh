@@ -6,24 +6,23 @@
 #   git diff > /tmp/change.patch            # on the machine that has the repository
 #   tools/ab_stream_k.sh /tmp/change.patch  # on the GPU machine, in a copy of the changed tree
 set -u -o pipefail
-cd "$(dirname "$0")/.."
 patch_file=$(realpath "${1:?usage: tools/ab_stream_k.sh PATCH}")
+cd "$(dirname "$0")/.."
 out=${OUT:-/tmp/ab_stream_k}
 mkdir -p "$out"
-rm -f "$out/A" "$out/B"
-base=$(mktemp -d)
+base=$(mktemp -d) bin=$(mktemp -d)  # the binaries and build logs stay out of OUT
 cp -r csrc tools "$base/"
 (cd "$base" && patch -s -R -p1 < "$patch_file") || { echo "PATCH does not reverse cleanly on this tree"; exit 1; }
 nvcc=${NVCC:-$(command -v nvcc || echo /usr/local/cuda/bin/nvcc)}
 flags="-O3 -std=c++20 --expt-relaxed-constexpr -arch=sm_90a -I csrc/include -I tools -diag-suppress 177"
-$nvcc $flags tools/stream_k_gemm.cu -o "$out/B" > "$out/B.build.log" 2>&1 &
-(cd "$base" && $nvcc $flags tools/stream_k_gemm.cu -o "$out/A" > "$out/A.build.log" 2>&1) &
+$nvcc $flags tools/stream_k_gemm.cu -o "$bin/B" > "$bin/B.build.log" 2>&1 &
+(cd "$base" && $nvcc $flags tools/stream_k_gemm.cu -o "$bin/A" > "$bin/A.build.log" 2>&1) &
 wait
-[ -x "$out/A" ] && [ -x "$out/B" ] || { echo "build failed:"; tail -20 "$out"/*.build.log; exit 1; }
+[ -x "$bin/A" ] && [ -x "$bin/B" ] || { echo "build failed:"; tail -20 "$bin"/*.build.log; exit 1; }
 status=0
 for run in 1 2; do
   for v in A B; do
-    "$out/$v" > "$out/$v$run.txt" 2>&1 || status=1
+    "$bin/$v" > "$out/$v$run.txt" 2>&1 || status=1
   done
 done
 for f in A1 B1 A2 B2; do
@@ -31,5 +30,5 @@ for f in A1 B1 A2 B2; do
   # "NxK M=m[ +LoRA+bias]: ... tiles a, stream-K b; second run identical; tiles t us, stream-K s us" -> one short line
   sed -E 's/^([0-9]+x[0-9]+ M=[0-9]+( \+LoRA\+bias)?):.*in units of the allowed error: tiles ([0-9.]+), stream-K ([0-9.]+)([^;]*); second run ([a-zA-Z]+); tiles ([0-9.]+) us, stream-K ([0-9.]+) us/  \1: fp64 \3 \/ \4\5, rerun \6, tiles \7 us, stream-K \8 us/' "$out/$f.txt"
 done
-rm -rf "$base"
+rm -rf "$base" "$bin"
 exit $status
