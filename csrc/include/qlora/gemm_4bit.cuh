@@ -550,7 +550,8 @@ __global__ void __launch_bounds__(cta_threads(kTokens, kWarpgroups, kSplitK), 1)
         a[3] = decode(row1[2 * j + 1], scale1);
       };
       if constexpr (kStepPipelined) {
-        // Step j + 1's table lookups are issued before the wait for step j - 1, so their latency overlaps it.
+        // Step j + 1's table lookups are issued before the wait that follows step j's wgmma, so that their latency
+        // overlaps it.
         auto lookup_step = [&](int j, uint32_t (&bits)[4]) {
           bits[0] = lookup_ahead(row0[2 * j]);
           bits[1] = lookup_ahead(row1[2 * j]);
