@@ -475,10 +475,11 @@ __global__ void __launch_bounds__(cta_threads(kTokens, kWarpgroups, kSplitK), 1)
   auto load_scale = [&](int64_t element) { return load_raw_scale<kDoubleQuant>(p, element); };
   auto scale_of = [&](RawScale r) { return kDoubleQuant ? mul_then_add(code2_s[r.code], r.value, mean) : r.value; };
   const uint32_t lane_bytes = lane * 4, selector = 0x5504u | ((lane % 4) << 4);  // (lane * 4, byte lane % 4, 0, 0)
+  auto as_pair = [](uint32_t bits) { return *reinterpret_cast<const Bf16::Pair*>(&bits); };
   auto decode = [&](uint32_t word, const SplitScale<__nv_bfloat16>& scale) {
     uint32_t bits;
     asm("ld.shared.b32 %0, [%1];\n" : "=r"(bits) : "r"(table + __byte_perm(word, lane_bytes, selector)));
-    return scaled_pair<__nv_bfloat16>(*reinterpret_cast<const Bf16::Pair*>(&bits), scale);
+    return scaled_pair<__nv_bfloat16>(as_pair(bits), scale);
   };
   // Volatile: the lookup stays where it is written, ahead of the wgmma wait whose latency it is meant to overlap.
   auto lookup_ahead = [&](uint32_t word) {
@@ -536,7 +537,6 @@ __global__ void __launch_bounds__(cta_threads(kTokens, kWarpgroups, kSplitK), 1)
       if constexpr (T::kScalesStaged) {
         const uint2* const staged = reinterpret_cast<const uint2*>(smem + (scale_ring - base) + slot * T::kScaleSlotBytes);
         const uint2 bits0 = staged[r0], bits1 = staged[r0 + 8];
-        auto as_pair = [](uint32_t bits) { return *reinterpret_cast<const Bf16::Pair*>(&bits); };
         scale0 = {as_pair(bits0.x), as_pair(bits0.y)};
         scale1 = {as_pair(bits1.x), as_pair(bits1.y)};
       } else {
@@ -558,16 +558,15 @@ __global__ void __launch_bounds__(cta_threads(kTokens, kWarpgroups, kSplitK), 1)
           bits[2] = lookup_ahead(row0[2 * j + 1]);
           bits[3] = lookup_ahead(row1[2 * j + 1]);
         };
-        auto pair = [](uint32_t bits) { return *reinterpret_cast<const Bf16::Pair*>(&bits); };
         uint32_t bits[4];
         lookup_step(0, bits);
 #pragma unroll
         for (int j = 0; j < 4; ++j) {
           uint32_t (&a)[4] = a_steps[j % kStepSets];
-          a[0] = scaled_pair<__nv_bfloat16>(pair(bits[0]), scale0);
-          a[1] = scaled_pair<__nv_bfloat16>(pair(bits[1]), scale1);
-          a[2] = scaled_pair<__nv_bfloat16>(pair(bits[2]), scale0);
-          a[3] = scaled_pair<__nv_bfloat16>(pair(bits[3]), scale1);
+          a[0] = scaled_pair<__nv_bfloat16>(as_pair(bits[0]), scale0);
+          a[1] = scaled_pair<__nv_bfloat16>(as_pair(bits[1]), scale1);
+          a[2] = scaled_pair<__nv_bfloat16>(as_pair(bits[2]), scale0);
+          a[3] = scaled_pair<__nv_bfloat16>(as_pair(bits[3]), scale1);
           wgmma_fence(a);
           wgmma_bf16(acc, a, swizzled_descriptor(x_ring + slot * kXStageBytes + 32 * j));
           wgmma_commit();
