@@ -2,9 +2,10 @@
 // bypassed), each from its own starting offset, for several CTA counts and sizes. The ceiling a kernel that streams
 // shared operands (x in the tensor-core GEMM) through L2 is measured against.
 //
-//   nvcc -O3 -arch=sm_90 tools/l2_bandwidth.cu -o /tmp/l2_bandwidth && /tmp/l2_bandwidth
+//   nvcc -O3 -arch=sm_90 -I tools tools/l2_bandwidth.cu -o /tmp/l2_bandwidth && /tmp/l2_bandwidth
 #include <cstdio>
-#include <cuda_runtime.h>
+
+#include "tool_host.cuh"
 
 __global__ void read_all(const uint4* __restrict__ buf, size_t n16, int passes, unsigned* out) {
   unsigned acc = 0;
@@ -22,11 +23,11 @@ __global__ void read_all(const uint4* __restrict__ buf, size_t n16, int passes, 
 }
 
 int main() {
-  int sms = 0;
-  if (cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, 0) != cudaSuccess || sms == 0) {
-    printf("l2_bandwidth: no CUDA device\n");
-    return 1;
-  }
+  const int sms = sm_count_or_complain("l2_bandwidth");
+  if (sms == 0) return 1;
+  cudaEvent_t start, end;
+  cudaEventCreate(&start);
+  cudaEventCreate(&end);
   for (const size_t mb : {4, 16}) {
     const size_t bytes = mb << 20;
     uint4* buf;
@@ -39,15 +40,12 @@ int main() {
         if (ctas_per_sm * threads > 2048) continue;
         const int grid = sms * ctas_per_sm, passes = 4;
         read_all<<<grid, threads>>>(buf, bytes / 16, 1, out);  // warm-up: the buffer into L2
-        cudaEvent_t a, b;
-        cudaEventCreate(&a);
-        cudaEventCreate(&b);
-        cudaEventRecord(a);
+        cudaEventRecord(start);
         read_all<<<grid, threads>>>(buf, bytes / 16, passes, out);
-        cudaEventRecord(b);
-        cudaEventSynchronize(b);
+        cudaEventRecord(end);
+        cudaEventSynchronize(end);
         float ms = 0;
-        cudaEventElapsedTime(&ms, a, b);
+        cudaEventElapsedTime(&ms, start, end);
         const double total = double(bytes) * grid * passes;
         printf("buffer %zu MB, %d CTAs x %d threads: %.1f us, %.2f TB/s from L2\n", mb, grid, threads, ms * 1e3,
                total / (ms * 1e-3) / 1e12);
