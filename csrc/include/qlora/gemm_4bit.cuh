@@ -112,7 +112,8 @@ struct Tile {
   static constexpr int kXStageBytes = kTokens * kStageK * 2;         // a multiple of the 1024-byte swizzle atom
   // 256-token tiles: two of the producer warpgroup's idle warps work out each stage's block scales (a bf16 pair of
   // hi and one of lo a row) into a slot of their own, so the consumers read 8 bytes a row instead of loading and
-  // converting them. The other tiles have no room for it: 128 tokens would lose a stage.
+  // converting them. The split form does the same in its W stages' unused half (kScalesInWStage in the kernel); the
+  // row form of 32-128 tokens has no room for it: a slot would cost 128 tokens a stage.
   static constexpr bool kScalesStaged = kTokens == kWideTokens;
   // 256-token tiles: a warpgroup decodes the next k16 step while its wgmma runs (see run_segment). ncu of the
   // 28672x8192 M = 256 stream-K launch had put the tensor pipe at 72 % of its active cycles and the consumer warps
@@ -329,6 +330,18 @@ __global__ void __launch_bounds__(cta_threads(kTokens, kWarpgroups, kSplitK), 1)
   const uint32_t arrival_order = segment_done + 8;  // stream-K: whether this CTA reached a split tile second
   const uint32_t scale_ring = arrival_order + 8;    // T::kScalesStaged: a slot of T::kScaleSlotBytes a stage
   constexpr int kScaleWarps = 2;
+  // The split form's 64 rows fill half of a W stage; its producer warps stage each stage's block scales in the
+  // other half, as the 256-token tiles' scale warps do in slots of their own. With double quantization the
+  // consumers' loads of the code byte and its second-level scale, and the conversion, had sat in their loop:
+  // 4096x4096 M = 256 26.0 -> 24.1 µs, 8192x28672 M = 32 88.7 -> 77.6, M = 64 100.9 -> 92.1 (H200, 2026-11-29,
+  // standalone program, same outputs bit for bit).
+  constexpr bool kScalesInWStage = kSplitK;
+  static_assert(!kScalesInWStage || kRows * (kStageK / 2 + 8) <= kWStageBytes, "scales beside the split form's W stage");
+  constexpr bool kScalesStaged = T::kScalesStaged || kScalesInWStage;
+  auto scale_slot = [&](int slot) {  // kScalesStaged: a stage's scales, a bf16 pair of hi and one of lo a row
+    return reinterpret_cast<uint2*>(kScalesInWStage ? smem + (w_ring - base) + slot * kWStageBytes + kRows * kStageK / 2
+                                                    : smem + (scale_ring - base) + slot * T::kScaleSlotBytes);
+  };
   // Stage s belongs to pipeline s % kPipelines, whose slots are its own, so each slot's full and empty phases
   // alternate: a slot shared by pipelines that run out of step could be two phases ahead of a waiter, which
   // the parity wait cannot tell from done.
@@ -382,15 +395,40 @@ __global__ void __launch_bounds__(cta_threads(kTokens, kWarpgroups, kSplitK), 1)
   }
 
   if (tid >= kThreads) {  // the producers: rows past N arrive as zeros and their outputs are never stored
-    if (lane == 0 && (tid - kThreads) / 32 < kPipelines) {
-      // A segment's copies (issued: the CTA's stages before it).
+    auto raw_at = [&](int64_t element) { return load_raw_scale<kDoubleQuant>(p, element); };  // a stage ahead
+    auto split_bits = [&](RawScale r, float mean) {
+      const float scale = kDoubleQuant ? mul_then_add(__ldg(p.scales.code2 + r.code), r.value, mean) : r.value;
+      const SplitScale<__nv_bfloat16> split = split_scale<__nv_bfloat16>(scale);
+      return make_uint2(as_u32(split.hi), as_u32(split.lo));
+    };
+    const int pipeline = (tid - kThreads) / 32;
+    if ((kScalesInWStage || lane == 0) && pipeline < kPipelines) {
+      // A segment's copies (issued: the CTA's stages before it); kScalesInWStage: the whole warp, whose lanes stage
+      // rows lane and lane + 32 of each stage's scales before lane 0's arrival releases them with the copies.
       auto issue_segment = [&](const Segment& seg, int issued) {
         const int rows = tile_rows(p.M, seg.m_base, kTokens);
         const CUtensorMap* x_map = rows < kTokens ? &args.x_last_map : &args.x_map;
         const uint32_t stage_bytes = rows * kStageK * 2 + kRows * kStageK / 2;
-        for (int stage = (tid - kThreads) / 32; stage < seg.stages; stage += kPipelines) {
+        const float mean = kScalesInWStage && kDoubleQuant ? *p.scales.offset : 0.0f;
+        const int64_t e0 = min(seg.n_base + lane, p.N - 1) * p.K, e1 = min(seg.n_base + lane + kRows / 2, p.N - 1) * p.K;
+        auto stage_k = [&](int stage) { return static_cast<int64_t>(seg.k_begin + min(stage, seg.stages - 1)) * kStageK; };
+        RawScale now0{}, now1{};
+        if constexpr (kScalesInWStage) now0 = raw_at(e0 + stage_k(pipeline)), now1 = raw_at(e1 + stage_k(pipeline));
+        for (int stage = pipeline; stage < seg.stages; stage += kPipelines) {
           const int slot = slot_of(issued + stage), round = round_of(issued + stage);
-          if (round > 0) mbar_wait(empty(slot), (round - 1) & 1);
+          if constexpr (kScalesInWStage) {
+            const RawScale next0 = raw_at(e0 + stage_k(stage + kPipelines)), next1 = raw_at(e1 + stage_k(stage + kPipelines));
+            if (round > 0) mbar_wait(empty(slot), (round - 1) & 1);
+            uint2* const out = scale_slot(slot);
+            out[lane] = split_bits(now0, mean);
+            out[lane + kRows / 2] = split_bits(now1, mean);
+            now0 = next0;
+            now1 = next1;
+            __syncwarp();
+            if (lane != 0) continue;
+          } else {
+            if (round > 0) mbar_wait(empty(slot), (round - 1) & 1);
+          }
           mbar_arrive_expecting(full(slot), stage_bytes);
           tma_load_2d(x_ring + slot * kXStageBytes, x_map, (seg.k_begin + stage) * kStageK, static_cast<int>(seg.m_base),
                       full(slot));
@@ -416,12 +454,6 @@ __global__ void __launch_bounds__(cta_threads(kTokens, kWarpgroups, kSplitK), 1)
       if (scale_thread >= 0) {
         static_assert(kRows == 2 * 32 * kScaleWarps, "a scale thread a pair of rows");
         const float mean = kDoubleQuant ? *p.scales.offset : 0.0f;
-        auto raw_at = [&](int64_t element) { return load_raw_scale<kDoubleQuant>(p, element); };  // a stage ahead
-        auto split_bits = [&](RawScale r) {
-          const float scale = kDoubleQuant ? mul_then_add(__ldg(p.scales.code2 + r.code), r.value, mean) : r.value;
-          const SplitScale<__nv_bfloat16> split = split_scale<__nv_bfloat16>(scale);
-          return make_uint2(as_u32(split.hi), as_u32(split.lo));
-        };
         // Rows scale_thread and scale_thread + 64 of each stage. The scale slots lie outside the epilogue's space,
         // so unlike the copies they need no wait for an epilogue: the empty barriers alone order them.
         auto stage_segment = [&](const Segment& seg, int issued) {
@@ -433,9 +465,9 @@ __global__ void __launch_bounds__(cta_threads(kTokens, kWarpgroups, kSplitK), 1)
             const RawScale next0 = raw_at(e0 + stage_k(stage + 1)), next1 = raw_at(e1 + stage_k(stage + 1));
             const int slot = slot_of(issued + stage), round = round_of(issued + stage);
             if (round > 0) mbar_wait(empty(slot), (round - 1) & 1);
-            uint2* const out = reinterpret_cast<uint2*>(smem + (scale_ring - base) + slot * T::kScaleSlotBytes);
-            out[scale_thread] = split_bits(now0);
-            out[scale_thread + kRows / 2] = split_bits(now1);
+            uint2* const out = scale_slot(slot);
+            out[scale_thread] = split_bits(now0, mean);
+            out[scale_thread + kRows / 2] = split_bits(now1, mean);
             __syncwarp();
             if (lane == 0) mbar_arrive(full(slot));
             now0 = next0;
@@ -511,13 +543,13 @@ __global__ void __launch_bounds__(cta_threads(kTokens, kWarpgroups, kSplitK), 1)
       __syncwarp();
       if (lane == 0) mbar_arrive(empty(slot));
     };
-    if constexpr (!T::kScalesStaged) {
+    if constexpr (!kScalesStaged) {
       now0 = load_scale(element0 + stage_k(first)), now1 = load_scale(element1 + stage_k(first));
       next0 = load_scale(element0 + stage_k(first + step)), next1 = load_scale(element1 + stage_k(first + step));
     }
     for (int k = first; k < seg.stages; k += step) {
       float s0 = 0.0f, s1 = 0.0f;
-      if constexpr (!T::kScalesStaged) {
+      if constexpr (!kScalesStaged) {
         s0 = scale_of(now0), s1 = scale_of(now1);
         now0 = next0;
         now1 = next1;
@@ -534,8 +566,8 @@ __global__ void __launch_bounds__(cta_threads(kTokens, kWarpgroups, kSplitK), 1)
       const uint32_t row0[8] = {a_lo.x, a_lo.y, a_lo.z, a_lo.w, a_hi.x, a_hi.y, a_hi.z, a_hi.w};
       const uint32_t row1[8] = {b_lo.x, b_lo.y, b_lo.z, b_lo.w, b_hi.x, b_hi.y, b_hi.z, b_hi.w};
       SplitScale<__nv_bfloat16> scale0, scale1;
-      if constexpr (T::kScalesStaged) {
-        const uint2* const staged = reinterpret_cast<const uint2*>(smem + (scale_ring - base) + slot * T::kScaleSlotBytes);
+      if constexpr (kScalesStaged) {
+        const uint2* const staged = scale_slot(slot);
         const uint2 bits0 = staged[r0], bits1 = staged[r0 + 8];
         scale0 = {as_pair(bits0.x), as_pair(bits0.y)};
         scale1 = {as_pair(bits1.x), as_pair(bits1.y)};
