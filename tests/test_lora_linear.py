@@ -240,12 +240,14 @@ def test_tensor_core_stream_k(M, K, lora):
 
 @cuda_only
 @pytest.mark.parametrize("r", [1, 7, 16, 64, 130])
-@pytest.mark.parametrize("N, K, M", [(520, 4096, 16), (520, 4096, 200), (16384, 256, 200)])
+@pytest.mark.parametrize("N, K, M", [(520, 4096, 16), (520, 4096, 200), (16384, 256, 200), (16384, 256, 40),
+                                     (24576, 256, 24)])
 @pytest.mark.parametrize("x_lora, bias", [(False, True), (True, False)])
 @pytest.mark.parametrize("path", [6, 7])
 def test_tensor_core_lora_term(r, N, K, M, x_lora, bias, path):
     """The tensor-core GEMM adds s·xa·Bᵀ as one more wgmma product, r in chunks of 64 with the columns past r
-    zero, in the split form (520 rows) and the row form (16384 rows), and with 256-token tiles (path 7), and the
+    zero, in the split form (520 rows; 24576 rows of small token tiles, more than a wave of the row form on an
+    H200) and the row form (16384 rows, of 128- and 64-token tiles), and with 256-token tiles (path 7), and the
     bias in its epilogue."""
     if not tensor_core_runs(torch.device("cuda")):
         pytest.skip("the tensor-core GEMM does not run here")

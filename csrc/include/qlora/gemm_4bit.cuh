@@ -801,11 +801,14 @@ __global__ void __launch_bounds__(cta_threads(kTokens, kWarpgroups, kSplitK), 1)
 #endif
 }
 
-// The split-K form where the row form would fill less than three quarters of the SMs: measured on the H200
-// (2026-11-29, standalone program, µs, copies by TMA), M = 128 8192x28672 split 134.5 vs rows 230.1; M = 512
-// 8192x28672 (256 CTAs of rows) 508.2 vs 459.0.
+// The split-K form where the row form would fill less than three quarters of the SMs, and for the small token
+// tiles where it would take more than a wave: measured on the H200 (2026-11-29, standalone programs, µs), M = 128
+// 8192x28672 split 134.5 vs rows 230.1; M = 512 8192x28672 (256 CTAs of rows) 508.2 vs 459.0; 28672x8192 (224
+// CTAs of rows; tools/gemm_forms.cu --dq) M = 16 and 32 95.8 vs 117.2, M = 64 112.7 vs 123.2, M = 128 151.0 vs
+// 148.0. Four warpgroups decode the small tiles' stages faster than the row form's two.
 inline bool gemm_4bit_split_k(int64_t M, int64_t N, int num_sms) {
-  return 4 * cta_count(M, N, cta_rows(kRowFormWarpgroups, false)) < 3 * static_cast<int64_t>(num_sms);
+  const int64_t row_ctas = cta_count(M, N, cta_rows(kRowFormWarpgroups, false));
+  return 4 * row_ctas < 3 * static_cast<int64_t>(num_sms) || (M <= kSmallTokensMaxM && row_ctas > num_sms);
 }
 
 // 256-token tiles above 128 tokens, where their launch (row form, K split in two where that fills more SMs) has
