@@ -114,13 +114,13 @@ struct Tile {
   // hi and one of lo a row) into a slot of their own, so the consumers read 8 bytes a row instead of loading and
   // converting them. The split form does the same in its W stages' unused half (kScalesInWStage in the kernel); the
   // row form of 32-128 tokens has no room for it: a slot would cost 128 tokens a stage.
-  static constexpr bool kScalesStaged = kTokens == kWideTokens;
+  static constexpr bool kScaleRing = kTokens == kWideTokens;
   // 256-token tiles: a warpgroup decodes the next k16 step while its wgmma runs (see run_segment). ncu of the
   // 28672x8192 M = 256 stream-K launch had put the tensor pipe at 72 % of its active cycles and the consumer warps
   // half of their time at the wait for their own wgmma (cuBLAS: 96 % at the same shape); with this, 76 % and
   // 182.5 -> 176.7 µs (H200, 2026-11-29, tools/stream_k_gemm.cu).
   static constexpr bool kStepPipelined = kTokens == kWideTokens;
-  static constexpr int kScaleSlotBytes = kScalesStaged ? kMaxRows * 8 : 0;
+  static constexpr int kScaleSlotBytes = kScaleRing ? kMaxRows * 8 : 0;
   static constexpr int kStageBytes = kXStageBytes + kWStageBytes + 2 * 8 /* full and empty barriers */ + kScaleSlotBytes;
   // As many stages as the shared memory holds (8, 13 and 20 for 128, 64 and 32 tokens): against 6 and 12 they
   // took 8192x28672 from 137.6 to 128.4 µs at M = 128 and from 240.4 to 225.8 at M = 256 (H200, 2026-11-29,
@@ -328,7 +328,7 @@ __global__ void __launch_bounds__(cta_threads(kTokens, kWarpgroups, kSplitK), 1)
   auto empty = [&](int slot) { return barriers + 8 * (kStages + slot); };
   const uint32_t segment_done = barriers + 8 * 2 * kStages;  // the consumers are done with a segment's epilogue
   const uint32_t arrival_order = segment_done + 8;  // stream-K: whether this CTA reached a split tile second
-  const uint32_t scale_ring = arrival_order + 8;    // T::kScalesStaged: a slot of T::kScaleSlotBytes a stage
+  const uint32_t scale_ring = arrival_order + 8;    // T::kScaleRing: a slot of T::kScaleSlotBytes a stage
   constexpr int kScaleWarps = 2;
   // The split form's 64 rows fill half of a W stage; its producer warps stage each stage's block scales in the
   // other half, as the 256-token tiles' scale warps do in slots of their own. With double quantization the
@@ -337,7 +337,7 @@ __global__ void __launch_bounds__(cta_threads(kTokens, kWarpgroups, kSplitK), 1)
   // standalone program, same outputs bit for bit).
   constexpr bool kScalesInWStage = kSplitK;
   static_assert(!kScalesInWStage || kRows * (kStageK / 2 + 8) <= kWStageBytes, "scales beside the split form's W stage");
-  constexpr bool kScalesStaged = T::kScalesStaged || kScalesInWStage;
+  constexpr bool kScalesStaged = T::kScaleRing || kScalesInWStage;
   auto scale_slot = [&](int slot) {  // kScalesStaged: a stage's scales, a bf16 pair of hi and one of lo a row
     return reinterpret_cast<uint2*>(kScalesInWStage ? smem + (w_ring - base) + slot * kWStageBytes + kRows * kStageK / 2
                                                     : smem + (scale_ring - base) + slot * T::kScaleSlotBytes);
@@ -360,6 +360,10 @@ __global__ void __launch_bounds__(cta_threads(kTokens, kWarpgroups, kSplitK), 1)
   struct Segment {
     int64_t n_base, m_base;
     int k_begin, stages;
+    // The first k of one of its stages; past the last, the last's (for loads issued ahead of their stage).
+    __device__ int64_t stage_k(int stage) const {
+      return static_cast<int64_t>(k_begin + min(stage, stages - 1)) * kStageK;
+    }
   };
   static_assert(!kStreamK || (kTokens == kWideTokens && pipelines(kWarpgroups, kSplitK) == 1), "stream-K: wide tiles");
   // 32-bit stage indices (the launcher checks that they fit): the producers run on 40 registers.
@@ -379,7 +383,7 @@ __global__ void __launch_bounds__(cta_threads(kTokens, kWarpgroups, kSplitK), 1)
 
   if (tid == 0) {
     for (int s = 0; s < kStages; ++s) {
-      mbar_init(full(s), T::kScalesStaged ? 1 + kScaleWarps : 1);  // the copies' producer (and the scale warps)
+      mbar_init(full(s), T::kScaleRing ? 1 + kScaleWarps : 1);  // the copies' producer (and the scale warps)
       mbar_init(empty(s), (kSplitK ? 128 : kThreads) / 32);  // one arrival per consumer warp of the stage
     }
     mbar_init(segment_done, 1);
@@ -411,13 +415,13 @@ __global__ void __launch_bounds__(cta_threads(kTokens, kWarpgroups, kSplitK), 1)
         const uint32_t stage_bytes = rows * kStageK * 2 + kRows * kStageK / 2;
         const float mean = kScalesInWStage && kDoubleQuant ? *p.scales.offset : 0.0f;
         const int64_t e0 = min(seg.n_base + lane, p.N - 1) * p.K, e1 = min(seg.n_base + lane + kRows / 2, p.N - 1) * p.K;
-        auto stage_k = [&](int stage) { return static_cast<int64_t>(seg.k_begin + min(stage, seg.stages - 1)) * kStageK; };
         RawScale now0{}, now1{};
-        if constexpr (kScalesInWStage) now0 = raw_at(e0 + stage_k(pipeline)), now1 = raw_at(e1 + stage_k(pipeline));
+        if constexpr (kScalesInWStage) now0 = raw_at(e0 + seg.stage_k(pipeline)), now1 = raw_at(e1 + seg.stage_k(pipeline));
         for (int stage = pipeline; stage < seg.stages; stage += kPipelines) {
           const int slot = slot_of(issued + stage), round = round_of(issued + stage);
           if constexpr (kScalesInWStage) {
-            const RawScale next0 = raw_at(e0 + stage_k(stage + kPipelines)), next1 = raw_at(e1 + stage_k(stage + kPipelines));
+            const RawScale next0 = raw_at(e0 + seg.stage_k(stage + kPipelines));
+            const RawScale next1 = raw_at(e1 + seg.stage_k(stage + kPipelines));
             if (round > 0) mbar_wait(empty(slot), (round - 1) & 1);
             uint2* const out = scale_slot(slot);
             out[lane] = split_bits(now0, mean);
@@ -449,7 +453,7 @@ __global__ void __launch_bounds__(cta_threads(kTokens, kWarpgroups, kSplitK), 1)
         issue_segment(segment_at(0), 0);
       }
     }
-    if constexpr (T::kScalesStaged) {
+    if constexpr (T::kScaleRing) {
       const int scale_thread = tid - kThreads - 32 * (4 - kScaleWarps);  // the last kScaleWarps warps
       if (scale_thread >= 0) {
         static_assert(kRows == 2 * 32 * kScaleWarps, "a scale thread a pair of rows");
@@ -459,10 +463,9 @@ __global__ void __launch_bounds__(cta_threads(kTokens, kWarpgroups, kSplitK), 1)
         auto stage_segment = [&](const Segment& seg, int issued) {
           const int64_t e0 = min(seg.n_base + scale_thread, p.N - 1) * p.K;
           const int64_t e1 = min(seg.n_base + scale_thread + kRows / 2, p.N - 1) * p.K;
-          auto stage_k = [&](int stage) { return static_cast<int64_t>(seg.k_begin + min(stage, seg.stages - 1)) * kStageK; };
-          RawScale now0 = raw_at(e0 + stage_k(0)), now1 = raw_at(e1 + stage_k(0));
+          RawScale now0 = raw_at(e0 + seg.stage_k(0)), now1 = raw_at(e1 + seg.stage_k(0));
           for (int stage = 0; stage < seg.stages; ++stage) {
-            const RawScale next0 = raw_at(e0 + stage_k(stage + 1)), next1 = raw_at(e1 + stage_k(stage + 1));
+            const RawScale next0 = raw_at(e0 + seg.stage_k(stage + 1)), next1 = raw_at(e1 + seg.stage_k(stage + 1));
             const int slot = slot_of(issued + stage), round = round_of(issued + stage);
             if (round > 0) mbar_wait(empty(slot), (round - 1) & 1);
             uint2* const out = scale_slot(slot);
@@ -528,7 +531,6 @@ __global__ void __launch_bounds__(cta_threads(kTokens, kWarpgroups, kSplitK), 1)
 #pragma unroll
     for (int i = 0; i < T::kAccumulators; ++i) acc[i] = 0.0f;
     const int first = kSplitK ? warpgroup : 0, step = kSplitK ? kWarpgroups : 1;
-    auto stage_k = [&](int stage) { return static_cast<int64_t>(seg.k_begin + min(stage, seg.stages - 1)) * kStageK; };
     RawScale now0{}, now1{}, next0{}, next1{};
     // kStepPipelined: a warpgroup decodes step j + 1 while earlier steps' wgmma run, so its tensor-core work does not
     // stop for its own decoding. Step j of a stage decodes into register set j % kStepSets and then waits until at
@@ -544,8 +546,8 @@ __global__ void __launch_bounds__(cta_threads(kTokens, kWarpgroups, kSplitK), 1)
       if (lane == 0) mbar_arrive(empty(slot));
     };
     if constexpr (!kScalesStaged) {
-      now0 = load_scale(element0 + stage_k(first)), now1 = load_scale(element1 + stage_k(first));
-      next0 = load_scale(element0 + stage_k(first + step)), next1 = load_scale(element1 + stage_k(first + step));
+      now0 = load_scale(element0 + seg.stage_k(first)), now1 = load_scale(element1 + seg.stage_k(first));
+      next0 = load_scale(element0 + seg.stage_k(first + step)), next1 = load_scale(element1 + seg.stage_k(first + step));
     }
     for (int k = first; k < seg.stages; k += step) {
       float s0 = 0.0f, s1 = 0.0f;
@@ -553,8 +555,8 @@ __global__ void __launch_bounds__(cta_threads(kTokens, kWarpgroups, kSplitK), 1)
         s0 = scale_of(now0), s1 = scale_of(now1);
         now0 = next0;
         now1 = next1;
-        next0 = load_scale(element0 + stage_k(k + 2 * step));
-        next1 = load_scale(element1 + stage_k(k + 2 * step));
+        next0 = load_scale(element0 + seg.stage_k(k + 2 * step));
+        next1 = load_scale(element1 + seg.stage_k(k + 2 * step));
       }
       const int slot = slot_of(consumed + k);
       mbar_wait(full(slot), round_of(consumed + k) & 1);
