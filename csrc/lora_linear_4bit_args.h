@@ -51,13 +51,19 @@ enum LoraLinearPath : int64_t {
 // 8192x8192 M = 16 34.0 vs 36.9, M = 24 48.1 vs 37.2. 64 CTAs, 4096x14336 M = 32 45.1 vs 53.0, M = 48 73.1 vs
 // 58.3, M = 64 77.3 vs 58.4; 4096x4096 M = 32 24.8 vs 23.3, M = 48 32.5 vs 25.3. 16 CTAs, 1024x4096: the fused
 // kernel wins through its range (M = 48 19.4 vs 24.7, M = 64 22.3 vs 24.9).
+// Once the GEMM's split form staged its scales, the third-full launches with short K went over to it from 17 tokens
+// too: 4096x4096 M = 24 24.6 (automatic, then fused) vs 21.0, M = 32 26.8 vs 20.3, where 4096x14336 tied (M = 24
+// 45.5 vs 45.9, M = 32 46.1 vs 45.7; H200, 2026-11-29, tools/time_lora_paths.py, do_bench µs).
 constexpr int64_t kFusedMaxM = 32;
 constexpr int64_t kFusedBlockScaledMaxM = 64;
 constexpr int64_t kFusedBelowTensorCoreMaxM = 16, kFusedBelowShortTensorCoreMaxM = 32;
+constexpr int64_t kShortTensorCoreLongK = 8192;  // below this K a third-full launch pays from kFusedBelowTensorCoreMaxM
 inline int64_t fused_max_m(int64_t blocksize, int64_t K, int64_t tensor_core_ctas, int num_sms) {
   const int64_t own = block_scaled_layout(blocksize, K) ? kFusedBlockScaledMaxM : kFusedMaxM;
-  if (4 * tensor_core_ctas >= 3 * static_cast<int64_t>(num_sms)) return std::min(own, kFusedBelowTensorCoreMaxM);
-  if (3 * tensor_core_ctas >= static_cast<int64_t>(num_sms)) return std::min(own, kFusedBelowShortTensorCoreMaxM);
+  const bool fills_three_quarters = 4 * tensor_core_ctas >= 3 * static_cast<int64_t>(num_sms);
+  const bool fills_a_third = 3 * tensor_core_ctas >= static_cast<int64_t>(num_sms);
+  if (fills_three_quarters || (fills_a_third && K < kShortTensorCoreLongK)) return std::min(own, kFusedBelowTensorCoreMaxM);
+  if (fills_a_third) return std::min(own, kFusedBelowShortTensorCoreMaxM);
   return own;
 }
 // Largest M for which the automatic choice takes the tensor-core GEMM (kPathTensorCore, where it applies) rather
