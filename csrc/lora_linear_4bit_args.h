@@ -45,25 +45,22 @@ enum LoraLinearPath : int64_t {
 // of x decodes the weights again. The general loop lost to dequantize + cuBLAS already at M = 32 (4096x4096 44 vs 33 us,
 // 8192x28672 371 vs 288; CUDA-graph times, tools/time_lora_paths.py), so other layouts stop at 32.
 // Where the tensor-core GEMM can run, it takes over from the fused kernel at an M set by the CTAs of its launch
-// with 32- or 64-token tiles (gemm4bit::gemm_4bit_ctas): above 16 where they fill three quarters of the SMs, above
-// 32 where they fill a third. H200, 2026-11-29, tools/time_lora_paths.py, do_bench µs, r = 16, fused (the
+// with 32- or 64-token tiles (gemm4bit::gemm_4bit_ctas): above 16 where they fill a third of the SMs. It first paid
+// above 16 only where they fill three quarters, above 32 where they fill a third: H200, 2026-11-29, tools/time_lora_paths.py, do_bench µs, r = 16, fused (the
 // better layout) against tensor-core: 224 and 128 CTAs, 14336x4096 M = 16 35.2 vs 37.1, M = 24 49.2 vs 37.2;
 // 8192x8192 M = 16 34.0 vs 36.9, M = 24 48.1 vs 37.2. 64 CTAs, 4096x14336 M = 32 45.1 vs 53.0, M = 48 73.1 vs
 // 58.3, M = 64 77.3 vs 58.4; 4096x4096 M = 32 24.8 vs 23.3, M = 48 32.5 vs 25.3. 16 CTAs, 1024x4096: the fused
 // kernel wins through its range (M = 48 19.4 vs 24.7, M = 64 22.3 vs 24.9).
-// Once the GEMM's split form staged its scales, the third-full launches with short K went over to it from 17 tokens
-// too: 4096x4096 M = 24 24.6 (automatic, then fused) vs 21.0, M = 32 26.8 vs 20.3, where 4096x14336 tied (M = 24
-// 45.5 vs 45.9, M = 32 46.1 vs 45.7; H200, 2026-11-29, tools/time_lora_paths.py, do_bench µs).
+// Once the GEMM's split form staged its scales, launches that fill a third of the SMs went over to it from 17 tokens
+// too, at any K (H200, 2026-11-29, tools/time_lora_paths.py, do_bench µs, fused against tensor-core): 4096x4096
+// M = 24 24.6 vs 21.0, M = 32 26.8 vs 20.3; 4096x8192 M = 24 33.3 vs 30.7, M = 32 34.6 vs 30.8; 4096x14336 M = 24
+// 45.8 vs 45.5, M = 32 47.1 vs 45.5. At M = 16 the fused kernel still wins (4096x8192 24.8 vs 30.6).
 constexpr int64_t kFusedMaxM = 32;
 constexpr int64_t kFusedBlockScaledMaxM = 64;
-constexpr int64_t kFusedBelowTensorCoreMaxM = 16, kFusedBelowShortTensorCoreMaxM = 32;
-constexpr int64_t kShortTensorCoreLongK = 8192;  // below this K a third-full launch pays from kFusedBelowTensorCoreMaxM
+constexpr int64_t kFusedBelowTensorCoreMaxM = 16;
 inline int64_t fused_max_m(int64_t blocksize, int64_t K, int64_t tensor_core_ctas, int num_sms) {
   const int64_t own = block_scaled_layout(blocksize, K) ? kFusedBlockScaledMaxM : kFusedMaxM;
-  const bool fills_three_quarters = 4 * tensor_core_ctas >= 3 * static_cast<int64_t>(num_sms);
-  const bool fills_a_third = 3 * tensor_core_ctas >= static_cast<int64_t>(num_sms);
-  if (fills_three_quarters || (fills_a_third && K < kShortTensorCoreLongK)) return std::min(own, kFusedBelowTensorCoreMaxM);
-  if (fills_a_third) return std::min(own, kFusedBelowShortTensorCoreMaxM);
+  if (3 * tensor_core_ctas >= static_cast<int64_t>(num_sms)) return std::min(own, kFusedBelowTensorCoreMaxM);
   return own;
 }
 // Largest M for which the automatic choice takes the tensor-core GEMM (kPathTensorCore, where it applies) rather
