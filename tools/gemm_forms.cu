@@ -65,8 +65,7 @@ int main(int argc, char** argv) {
       return 1;
     }
     const auto y = host_copy(dy, M * N);
-    uint64_t hash = 1469598103934665603ull;  // FNV-1a over y's bits
-    for (const uint16_t v : y) hash = (hash ^ v) * 1099511628211ull;
+    const uint64_t hash = bits_hash(y);
     const float us = flushed_median_us(flush, [&] { gemm(); }, 40, 5);
     const auto plan = qlora::gemm4bit::launch_plan(M, N, K, num_sms, false);
     printf("%lldx%lld M=%lld%s: %d-token tiles, %s form, %d K split(s), %lld CTAs; y %016llx; %.1f us\n", N, K, M,

@@ -3,7 +3,9 @@
 for the SM clock, the power draw and the clock-limit reasons about every 50 ms. Prints, per op, the median µs of
 the first 5 % of the calls and of the last half, and the median clock and power over the run.
 
-    python tools/sustained_clocks.py [--cases 28672x8192:256,4096x4096:4096] [--seconds 1]
+    python tools/sustained_clocks.py [--cases 28672x8192:256,4096x4096:4096] [--seconds 1] [--tensor-core]
+
+--tensor-core adds the op with its tensor-core GEMM forced (path 6), whatever the automatic choice.
 """
 
 import argparse
@@ -79,6 +81,7 @@ def main():
     parser.add_argument("--cases", default="28672x8192:256,28672x8192:512,4096x4096:4096,28672x8192:4096",
                         help="NxK:M, comma-separated")
     parser.add_argument("--seconds", type=float, default=1.0)
+    parser.add_argument("--tensor-core", action="store_true", help="also the op on its tensor-core GEMM (path 6)")
     args = parser.parse_args()
     dev = torch.device("cuda")
     flush = torch.empty(256 << 20, dtype=torch.int8, device=dev)
@@ -93,6 +96,8 @@ def main():
             x = torch.randn(int(M), K, device=dev, dtype=torch.bfloat16)
             ops = {"qlora": lambda: qlora.lora_linear_4bit(x, packed, qs, None, A, B, SCALE),
                    "bf16 F.linear": lambda: F.linear(x, W)}
+            if args.tensor_core:
+                ops["qlora path 6"] = lambda: qlora.lora_linear_4bit(x, packed, qs, None, A, B, SCALE, None, 6)
             for label, fn in list(ops.items())[::1 if i % 2 == 0 else -1]:  # each op first in every other case
                 time.sleep(0.5)  # the same idle start for each op
                 us, t0, t1 = sustained(fn, args.seconds, flush)

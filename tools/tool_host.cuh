@@ -64,3 +64,9 @@ std::vector<uint16_t> host_copy(const T* d, size_t n) {  // n 2-byte elements (b
   cudaMemcpy(h.data(), d, n * 2, cudaMemcpyDeviceToHost);
   return h;
 }
+// FNV-1a over bf16 bits, so that two builds' outputs can be compared bit for bit.
+inline uint64_t bits_hash(const std::vector<uint16_t>& values) {
+  uint64_t hash = 1469598103934665603ull;
+  for (const uint16_t v : values) hash = (hash ^ v) * 1099511628211ull;
+  return hash;
+}

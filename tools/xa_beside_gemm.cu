@@ -1,6 +1,7 @@
 // The tensor-core GEMM's LoRA term with xa = x·Aᵀ from lora_down_mma (a few CTAs that let the GEMM start at once)
-// against the GEMM alone with xa ready: is the down-projection hidden? Also checks xa against a host fp32 reference
-// and that the GEMM waits for it (xa filled with NaN before the pair runs; y must equal the GEMM's with xa ready).
+// against the GEMM alone with xa ready and without LoRA: is the down-projection hidden, and what does the term cost?
+// Also checks xa against a host fp32 reference and that the GEMM waits for it (xa filled with NaN before the pair
+// runs; y must equal the GEMM's with xa ready).
 //
 //   nvcc -O3 -std=c++20 --expt-relaxed-constexpr -arch=sm_90a -I csrc/include -I tools -diag-suppress 177 \
 //        tools/xa_beside_gemm.cu -o /tmp/xa_beside_gemm && /tmp/xa_beside_gemm
@@ -79,15 +80,19 @@ int main() {
     const bool same = y_ready == y_pair;
 
     const float t_gemm = flushed_median_us(flush, [&] { gemm(dy_ready); }, 30, 5);
+    p.r = 0;
+    const float t_plain = flushed_median_us(flush, [&] { gemm(dy_ready); }, 30, 5);
+    p.r = r;
     const float t_down = flushed_median_us(flush, down, 30, 5);
     const float t_pair = flushed_median_us(flush, [&] { down(); gemm(dy_pair); }, 30, 5);
     const float t_pair2 = flushed_median_us(flush, [&] {
       qlora::launch_lora_down_mma(bx, bA, dxa, M, K, r, nullptr, 2);
       gemm(dy_pair);
     }, 30, 5);
-    printf("%lldx%lld M=%lld: xa max err %.2e of max %.2e; y %s; GEMM with xa ready %.1f us, lora_down_mma %.1f, "
-           "both %.1f (%+.1f), both with lora_down_mma in clusters of 2 %.1f (%+.1f)\n",
-           (long long)N, (long long)K, (long long)M, worst, scale, same ? "identical" : "DIFFERS", t_gemm, t_down,
+    printf("%lldx%lld M=%lld: xa max err %.2e of max %.2e; y %016llx, %s; GEMM without LoRA %.1f us, with xa ready %.1f, "
+           "lora_down_mma %.1f, both %.1f (%+.1f), both with lora_down_mma in clusters of 2 %.1f (%+.1f)\n",
+           (long long)N, (long long)K, (long long)M, worst, scale,
+           static_cast<unsigned long long>(bits_hash(y_ready)), same ? "identical" : "DIFFERS", t_plain, t_gemm, t_down,
            t_pair, t_pair - t_gemm, t_pair2, t_pair2 - t_gemm);
     for (void* ptr : {static_cast<void*>(dx), static_cast<void*>(dA), static_cast<void*>(dB), static_cast<void*>(dp),
                       static_cast<void*>(dabs), static_cast<void*>(dxa), static_cast<void*>(dy_ready),

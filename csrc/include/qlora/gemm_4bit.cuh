@@ -106,7 +106,7 @@ constexpr int tokens_for(int64_t M) { return M <= 32 ? 32 : M <= kSmallTokensMax
 inline bool gemm_4bit_rows_fit(int64_t M) { return (M + kMaxTokens - 1) / kMaxTokens <= 65535; }
 constexpr int kSharedBytesPerCta = 227 * 1024;  // the most a CTA may opt in to on sm_90
 constexpr int kFixedSharedBytes =
-    1024 /* alignment */ + kTableBytes + 256 * 4 /* code2 */ + 16 /* stream-K: segment barrier, arrival order */;
+    1024 /* alignment */ + kTableBytes + 256 * 4 /* code2 */ + 24 /* segment and xa barriers, arrival order */;
 template <int kTokens>
 struct Tile {
   static constexpr int kXStageBytes = kTokens * kStageK * 2;         // a multiple of the 1024-byte swizzle atom
@@ -208,6 +208,20 @@ __device__ __forceinline__ float4 load_cluster_f4(uint32_t local, uint32_t rank)
 __device__ __forceinline__ uint64_t swizzled_descriptor(uint32_t addr) {
   return static_cast<uint64_t>((addr & 0x3FFFF) >> 4) | (static_cast<uint64_t>(1024 >> 4) << 32) |
          (static_cast<uint64_t>(1) << 62);
+}
+
+// K-major B operand without swizzle: 8x16-byte core matrices, k_stride bytes apart along K and token_stride apart
+// along the tokens.
+__device__ __forceinline__ uint64_t interleaved_descriptor(uint32_t addr, uint32_t k_stride, uint32_t token_stride) {
+  return static_cast<uint64_t>((addr & 0x3FFFF) >> 4) | (static_cast<uint64_t>(k_stride >> 4) << 16) |
+         (static_cast<uint64_t>(token_stride >> 4) << 32);
+}
+// Where a token tile's xa waits for the epilogue: the code table's unused halves (its rows are 256 bytes apart and
+// hold 128 bytes of lane copies), one 8x16-byte core matrix (8 tokens, 8 columns) each, 8 column blocks (64 columns)
+// of a token block in consecutive rows.
+constexpr int kXaColumnBlocks = 8;
+__host__ __device__ constexpr uint32_t xa_core_offset(int token, int column_block) {
+  return 128 + 256 * ((token / 8) * kXaColumnBlocks + column_block) + 16 * (token % 8);
 }
 
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
@@ -328,7 +342,8 @@ __global__ void __launch_bounds__(cta_threads(kTokens, kWarpgroups, kSplitK), 1)
   auto empty = [&](int slot) { return barriers + 8 * (kStages + slot); };
   const uint32_t segment_done = barriers + 8 * 2 * kStages;  // the consumers are done with a segment's epilogue
   const uint32_t arrival_order = segment_done + 8;  // stream-K: whether this CTA reached a split tile second
-  const uint32_t scale_ring = arrival_order + 8;    // T::kScaleRing: a slot of T::kScaleSlotBytes a stage
+  const uint32_t xa_full = arrival_order + 8;       // a segment's xa is staged (see stage_xa)
+  const uint32_t scale_ring = xa_full + 8;          // T::kScaleRing: a slot of T::kScaleSlotBytes a stage
   constexpr int kScaleWarps = 2;
   // The split form's 64 rows fill half of a W stage; its producer warps stage each stage's block scales in the
   // other half, as the 256-token tiles' scale warps do in slots of their own. With double quantization the
@@ -387,6 +402,7 @@ __global__ void __launch_bounds__(cta_threads(kTokens, kWarpgroups, kSplitK), 1)
       mbar_init(empty(s), (kSplitK ? 128 : kThreads) / 32);  // one arrival per consumer warp of the stage
     }
     mbar_init(segment_done, 1);
+    mbar_init(xa_full, 1);
     asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
   }
   __syncthreads();  // the barriers are initialised before a producer arms one
@@ -451,6 +467,55 @@ __global__ void __launch_bounds__(cta_threads(kTokens, kWarpgroups, kSplitK), 1)
         }
       } else {
         issue_segment(segment_at(0), 0);
+      }
+    }
+    // A segment's xa, staged by a producer warp once the launch before has finished, so that the epilogue finds it in
+    // shared memory (xa_full) instead of loading it then: the copies' warp after its last copy, or with 256-token
+    // tiles the producer warpgroup's idle warp. At most 64 columns; the epilogue loads any beyond.
+    const bool xa_warp = pipeline == (kTokens == kWideTokens ? 1 : 0);
+    if (p.r > 0 && split == 0 && xa_warp) {
+      __syncwarp();
+      wait_for_prior_grid();  // xa comes from the launch before this one (launch.cuh)
+      const uint16_t* const xa = reinterpret_cast<const uint16_t*>(p.xa);
+      const bool vectors = p.r % 8 == 0 && reinterpret_cast<uintptr_t>(xa) % 16 == 0;
+      const int blocks = min(kXaColumnBlocks, 2 * ((p.r + 15) / 16));  // the column blocks the epilogue's steps read
+      // 256-token tiles: the warp starts with the main loop and runs on kProducerRegisters, where unrolling spilled.
+      constexpr int kUnroll = kTokens == kWideTokens ? 1 : 4;
+      auto stage_xa = [&](const Segment& seg) {
+#pragma unroll kUnroll
+        for (int chunk = lane; chunk < kTokens * blocks; chunk += 32) {
+          const int t = chunk / blocks, block = chunk % blocks, col = 8 * block;
+          const int64_t m = seg.m_base + t;
+          uint4 v = make_uint4(0u, 0u, 0u, 0u);
+          if (m < p.M && col < p.r) {
+            if (vectors) {
+              v = *reinterpret_cast<const uint4*>(xa + m * p.r + col);
+            } else {
+              uint32_t w[4];
+#pragma unroll
+              for (int i = 0; i < 4; ++i) {
+                const int c = col + 2 * i;
+                w[i] = (c < p.r ? xa[m * p.r + c] : 0u) | (c + 1 < p.r ? uint32_t{xa[m * p.r + c + 1]} << 16 : 0u);
+              }
+              v = make_uint4(w[0], w[1], w[2], w[3]);
+            }
+          }
+          *reinterpret_cast<uint4*>(smem + (table - base) + xa_core_offset(t, block)) = v;
+        }
+        asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");  // the generic stores, before wgmma reads them
+        __syncwarp();
+        if (lane == 0) mbar_arrive(xa_full);
+      };
+      if constexpr (kStreamK) {
+        int segments = 0;
+        for (int it = it_begin; it < it_end; ++segments) {
+          const Segment seg = segment_at(it);
+          it += seg.stages;
+          if (segments > 0) mbar_wait(segment_done, (segments - 1) & 1);  // the last segment's xa is used
+          stage_xa(seg);
+        }
+      } else {
+        stage_xa(segment_at(0));
       }
     }
     if constexpr (T::kScaleRing) {
@@ -523,9 +588,9 @@ __global__ void __launch_bounds__(cta_threads(kTokens, kWarpgroups, kSplitK), 1)
     return bits;
   };
 
-  // A segment's stages (consumed: the CTA's stages before it), then its tile's epilogue where this CTA finishes the
-  // tile; whether it did.
-  auto run_segment = [&](const Segment& seg, int consumed) {
+  // A segment's stages (consumed: the CTA's stages before it; segment: its place among the CTA's segments), then its
+  // tile's epilogue where this CTA finishes the tile; whether it did.
+  auto run_segment = [&](const Segment& seg, int consumed, int segment) {
     const int64_t element0 = min(seg.n_base + r0, p.N - 1) * p.K, element1 = min(seg.n_base + r0 + 8, p.N - 1) * p.K;
     float acc[T::kAccumulators];
 #pragma unroll
@@ -667,6 +732,29 @@ __global__ void __launch_bounds__(cta_threads(kTokens, kWarpgroups, kSplitK), 1)
       constexpr int kStride = kRows + 4;  // floats per token row: the fragment writes of a warp hit 32 banks
       constexpr int kSlices = kSplitK ? kWarpgroups : 1;
       static_assert(kSlices * kTokens * kStride * 4 <= T::kEpilogueBytes, "tile exceeds the rings");
+      static_assert(kSlices * kTokens * kStride * 4 <= kStages * (kXStageBytes + kWStageBytes),
+                    "the tile stays out of the code table, where xa waits");
+      // lora_B's fragments for the LoRA term below.
+      const bool adds = split == 0 && (!kSplitK || warpgroup == 0);
+      uint32_t b_frags[4][4];
+      auto load_b = [&](int c0) {
+        const uint16_t* const lora_b = reinterpret_cast<const uint16_t*>(p.lora_B);
+        auto b_pair = [&](int64_t n, int col) -> uint32_t {
+          if (n >= p.N) return 0u;
+          const uint16_t* row = lora_b + n * p.r;
+          return (col < p.r ? row[col] : 0u) | (col + 1 < p.r ? uint32_t{row[col + 1]} << 16 : 0u);
+        };
+        const int64_t n0 = seg.n_base + r0, n1 = n0 + 8;
+        const int q = 2 * (lane % 4);
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+          const int col = c0 + 16 * j + q;
+          b_frags[j][0] = b_pair(n0, col);
+          b_frags[j][1] = b_pair(n1, col);
+          b_frags[j][2] = b_pair(n0, col + 8);
+          b_frags[j][3] = b_pair(n1, col + 8);
+        }
+      };
       float* const tile = reinterpret_cast<float*>(smem);
       float* const slice = tile + (kSplitK ? warpgroup : 0) * kTokens * kStride;
       // accumulator 4j + e: row r0 (+ 8 for e >= 2), token 8j + 2 (lane % 4) (+ 1 for odd e)
@@ -678,51 +766,47 @@ __global__ void __launch_bounds__(cta_threads(kTokens, kWarpgroups, kSplitK), 1)
 #pragma unroll
         for (int e = 0; e < 4; ++e) slice_at(j, e) = acc[4 * j + e];
       if (p.r > 0) {
-        wait_for_prior_grid();  // xa comes from the launch before this one (launch.cuh)
         // The LoRA term as one more wgmma product: lora_B's rows (A, from registers) times the token tile's xa (B, in
-        // shared memory with the same 128-byte swizzle as x's stages), r in chunks of 64, the columns past r zero.
-        // It runs once per CTA; in the split form only the first warpgroup adds it, to its slice, and with split-K over
-        // a cluster only the cluster's first CTA.
+        // shared memory), r in chunks of 64, the columns past r zero. The first chunk a producer warp staged in the
+        // code table's free halves (stage_xa); later ones the consumers stage here, with the same 128-byte swizzle as
+        // x's stages. It runs once per CTA; in the split form only the first warpgroup adds it, to its slice, and with
+        // split-K over a cluster only the cluster's first CTA.
         constexpr int kXaTile = (kSlices * kTokens * kStride * 4 + 1023) / 1024 * 1024;
         static_assert(kXaTile + kTokens * 128 <= T::kEpilogueBytes, "xa tile exceeds the rings");
         const uint16_t* const xa = reinterpret_cast<const uint16_t*>(p.xa);
-        const uint16_t* const lora_b = reinterpret_cast<const uint16_t*>(p.lora_B);
         auto xa_at = [&](int64_t m, int col) -> uint32_t { return m < p.M && col < p.r ? xa[m * p.r + col] : 0u; };
-        auto b_pair = [&](int64_t n, int col) -> uint32_t {
-          if (n >= p.N) return 0u;
-          const uint16_t* row = lora_b + n * p.r;
-          return (col < p.r ? row[col] : 0u) | (col + 1 < p.r ? uint32_t{row[col + 1]} << 16 : 0u);
-        };
-        const int64_t n0 = seg.n_base + r0, n1 = n0 + 8;
-        const int q = 2 * (lane % 4);
         for (int c0 = 0; split == 0 && c0 < p.r; c0 += 64) {
-          for (int chunk = tid; chunk < kTokens * 8; chunk += kThreads) {  // 16 bytes: token t, columns c0 + 8c ..
-            const int t = chunk / 8, c = chunk % 8;
-            uint32_t w[4];
-#pragma unroll
-            for (int i = 0; i < 4; ++i) {
-              const int col = c0 + 8 * c + 2 * i;
-              w[i] = xa_at(seg.m_base + t, col) | (xa_at(seg.m_base + t, col + 1) << 16);
+          if (c0 == 0) {
+            if (adds) {
+              load_b(0);
+              mbar_wait(xa_full, segment & 1);
             }
-            *reinterpret_cast<uint4*>(smem + kXaTile + t * 128 + ((c ^ (t % 8)) * 16)) = make_uint4(w[0], w[1], w[2], w[3]);
+          } else {
+            wait_for_prior_grid();  // xa comes from the launch before this one (launch.cuh)
+            for (int chunk = tid; chunk < kTokens * 8; chunk += kThreads) {  // 16 bytes: token t, columns c0 + 8c ..
+              const int t = chunk / 8, c = chunk % 8;
+              uint32_t w[4];
+#pragma unroll
+              for (int i = 0; i < 4; ++i) {
+                const int col = c0 + 8 * c + 2 * i;
+                w[i] = xa_at(seg.m_base + t, col) | (xa_at(seg.m_base + t, col + 1) << 16);
+              }
+              *reinterpret_cast<uint4*>(smem + kXaTile + t * 128 + ((c ^ (t % 8)) * 16)) = make_uint4(w[0], w[1], w[2], w[3]);
+            }
+            asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");  // the generic stores, before wgmma reads them
+            asm volatile("bar.sync 1, %0;\n" ::"n"(kThreads) : "memory");
+            if (adds) load_b(c0);
           }
-          asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");  // the generic stores, before wgmma reads them
-          asm volatile("bar.sync 1, %0;\n" ::"n"(kThreads) : "memory");
-          if (!kSplitK || warpgroup == 0) {
-            uint32_t a[4][4];
-#pragma unroll
-            for (int j = 0; j < 4; ++j) {
-              const int col = c0 + 16 * j + q;
-              a[j][0] = b_pair(n0, col);
-              a[j][1] = b_pair(n1, col);
-              a[j][2] = b_pair(n0, col + 8);
-              a[j][3] = b_pair(n1, col + 8);
-            }
+          if (adds) {
 #pragma unroll
             for (int i = 0; i < T::kAccumulators; ++i) acc[i] = 0.0f;
-            wgmma_fence(a);
+            wgmma_fence(b_frags);
 #pragma unroll
-            for (int j = 0; j < 4; ++j) wgmma_bf16(acc, a[j], swizzled_descriptor(base + kXaTile + 32 * j));
+            for (int j = 0; j < 4; ++j)
+              if (c0 + 16 * j < p.r)  // steps wholly past r would add zeros
+                wgmma_bf16(acc, b_frags[j],
+                           c0 == 0 ? interleaved_descriptor(table + xa_core_offset(0, 2 * j), 256, 256 * kXaColumnBlocks)
+                                   : swizzled_descriptor(base + kXaTile + 32 * j));
             wgmma_commit_and_wait();
             fence_accumulators(acc);
 #pragma unroll
@@ -779,25 +863,25 @@ __global__ void __launch_bounds__(cta_threads(kTokens, kWarpgroups, kSplitK), 1)
     return finish;
   };
   if constexpr (kStreamK) {
-    int consumed = 0;
+    int consumed = 0, segments = 0;
     for (int it = it_begin; it < it_end;) {
       const Segment seg = segment_at(it);
       it += seg.stages;
-      const bool finished = run_segment(seg, consumed);
+      const bool finished = run_segment(seg, consumed, segments++);
       consumed += seg.stages;
       if (it < it_end) {  // the producer waits for this before the next segment's copies
         asm volatile("bar.sync 1, %0;\n" ::"n"(kThreads) : "memory");
-        if (finished && p.r > 0) {  // the xa tile overlapped the code table
+        if (finished && p.r > kXaColumnBlocks * 8) {  // the xa tile of columns past 64 overlapped the code table
           build_table();
           asm volatile("bar.sync 1, %0;\n" ::"n"(kThreads) : "memory");
         }
         if (tid == 0) mbar_arrive(segment_done);
       }
     }
-    if (p.r > 0) wait_for_prior_grid();  // before exit, also where no segment finished a tile (launch.cuh)
   } else {
-    run_segment(segment_at(0), 0);
+    run_segment(segment_at(0), 0, 0);
   }
+  if (p.r > 0) wait_for_prior_grid();  // before exit, also where no segment finished a tile (launch.cuh)
 #else
   __trap();  // built without sm_90a code: gemm_4bit_built() is false and the launcher refuses
 #endif
