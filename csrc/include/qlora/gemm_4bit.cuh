@@ -395,6 +395,20 @@ __global__ void __launch_bounds__(cta_threads(kTokens, kWarpgroups, kSplitK), 1)
     return Segment{static_cast<int64_t>(tile % args.stream_k_tiles_n) * kRows,
                    static_cast<int64_t>(tile / args.stream_k_tiles_n) * kTokens, k0, k1 - k0};
   };
+  // visit(segment, the CTA's stages before it, its index, whether another follows) for each of the CTA's segments.
+  auto for_each_segment = [&](auto&& visit) {
+    if constexpr (kStreamK) {
+      int before = 0, index = 0;
+      for (int it = it_begin; it < it_end; ++index) {
+        const Segment seg = segment_at(it);
+        it += seg.stages;
+        visit(seg, before, index, it < it_end);
+        before += seg.stages;
+      }
+    } else {
+      visit(segment_at(0), 0, 0, false);
+    }
+  };
 
   if (tid == 0) {
     for (int s = 0; s < kStages; ++s) {
@@ -456,18 +470,10 @@ __global__ void __launch_bounds__(cta_threads(kTokens, kWarpgroups, kSplitK), 1)
                       static_cast<int>(seg.n_base), full(slot));
         }
       };
-      if constexpr (kStreamK) {
-        int issued = 0, segments = 0;
-        for (int it = it_begin; it < it_end; ++segments) {
-          const Segment seg = segment_at(it);
-          it += seg.stages;
-          if (segments > 0) mbar_wait(segment_done, (segments - 1) & 1);  // its epilogue reused the rings
-          issue_segment(seg, issued);
-          issued += seg.stages;
-        }
-      } else {
-        issue_segment(segment_at(0), 0);
-      }
+      for_each_segment([&](const Segment& seg, int issued, int index, bool) {
+        if (index > 0) mbar_wait(segment_done, (index - 1) & 1);  // its epilogue reused the rings
+        issue_segment(seg, issued);
+      });
     }
     // A segment's xa, staged by a producer warp once the launch before has finished, so that the epilogue finds it in
     // shared memory (xa_full) instead of loading it then: the copies' warp after its last copy, or with 256-token
@@ -506,17 +512,10 @@ __global__ void __launch_bounds__(cta_threads(kTokens, kWarpgroups, kSplitK), 1)
         __syncwarp();
         if (lane == 0) mbar_arrive(xa_full);
       };
-      if constexpr (kStreamK) {
-        int segments = 0;
-        for (int it = it_begin; it < it_end; ++segments) {
-          const Segment seg = segment_at(it);
-          it += seg.stages;
-          if (segments > 0) mbar_wait(segment_done, (segments - 1) & 1);  // the last segment's xa is used
-          stage_xa(seg);
-        }
-      } else {
-        stage_xa(segment_at(0));
-      }
+      for_each_segment([&](const Segment& seg, int, int index, bool) {
+        if (index > 0) mbar_wait(segment_done, (index - 1) & 1);  // the last segment's xa is used
+        stage_xa(seg);
+      });
     }
     if constexpr (T::kScaleRing) {
       const int scale_thread = tid - kThreads - 32 * (4 - kScaleWarps);  // the last kScaleWarps warps
@@ -542,17 +541,7 @@ __global__ void __launch_bounds__(cta_threads(kTokens, kWarpgroups, kSplitK), 1)
             now1 = next1;
           }
         };
-        if constexpr (kStreamK) {
-          int issued = 0;
-          for (int it = it_begin; it < it_end;) {
-            const Segment seg = segment_at(it);
-            it += seg.stages;
-            stage_segment(seg, issued);
-            issued += seg.stages;
-          }
-        } else {
-          stage_segment(segment_at(0), 0);
-        }
+        for_each_segment([&](const Segment& seg, int issued, int, bool) { stage_segment(seg, issued); });
       }
     }
     return;
@@ -862,25 +851,17 @@ __global__ void __launch_bounds__(cta_threads(kTokens, kWarpgroups, kSplitK), 1)
     }
     return finish;
   };
-  if constexpr (kStreamK) {
-    int consumed = 0, segments = 0;
-    for (int it = it_begin; it < it_end;) {
-      const Segment seg = segment_at(it);
-      it += seg.stages;
-      const bool finished = run_segment(seg, consumed, segments++);
-      consumed += seg.stages;
-      if (it < it_end) {  // the producer waits for this before the next segment's copies
+  for_each_segment([&](const Segment& seg, int consumed, int index, bool more) {
+    const bool finished = run_segment(seg, consumed, index);
+    if (more) {  // the producer waits for this before the next segment's copies
+      asm volatile("bar.sync 1, %0;\n" ::"n"(kThreads) : "memory");
+      if (finished && p.r > kXaColumnBlocks * 8) {  // the xa tile of columns past 64 overlapped the code table
+        build_table();
         asm volatile("bar.sync 1, %0;\n" ::"n"(kThreads) : "memory");
-        if (finished && p.r > kXaColumnBlocks * 8) {  // the xa tile of columns past 64 overlapped the code table
-          build_table();
-          asm volatile("bar.sync 1, %0;\n" ::"n"(kThreads) : "memory");
-        }
-        if (tid == 0) mbar_arrive(segment_done);
       }
+      if (tid == 0) mbar_arrive(segment_done);
     }
-  } else {
-    run_segment(segment_at(0), 0, 0);
-  }
+  });
   if (p.r > 0) wait_for_prior_grid();  // before exit, also where no segment finished a tile (launch.cuh)
 #else
   __trap();  // built without sm_90a code: gemm_4bit_built() is false and the launcher refuses
