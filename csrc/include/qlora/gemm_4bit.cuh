@@ -223,6 +223,10 @@ constexpr int kXaColumnBlocks = 8;
 __host__ __device__ constexpr uint32_t xa_core_offset(int token, int column_block) {
   return 128 + 256 * ((token / 8) * kXaColumnBlocks + column_block) + 16 * (token % 8);
 }
+// Columns col and col + 1 of a bf16 row as one word, col in the low half; columns from `count` on read as zero.
+__device__ __forceinline__ uint32_t bf16_pair_or_zero(const uint16_t* row, int col, int count) {
+  return (col < count ? uint32_t{row[col]} : 0u) | (col + 1 < count ? uint32_t{row[col + 1]} << 16 : 0u);
+}
 
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
 __device__ __forceinline__ void wgmma_fence(uint32_t (&a)[4][4]) {  // every write of a is issued before it
@@ -499,10 +503,7 @@ __global__ void __launch_bounds__(cta_threads(kTokens, kWarpgroups, kSplitK), 1)
             } else {
               uint32_t w[4];
 #pragma unroll
-              for (int i = 0; i < 4; ++i) {
-                const int c = col + 2 * i;
-                w[i] = (c < p.r ? xa[m * p.r + c] : 0u) | (c + 1 < p.r ? uint32_t{xa[m * p.r + c + 1]} << 16 : 0u);
-              }
+              for (int i = 0; i < 4; ++i) w[i] = bf16_pair_or_zero(xa + m * p.r, col + 2 * i, p.r);
               v = make_uint4(w[0], w[1], w[2], w[3]);
             }
           }
@@ -729,9 +730,7 @@ __global__ void __launch_bounds__(cta_threads(kTokens, kWarpgroups, kSplitK), 1)
       auto load_b = [&](int c0) {
         const uint16_t* const lora_b = reinterpret_cast<const uint16_t*>(p.lora_B);
         auto b_pair = [&](int64_t n, int col) -> uint32_t {
-          if (n >= p.N) return 0u;
-          const uint16_t* row = lora_b + n * p.r;
-          return (col < p.r ? row[col] : 0u) | (col + 1 < p.r ? uint32_t{row[col + 1]} << 16 : 0u);
+          return n < p.N ? bf16_pair_or_zero(lora_b + n * p.r, col, p.r) : 0u;
         };
         const int64_t n0 = seg.n_base + r0, n1 = n0 + 8;
         const int q = 2 * (lane % 4);
@@ -763,7 +762,6 @@ __global__ void __launch_bounds__(cta_threads(kTokens, kWarpgroups, kSplitK), 1)
         constexpr int kXaTile = (kSlices * kTokens * kStride * 4 + 1023) / 1024 * 1024;
         static_assert(kXaTile + kTokens * 128 <= T::kEpilogueBytes, "xa tile exceeds the rings");
         const uint16_t* const xa = reinterpret_cast<const uint16_t*>(p.xa);
-        auto xa_at = [&](int64_t m, int col) -> uint32_t { return m < p.M && col < p.r ? xa[m * p.r + col] : 0u; };
         for (int c0 = 0; split == 0 && c0 < p.r; c0 += 64) {
           if (c0 == 0) {
             if (adds) {
@@ -774,12 +772,10 @@ __global__ void __launch_bounds__(cta_threads(kTokens, kWarpgroups, kSplitK), 1)
             wait_for_prior_grid();  // xa comes from the launch before this one (launch.cuh)
             for (int chunk = tid; chunk < kTokens * 8; chunk += kThreads) {  // 16 bytes: token t, columns c0 + 8c ..
               const int t = chunk / 8, c = chunk % 8;
+              const int64_t m = seg.m_base + t;
               uint32_t w[4];
 #pragma unroll
-              for (int i = 0; i < 4; ++i) {
-                const int col = c0 + 8 * c + 2 * i;
-                w[i] = xa_at(seg.m_base + t, col) | (xa_at(seg.m_base + t, col + 1) << 16);
-              }
+              for (int i = 0; i < 4; ++i) w[i] = m < p.M ? bf16_pair_or_zero(xa + m * p.r, c0 + 8 * c + 2 * i, p.r) : 0u;
               *reinterpret_cast<uint4*>(smem + kXaTile + t * 128 + ((c ^ (t % 8)) * 16)) = make_uint4(w[0], w[1], w[2], w[3]);
             }
             asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");  // the generic stores, before wgmma reads them
