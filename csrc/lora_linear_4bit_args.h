@@ -46,8 +46,9 @@ enum LoraLinearPath : int64_t {
 // 8192x28672 371 vs 288; CUDA-graph times, tools/time_lora_paths.py), so other layouts stop at 32.
 // Where the tensor-core GEMM can run, it takes over from the fused kernel at an M set by the CTAs of its launch
 // with 32- or 64-token tiles (gemm4bit::gemm_4bit_ctas): above 16 where they fill a third of the SMs. It first paid
-// above 16 only where they fill three quarters, above 32 where they fill a third: H200, 2026-11-29, tools/time_lora_paths.py, do_bench µs, r = 16, fused (the
-// better layout) against tensor-core: 224 and 128 CTAs, 14336x4096 M = 16 35.2 vs 37.1, M = 24 49.2 vs 37.2;
+// above 16 only where they fill three quarters, above 32 where they fill a third: H200, 2026-11-29,
+// tools/time_lora_paths.py, do_bench µs, r = 16, fused (the better layout) against tensor-core: 224 and 128 CTAs,
+// 14336x4096 M = 16 35.2 vs 37.1, M = 24 49.2 vs 37.2;
 // 8192x8192 M = 16 34.0 vs 36.9, M = 24 48.1 vs 37.2. 64 CTAs, 4096x14336 M = 32 45.1 vs 53.0, M = 48 73.1 vs
 // 58.3, M = 64 77.3 vs 58.4; 4096x4096 M = 32 24.8 vs 23.3, M = 48 32.5 vs 25.3. 16 CTAs, 1024x4096: the fused
 // kernel wins through its range (M = 48 19.4 vs 24.7, M = 64 22.3 vs 24.9).
