@@ -204,16 +204,17 @@ __device__ __forceinline__ float4 load_cluster_f4(uint32_t local, uint32_t rank)
   return v;
 }
 
+// A descriptor's address field: the 16-byte unit of a shared address below 2^18.
+__device__ __forceinline__ uint64_t descriptor_address(uint32_t addr) { return (addr & 0x3FFFF) >> 4; }
 // K-major B operand with the 128-byte swizzle: 8 token rows of 128 bytes per 1024-byte atom.
 __device__ __forceinline__ uint64_t swizzled_descriptor(uint32_t addr) {
-  return static_cast<uint64_t>((addr & 0x3FFFF) >> 4) | (static_cast<uint64_t>(1024 >> 4) << 32) |
-         (static_cast<uint64_t>(1) << 62);
+  return descriptor_address(addr) | (static_cast<uint64_t>(1024 >> 4) << 32) | (static_cast<uint64_t>(1) << 62);
 }
 
 // K-major B operand without swizzle: 8x16-byte core matrices, k_stride bytes apart along K and token_stride apart
 // along the tokens.
 __device__ __forceinline__ uint64_t interleaved_descriptor(uint32_t addr, uint32_t k_stride, uint32_t token_stride) {
-  return static_cast<uint64_t>((addr & 0x3FFFF) >> 4) | (static_cast<uint64_t>(k_stride >> 4) << 16) |
+  return descriptor_address(addr) | (static_cast<uint64_t>(k_stride >> 4) << 16) |
          (static_cast<uint64_t>(token_stride >> 4) << 32);
 }
 // Where a token tile's xa waits for the epilogue: the code table's unused halves (its rows are 256 bytes apart and
@@ -566,15 +567,16 @@ __global__ void __launch_bounds__(cta_threads(kTokens, kWarpgroups, kSplitK), 1)
   auto scale_of = [&](RawScale r) { return kDoubleQuant ? mul_then_add(code2_s[r.code], r.value, mean) : r.value; };
   const uint32_t lane_bytes = lane * 4, selector = 0x5504u | ((lane % 4) << 4);  // (lane * 4, byte lane % 4, 0, 0)
   auto as_pair = [](uint32_t bits) { return *reinterpret_cast<const Bf16::Pair*>(&bits); };
+  auto lookup_address = [&](uint32_t word) { return table + __byte_perm(word, lane_bytes, selector); };
   auto decode = [&](uint32_t word, const SplitScale<__nv_bfloat16>& scale) {
     uint32_t bits;
-    asm("ld.shared.b32 %0, [%1];\n" : "=r"(bits) : "r"(table + __byte_perm(word, lane_bytes, selector)));
+    asm("ld.shared.b32 %0, [%1];\n" : "=r"(bits) : "r"(lookup_address(word)));
     return scaled_pair<__nv_bfloat16>(as_pair(bits), scale);
   };
   // Volatile: the lookup stays where it is written, ahead of the wgmma wait whose latency it is meant to overlap.
   auto lookup_ahead = [&](uint32_t word) {
     uint32_t bits;
-    asm volatile("ld.shared.b32 %0, [%1];\n" : "=r"(bits) : "r"(table + __byte_perm(word, lane_bytes, selector)));
+    asm volatile("ld.shared.b32 %0, [%1];\n" : "=r"(bits) : "r"(lookup_address(word)));
     return bits;
   };
 
