@@ -120,6 +120,11 @@ struct Tile {
   // half of their time at the wait for their own wgmma (cuBLAS: 96 % at the same shape); with this, 76 % and
   // 182.5 -> 176.7 µs (H200, 2026-11-29, tools/stream_k_gemm.cu).
   static constexpr bool kStepPipelined = kTokens == kWideTokens;
+  // 32-token tiles, where the consumers' instructions a stage are the limit (ncu: issue slots 62 % busy, 1.8 eligible
+  // warps a scheduler at 8192x28672 M = 16): a stage's four wgmma multiply the unscaled codes into a fresh set of
+  // accumulators, which the stage's block scale (one a row: a stage lies in one block) then adds to the tile's, 16
+  // FFMA a thread instead of scaling every code pair (32 HMUL2 and HFMA2).
+  static constexpr bool kBlockScaled = kTokens == 32;
   static constexpr int kScaleSlotBytes = kScaleRing ? kMaxRows * 8 : 0;
   static constexpr int kStageBytes = kXStageBytes + kWStageBytes + 2 * 8 /* full and empty barriers */ + kScaleSlotBytes;
   // As many stages as the shared memory holds (8, 13 and 20 for 128, 64 and 32 tokens): against 6 and 12 they
@@ -205,10 +210,13 @@ __device__ __forceinline__ float4 load_cluster_f4(uint32_t local, uint32_t rank)
 }
 
 // A descriptor's address field: the 16-byte unit of a shared address below 2^18.
-__device__ __forceinline__ uint64_t descriptor_address(uint32_t addr) { return (addr & 0x3FFFF) >> 4; }
+__device__ __forceinline__ uint32_t descriptor_address(uint32_t addr) { return (addr & 0x3FFFF) >> 4; }
 // K-major B operand with the 128-byte swizzle: 8 token rows of 128 bytes per 1024-byte atom.
+__device__ __forceinline__ uint64_t swizzled_descriptor_at(uint32_t address_field) {
+  return static_cast<uint64_t>(address_field) | (static_cast<uint64_t>(1024 >> 4) << 32) | (static_cast<uint64_t>(1) << 62);
+}
 __device__ __forceinline__ uint64_t swizzled_descriptor(uint32_t addr) {
-  return descriptor_address(addr) | (static_cast<uint64_t>(1024 >> 4) << 32) | (static_cast<uint64_t>(1) << 62);
+  return swizzled_descriptor_at(descriptor_address(addr));
 }
 
 // K-major B operand without swizzle: 8x16-byte core matrices, k_stride bytes apart along K and token_stride apart
@@ -254,13 +262,15 @@ __device__ __forceinline__ void wgmma_commit_and_wait() {
 #define QLORA_ACC8(i) "+f"(d[i]), "+f"(d[i + 1]), "+f"(d[i + 2]), "+f"(d[i + 3]), "+f"(d[i + 4]), "+f"(d[i + 5]), \
                       "+f"(d[i + 6]), "+f"(d[i + 7])
 // d += A (64x16, registers) · B (16 x kTokens, shared memory); fp32 accumulators in the wgmma fragment order.
+// kAccumulate false: d = A · B.
+template <bool kAccumulate = true>
 __device__ __forceinline__ void wgmma_bf16(float (&d)[16], const uint32_t (&a)[4], uint64_t b) {
   asm volatile(
-      "{\n.reg .pred p;\nsetp.ne.b32 p, 1, 0;\n"  // scale-d: accumulate into d
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %21, 0;\n"  // scale-d
       "wgmma.mma_async.sync.aligned.m64n32k16.f32.bf16.bf16 "
       "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15}, {%16, %17, %18, %19}, %20, p, 1, 1, 0;\n}\n"
       : QLORA_ACC8(0), QLORA_ACC8(8)
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b));
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b), "n"(kAccumulate ? 1 : 0));
 }
 __device__ __forceinline__ void wgmma_bf16(float (&d)[32], const uint32_t (&a)[4], uint64_t b) {
   asm volatile(
@@ -435,8 +445,9 @@ __global__ void __launch_bounds__(cta_threads(kTokens, kWarpgroups, kSplitK), 1)
 
   if (tid >= kThreads) {  // the producers: rows past N arrive as zeros and their outputs are never stored
     auto raw_at = [&](int64_t element) { return load_raw_scale<kDoubleQuant>(p, element); };  // a stage ahead
-    auto split_bits = [&](RawScale r, float mean) {
+    auto split_bits = [&](RawScale r, float mean) {  // kBlockScaled: the scale itself
       const float scale = kDoubleQuant ? mul_then_add(__ldg(p.scales.code2 + r.code), r.value, mean) : r.value;
+      if constexpr (T::kBlockScaled) return make_uint2(__float_as_uint(scale), 0u);
       const SplitScale<__nv_bfloat16> split = split_scale<__nv_bfloat16>(scale);
       return make_uint2(as_u32(split.hi), as_u32(split.lo));
     };
@@ -565,13 +576,27 @@ __global__ void __launch_bounds__(cta_threads(kTokens, kWarpgroups, kSplitK), 1)
   // A scale's loads are issued two stages ahead of its use.
   auto load_scale = [&](int64_t element) { return load_raw_scale<kDoubleQuant>(p, element); };
   auto scale_of = [&](RawScale r) { return kDoubleQuant ? mul_then_add(code2_s[r.code], r.value, mean) : r.value; };
-  const uint32_t lane_bytes = lane * 4, selector = 0x5504u | ((lane % 4) << 4);  // (lane * 4, byte lane % 4, 0, 0)
+  // A lookup's address: the byte permute's (lane * 4, byte lane % 4 of the word, the window's top two bytes), plus
+  // the table's offset from the window. The split forms take the top bytes from base: ptxas keeps the table's base
+  // out of the uniform registers there, so each lookup paid an add (tools/sass_loops.py: the 32-token split form's
+  // loop 131 -> 119 instructions); the row forms keep it in one and take 0.
+  const uint32_t window = kSplitK ? base & 0xFFFF0000u : 0u, table_offset = table - window;
+  const uint32_t lane_bytes = window | lane * 4, selector = (kSplitK ? 0x7604u : 0x5504u) | ((lane % 4) << 4);
   auto as_pair = [](uint32_t bits) { return *reinterpret_cast<const Bf16::Pair*>(&bits); };
-  auto lookup_address = [&](uint32_t word) { return table + __byte_perm(word, lane_bytes, selector); };
-  auto decode = [&](uint32_t word, const SplitScale<__nv_bfloat16>& scale) {
+  // k16 step j of x's stage in slot: the ring's address field once, plus the offset's (every offset inside the CTA's
+  // shared memory keeps it below 2^18).
+  const uint32_t x_ring_field = descriptor_address(x_ring);
+  auto x_descriptor = [&](int slot, int j) {
+    return swizzled_descriptor_at(x_ring_field + static_cast<uint32_t>((slot * kXStageBytes + 32 * j) >> 4));
+  };
+  auto lookup_address = [&](uint32_t word) { return __byte_perm(word, lane_bytes, selector) + table_offset; };
+  auto lookup = [&](uint32_t word) {  // the code pair of this thread's byte of word, unscaled
     uint32_t bits;
     asm("ld.shared.b32 %0, [%1];\n" : "=r"(bits) : "r"(lookup_address(word)));
-    return scaled_pair<__nv_bfloat16>(as_pair(bits), scale);
+    return bits;
+  };
+  auto decode = [&](uint32_t word, const SplitScale<__nv_bfloat16>& scale) {
+    return scaled_pair<__nv_bfloat16>(as_pair(lookup(word)), scale);
   };
   // Volatile: the lookup stays where it is written, ahead of the wgmma wait whose latency it is meant to overlap.
   auto lookup_ahead = [&](uint32_t word) {
@@ -598,6 +623,7 @@ __global__ void __launch_bounds__(cta_threads(kTokens, kWarpgroups, kSplitK), 1)
     constexpr int kStepSets = 4;
     uint32_t a_steps[kStepSets][4];
     int running_slot = -1;  // the slot of the stage whose last wgmma may still run
+    float part[T::kAccumulators];  // kBlockScaled: a stage's products, before its scale
     auto release = [&](int slot) {  // this warp's wgmma are done with the slot
       __syncwarp();
       if (lane == 0) mbar_arrive(empty(slot));
@@ -606,7 +632,15 @@ __global__ void __launch_bounds__(cta_threads(kTokens, kWarpgroups, kSplitK), 1)
       now0 = load_scale(element0 + seg.stage_k(first)), now1 = load_scale(element1 + seg.stage_k(first));
       next0 = load_scale(element0 + seg.stage_k(first + step)), next1 = load_scale(element1 + seg.stage_k(first + step));
     }
+    // This warpgroup's stages take the slots of one pipeline in turn (step is kPipelines, and consumed a multiple of
+    // it), so the slot and the barriers' phase advance by a step instead of dividing by kSlots.
+    static_assert(!kSplitK || kWarpgroups == kPipelines, "a split warpgroup, a pipeline");
+    const int pipeline_slots = slot_of(consumed + first) - slot_of(consumed + first) % kSlots;
+    int slot_index = slot_of(consumed + first) % kSlots, phase = round_of(consumed + first) & 1;
     for (int k = first; k < seg.stages; k += step) {
+      const int slot = pipeline_slots + slot_index;
+      const int full_phase = phase;
+      if (++slot_index == kSlots) slot_index = 0, phase ^= 1;
       float s0 = 0.0f, s1 = 0.0f;
       if constexpr (!kScalesStaged) {
         s0 = scale_of(now0), s1 = scale_of(now1);
@@ -615,8 +649,7 @@ __global__ void __launch_bounds__(cta_threads(kTokens, kWarpgroups, kSplitK), 1)
         next0 = load_scale(element0 + seg.stage_k(k + 2 * step));
         next1 = load_scale(element1 + seg.stage_k(k + 2 * step));
       }
-      const int slot = slot_of(consumed + k);
-      mbar_wait(full(slot), round_of(consumed + k) & 1);
+      mbar_wait(full(slot), full_phase);
       const uint8_t* w_stage = smem + (w_ring - base) + slot * kWStageBytes;
       const uint4 a_lo = *reinterpret_cast<const uint4*>(w_stage + r0 * 32);
       const uint4 a_hi = *reinterpret_cast<const uint4*>(w_stage + r0 * 32 + 16);
@@ -628,17 +661,28 @@ __global__ void __launch_bounds__(cta_threads(kTokens, kWarpgroups, kSplitK), 1)
       if constexpr (kScalesStaged) {
         const uint2* const staged = scale_slot(slot);
         const uint2 bits0 = staged[r0], bits1 = staged[r0 + 8];
-        scale0 = {as_pair(bits0.x), as_pair(bits0.y)};
-        scale1 = {as_pair(bits1.x), as_pair(bits1.y)};
-      } else {
+        if constexpr (T::kBlockScaled) {
+          s0 = __uint_as_float(bits0.x), s1 = __uint_as_float(bits1.x);
+        } else {
+          scale0 = {as_pair(bits0.x), as_pair(bits0.y)};
+          scale1 = {as_pair(bits1.x), as_pair(bits1.y)};
+        }
+      } else if constexpr (!T::kBlockScaled) {
         scale0 = split_scale<__nv_bfloat16>(s0), scale1 = split_scale<__nv_bfloat16>(s1);
       }
       // k16 step j: rows r0 / r0 + 8, k 16j + 2c.. and 16j + 8 + 2c..
       auto decode_step = [&](int j, uint32_t (&a)[4]) {
-        a[0] = decode(row0[2 * j], scale0);
-        a[1] = decode(row1[2 * j], scale1);
-        a[2] = decode(row0[2 * j + 1], scale0);
-        a[3] = decode(row1[2 * j + 1], scale1);
+        if constexpr (T::kBlockScaled) {
+          a[0] = lookup(row0[2 * j]);
+          a[1] = lookup(row1[2 * j]);
+          a[2] = lookup(row0[2 * j + 1]);
+          a[3] = lookup(row1[2 * j + 1]);
+        } else {
+          a[0] = decode(row0[2 * j], scale0);
+          a[1] = decode(row1[2 * j], scale1);
+          a[2] = decode(row0[2 * j + 1], scale0);
+          a[3] = decode(row1[2 * j + 1], scale1);
+        }
       };
       if constexpr (kStepPipelined) {
         // Step j + 1's table lookups are issued before the wait that follows step j's wgmma, so that their latency
@@ -659,20 +703,34 @@ __global__ void __launch_bounds__(cta_threads(kTokens, kWarpgroups, kSplitK), 1)
           a[2] = scaled_pair<__nv_bfloat16>(as_pair(bits[2]), scale0);
           a[3] = scaled_pair<__nv_bfloat16>(as_pair(bits[3]), scale1);
           wgmma_fence(a);
-          wgmma_bf16(acc, a, swizzled_descriptor(x_ring + slot * kXStageBytes + 32 * j));
+          wgmma_bf16(acc, a, x_descriptor(slot, j));
           wgmma_commit();
           if (j < 3) lookup_step(j + 1, bits);
           wgmma_wait<kStepSets - 1>();  // the step kStepSets - 1 back is done, and its registers are free
           if (j == kStepSets - 2 && running_slot >= 0) release(running_slot);  // the last stage's last step is done
         }
         running_slot = slot;
+      } else if constexpr (T::kBlockScaled) {
+        uint32_t a[4][4];
+#pragma unroll
+        for (int j = 0; j < 4; ++j) decode_step(j, a[j]);
+        wgmma_fence(a);
+        wgmma_bf16<false>(part, a[0], x_descriptor(slot, 0));
+#pragma unroll
+        for (int j = 1; j < 4; ++j) wgmma_bf16(part, a[j], x_descriptor(slot, j));
+        wgmma_commit_and_wait();
+        fence_accumulators(part);
+        release(slot);
+        // accumulator 4j + e: row r0, or r0 + 8 for e >= 2
+#pragma unroll
+        for (int i = 0; i < T::kAccumulators; ++i) acc[i] = fmaf(i % 4 < 2 ? s0 : s1, part[i], acc[i]);
       } else {
         uint32_t a[4][4];
 #pragma unroll
         for (int j = 0; j < 4; ++j) decode_step(j, a[j]);
         wgmma_fence(a);
 #pragma unroll
-        for (int j = 0; j < 4; ++j) wgmma_bf16(acc, a[j], swizzled_descriptor(x_ring + slot * kXStageBytes + 32 * j));
+        for (int j = 0; j < 4; ++j) wgmma_bf16(acc, a[j], x_descriptor(slot, j));
         wgmma_commit_and_wait();
         fence_accumulators(acc);
         release(slot);
