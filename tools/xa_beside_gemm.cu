@@ -4,7 +4,8 @@
 // runs; y must equal the GEMM's with xa ready).
 //
 //   nvcc -O3 -std=c++20 --expt-relaxed-constexpr -arch=sm_90a -I csrc/include -I tools -diag-suppress 177 \
-//        tools/xa_beside_gemm.cu -o /tmp/xa_beside_gemm && /tmp/xa_beside_gemm
+//        tools/xa_beside_gemm.cu -o /tmp/xa_beside_gemm && /tmp/xa_beside_gemm [N,K,M ...]
+#include <array>
 #include <cmath>
 #include <cstdio>
 #include <cstring>
@@ -18,14 +19,24 @@
 
 using qlora::Gemm4bitParams;
 
-int main() {
+int main(int argc, char** argv) {
   setvbuf(stdout, nullptr, _IONBF, 0);
   const int num_sms = sm_count_or_complain("xa_beside_gemm");
   char* flush;
   if (num_sms == 0 || cudaMalloc(&flush, kFlushBytes) != cudaSuccess) return 1;
   const int r = 16;
-  const int64_t shapes[][3] = {{4096, 4096, 256}, {8192, 8192, 256}, {8192, 28672, 256}, {28672, 8192, 256},
-                               {8192, 28672, 64}, {4096, 4096, 32},  {8192, 28672, 1024}};
+  std::vector<std::array<int64_t, 3>> shapes = {{4096, 4096, 256}, {8192, 8192, 256}, {8192, 28672, 256},
+                                                {28672, 8192, 256}, {8192, 28672, 64}, {4096, 4096, 32},
+                                                {8192, 28672, 1024}};
+  if (argc > 1) shapes.clear();
+  for (int a = 1; a < argc; ++a) {
+    long long N, K, M;
+    if (sscanf(argv[a], "%lld,%lld,%lld", &N, &K, &M) != 3 || K % 64 != 0) {
+      printf("%s: expected N,K,M with K a multiple of 64\n", argv[a]);
+      return 1;
+    }
+    shapes.push_back({N, K, M});
+  }
   std::mt19937 rng(0);
   std::normal_distribution<float> normal(0.0f, 1.0f);
   for (const auto& s : shapes) {
