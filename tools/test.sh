@@ -6,6 +6,12 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 QLORA_EXTRA_PACKAGES="pytest" . tools/setup_env.sh
 ctest --test-dir build/cmake --output-on-failure
-# The standalone read-bandwidth probe is not part of the library; where nvcc exists it must still compile.
-if command -v nvcc > /dev/null; then nvcc -O3 -std=c++20 -arch=sm_90a tools/read_patterns.cu -o build/read_patterns; fi
+# The standalone GPU programs in tools/ (probes and kernel A/B harnesses) are not part of the library; where nvcc
+# exists they must still compile against the kernels' headers.
+if command -v nvcc > /dev/null; then
+  mkdir -p build/tools
+  ls tools/*.cu | xargs -P 2 -I{} sh -c 'nvcc -O3 -std=c++20 --expt-relaxed-constexpr -arch=sm_90a -I csrc/include \
+    -I tools -diag-suppress 177 {} -o build/tools/$(basename {} .cu) > build/tools/$(basename {} .cu).log 2>&1 \
+    || { cat build/tools/$(basename {} .cu).log; echo "{} does not compile"; exit 255; }'
+fi
 python -m pytest -q tests
