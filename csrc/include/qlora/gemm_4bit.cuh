@@ -451,6 +451,12 @@ __global__ void __launch_bounds__(cta_threads(kTokens, kWarpgroups, kSplitK), 1)
       const SplitScale<__nv_bfloat16> split = split_scale<__nv_bfloat16>(scale);
       return make_uint2(as_u32(split.hi), as_u32(split.lo));
     };
+    // Rows row and row + kRows / 2 of a stage's scales into its slot, as the consumers read them.
+    auto stage_scales = [&](int slot, int row, RawScale r0, RawScale r1, float mean) {
+      uint2* const out = scale_slot(slot);
+      out[row] = split_bits(r0, mean);
+      out[row + kRows / 2] = split_bits(r1, mean);
+    };
     const int pipeline = (tid - kThreads) / 32;
     if ((kScalesInWStage || lane == 0) && pipeline < kPipelines) {
       // A segment's copies (issued: the CTA's stages before it); kScalesInWStage: the whole warp, whose lanes stage
@@ -469,9 +475,7 @@ __global__ void __launch_bounds__(cta_threads(kTokens, kWarpgroups, kSplitK), 1)
             const RawScale next0 = raw_at(e0 + seg.stage_k(stage + kPipelines));
             const RawScale next1 = raw_at(e1 + seg.stage_k(stage + kPipelines));
             if (round > 0) mbar_wait(empty(slot), (round - 1) & 1);
-            uint2* const out = scale_slot(slot);
-            out[lane] = split_bits(now0, mean);
-            out[lane + kRows / 2] = split_bits(now1, mean);
+            stage_scales(slot, lane, now0, now1, mean);
             now0 = next0;
             now1 = next1;
             __syncwarp();
@@ -545,9 +549,7 @@ __global__ void __launch_bounds__(cta_threads(kTokens, kWarpgroups, kSplitK), 1)
             const RawScale next0 = raw_at(e0 + seg.stage_k(stage + 1)), next1 = raw_at(e1 + seg.stage_k(stage + 1));
             const int slot = slot_of(issued + stage), round = round_of(issued + stage);
             if (round > 0) mbar_wait(empty(slot), (round - 1) & 1);
-            uint2* const out = scale_slot(slot);
-            out[scale_thread] = split_bits(now0, mean);
-            out[scale_thread + kRows / 2] = split_bits(now1, mean);
+            stage_scales(slot, scale_thread, now0, now1, mean);
             __syncwarp();
             if (lane == 0) mbar_arrive(full(slot));
             now0 = next0;
