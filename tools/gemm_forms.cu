@@ -27,10 +27,7 @@ int main(int argc, char** argv) {
   }
   for (int a = 1 + dq; a < argc; ++a) {
     long long N, K, M;
-    if (sscanf(argv[a], "%lld,%lld,%lld", &N, &K, &M) != 3 || K % 64 != 0) {
-      printf("%s: expected N,K,M with K a multiple of 64\n", argv[a]);
-      return 1;
-    }
+    if (!parse_gemm_shape(argv[a], &N, &K, &M)) return 1;
     std::mt19937 rng(0);
     std::normal_distribution<float> normal(0.0f, 1.0f);
     auto scale_like = [&] { return 0.02f * (1.0f + 0.5f * std::fabs(normal(rng))); };

@@ -10,6 +10,13 @@
 
 #include <cuda_runtime.h>
 
+// A GEMM shape from the command line, "N,K,M" with K a multiple of 64 (a stage); false, after saying why, otherwise.
+inline bool parse_gemm_shape(const char* arg, long long* N, long long* K, long long* M) {
+  if (sscanf(arg, "%lld,%lld,%lld", N, K, M) == 3 && *K % 64 == 0) return true;
+  printf("%s: expected N,K,M with K a multiple of 64\n", arg);
+  return false;
+}
+
 // Device 0's SM count, or 0 (after saying so on stderr) where `program` finds no GPU.
 inline int sm_count_or_complain(const char* program) {
   int num_sms = 0;

@@ -31,10 +31,7 @@ int main(int argc, char** argv) {
   if (argc > 1) shapes.clear();
   for (int a = 1; a < argc; ++a) {
     long long N, K, M;
-    if (sscanf(argv[a], "%lld,%lld,%lld", &N, &K, &M) != 3 || K % 64 != 0) {
-      printf("%s: expected N,K,M with K a multiple of 64\n", argv[a]);
-      return 1;
-    }
+    if (!parse_gemm_shape(argv[a], &N, &K, &M)) return 1;
     shapes.push_back({N, K, M});
   }
   std::mt19937 rng(0);
