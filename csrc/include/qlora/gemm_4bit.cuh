@@ -5,7 +5,7 @@
 // M in the hundreds that traffic is a large share of the time, while the fused GEMV decodes the weight again for
 // every 32 rows of x.
 //
-// Layout: a CTA takes 32, 64 or 128 tokens of x (tokens_for: the smallest tile that holds M) and 64 rows of W
+// Layout: a CTA takes 16, 32, 64 or 128 tokens of x (tokens_for: the smallest tile that holds M) and 64 rows of W
 // per warpgroup; above 128 tokens, where the grid fills the GPU, 256 tokens and 128 rows (gemm_4bit_wide_tiles_pay:
 // a producer warpgroup gives its registers to the two consumers, and K may be split over a cluster of two CTAs
 // whose fp32 tiles are summed through distributed shared memory). Producer warps bring each 64-k stage of x
@@ -95,13 +95,15 @@ constexpr int kStageK = 64;               // k per stage
 constexpr int kMaxRows = 128;             // W rows per CTA, at most
 constexpr int kWStageBytes = kMaxRows * kStageK / 2;       // 4 KB
 constexpr int kTableBytes = 256 * 256;                     // bf16 pair of byte b for lane l at b * 256 + l * 4
-// x rows per CTA (the wgmma N): the smallest of 32, 64 and 128 that holds M, so that few tokens do not pay for
+// x rows per CTA (the wgmma N): the smallest of 16, 32, 64 and 128 that holds M, so that few tokens do not pay for
 // a 128-token product. Measured on the H200 (2026-11-29, standalone program, µs, 8192x28672 split-K form):
-// M = 32 98 with 32-token tiles against 112 with 64; M = 64 113 with 64 against 156 with 128 (library).
+// M = 32 98 with 32-token tiles against 112 with 64; M = 64 113 with 64 against 156 with 128 (library); M = 16
+// with 16-token tiles against 32 (GEMM alone, tools/gemm_forms --dq, two interleaved runs, 2026-11-29):
+// 8192x28672 68.5 -> 65.1, 28672x8192 83.8 -> 81.0, 4096x4096 15.0 -> 14.2.
 constexpr int kMaxTokens = 128;
 constexpr int kWideTokens = 256;  // the row form's large tile (see producer_threads)
 constexpr int64_t kSmallTokensMaxM = 64;  // M up to this takes a tile below kMaxTokens
-constexpr int tokens_for(int64_t M) { return M <= 32 ? 32 : M <= kSmallTokensMaxM ? 64 : kMaxTokens; }
+constexpr int tokens_for(int64_t M) { return M <= 16 ? 16 : M <= 32 ? 32 : M <= kSmallTokensMaxM ? 64 : kMaxTokens; }
 // Whether x's token tiles fit the grid's y dimension (M past kSmallTokensMaxM takes kMaxTokens a tile).
 inline bool gemm_4bit_rows_fit(int64_t M) { return (M + kMaxTokens - 1) / kMaxTokens <= 65535; }
 constexpr int kSharedBytesPerCta = 227 * 1024;  // the most a CTA may opt in to on sm_90
@@ -120,14 +122,14 @@ struct Tile {
   // half of their time at the wait for their own wgmma (cuBLAS: 96 % at the same shape); with this, 76 % and
   // 182.5 -> 176.7 µs (H200, 2026-11-29, tools/stream_k_gemm.cu).
   static constexpr bool kStepPipelined = kTokens == kWideTokens;
-  // 32-token tiles, where the consumers' instructions a stage are the limit (ncu: issue slots 62 % busy, 1.8 eligible
-  // warps a scheduler at 8192x28672 M = 16): a stage's four wgmma multiply the unscaled codes into a fresh set of
-  // accumulators, which the stage's block scale (one a row: a stage lies in one block) then adds to the tile's, 16
-  // FFMA a thread instead of scaling every code pair (32 HMUL2 and HFMA2).
-  static constexpr bool kBlockScaled = kTokens == 32;
+  // 16- and 32-token tiles, where the consumers' instructions a stage are the limit (ncu: issue slots 62 % busy,
+  // 1.8 eligible warps a scheduler at 8192x28672 M = 16): a stage's four wgmma multiply the unscaled codes into a
+  // fresh set of accumulators, which the stage's block scale (one a row: a stage lies in one block) then adds to the
+  // tile's, 8 or 16 FFMA a thread instead of scaling every code pair (32 HMUL2 and HFMA2).
+  static constexpr bool kBlockScaled = kTokens <= 32;
   static constexpr int kScaleSlotBytes = kScaleRing ? kMaxRows * 8 : 0;
   static constexpr int kStageBytes = kXStageBytes + kWStageBytes + 2 * 8 /* full and empty barriers */ + kScaleSlotBytes;
-  // As many stages as the shared memory holds (8, 13 and 20 for 128, 64 and 32 tokens): against 6 and 12 they
+  // As many stages as the shared memory holds (8, 13, 20 and 26 for 128, 64, 32 and 16 tokens): against 6 and 12 they
   // took 8192x28672 from 137.6 to 128.4 µs at M = 128 and from 240.4 to 225.8 at M = 256 (H200, 2026-11-29,
   // standalone program, L2 emptied between runs), and changed the small tiles by 1-3 %.
   static constexpr int kStages = (kSharedBytesPerCta - kFixedSharedBytes) / kStageBytes;
@@ -263,6 +265,15 @@ __device__ __forceinline__ void wgmma_commit_and_wait() {
                       "+f"(d[i + 6]), "+f"(d[i + 7])
 // d += A (64x16, registers) · B (16 x kTokens, shared memory); fp32 accumulators in the wgmma fragment order.
 // kAccumulate false: d = A · B.
+template <bool kAccumulate = true>
+__device__ __forceinline__ void wgmma_bf16(float (&d)[8], const uint32_t (&a)[4], uint64_t b) {
+  asm volatile(
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %13, 0;\n"  // scale-d
+      "wgmma.mma_async.sync.aligned.m64n16k16.f32.bf16.bf16 "
+      "{%0, %1, %2, %3, %4, %5, %6, %7}, {%8, %9, %10, %11}, %12, p, 1, 1, 0;\n}\n"
+      : QLORA_ACC8(0)
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b), "n"(kAccumulate ? 1 : 0));
+}
 template <bool kAccumulate = true>
 __device__ __forceinline__ void wgmma_bf16(float (&d)[16], const uint32_t (&a)[4], uint64_t b) {
   asm volatile(
@@ -1079,6 +1090,7 @@ cudaError_t launch_for(const Gemm4bitParams& p, int num_sms, bool wide, cudaStre
   if (p.stream_k_ctas > 0 && (plan.tokens != kWideTokens || plan.splits != 1))
     return cudaErrorInvalidValue;  // stream-K is a form of the 256-token tiles without a K split
   switch (plan.tokens) {
+    case 16: return launch_with<QT, kDoubleQuant, 16>(p, plan.split_form, stream);
     case 32: return launch_with<QT, kDoubleQuant, 32>(p, plan.split_form, stream);
     case 64: return launch_with<QT, kDoubleQuant, 64>(p, plan.split_form, stream);
     case kMaxTokens: return launch_with<QT, kDoubleQuant, kMaxTokens>(p, plan.split_form, stream);
