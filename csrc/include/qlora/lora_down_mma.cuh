@@ -14,9 +14,11 @@
 // 8j + g the same 8 k of A; mma step s of the chunk takes k = 8c + 4s + {0, 1} for the fragment slots {2c, 2c + 1}
 // and 8c + 4s + {2, 3} for {2c + 8, 2c + 9}, in x's fragment and A's alike.
 //
-// A CTA takes token tiles of 16 rows, kTilesPerRound at a time; kSplits warps share a tile, each a contiguous range
-// of its 32-k chunks, and their partial sums are added in split order through shared memory, so every xa value has
-// one fixed order of sums.
+// A CTA takes token tiles of 16 rows, up to kTilesPerRound at a time: as many as spread the tiles over the CTAs (one
+// a CTA up to M = 64). The warps share a round's tiles, kWarps / tiles warps a tile (4 in a full round, all 16 on a
+// single tile: at M <= 16 four warps of one SM had taken longer than the GEMM beside them at K = 28672), each a
+// contiguous range of its 32-k chunks, and their partial sums are added in split order through shared memory, so
+// every xa value has one fixed order of sums for its M.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -32,8 +34,7 @@ namespace lora_down_mma {
 
 constexpr int kThreads = 512;
 constexpr int kWarps = kThreads / 32;
-constexpr int kSplits = 4;
-constexpr int kTilesPerRound = kWarps / kSplits;
+constexpr int kTilesPerRound = 4;
 constexpr int kMaxRank = 64;
 constexpr int kCtas = 4;  // the SMs a one-wave GEMM of 128 CTAs leaves idle on 132
 
@@ -61,12 +62,16 @@ __global__ void __launch_bounds__(kThreads, 1) lora_down_mma_kernel(const __nv_b
   constexpr int U = unroll<NT>();
   extern __shared__ float partial[];  // [warp][16 rows][8 * NT columns]
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, c = lane % 4;
-  const int split = warp % kSplits;
   const int64_t tiles = (M + 15) / 16, chunks = K / 32;
-  const int64_t chunk_begin = chunks * split / kSplits, chunk_end = chunks * (split + 1) / kSplits;
-  for (int64_t round = static_cast<int64_t>(blockIdx.x) * kTilesPerRound; round < tiles;
-       round += static_cast<int64_t>(gridDim.x) * kTilesPerRound) {
-    const int64_t tile = round + warp / kSplits;
+  const int64_t spread = (tiles + gridDim.x - 1) / gridDim.x;
+  const int per_round = static_cast<int>(spread < kTilesPerRound ? spread : kTilesPerRound);
+  for (int64_t round = static_cast<int64_t>(blockIdx.x) * per_round; round < tiles;
+       round += static_cast<int64_t>(gridDim.x) * per_round) {
+    const int tiles_here = static_cast<int>(tiles - round < per_round ? tiles - round : per_round);
+    const int splits = kWarps / tiles_here, slot = warp / splits, split = warp % splits;
+    const int64_t chunk_begin = chunks * split / splits;
+    const int64_t chunk_end = slot < tiles_here ? chunks * (split + 1) / splits : chunk_begin;  // the rest idle
+    const int64_t tile = round + slot;
     const int64_t m0 = tile * 16 + g, m1 = m0 + 8;
     const bool ok0 = m0 < M, ok1 = m1 < M;
     const __nv_bfloat16* x0 = x + (ok0 ? m0 : 0) * K + 8 * c;
@@ -112,12 +117,11 @@ __global__ void __launch_bounds__(kThreads, 1) lora_down_mma_kernel(const __nv_b
     __syncthreads();
     constexpr int kOutputs = kTilesPerRound * 16 * 8 * NT;
     for (int i = threadIdx.x; i < kOutputs; i += kThreads) {
-      const int slot = i / (16 * 8 * NT), row = i / (8 * NT) % 16, col = i % (8 * NT);
-      const int64_t m = (round + slot) * 16 + row;
-      if (m >= M || col >= r) continue;
+      const int tile_slot = i / (16 * 8 * NT), row = i / (8 * NT) % 16, col = i % (8 * NT);
+      const int64_t m = (round + tile_slot) * 16 + row;
+      if (tile_slot >= tiles_here || m >= M || col >= r) continue;  // past the round: another CTA's tiles
       float sum = 0.0f;
-#pragma unroll
-      for (int sp = 0; sp < kSplits; ++sp) sum += partial[((slot * kSplits + sp) * 16 + row) * 8 * NT + col];
+      for (int sp = 0; sp < splits; ++sp) sum += partial[((tile_slot * splits + sp) * 16 + row) * 8 * NT + col];
       xa[m * r + col] = __float2bfloat16_rn(sum);
     }
     __syncthreads();  // before the next round overwrites the partial sums
@@ -134,8 +138,8 @@ cudaError_t launch_as(const __nv_bfloat16* x, const __nv_bfloat16* A, __nv_bfloa
     const cudaError_t err = opt_in_dynamic_smem<kernel>(smem_bytes<NT>());
     if (err != cudaSuccess) return err;
   }
-  const int64_t rounds = ((M + 15) / 16 + kTilesPerRound - 1) / kTilesPerRound;
-  unsigned ctas = static_cast<unsigned>(rounds < kCtas ? rounds : kCtas);
+  const int64_t tiles = (M + 15) / 16;
+  unsigned ctas = static_cast<unsigned>(tiles < kCtas ? tiles : kCtas);
   ctas = (ctas + cluster - 1) / cluster * cluster;
   return launch_in_clusters(kernel, dim3(ctas), dim3(kThreads), smem_bytes<NT>(), stream, false, dim3(cluster, 1, 1), x,
                             A, xa, M, K, r);
