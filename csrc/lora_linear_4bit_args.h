@@ -56,12 +56,21 @@ enum LoraLinearPath : int64_t {
 // too, at any K (H200, 2026-11-29, tools/time_lora_paths.py, do_bench µs, fused against tensor-core): 4096x4096
 // M = 24 24.6 vs 21.0, M = 32 26.8 vs 20.3; 4096x8192 M = 24 33.3 vs 30.7, M = 32 34.6 vs 30.8; 4096x14336 M = 24
 // 45.8 vs 45.5, M = 32 47.1 vs 45.5. At M = 16 the fused kernel still wins (4096x8192 24.8 vs 30.6).
+// With 16-token tiles and x·Aᵀ spread over four CTAs, a launch of one wave that fills three quarters of the SMs
+// takes over from 3 tokens (H200, 2026-11-29, tools/time_lora_paths.py, do_bench µs, block-scaled fused against
+// tensor-core, 128 CTAs): 8192x28672 M = 1 66.9 vs 69.1, M = 2 69.0 vs 69.2, M = 4 73.3 vs 69.3, M = 16 84.0 vs
+// 69.3; 8192x8192 M = 2 30.7 vs 28.7, M = 4 31.4 vs 28.8, M = 16 33.4 vs 29.0. Other launches keep the fused kernel
+// to 16: 28672x8192 (448 CTAs) M = 16 90.3 vs 91.3, 4096x14336 (64) 34.0 vs 38.3, 14336x4096 (224) 34.5 vs 33.2,
+// 4096x4096 (64) 19.3 vs 17.3 (13.3 vs 13.8 in CUDA graphs).
 constexpr int64_t kFusedMaxM = 32;
 constexpr int64_t kFusedBlockScaledMaxM = 64;
-constexpr int64_t kFusedBelowTensorCoreMaxM = 16;
+constexpr int64_t kFusedBelowTensorCoreMaxM = 16, kFusedBelowFullWaveTensorCoreMaxM = 2;
 inline int64_t fused_max_m(int64_t blocksize, int64_t K, int64_t tensor_core_ctas, int num_sms) {
   const int64_t own = block_scaled_layout(blocksize, K) ? kFusedBlockScaledMaxM : kFusedMaxM;
-  if (3 * tensor_core_ctas >= static_cast<int64_t>(num_sms)) return std::min(own, kFusedBelowTensorCoreMaxM);
+  const int64_t sms = num_sms;
+  const bool one_full_wave = tensor_core_ctas <= sms && 4 * tensor_core_ctas >= 3 * sms;
+  if (one_full_wave) return std::min(own, kFusedBelowFullWaveTensorCoreMaxM);
+  if (3 * tensor_core_ctas >= sms) return std::min(own, kFusedBelowTensorCoreMaxM);
   return own;
 }
 // Largest M for which the automatic choice takes the tensor-core GEMM (kPathTensorCore, where it applies) rather
