@@ -218,6 +218,22 @@ def test_tensor_core_wide_split_k(M, K):
 
 
 @cuda_only
+@pytest.mark.parametrize("K", [512, 1024, 4096])
+@pytest.mark.parametrize("M", [1, 16, 40, 100])
+def test_tensor_core_split_form_split_k(M, K):
+    """The split form on a small grid (520 rows: 9 CTAs of 16, 64 or 128 tokens) also splits K over a cluster of 2
+    CTAs where each split keeps at least 8 stages of 64 (K = 1024 and 4096; K = 512 stays whole): each CTA's tile is
+    the sum of its warpgroups' slices, and the cluster's tiles are summed in rank order through distributed shared
+    memory, with the LoRA term and the bias added once."""
+    if not tensor_core_runs(torch.device("cuda")):
+        pytest.skip("the tensor-core GEMM does not run here")
+    a = sample_inputs("cuda", M, 520, K, 16, torch.bfloat16, bias=True)
+    y = OP(**a, path=6)
+    assert_accurate(y, reference.lora_linear_4bit(**a), torch_baseline(a), torch.bfloat16, "path 6")
+    assert torch.equal(y, OP(**a, path=6)), "the split sums must be reproducible"
+
+
+@cuda_only
 @pytest.mark.parametrize("M, K", [(200, 256), (256, 1024), (300, 4160)])
 @pytest.mark.parametrize("lora", [False, True])
 def test_tensor_core_stream_k(M, K, lora):

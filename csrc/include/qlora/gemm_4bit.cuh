@@ -19,7 +19,8 @@
 // dequantize_4bit writes.
 // Split-K (small M · N): three or four warpgroups (split_form_warpgroups) share 64 rows and take alternate
 // stages; their sums meet in shared memory at the end, where the output tile is staged to read and write y in
-// 16-byte runs.
+// 16-byte runs. Where even that grid leaves most SMs idle (N = 4096: 64 CTAs), K is also split over a cluster of
+// two CTAs, as for the 256-token tiles.
 // Stream-K (256-token tiles whose last wave would be less than 90 % full, gemm_4bit_stream_k_ctas): one CTA an SM
 // takes an even span of all tiles' stages; a tile split between two CTAs is finished by the second to arrive,
 // which adds the first's fp32 sums from a global workspace (Gemm4bitParams::stream_k_partials).
@@ -391,7 +392,7 @@ __global__ void __launch_bounds__(cta_threads(kTokens, kWarpgroups, kSplitK), 1)
   auto round_of = [&](int stage) { return stage / kPipelines / kSlots; };  // how often the slot was used before
 
   const int tid = threadIdx.x, lane = tid % 32, warpgroup = tid / 128, warp = (tid / 32) % 4;
-  // Split-K over a cluster (gridDim.z CTAs of the same tile, 256-token tiles only): CTA z takes stages
+  // Split-K over a cluster (gridDim.z CTAs of the same tile; 256-token tiles and the split form): CTA z takes stages
   // [k_begin, k_begin + stages); the epilogue sums the cluster's tiles through distributed shared memory.
   const int splits = static_cast<int>(gridDim.z), split = static_cast<int>(blockIdx.z);
   const int all_stages = static_cast<int>(p.K / kStageK), per_split = (all_stages + splits - 1) / splits;
@@ -877,7 +878,7 @@ __global__ void __launch_bounds__(cta_threads(kTokens, kWarpgroups, kSplitK), 1)
       }
       asm volatile("bar.sync 1, %0;\n" ::"n"(kThreads) : "memory");
       // Split-K over a cluster: once every CTA has staged its tile, CTA z finishes tokens [z, z + 1) * kTokens / splits,
-      // summing the cluster's tiles in rank order.
+      // summing the cluster's tiles in rank order (and each tile's slices in warpgroup order).
       if (splits > 1) cluster_sync();
       constexpr int kRunsPerToken = kRows / 8;
       const int tokens_here = kTokens / splits, first_token = split * tokens_here;
@@ -890,10 +891,13 @@ __global__ void __launch_bounds__(cta_threads(kTokens, kWarpgroups, kSplitK), 1)
           const uint32_t at = base + static_cast<uint32_t>(token * kStride + n_local) * 4;
 #pragma unroll
           for (int i = 0; i < 8; ++i) v[i] = 0.0f;
-          for (int rank = 0; rank < splits; ++rank) {
-            const float4 lo = load_cluster_f4(at, rank), hi = load_cluster_f4(at + 16, rank);
-            v[0] += lo.x, v[1] += lo.y, v[2] += lo.z, v[3] += lo.w, v[4] += hi.x, v[5] += hi.y, v[6] += hi.z, v[7] += hi.w;
-          }
+          for (int rank = 0; rank < splits; ++rank)
+#pragma unroll
+            for (int sl = 0; sl < kSlices; ++sl) {
+              const uint32_t at_slice = at + static_cast<uint32_t>(sl * kTokens * kStride) * 4;
+              const float4 lo = load_cluster_f4(at_slice, rank), hi = load_cluster_f4(at_slice + 16, rank);
+              v[0] += lo.x, v[1] += lo.y, v[2] += lo.z, v[3] += lo.w, v[4] += hi.x, v[5] += hi.y, v[6] += hi.z, v[7] += hi.w;
+            }
         } else {
 #pragma unroll
           for (int i = 0; i < 8; ++i) {
@@ -955,19 +959,20 @@ inline bool gemm_4bit_split_k(int64_t M, int64_t N, int num_sms) {
 // warpgroup decodes a stage for 256 tokens' products instead of 128, so the decoding that kept 128-token tiles
 // near 470 TFLOP/s now hides under the wgmma.
 inline int64_t wide_tiles(int64_t M, int64_t N) { return cta_count(M, N, cta_rows(kRowFormWarpgroups, false), kWideTokens); }
-// K splits of a 256-token tile (a cluster of CTAs, summed through distributed shared memory): 2 where one split's
-// grid has CTAs for less than three quarters of the SMs and each split keeps at least kMinStagesPerSplit stages.
-// Measured on the H200 (2026-11-29, standalone program, NF4 + double quantization, µs, against 128-token tiles in
-// their own form): M = 256 8192x28672 232.6 -> 178.0 (2 splits), 8192x8192 74.3 -> 60.5 (2); 4096x4096 25.6 ->
-// 49.2 with 4 splits of 16 stages, where the per-CTA costs (table, pipeline fill, epilogue) outweigh the work.
-constexpr int kMaxWideSplits = 2, kMinStagesPerSplit = 8;
-inline int wide_splits(int64_t M, int64_t N, int64_t K, int num_sms) {
+// K splits of a tile (a cluster of CTAs, summed through distributed shared memory): 2 where one split's grid has
+// CTAs for less than three quarters of the SMs and each split keeps at least kMinStagesPerSplit stages. Measured on
+// the H200 (2026-11-29, standalone program, NF4 + double quantization, µs), 256-token tiles against 128-token tiles in
+// their own form: M = 256 8192x28672 232.6 -> 178.0 (2 splits), 8192x8192 74.3 -> 60.5 (2); 4096x4096 25.6 -> 49.2
+// with 4 splits of 16 stages, where the per-CTA costs (table, pipeline fill, epilogue) outweigh the work.
+constexpr int kMaxSplits = 2, kMinStagesPerSplit = 8;
+inline int k_splits(int64_t ctas, int64_t K, int num_sms) {
   int splits = 1;
-  while (splits < kMaxWideSplits && 4 * wide_tiles(M, N) * splits < 3 * static_cast<int64_t>(num_sms) &&
+  while (splits < kMaxSplits && 4 * ctas * splits < 3 * static_cast<int64_t>(num_sms) &&
          K / kStageK >= 2 * splits * kMinStagesPerSplit)
     splits *= 2;
   return splits;
 }
+inline int wide_splits(int64_t M, int64_t N, int64_t K, int num_sms) { return k_splits(wide_tiles(M, N), K, num_sms); }
 inline bool gemm_4bit_wide_tiles_pay(int64_t M, int64_t N, int64_t K, int num_sms) {
   return M > kMaxTokens && 4 * wide_tiles(M, N) * wide_splits(M, N, K, num_sms) >= 3 * static_cast<int64_t>(num_sms);
 }
@@ -980,7 +985,9 @@ struct LaunchPlan {
 };
 inline LaunchPlan launch_plan(int64_t M, int64_t N, int64_t K, int num_sms, bool wide) {
   if (wide || gemm_4bit_wide_tiles_pay(M, N, K, num_sms)) return {kWideTokens, false, wide_splits(M, N, K, num_sms)};
-  return {tokens_for(M), gemm_4bit_split_k(M, N, num_sms), 1};
+  const int tokens = tokens_for(M);
+  if (!gemm_4bit_split_k(M, N, num_sms)) return {tokens, false, 1};
+  return {tokens, true, k_splits(cta_count(M, N, cta_rows(split_form_warpgroups(tokens), true), tokens), K, num_sms)};
 }
 // CTAs of the stream-K form of the 256-token tiles, or 0 where it does not apply: where the tiles, one CTA each
 // without a K split, make at least a wave but fill their last one to less than nine tenths (28672x8192 at M = 256:
@@ -1036,11 +1043,11 @@ inline bool encode_2d(CUtensorMap* map, CUtensorMapDataType type, int element_by
                 swizzle, CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
 }
 
-// splits > 1: split-K over clusters of that many CTAs (256-token tiles only). stream_k_ctas > 0: the stream-K form
+// splits > 1: split-K over clusters of that many CTAs (256-token tiles and the split form). stream_k_ctas > 0: the stream-K form
 // in that many CTAs (256-token tiles, no split, p's stream-K workspace set).
 template <QuantType QT, bool kDoubleQuant, int kTokens, int kWarpgroups, bool kSplitK, bool kStreamK = false>
 cudaError_t launch_as(const Gemm4bitParams& p, cudaStream_t stream, int splits = 1, int stream_k_ctas = 0) {
-  if (splits > 1 && kTokens != kWideTokens) return cudaErrorInvalidValue;
+  if (splits > 1 && kTokens != kWideTokens && !kSplitK) return cudaErrorInvalidValue;
   if (kStreamK != (stream_k_ctas > 0) ||
       (kStreamK && (splits > 1 || p.stream_k_partials == nullptr || p.stream_k_arrivals == nullptr)))
     return cudaErrorInvalidValue;
@@ -1079,9 +1086,9 @@ cudaError_t launch_as(const Gemm4bitParams& p, cudaStream_t stream, int splits =
 }
 
 template <QuantType QT, bool kDoubleQuant, int kTokens>
-cudaError_t launch_with(const Gemm4bitParams& p, bool split_form, cudaStream_t stream) {
-  return split_form ? launch_as<QT, kDoubleQuant, kTokens, split_form_warpgroups(kTokens), true>(p, stream)
-                    : launch_as<QT, kDoubleQuant, kTokens, kRowFormWarpgroups, false>(p, stream);
+cudaError_t launch_with(const Gemm4bitParams& p, const LaunchPlan& plan, cudaStream_t stream) {
+  return plan.split_form ? launch_as<QT, kDoubleQuant, kTokens, split_form_warpgroups(kTokens), true>(p, stream, plan.splits)
+                         : launch_as<QT, kDoubleQuant, kTokens, kRowFormWarpgroups, false>(p, stream);
 }
 
 template <QuantType QT, bool kDoubleQuant>
@@ -1090,10 +1097,10 @@ cudaError_t launch_for(const Gemm4bitParams& p, int num_sms, bool wide, cudaStre
   if (p.stream_k_ctas > 0 && (plan.tokens != kWideTokens || plan.splits != 1))
     return cudaErrorInvalidValue;  // stream-K is a form of the 256-token tiles without a K split
   switch (plan.tokens) {
-    case 16: return launch_with<QT, kDoubleQuant, 16>(p, plan.split_form, stream);
-    case 32: return launch_with<QT, kDoubleQuant, 32>(p, plan.split_form, stream);
-    case 64: return launch_with<QT, kDoubleQuant, 64>(p, plan.split_form, stream);
-    case kMaxTokens: return launch_with<QT, kDoubleQuant, kMaxTokens>(p, plan.split_form, stream);
+    case 16: return launch_with<QT, kDoubleQuant, 16>(p, plan, stream);
+    case 32: return launch_with<QT, kDoubleQuant, 32>(p, plan, stream);
+    case 64: return launch_with<QT, kDoubleQuant, 64>(p, plan, stream);
+    case kMaxTokens: return launch_with<QT, kDoubleQuant, kMaxTokens>(p, plan, stream);
     default:
       if (p.stream_k_ctas > 0)
         return launch_as<QT, kDoubleQuant, kWideTokens, kRowFormWarpgroups, false, true>(p, stream, 1, p.stream_k_ctas);
@@ -1103,7 +1110,7 @@ cudaError_t launch_for(const Gemm4bitParams& p, int num_sms, bool wide, cudaStre
 
 }  // namespace gemm4bit
 
-// CTAs a cluster in the launch launch_gemm_4bit makes (256-token tiles split over K run in clusters of the splits):
+// CTAs a cluster in the launch launch_gemm_4bit makes (tiles split over K run in clusters of the splits):
 // a kernel running beside the GEMM takes its SMs in clusters of as many, so that it leaves whole cluster slots free.
 inline unsigned gemm_4bit_cluster_size(int64_t M, int64_t N, int64_t K, int num_sms, bool wide) {
   return static_cast<unsigned>(gemm4bit::launch_plan(M, N, K, num_sms, wide).splits);
