@@ -62,15 +62,24 @@ enum LoraLinearPath : int64_t {
 // 69.3; 8192x8192 M = 2 30.7 vs 28.7, M = 4 31.4 vs 28.8, M = 16 33.4 vs 29.0. Other launches keep the fused kernel
 // to 16: 28672x8192 (448 CTAs) M = 16 90.3 vs 91.3, 4096x14336 (64) 34.0 vs 38.3, 14336x4096 (224) 34.5 vs 33.2,
 // 4096x4096 (64) 19.3 vs 17.3 (13.3 vs 13.8 in CUDA graphs).
+// Once the split form also split K over a cluster of two CTAs where its grid was small (N = 4096: 128 CTAs instead of
+// 64, N = 1024: 32 instead of 16), a full wave of the GEMM won from 1 token unless rows are long, and 32 CTAs from
+// 16 tokens (H200, 2026-11-29, tools/time_lora_paths.py, do_bench µs, block-scaled fused against tensor-core):
+// 4096x4096 M = 1 17.7 vs 15.7, M = 16 20.0 vs 16.4; 4096x8192 M = 1 23.3 vs 20.5; 4096x14336 M = 1 29.5 vs 26.6,
+// M = 16 32.7 vs 27.2; 1024x4096 M = 1-8 within 1 µs, M = 16 17.3 vs 15.3, M = 64 22.7 vs 19.2. With long rows
+// the fused kernel keeps 1 and 2 tokens (8192x28672 M = 1 66.9 vs 69.1 above; 8192x8192 M = 1 29.7 vs 28.6 did not).
 constexpr int64_t kFusedMaxM = 32;
 constexpr int64_t kFusedBlockScaledMaxM = 64;
 constexpr int64_t kFusedBelowTensorCoreMaxM = 16, kFusedBelowFullWaveTensorCoreMaxM = 2;
+constexpr int64_t kFusedBelowSmallTensorCoreMaxM = 8;  // a GEMM launch filling a fifth to a third of the SMs
+constexpr int64_t kFusedLongRowsK = 16384;             // from this K the fused kernel keeps 1-2 tokens on a full wave
 inline int64_t fused_max_m(int64_t blocksize, int64_t K, int64_t tensor_core_ctas, int num_sms) {
   const int64_t own = block_scaled_layout(blocksize, K) ? kFusedBlockScaledMaxM : kFusedMaxM;
   const int64_t sms = num_sms;
   const bool one_full_wave = tensor_core_ctas <= sms && 4 * tensor_core_ctas >= 3 * sms;
-  if (one_full_wave) return std::min(own, kFusedBelowFullWaveTensorCoreMaxM);
+  if (one_full_wave) return K >= kFusedLongRowsK ? std::min(own, kFusedBelowFullWaveTensorCoreMaxM) : 0;
   if (3 * tensor_core_ctas >= sms) return std::min(own, kFusedBelowTensorCoreMaxM);
+  if (5 * tensor_core_ctas >= sms) return std::min(own, kFusedBelowSmallTensorCoreMaxM);
   return own;
 }
 // Largest M for which the automatic choice takes the tensor-core GEMM (kPathTensorCore, where it applies) rather
