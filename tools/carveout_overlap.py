@@ -23,23 +23,23 @@ from time_lora_paths import SCALE, SHAPES, layer
 
 
 @contextlib.contextmanager
+def temporarily(get, set_to, value):
+    """A global setting at value inside the block, restored after it."""
+    before = get()
+    set_to(value)
+    try:
+        yield
+    finally:
+        set_to(before)
+
+
 def carveout(sms):
-    before = torch._C._get_sm_carveout_experimental()
-    torch._C._set_sm_carveout_experimental(sms)
-    try:
-        yield
-    finally:
-        torch._C._set_sm_carveout_experimental(before)
+    return temporarily(torch._C._get_sm_carveout_experimental, torch._C._set_sm_carveout_experimental, sms)
 
 
-@contextlib.contextmanager
 def blas(backend):
-    before = torch.backends.cuda.preferred_blas_library()
-    torch.backends.cuda.preferred_blas_library(backend)
-    try:
-        yield
-    finally:
-        torch.backends.cuda.preferred_blas_library(before)
+    library = torch.backends.cuda.preferred_blas_library  # called without an argument, it reads the setting
+    return temporarily(library, library, backend)
 
 
 def overlapped(x, packed, qs, A, B, chunks, sms, gemm_stream, dequant_stream):
