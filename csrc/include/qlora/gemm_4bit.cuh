@@ -623,6 +623,26 @@ __global__ void __launch_bounds__(cta_threads(kTokens, kWarpgroups, kSplitK), 1)
   // tile's epilogue where this CTA finishes the tile; whether it did.
   auto run_segment = [&](const Segment& seg, int consumed, int segment) {
     const int64_t element0 = min(seg.n_base + r0, p.N - 1) * p.K, element1 = min(seg.n_base + r0 + 8, p.N - 1) * p.K;
+    // The LoRA term's lora_B fragment of columns c .. c + 15 (rows r0 and r0 + 8, as the wgmma A operand), zero past r.
+    const bool adds_lora = p.r > 0 && split == 0 && (!kSplitK || warpgroup == 0);
+    auto load_b_step = [&](int c, uint32_t (&frag)[4]) {
+      const uint16_t* const lora_b = reinterpret_cast<const uint16_t*>(p.lora_B);
+      auto b_pair = [&](int64_t n, int col) -> uint32_t {
+        return n < p.N ? bf16_pair_or_zero(lora_b + n * p.r, col, p.r) : 0u;
+      };
+      const int64_t n0 = seg.n_base + r0, n1 = n0 + 8;
+      const int col = c + 2 * (lane % 4);
+      frag[0] = b_pair(n0, col);
+      frag[1] = b_pair(n1, col);
+      frag[2] = b_pair(n0, col + 8);
+      frag[3] = b_pair(n1, col + 8);
+    };
+    // Its first 16 columns (all of them at r <= 16) are loaded before the main loop: loaded in the epilogue, where
+    // nothing else hides their latency behind a stream of the weight from DRAM, they had cost 2.1 µs a tile
+    // (4096x4096 M = 1 12.3 -> 14.4 µs with the term, 28672x8192 M = 16 85.0 -> 93.2 over its four rounds of CTAs;
+    // H200, 2026-11-29, tools/xa_beside_gemm.cu).
+    uint32_t b_first[4] = {0u, 0u, 0u, 0u};
+    if (adds_lora) load_b_step(0, b_first);
     float acc[T::kAccumulators];
 #pragma unroll
     for (int i = 0; i < T::kAccumulators; ++i) acc[i] = 0.0f;
@@ -799,22 +819,17 @@ __global__ void __launch_bounds__(cta_threads(kTokens, kWarpgroups, kSplitK), 1)
       static_assert(kSlices * kTokens * kStride * 4 <= kStages * (kXStageBytes + kWStageBytes),
                     "the tile stays out of the code table, where xa waits");
       // lora_B's fragments for the LoRA term below.
-      const bool adds = split == 0 && (!kSplitK || warpgroup == 0);
+      const bool adds = adds_lora;
       uint32_t b_frags[4][4];
       auto load_b = [&](int c0) {
-        const uint16_t* const lora_b = reinterpret_cast<const uint16_t*>(p.lora_B);
-        auto b_pair = [&](int64_t n, int col) -> uint32_t {
-          return n < p.N ? bf16_pair_or_zero(lora_b + n * p.r, col, p.r) : 0u;
-        };
-        const int64_t n0 = seg.n_base + r0, n1 = n0 + 8;
-        const int q = 2 * (lane % 4);
 #pragma unroll
         for (int j = 0; j < 4; ++j) {
-          const int col = c0 + 16 * j + q;
-          b_frags[j][0] = b_pair(n0, col);
-          b_frags[j][1] = b_pair(n1, col);
-          b_frags[j][2] = b_pair(n0, col + 8);
-          b_frags[j][3] = b_pair(n1, col + 8);
+          if (c0 == 0 && j == 0) {
+#pragma unroll
+            for (int i = 0; i < 4; ++i) b_frags[0][i] = b_first[i];
+          } else {
+            load_b_step(c0 + 16 * j, b_frags[j]);
+          }
         }
       };
       float* const tile = reinterpret_cast<float*>(smem);
