@@ -819,7 +819,6 @@ __global__ void __launch_bounds__(cta_threads(kTokens, kWarpgroups, kSplitK), 1)
       static_assert(kSlices * kTokens * kStride * 4 <= kStages * (kXStageBytes + kWStageBytes),
                     "the tile stays out of the code table, where xa waits");
       // lora_B's fragments for the LoRA term below.
-      const bool adds = adds_lora;
       uint32_t b_frags[4][4];
       auto load_b = [&](int c0) {
 #pragma unroll
@@ -853,7 +852,7 @@ __global__ void __launch_bounds__(cta_threads(kTokens, kWarpgroups, kSplitK), 1)
         const uint16_t* const xa = reinterpret_cast<const uint16_t*>(p.xa);
         for (int c0 = 0; split == 0 && c0 < p.r; c0 += 64) {
           if (c0 == 0) {
-            if (adds) {
+            if (adds_lora) {
               load_b(0);
               mbar_wait(xa_full, segment & 1);
             }
@@ -869,9 +868,9 @@ __global__ void __launch_bounds__(cta_threads(kTokens, kWarpgroups, kSplitK), 1)
             }
             asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");  // the generic stores, before wgmma reads them
             asm volatile("bar.sync 1, %0;\n" ::"n"(kThreads) : "memory");
-            if (adds) load_b(c0);
+            if (adds_lora) load_b(c0);
           }
-          if (adds) {
+          if (adds_lora) {
 #pragma unroll
             for (int i = 0; i < T::kAccumulators; ++i) acc[i] = 0.0f;
             wgmma_fence(b_frags);
