@@ -150,6 +150,10 @@ constexpr int kRowFormWarpgroups = 2;
 // producer, 82.6 with 4 warpgroups and 4 producers; M = 64 119.0 -> 93.2; 8192x8192 M = 16 36.0 -> 30.4. The
 // row form keeps one producer: all its warpgroups consume every stage, and more producers did not change it.
 constexpr int split_form_warpgroups(int tokens) { return tokens == 128 ? 3 : 4; }
+// W rows a CTA of a launch form takes: the split form's 64 (its warpgroups share them), or the row form's 64 a warpgroup.
+constexpr int form_rows(int tokens, bool split_form) {
+  return split_form ? cta_rows(split_form_warpgroups(tokens), true) : cta_rows(kRowFormWarpgroups, false);
+}
 constexpr int pipelines(int warpgroups, bool split_k) { return split_k ? warpgroups : 1; }
 // 256-token tiles (row form only): a warpgroup's 128 accumulators a thread need more registers than an even share
 // of the register file gives 384 threads, so the producers are a whole warpgroup that hands registers to the
@@ -623,8 +627,8 @@ __global__ void __launch_bounds__(cta_threads(kTokens, kWarpgroups, kSplitK), 1)
   // tile's epilogue where this CTA finishes the tile; whether it did.
   auto run_segment = [&](const Segment& seg, int consumed, int segment) {
     const int64_t element0 = min(seg.n_base + r0, p.N - 1) * p.K, element1 = min(seg.n_base + r0 + 8, p.N - 1) * p.K;
-    // The LoRA term's lora_B fragment of columns c .. c + 15 (rows r0 and r0 + 8, as the wgmma A operand), zero past r.
     const bool adds_lora = p.r > 0 && split == 0 && (!kSplitK || warpgroup == 0);
+    // The LoRA term's lora_B fragment of columns c .. c + 15 (rows r0 and r0 + 8, as the wgmma A operand), zero past r.
     auto load_b_step = [&](int c, uint32_t (&frag)[4]) {
       const uint16_t* const lora_b = reinterpret_cast<const uint16_t*>(p.lora_B);
       auto b_pair = [&](int64_t n, int col) -> uint32_t {
@@ -1001,7 +1005,7 @@ inline LaunchPlan launch_plan(int64_t M, int64_t N, int64_t K, int num_sms, bool
   if (wide || gemm_4bit_wide_tiles_pay(M, N, K, num_sms)) return {kWideTokens, false, wide_splits(M, N, K, num_sms)};
   const int tokens = tokens_for(M);
   if (!gemm_4bit_split_k(M, N, num_sms)) return {tokens, false, 1};
-  return {tokens, true, k_splits(cta_count(M, N, cta_rows(split_form_warpgroups(tokens), true), tokens), K, num_sms)};
+  return {tokens, true, k_splits(cta_count(M, N, form_rows(tokens, true), tokens), K, num_sms)};
 }
 // CTAs of the stream-K form of the 256-token tiles, or 0 where it does not apply: where the tiles, one CTA each
 // without a K split, make at least a wave but fill their last one to less than nine tenths (28672x8192 at M = 256:
@@ -1022,9 +1026,7 @@ constexpr int64_t stream_k_partial_floats(int ctas) {
 // The CTAs of the launch launch_gemm_4bit makes for M tokens without `wide`.
 inline int64_t gemm_4bit_ctas(int64_t M, int64_t N, int64_t K, int num_sms) {
   const LaunchPlan plan = launch_plan(M, N, K, num_sms, false);
-  const int rows =
-      plan.split_form ? cta_rows(split_form_warpgroups(plan.tokens), true) : cta_rows(kRowFormWarpgroups, false);
-  return cta_count(M, N, rows, plan.tokens) * plan.splits;
+  return cta_count(M, N, form_rows(plan.tokens, plan.split_form), plan.tokens) * plan.splits;
 }
 
 // cuTensorMapEncodeTiled from the driver through the runtime, so that the library needs no link to libcuda.
