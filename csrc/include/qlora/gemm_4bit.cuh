@@ -159,8 +159,13 @@ constexpr int pipelines(int warpgroups, bool split_k) { return split_k ? warpgro
 // of the register file gives 384 threads, so the producers are a whole warpgroup that hands registers to the
 // consumers (setmaxnreg acts on whole warpgroups). kWideTokens is defined above, beside kMaxTokens.
 constexpr int kProducerRegisters = 40, kWideConsumerRegisters = 232;  // 128 * 40 + 256 * 232 <= 64 K
+// Whether a producer warp of its own stages xa for the LoRA term (see the kernel's xa_warp): from 128 tokens, whose
+// rings hold two slots a pipeline; the wide tiles' producer warpgroup has a warp to spare, the 128-token tiles get one.
+// Smaller tiles keep it on the first copies' warp: one more warp capped the 64-token split form's registers at 96,
+// where it spilled.
+constexpr bool xa_warp_of_its_own(int tokens) { return tokens >= kMaxTokens; }
 constexpr int producer_threads(int tokens, int warpgroups, bool split_k) {
-  return tokens == kWideTokens ? 128 : 32 * pipelines(warpgroups, split_k);
+  return tokens == kWideTokens ? 128 : 32 * (pipelines(warpgroups, split_k) + (xa_warp_of_its_own(tokens) ? 1 : 0));
 }
 constexpr int cta_threads(int tokens, int warpgroups, bool split_k) {
   return 128 * warpgroups + producer_threads(tokens, warpgroups, split_k);
@@ -512,9 +517,10 @@ __global__ void __launch_bounds__(cta_threads(kTokens, kWarpgroups, kSplitK), 1)
       });
     }
     // A segment's xa, staged by a producer warp once the launch before has finished, so that the epilogue finds it in
-    // shared memory (xa_full) instead of loading it then: the copies' warp after its last copy, or with 256-token
-    // tiles the producer warpgroup's idle warp. At most 64 columns; the epilogue loads any beyond.
-    const bool xa_warp = pipeline == (kTokens == kWideTokens ? 1 : 0);
+    // shared memory (xa_full) instead of loading it then: from 128 tokens a warp after the copies' warps, below that
+    // the first copies' warp after its last copy, which the rings leave late where they hold few slots a pipeline (the
+    // epilogue then waits for xa's loads). At most 64 columns; the epilogue loads any beyond.
+    const bool xa_warp = pipeline == (xa_warp_of_its_own(kTokens) ? kPipelines : 0);
     if (p.r > 0 && split == 0 && xa_warp) {
       __syncwarp();
       wait_for_prior_grid();  // xa comes from the launch before this one (launch.cuh)
@@ -841,6 +847,29 @@ __global__ void __launch_bounds__(cta_threads(kTokens, kWarpgroups, kSplitK), 1)
       auto slice_at = [&](int j, int e) -> float& {
         return slice[(8 * j + 2 * (lane % 4) + (e & 1)) * kStride + r0 + (e >= 2 ? 8 : 0)];
       };
+      // The LoRA term's first 64 columns go into the tile's own accumulators before they are stored, as
+      // s · (acc / s + xa·lora_Bᵀ), instead of a product of their own added to the stored slice (a read-modify-write of
+      // the whole tile in shared memory). Only where 1 / s and the products stay normal; with s a power of two the
+      // scalings are exact. The condition is the CTA's alike, as the loop below holds barriers. 256-token tiles only,
+      // whose threads each hold 128 sums: in the split forms the change cost their main loops 3-7 instructions.
+      const float lora_scale = p.lora_scale;
+      const bool lora_in_acc = kTokens == kWideTokens && p.r > 0 && split == 0 && fabsf(lora_scale) >= 0x1p-60f &&
+                               fabsf(lora_scale) <= 0x1p60f;
+      if (lora_in_acc && adds_lora) {
+        load_b(0);
+        mbar_wait(xa_full, segment & 1);
+        const float inverse = 1.0f / lora_scale;
+#pragma unroll
+        for (int i = 0; i < T::kAccumulators; ++i) acc[i] *= inverse;
+        wgmma_fence(b_frags);
+#pragma unroll
+        for (int j = 0; j < 4; ++j)
+          if (16 * j < p.r) wgmma_bf16(acc, b_frags[j], interleaved_descriptor(table + xa_core_offset(0, 2 * j), 256, 256 * kXaColumnBlocks));
+        wgmma_commit_and_wait();
+        fence_accumulators(acc);
+#pragma unroll
+        for (int i = 0; i < T::kAccumulators; ++i) acc[i] *= lora_scale;
+      }
 #pragma unroll
       for (int j = 0; j < kTokens / 8; ++j)
 #pragma unroll
@@ -854,7 +883,7 @@ __global__ void __launch_bounds__(cta_threads(kTokens, kWarpgroups, kSplitK), 1)
         constexpr int kXaTile = (kSlices * kTokens * kStride * 4 + 1023) / 1024 * 1024;
         static_assert(kXaTile + kTokens * 128 <= T::kEpilogueBytes, "xa tile exceeds the rings");
         const uint16_t* const xa = reinterpret_cast<const uint16_t*>(p.xa);
-        for (int c0 = 0; split == 0 && c0 < p.r; c0 += 64) {
+        for (int c0 = lora_in_acc ? 64 : 0; split == 0 && c0 < p.r; c0 += 64) {
           if (c0 == 0) {
             if (adds_lora) {
               load_b(0);
