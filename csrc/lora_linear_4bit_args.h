@@ -68,22 +68,25 @@ enum LoraLinearPath : int64_t {
 // 4096x4096 M = 1 17.7 vs 15.7, M = 16 20.0 vs 16.4; 4096x8192 M = 1 23.3 vs 20.5; 4096x14336 M = 1 29.5 vs 26.6,
 // M = 16 32.7 vs 27.2; 1024x4096 M = 1-8 within 1 µs, M = 16 17.3 vs 15.3, M = 64 22.7 vs 19.2. With long rows
 // the fused kernel keeps 1 and 2 tokens (8192x28672 M = 1 66.9 vs 69.1 above; 8192x8192 M = 1 29.7 vs 28.6 did not).
-// Launches of more than a wave of small-tile CTAs take the GEMM from 9 tokens, where the fused kernel's second 8-row
-// tile costs it as much as 16 tokens (H200, 2026-11-30, tools/time_lora_paths.py, do_bench µs, block-scaled fused
-// against tensor-core): 28672x8192 (448 CTAs) M = 8 77.8 vs 86.0, M = 16 89.7 vs 86.7; 14336x4096 (224) M = 8 30.8 vs
-// 32.9, M = 16 35.3 vs 33.0; 8960x4096 (140) M = 8 26.1 vs 28.5, M = 16 29.4 vs 28.8.
+// Launches of more than a wave of small-tile CTAs, and one wave of the row form, take the GEMM from 9 tokens, where
+// x no longer fits one of the fused kernel's 8-token tiles and 9 tokens cost it what 16 do (H200, 2026-11-30,
+// tools/time_lora_paths.py, do_bench µs, block-scaled fused against tensor-core): 28672x8192 (448 CTAs) M = 8 77.8 vs
+// 86.0, M = 16 89.7 vs 86.7; 8960x4096 (140) M = 8 26.1 vs 28.5, M = 16 29.4 vs 28.8; 14336x4096 (112 of the row
+// form) M = 1 29.2 vs 33.0, M = 8 30.8 vs 32.9, M = 16 35.3 vs 33.0.
 constexpr int64_t kFusedMaxM = 32;
 constexpr int64_t kFusedBlockScaledMaxM = 64;
 constexpr int64_t kFusedBelowTensorCoreMaxM = 16, kFusedBelowFullWaveTensorCoreMaxM = 2;
-constexpr int64_t kFusedBelowMultiWaveTensorCoreMaxM = 8;
+constexpr int64_t kFusedOneTokenTileMaxM = 8;
 constexpr int64_t kFusedBelowSmallTensorCoreMaxM = 8;  // a GEMM launch filling a fifth to a third of the SMs
 constexpr int64_t kFusedLongRowsK = 16384;             // from this K the fused kernel keeps 1-2 tokens on a full wave
-inline int64_t fused_max_m(int64_t blocksize, int64_t K, int64_t tensor_core_ctas, int num_sms) {
+// tensor_core_ctas: the CTAs of the GEMM's launch with small token tiles (0 where it cannot run); in_rows: whether
+// that launch is the row form.
+inline int64_t fused_max_m(int64_t blocksize, int64_t K, int64_t tensor_core_ctas, bool in_rows, int num_sms) {
   const int64_t own = block_scaled_layout(blocksize, K) ? kFusedBlockScaledMaxM : kFusedMaxM;
   const int64_t sms = num_sms;
   const bool one_full_wave = tensor_core_ctas <= sms && 4 * tensor_core_ctas >= 3 * sms;
-  if (one_full_wave) return K >= kFusedLongRowsK ? std::min(own, kFusedBelowFullWaveTensorCoreMaxM) : 0;
-  if (tensor_core_ctas > sms) return std::min(own, kFusedBelowMultiWaveTensorCoreMaxM);
+  if (one_full_wave && !in_rows) return K >= kFusedLongRowsK ? std::min(own, kFusedBelowFullWaveTensorCoreMaxM) : 0;
+  if (one_full_wave || tensor_core_ctas > sms) return std::min(own, kFusedOneTokenTileMaxM);
   if (3 * tensor_core_ctas >= sms) return std::min(own, kFusedBelowTensorCoreMaxM);
   if (5 * tensor_core_ctas >= sms) return std::min(own, kFusedBelowSmallTensorCoreMaxM);
   return own;

@@ -229,8 +229,12 @@ at::Tensor lora_linear_4bit_cuda(const at::Tensor& x, const at::Tensor& packed, 
       (args.M <= gemm4bit::kMaxTokens || 4 * tensor_core_ctas(args.M) >= 3 * static_cast<int64_t>(num_sms)) &&
       (args.M <= kTensorCoreNarrowMaxM || gemm4bit::gemm_4bit_wide_tiles_pay(args.M, args.N, args.K, num_sms));
   const int64_t small_tile_ctas = tensor_core_ctas(gemm4bit::kSmallTokensMaxM);
+  const bool small_tiles_in_rows =
+      small_tile_ctas > 0 &&
+      !gemm4bit::launch_plan(gemm4bit::kSmallTokensMaxM, args.N, args.K, num_sms, false).split_form;
   const bool fused = forced_fused || (path == kPathAuto && why_not_fused == nullptr &&
-                                      args.M <= fused_max_m(blocksize, args.K, small_tile_ctas, num_sms));
+                                      args.M <= fused_max_m(blocksize, args.K, small_tile_ctas, small_tiles_in_rows,
+                                                            num_sms));
   const bool forced_tensor_core = path == kPathTensorCore || path == kPathTensorCoreWide;
   TORCH_CHECK_VALUE(!forced_tensor_core || why_not_tensor_core == nullptr, "path=", path,
                     " (tensor-core GEMM) cannot run: ", why_not_tensor_core == nullptr ? "" : why_not_tensor_core);
