@@ -850,10 +850,12 @@ __global__ void __launch_bounds__(cta_threads(kTokens, kWarpgroups, kSplitK), 1)
       // The LoRA term's first 64 columns go into the tile's own accumulators before they are stored, as
       // s · (acc / s + xa·lora_Bᵀ), instead of a product of their own added to the stored slice (a read-modify-write of
       // the whole tile in shared memory). Only where 1 / s and the products stay normal; with s a power of two the
-      // scalings are exact. The condition is the CTA's alike, as the loop below holds barriers. 256-token tiles only,
-      // whose threads each hold 128 sums: in the split forms the change cost their main loops 3-7 instructions.
+      // scalings are exact. The condition is the CTA's alike, as the loop below holds barriers. Row-form tiles of 128
+      // and 256 tokens only: in the split forms the change cost their main loops 3-7 instructions, and 128-token tiles
+      // there 0.4-1.3 µs (H200, tools/xa_beside_gemm.cu: 8192² M = 128 41.3 -> 42.6 µs without LoRA), while the row
+      // form's 128-token tiles gained 0.8 (28672x8192 M = 128 with xa ready 138.7 -> 137.9).
       const float lora_scale = p.lora_scale;
-      const bool lora_in_acc = kTokens == kWideTokens && p.r > 0 && split == 0 && fabsf(lora_scale) >= 0x1p-60f &&
+      const bool lora_in_acc = kTokens >= kMaxTokens && !kSplitK && p.r > 0 && split == 0 && fabsf(lora_scale) >= 0x1p-60f &&
                                fabsf(lora_scale) <= 0x1p60f;
       if (lora_in_acc && adds_lora) {
         load_b(0);
