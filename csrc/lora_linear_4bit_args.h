@@ -75,10 +75,11 @@ enum LoraLinearPath : int64_t {
 // form) M = 1 29.2 vs 33.0, M = 8 30.8 vs 32.9, M = 16 35.3 vs 33.0.
 constexpr int64_t kFusedMaxM = 32;
 constexpr int64_t kFusedBlockScaledMaxM = 64;
-constexpr int64_t kFusedBelowTensorCoreMaxM = 16, kFusedBelowFullWaveTensorCoreMaxM = 2;
-constexpr int64_t kFusedOneTokenTileMaxM = 8;
-constexpr int64_t kFusedBelowSmallTensorCoreMaxM = 8;  // a GEMM launch filling a fifth to a third of the SMs
-constexpr int64_t kFusedLongRowsK = 16384;             // from this K the fused kernel keeps 1-2 tokens on a full wave
+constexpr int64_t kFusedBelowFullWaveTensorCoreMaxM = 2;  // one wave of the split form, K >= kFusedLongRowsK
+constexpr int64_t kFusedOneTokenTileMaxM = 8;             // one wave of the row form, or more than a wave
+constexpr int64_t kFusedBelowTensorCoreMaxM = 16;         // a GEMM launch filling a third to three quarters of the SMs
+constexpr int64_t kFusedBelowSmallTensorCoreMaxM = 8;     // a GEMM launch filling a fifth to a third of the SMs
+constexpr int64_t kFusedLongRowsK = 16384;  // from this K the fused kernel keeps 1-2 tokens on a full wave
 // tensor_core_ctas: the CTAs of the GEMM's launch with small token tiles (0 where it cannot run); in_rows: whether
 // that launch is the row form.
 inline int64_t fused_max_m(int64_t blocksize, int64_t K, int64_t tensor_core_ctas, bool in_rows, int num_sms) {
