@@ -273,6 +273,20 @@ def test_tensor_core_lora_term(r, N, K, M, x_lora, bias, path):
 
 
 @cuda_only
+@pytest.mark.parametrize("scale", [1.5, -0.75, 2.0**-70, 0.0])
+@pytest.mark.parametrize("N, K, M, path", [(16384, 256, 200, 6), (520, 4096, 200, 7), (520, 4096, 200, 6)])
+def test_tensor_core_lora_scale(scale, N, K, M, path):
+    """Row-form tiles of 128 tokens (16384 rows) and 256-token tiles (path 7) add the LoRA term into their own
+    accumulators as s·(acc/s + xa·Bᵀ) where 1/s stays normal, and as a product of its own added to the stored tile
+    otherwise (s = 2^-70, s = 0), as the split form's 128-token tiles always do: any scale, not only powers of two."""
+    if not tensor_core_runs(torch.device("cuda")):
+        pytest.skip("the tensor-core GEMM does not run here")
+    a = {**sample_inputs("cuda", M, N, K, 16, torch.bfloat16), "scale": scale}
+    assert_accurate(OP(**a, path=path), reference.lora_linear_4bit(**a), torch_baseline(a), torch.bfloat16,
+                    f"path {path}, scale {scale}")
+
+
+@cuda_only
 @pytest.mark.parametrize("M", [1, 8, 16, 40])
 def test_block_scaled_x_sources(M):
     """8480 x 16384 on an H200: 3 K splits, so x of a split fits shared memory at M = 1 only; M = 8 and 16 take
