@@ -855,8 +855,8 @@ __global__ void __launch_bounds__(cta_threads(kTokens, kWarpgroups, kSplitK), 1)
       // there 0.4-1.3 µs (H200, tools/xa_beside_gemm.cu: 8192² M = 128 41.3 -> 42.6 µs without LoRA), while the row
       // form's 128-token tiles gained 0.8 (28672x8192 M = 128 with xa ready 138.7 -> 137.9).
       const float lora_scale = p.lora_scale;
-      const bool lora_in_acc = kTokens >= kMaxTokens && !kSplitK && p.r > 0 && split == 0 && fabsf(lora_scale) >= 0x1p-60f &&
-                               fabsf(lora_scale) <= 0x1p60f;
+      const bool lora_in_acc = kTokens >= kMaxTokens && !kSplitK && p.r > 0 && split == 0 &&
+                               fabsf(lora_scale) >= 0x1p-60f && fabsf(lora_scale) <= 0x1p60f;
       if (lora_in_acc && adds_lora) {
         load_b(0);
         mbar_wait(xa_full, segment & 1);
@@ -866,7 +866,9 @@ __global__ void __launch_bounds__(cta_threads(kTokens, kWarpgroups, kSplitK), 1)
         wgmma_fence(b_frags);
 #pragma unroll
         for (int j = 0; j < 4; ++j)
-          if (16 * j < p.r) wgmma_bf16(acc, b_frags[j], interleaved_descriptor(table + xa_core_offset(0, 2 * j), 256, 256 * kXaColumnBlocks));
+          if (16 * j < p.r)
+            wgmma_bf16(acc, b_frags[j],
+                       interleaved_descriptor(table + xa_core_offset(0, 2 * j), 256, 256 * kXaColumnBlocks));
         wgmma_commit_and_wait();
         fence_accumulators(acc);
 #pragma unroll
