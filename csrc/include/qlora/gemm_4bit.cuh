@@ -854,23 +854,36 @@ __global__ void __launch_bounds__(cta_threads(kTokens, kWarpgroups, kSplitK), 1)
       // and 256 tokens only: in the split forms the change cost their main loops 3-7 instructions, and 128-token tiles
       // there 0.4-1.3 µs (H200, tools/xa_beside_gemm.cu: 8192² M = 128 41.3 -> 42.6 µs without LoRA), while the row
       // form's 128-token tiles gained 0.8 (28672x8192 M = 128 with xa ready 138.7 -> 137.9).
+      // The LoRA term as wgmma products: lora_B's rows (A, from registers) times the token tile's xa (B, in shared
+      // memory), r in chunks of 64, the columns past r zero. The first chunk a producer warp staged in the code table's
+      // free halves (stage_xa); later ones the consumers stage in the xa tile, with the same 128-byte swizzle as x's
+      // stages. add_lora_chunk adds chunk c0's product to acc.
+      constexpr int kXaTile = (kSlices * kTokens * kStride * 4 + 1023) / 1024 * 1024;
+      static_assert(kXaTile + kTokens * 128 <= T::kEpilogueBytes, "xa tile exceeds the rings");
+      auto await_first_chunk = [&] {
+        load_b(0);
+        mbar_wait(xa_full, segment & 1);
+      };
+      auto add_lora_chunk = [&](int c0) {
+        wgmma_fence(b_frags);
+#pragma unroll
+        for (int j = 0; j < 4; ++j)
+          if (c0 + 16 * j < p.r)  // steps wholly past r would add zeros
+            wgmma_bf16(acc, b_frags[j],
+                       c0 == 0 ? interleaved_descriptor(table + xa_core_offset(0, 2 * j), 256, 256 * kXaColumnBlocks)
+                               : swizzled_descriptor(base + kXaTile + 32 * j));
+        wgmma_commit_and_wait();
+        fence_accumulators(acc);
+      };
       const float lora_scale = p.lora_scale;
       const bool lora_in_acc = kTokens >= kMaxTokens && !kSplitK && p.r > 0 && split == 0 &&
                                fabsf(lora_scale) >= 0x1p-60f && fabsf(lora_scale) <= 0x1p60f;
       if (lora_in_acc && adds_lora) {
-        load_b(0);
-        mbar_wait(xa_full, segment & 1);
+        await_first_chunk();
         const float inverse = 1.0f / lora_scale;
 #pragma unroll
         for (int i = 0; i < T::kAccumulators; ++i) acc[i] *= inverse;
-        wgmma_fence(b_frags);
-#pragma unroll
-        for (int j = 0; j < 4; ++j)
-          if (16 * j < p.r)
-            wgmma_bf16(acc, b_frags[j],
-                       interleaved_descriptor(table + xa_core_offset(0, 2 * j), 256, 256 * kXaColumnBlocks));
-        wgmma_commit_and_wait();
-        fence_accumulators(acc);
+        add_lora_chunk(0);
 #pragma unroll
         for (int i = 0; i < T::kAccumulators; ++i) acc[i] *= lora_scale;
       }
@@ -879,20 +892,13 @@ __global__ void __launch_bounds__(cta_threads(kTokens, kWarpgroups, kSplitK), 1)
 #pragma unroll
         for (int e = 0; e < 4; ++e) slice_at(j, e) = acc[4 * j + e];
       if (p.r > 0) {
-        // The LoRA term as one more wgmma product: lora_B's rows (A, from registers) times the token tile's xa (B, in
-        // shared memory), r in chunks of 64, the columns past r zero. The first chunk a producer warp staged in the
-        // code table's free halves (stage_xa); later ones the consumers stage here, with the same 128-byte swizzle as
-        // x's stages. It runs once per CTA; in the split form only the first warpgroup adds it, to its slice, and with
-        // split-K over a cluster only the cluster's first CTA.
-        constexpr int kXaTile = (kSlices * kTokens * kStride * 4 + 1023) / 1024 * 1024;
-        static_assert(kXaTile + kTokens * 128 <= T::kEpilogueBytes, "xa tile exceeds the rings");
+        // The chunks not in acc, each as a product of its own added to the stored slice. It runs once per CTA; in the
+        // split form only the first warpgroup adds it, to its slice, and with split-K over a cluster only the
+        // cluster's first CTA.
         const uint16_t* const xa = reinterpret_cast<const uint16_t*>(p.xa);
         for (int c0 = lora_in_acc ? 64 : 0; split == 0 && c0 < p.r; c0 += 64) {
           if (c0 == 0) {
-            if (adds_lora) {
-              load_b(0);
-              mbar_wait(xa_full, segment & 1);
-            }
+            if (adds_lora) await_first_chunk();
           } else {
             wait_for_prior_grid();  // xa comes from the launch before this one (launch.cuh)
             for (int chunk = tid; chunk < kTokens * 8; chunk += kThreads) {  // 16 bytes: token t, columns c0 + 8c ..
@@ -910,15 +916,7 @@ __global__ void __launch_bounds__(cta_threads(kTokens, kWarpgroups, kSplitK), 1)
           if (adds_lora) {
 #pragma unroll
             for (int i = 0; i < T::kAccumulators; ++i) acc[i] = 0.0f;
-            wgmma_fence(b_frags);
-#pragma unroll
-            for (int j = 0; j < 4; ++j)
-              if (c0 + 16 * j < p.r)  // steps wholly past r would add zeros
-                wgmma_bf16(acc, b_frags[j],
-                           c0 == 0 ? interleaved_descriptor(table + xa_core_offset(0, 2 * j), 256, 256 * kXaColumnBlocks)
-                                   : swizzled_descriptor(base + kXaTile + 32 * j));
-            wgmma_commit_and_wait();
-            fence_accumulators(acc);
+            add_lora_chunk(c0);
 #pragma unroll
             for (int j = 0; j < kTokens / 8; ++j)
 #pragma unroll
