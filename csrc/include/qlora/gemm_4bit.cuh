@@ -36,6 +36,7 @@
 #include <cudaTypedefs.h>
 
 #include <cstdint>
+#include <type_traits>
 
 #include "qlora/common.cuh"
 #include "qlora/launch.cuh"
@@ -361,7 +362,10 @@ __global__ void __launch_bounds__(cta_threads(kTokens, kWarpgroups, kSplitK), 1)
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   using T = Tile<kTokens>;
   constexpr int kStages = T::kStages, kXStageBytes = T::kXStageBytes;
-  constexpr bool kStepPipelined = T::kStepPipelined;
+  // The row form's 64-token tiles too: 14336x4096 M = 64 36.7 -> 35.6 µs, 13824x5120 43.1 -> 41.0, 16384x4096
+  // 37.5 -> 36.2, where the split form's 64-token tiles lost 12-14 µs (8192x28672 and 28672x8192) and 128-token
+  // tiles 3-47 (H200, 2026-11-30, tools/xa_beside_gemm.cu, two interleaved runs, GEMM without LoRA).
+  constexpr bool kStepPipelined = T::kStepPipelined || (kTokens == 64 && !kSplitK);
   const Gemm4bitParams& p = args.p;
   constexpr int kThreads = 128 * kWarpgroups;  // the consumers; the producer warps come after them
   constexpr int kRows = cta_rows(kWarpgroups, kSplitK);
@@ -389,6 +393,10 @@ __global__ void __launch_bounds__(cta_threads(kTokens, kWarpgroups, kSplitK), 1)
   constexpr bool kScalesInWStage = kSplitK;
   static_assert(!kScalesInWStage || kRows * (kStageK / 2 + 8) <= kWStageBytes, "scales beside the split form's W stage");
   constexpr bool kScalesStaged = T::kScaleRing || kScalesInWStage;
+  // The row form's 16-token tiles take a warpgroup's stages in pairs (see run_segment): 14336x4096 M = 16 30.4 ->
+  // 28.2 µs, 13824x5120 34.0 -> 31.9, 16384x4096 31.6 -> 29.2, where the split form lost up to 1.2 µs (8192x28672 and
+  // 28672x8192; H200, 2026-11-30, tools/xa_beside_gemm.cu, two interleaved runs, GEMM without LoRA).
+  constexpr bool kStagePairs = T::kBlockScaled && kTokens == 16 && !kSplitK;
   auto scale_slot = [&](int slot) {  // kScalesStaged: a stage's scales, a bf16 pair of hi and one of lo a row
     return reinterpret_cast<uint2*>(kScalesInWStage ? smem + (w_ring - base) + slot * kWStageBytes + kRows * kStageK / 2
                                                     : smem + (scale_ring - base) + slot * T::kScaleSlotBytes);
@@ -668,9 +676,25 @@ __global__ void __launch_bounds__(cta_threads(kTokens, kWarpgroups, kSplitK), 1)
     uint32_t a_steps[kStepSets][4];
     int running_slot = -1;  // the slot of the stage whose last wgmma may still run
     float part[T::kAccumulators];  // kBlockScaled: a stage's products, before its scale
+    // kStagePairs: a warpgroup's stages in pairs, each pair's two stages decoded and their wgmma queued into sets of
+    // their own before it waits for the first; the first's block scale then runs under the second's wgmma. ptxas keeps
+    // such reads of finished accumulators beside running wgmma only where no wgmma is left running at the loop's end
+    // (C7514 otherwise: every wgmma serialized), hence pairs rather than a pipeline across the whole loop.
+    float parts[2][T::kAccumulators];
+    uint32_t a_sets[2][4][4];
+    int held_slot[2] = {0, 0};
+    float held_s0[2] = {0.0f, 0.0f}, held_s1[2] = {0.0f, 0.0f};
     auto release = [&](int slot) {  // this warp's wgmma are done with the slot
       __syncwarp();
       if (lane == 0) mbar_arrive(empty(slot));
+    };
+    auto finish_held = [&](auto set, auto pending) {  // waits until `pending` groups run, then scales set's products
+      constexpr int P = decltype(set)::value;
+      wgmma_wait<decltype(pending)::value>();
+      fence_accumulators(parts[P]);
+      release(held_slot[P]);
+#pragma unroll
+      for (int i = 0; i < T::kAccumulators; ++i) acc[i] = fmaf(i % 4 < 2 ? held_s0[P] : held_s1[P], parts[P][i], acc[i]);
     };
     if constexpr (!kScalesStaged) {
       now0 = load_scale(element0 + seg.stage_k(first)), now1 = load_scale(element1 + seg.stage_k(first));
@@ -681,7 +705,7 @@ __global__ void __launch_bounds__(cta_threads(kTokens, kWarpgroups, kSplitK), 1)
     static_assert(!kSplitK || kWarpgroups == kPipelines, "a split warpgroup, a pipeline");
     const int pipeline_slots = slot_of(consumed + first) - slot_of(consumed + first) % kSlots;
     int slot_index = slot_of(consumed + first) % kSlots, phase = round_of(consumed + first) & 1;
-    for (int k = first; k < seg.stages; k += step) {
+    auto consume_stage = [&](int k, auto parity) __attribute__((always_inline)) {
       const int slot = pipeline_slots + slot_index;
       const int full_phase = phase;
       if (++slot_index == kSlots) slot_index = 0, phase ^= 1;
@@ -754,6 +778,17 @@ __global__ void __launch_bounds__(cta_threads(kTokens, kWarpgroups, kSplitK), 1)
           if (j == kStepSets - 2 && running_slot >= 0) release(running_slot);  // the last stage's last step is done
         }
         running_slot = slot;
+      } else if constexpr (kStagePairs) {
+        constexpr int P = decltype(parity)::value;
+        uint32_t(&a)[4][4] = a_sets[P];
+#pragma unroll
+        for (int j = 0; j < 4; ++j) decode_step(j, a[j]);
+        wgmma_fence(a);
+        wgmma_bf16<false>(parts[P], a[0], x_descriptor(slot, 0));
+#pragma unroll
+        for (int j = 1; j < 4; ++j) wgmma_bf16(parts[P], a[j], x_descriptor(slot, j));
+        wgmma_commit();
+        held_slot[P] = slot, held_s0[P] = s0, held_s1[P] = s1;
       } else if constexpr (T::kBlockScaled) {
         uint32_t a[4][4];
 #pragma unroll
@@ -779,6 +814,23 @@ __global__ void __launch_bounds__(cta_threads(kTokens, kWarpgroups, kSplitK), 1)
         fence_accumulators(acc);
         release(slot);
       }
+    };
+    if constexpr (kStagePairs) {  // stage parity at compile time: the register sets alternate
+      using Set0 = std::integral_constant<int, 0>;
+      using Set1 = std::integral_constant<int, 1>;
+      int k = first;
+      for (; k + step < seg.stages; k += 2 * step) {
+        consume_stage(k, Set0{});
+        consume_stage(k + step, Set1{});
+        finish_held(Set0{}, Set1{});  // one group, the second stage's, may still run
+        finish_held(Set1{}, Set0{});
+      }
+      if (k < seg.stages) {
+        consume_stage(k, Set0{});
+        finish_held(Set0{}, Set0{});
+      }
+    } else {
+      for (int k = first; k < seg.stages; k += step) consume_stage(k, std::integral_constant<int, 0>{});
     }
     if constexpr (kStepPipelined) {
       wgmma_commit_and_wait();
