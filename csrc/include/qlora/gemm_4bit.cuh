@@ -393,10 +393,11 @@ __global__ void __launch_bounds__(cta_threads(kTokens, kWarpgroups, kSplitK), 1)
   constexpr bool kScalesInWStage = kSplitK;
   static_assert(!kScalesInWStage || kRows * (kStageK / 2 + 8) <= kWStageBytes, "scales beside the split form's W stage");
   constexpr bool kScalesStaged = T::kScaleRing || kScalesInWStage;
-  // The row form's 16-token tiles take a warpgroup's stages in pairs (see run_segment): 14336x4096 M = 16 30.4 ->
-  // 28.2 µs, 13824x5120 34.0 -> 31.9, 16384x4096 31.6 -> 29.2, where the split form lost up to 1.2 µs (8192x28672 and
-  // 28672x8192; H200, 2026-11-30, tools/xa_beside_gemm.cu, two interleaved runs, GEMM without LoRA).
-  constexpr bool kStagePairs = T::kBlockScaled && kTokens == 16 && !kSplitK;
+  // The row form's block-scaled tiles take a warpgroup's stages in pairs (see run_segment): 16 tokens, 14336x4096
+  // M = 16 30.4 -> 28.2 µs, 13824x5120 34.0 -> 31.9, 16384x4096 31.6 -> 29.2; 32 tokens, M = 32 30.0 -> 27.8, 34.8 ->
+  // 31.5 and 30.9 -> 28.7. The split form's 16-token tiles lost up to 1.2 µs (8192x28672 and 28672x8192). H200,
+  // 2026-11-30, tools/xa_beside_gemm.cu, two interleaved runs, GEMM without LoRA.
+  constexpr bool kStagePairs = T::kBlockScaled && !kSplitK;
   auto scale_slot = [&](int slot) {  // kScalesStaged: a stage's scales, a bf16 pair of hi and one of lo a row
     return reinterpret_cast<uint2*>(kScalesInWStage ? smem + (w_ring - base) + slot * kWStageBytes + kRows * kStageK / 2
                                                     : smem + (scale_ring - base) + slot * T::kScaleSlotBytes);
