@@ -78,13 +78,19 @@ def tensor_core_runs(device):
     return device.type == "cuda" and qlora._C.sm90a() and torch.cuda.get_device_capability(device) == (9, 0)
 
 
-def gemm_forms(fn):
-    """The stream-K flag (the last template argument) of each tensor-core GEMM kernel fn launches, by torch.profiler."""
+def gemm_kernels(fn):
+    """The template arguments of each tensor-core GEMM kernel fn launches, by torch.profiler: quant type, double
+    quantization, tokens a tile, warpgroups, split form, stream-K form."""
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
         fn()
         torch.cuda.synchronize()
     names = [e.name for e in prof.events() if "gemm_4bit_kernel<" in e.name]
-    return [name.split("gemm_4bit_kernel<", 1)[1].split(">(", 1)[0].split(", ")[-1] == "true" for name in names]
+    return [name.split("gemm_4bit_kernel<", 1)[1].split(">(", 1)[0].split(", ") for name in names]
+
+
+def gemm_forms(fn):
+    """The stream-K flag of each tensor-core GEMM kernel fn launches."""
+    return [args[-1] == "true" for args in gemm_kernels(fn)]
 
 
 def paths_for(device, dtype, K, blocksize=64):
@@ -231,6 +237,24 @@ def test_tensor_core_split_form_split_k(M, K):
     y = OP(**a, path=6)
     assert_accurate(y, reference.lora_linear_4bit(**a), torch_baseline(a), torch.bfloat16, "path 6")
     assert torch.equal(y, OP(**a, path=6)), "the split sums must be reproducible"
+
+
+@cuda_only
+@pytest.mark.parametrize("K", [320, 4160])
+@pytest.mark.parametrize("M, tokens", [(1, 16), (16, 16), (24, 32), (40, 64)])
+def test_tensor_core_row_form_small_tiles(M, tokens, K):
+    """16384 rows are one wave of the row form's CTAs (128 rows each) on an H200, which its small token tiles take:
+    16 and 32 tokens consume a warpgroup's stages in pairs, with an odd last stage alone (K = 320 and 4160 have 5 and
+    65 stages of 64), and 64 tokens decode the next k16 step while the current one's wgmma run."""
+    if not tensor_core_runs(torch.device("cuda")):
+        pytest.skip("the tensor-core GEMM does not run here")
+    if not 4 * 128 >= 3 * torch.cuda.get_device_properties(0).multi_processor_count >= 3 * 128:
+        pytest.skip("16384 rows are not one wave of the row form on this GPU")
+    a = sample_inputs("cuda", M, 16384, K, 16, torch.bfloat16, bias=True)
+    y = OP(**a, path=6)
+    assert [args[2:] for args in gemm_kernels(lambda: OP(**a, path=6))] == [[str(tokens), "2", "false", "false"]]
+    assert_accurate(y, reference.lora_linear_4bit(**a), torch_baseline(a), torch.bfloat16, "path 6")
+    assert torch.equal(y, OP(**a, path=6))
 
 
 @cuda_only
