@@ -119,11 +119,6 @@ struct Tile {
   // converting them. The split form does the same in its W stages' unused half (kScalesInWStage in the kernel); the
   // row form of 32-128 tokens has no room for it: a slot would cost 128 tokens a stage.
   static constexpr bool kScaleRing = kTokens == kWideTokens;
-  // 256-token tiles: a warpgroup decodes the next k16 step while its wgmma runs (see run_segment). ncu of the
-  // 28672x8192 M = 256 stream-K launch had put the tensor pipe at 72 % of its active cycles and the consumer warps
-  // half of their time at the wait for their own wgmma (cuBLAS: 96 % at the same shape); with this, 76 % and
-  // 182.5 -> 176.7 µs (H200, 2026-11-29, tools/stream_k_gemm.cu).
-  static constexpr bool kStepPipelined = kTokens == kWideTokens;
   // 16- and 32-token tiles, where the consumers' instructions a stage are the limit (ncu: issue slots 62 % busy,
   // 1.8 eligible warps a scheduler at 8192x28672 M = 16): a stage's four wgmma multiply the unscaled codes into a
   // fresh set of accumulators, which the stage's block scale (one a row: a stage lies in one block) then adds to the
@@ -362,10 +357,14 @@ __global__ void __launch_bounds__(cta_threads(kTokens, kWarpgroups, kSplitK), 1)
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   using T = Tile<kTokens>;
   constexpr int kStages = T::kStages, kXStageBytes = T::kXStageBytes;
-  // The row form's 64-token tiles too: 14336x4096 M = 64 36.7 -> 35.6 µs, 13824x5120 43.1 -> 41.0, 16384x4096
-  // 37.5 -> 36.2, where the split form's 64-token tiles lost 12-14 µs (8192x28672 and 28672x8192) and 128-token
-  // tiles 3-47 (H200, 2026-11-30, tools/xa_beside_gemm.cu, two interleaved runs, GEMM without LoRA).
-  constexpr bool kStepPipelined = T::kStepPipelined || (kTokens == 64 && !kSplitK);
+  // 256-token tiles and the row form's 64-token tiles: a warpgroup decodes the next k16 step while its wgmma runs
+  // (see run_segment). ncu of the 28672x8192 M = 256 stream-K launch had put the tensor pipe at 72 % of its active
+  // cycles and the consumer warps half of their time at the wait for their own wgmma (cuBLAS: 96 % at the same
+  // shape); with this, 76 % and 182.5 -> 176.7 µs (H200, 2026-11-29, tools/stream_k_gemm.cu). The row form's
+  // 64-token tiles: 14336x4096 M = 64 36.7 -> 35.6 µs, 13824x5120 43.1 -> 41.0, 16384x4096 37.5 -> 36.2, where the
+  // split form's 64-token tiles lost 12-14 µs (8192x28672 and 28672x8192) and 128-token tiles 3-47 (H200, 2026-11-30,
+  // tools/xa_beside_gemm.cu, two interleaved runs, GEMM without LoRA).
+  constexpr bool kStepPipelined = kTokens == kWideTokens || (kTokens == 64 && !kSplitK);
   const Gemm4bitParams& p = args.p;
   constexpr int kThreads = 128 * kWarpgroups;  // the consumers; the producer warps come after them
   constexpr int kRows = cta_rows(kWarpgroups, kSplitK);
