@@ -279,6 +279,33 @@ def test_tensor_core_stream_k(M, K, lora):
 
 
 @cuda_only
+@pytest.mark.parametrize("K", [8192, 8256])
+@pytest.mark.parametrize("M, tokens", [(16, 16), (24, 32), (40, 64)])
+@pytest.mark.parametrize("r", [0, 16, 130])
+def test_tensor_core_split_form_stream_k(M, tokens, K, r):
+    """20480 rows are 320 CTAs of the split form's small token tiles (64 rows each), two waves and a poorly filled
+    third on an H200, and with K of 8192 a tile has the 128 stages from which the GEMM runs them in stream-K form: one
+    CTA an SM with an even share of all tiles' stages, whose spans start and end inside tiles (K = 8256: 129 stages,
+    an odd count over the four warpgroups' pipelines). xa (r of 16, and of 130: columns past 64 from a tile of their
+    own) is staged for each segment between its copies. Accurate, the same on every call, also queued back to back
+    (the arrival counters, which a launch leaves zero, serve every call on the stream)."""
+    if not tensor_core_runs(torch.device("cuda")):
+        pytest.skip("the tensor-core GEMM does not run here")
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    if not 2 * sms < 320 < 3 * sms * 9 // 10:
+        pytest.skip("320 CTAs do not fill this GPU's last wave poorly")
+    a = sample_inputs("cuda", M, 20480, K, max(r, 1), torch.bfloat16, lora=r > 0, bias=r > 0)
+    y = OP(**a, path=6)
+    assert [args[2:] for args in gemm_kernels(lambda: OP(**a, path=6))] == [[str(tokens), "4", "true", "true"]]
+    assert_accurate(y, reference.lora_linear_4bit(**a), torch_baseline(a), torch.bfloat16, "split-form stream-K")
+    xs = [torch.randn_like(a["x"]) for _ in range(3)]
+    outs = [OP(**{**a, "x": x}, path=6) for x in xs * 2]
+    for i, out in enumerate(outs):
+        assert torch.equal(out, OP(**{**a, "x": xs[i % 3]}, path=6)), f"call {i}"
+    assert torch.equal(y, OP(**a, path=6))
+
+
+@cuda_only
 @pytest.mark.parametrize("r", [1, 7, 16, 64, 130])
 @pytest.mark.parametrize("N, K, M", [(520, 4096, 16), (520, 4096, 200), (16384, 256, 200), (16384, 256, 40),
                                      (24576, 256, 24)])
@@ -417,8 +444,11 @@ def test_back_to_back_calls(M, N, K):
 @cuda_only
 @pytest.mark.parametrize("M, N, K, path", [(1, 1000, 4128, 0), (1, 1000, 4096, 0), (16, 1000, 4128, 0),
                                            (300, 1000, 4128, 0), (200, 1000, 4096, 6), (300, 1000, 4096, 7),
-                                           (256, 20480, 1024, 6)])  # the last in stream-K form: its counters reset
+                                           (256, 20480, 1024, 6), (16, 20480, 8192, 6)])  # the last two in stream-K form
 def test_cuda_graph_capture(M, N, K, path):
+    """The forward replays in a CUDA graph with the results of eager calls. The stream-K forms' arrival counters, which
+    a launch leaves zero, are one buffer for each stream outside a capture (the warm-up's side stream has its own) and
+    a zeroed buffer of the graph's own inside it."""
     if path in (6, 7) and not tensor_core_runs(torch.device("cuda")):
         pytest.skip("the tensor-core GEMM does not run here")
     a = sample_inputs("cuda", M, N, K, 16, torch.bfloat16)

@@ -1,10 +1,12 @@
-// The tensor-core GEMM's 256-token tiles in the stream-K form (gemm_4bit_stream_k_ctas: one CTA an SM, each with an
-// even share of all tiles' stages) against the tile-a-CTA form, where the tiles make a wave and a poorly filled
-// second one: both against an fp64 sum where they part, stream-K's y the same on a second run (the counters reset),
-// with and without the LoRA term; the time of each. Exits 1 when stream-K is off or differs between runs.
+// The tensor-core GEMM in the stream-K form (gemm_4bit_stream_k_ctas: one CTA an SM, each with an even share of all
+// tiles' stages; 256-token tiles, and the split form's small token tiles) against the tile-a-CTA form, where the tiles
+// make a wave or more and a poorly filled last one: both against an fp64 sum where they part, stream-K's y the same
+// on a second run (the counters reset), with and without the LoRA term; the time of each. Exits 1 when stream-K is
+// off or differs between runs.
 //
 //   nvcc -O3 -std=c++20 --expt-relaxed-constexpr -arch=sm_90a -I csrc/include -I tools -diag-suppress 177 \
-//        tools/stream_k_gemm.cu -o /tmp/stream_k_gemm && /tmp/stream_k_gemm
+//        tools/stream_k_gemm.cu -o /tmp/stream_k_gemm && /tmp/stream_k_gemm [N,K,M ...]
+#include <array>
 #include <cmath>
 #include <cstdio>
 #include <cstring>
@@ -17,7 +19,7 @@
 
 using qlora::Gemm4bitParams;
 
-int main() {
+int main(int argc, char** argv) {
   setvbuf(stdout, nullptr, _IONBF, 0);
   const int num_sms = sm_count_or_complain("stream_k_gemm");
   char* flush;
@@ -29,13 +31,21 @@ int main() {
   cudaMemset(arrivals, 0, num_sms * sizeof(unsigned));
   const int r = 16;
   bool failed = false;
-  const int64_t shapes[][3] = {{28672, 8192, 256}, {14336, 4096, 512}, {28672, 8192, 512}, {14336, 4096, 1024},
-                               {28672, 8192, 200}, {8192, 8192, 1024}};  // N, K, M
+  std::vector<std::array<int64_t, 3>> shapes = {{28672, 8192, 256}, {14336, 4096, 512}, {28672, 8192, 512},
+                                                {14336, 4096, 1024}, {28672, 8192, 200}, {8192, 8192, 1024},
+                                                {28672, 8192, 16}, {28672, 8192, 64}};  // N, K, M
+  if (argc > 1) shapes.clear();
+  for (int a = 1; a < argc; ++a) {
+    long long N, K, M;
+    if (!parse_gemm_shape(argv[a], &N, &K, &M)) return 1;
+    shapes.push_back({N, K, M});
+  }
   std::mt19937 rng(0);
   std::normal_distribution<float> normal(0.0f, 1.0f);
   for (const auto& s : shapes) {
     const int64_t N = s[0], K = s[1], M = s[2];
     const int ctas = qlora::gemm4bit::gemm_4bit_stream_k_ctas(M, N, K, num_sms);
+    const bool block_scaled = qlora::gemm4bit::launch_plan(M, N, K, num_sms, false).tokens <= 32;
     if (ctas == 0) {
       printf("%lldx%lld M=%lld: no stream-K form\n", (long long)N, (long long)K, (long long)M);
       continue;
@@ -83,13 +93,15 @@ int main() {
       const auto y_tiles = host_copy(dy_tiles, M * N), y_stream = host_copy(dy_stream, M * N),
                  y_again = host_copy(dy_again, M * N);
       // Where the two forms part, and a random sample, against an fp64 sum of the weights as the kernels decode
-      // them (bf16 code value times the scale split in two bf16 parts). Allowed: half a unit in y's last place plus
+      // them: bf16 code value times the scale split in two bf16 parts, or where the tiles are block-scaled (16 and 32
+      // tokens) times the fp32 scale itself, which multiplies a stage's fp32 products. Allowed: half a unit in y's last place plus
       // fp32 accumulation, 2^-18 of the sum of the terms' magnitudes (values that cancel to near zero part by many
       // of their own units in either form).
       auto weight = [&](int64_t n, int64_t k) {
         const uint8_t bits = packed[(n * K + k) / 2];
         const double v = from_bf16(to_bf16(qlora::kNF4Values[k % 2 ? bits & 15 : bits >> 4]));
         const float scale = absmax[(n * K + k) / 64], hi = from_bf16(to_bf16(scale)), lo = from_bf16(to_bf16(scale - hi));
+        if (block_scaled) return v * scale;
         return static_cast<double>(from_bf16(to_bf16(static_cast<float>(v * hi + from_bf16(to_bf16(v * lo))))));
       };
       auto off_bound = [&](int64_t i, double y) {  // how far y is from exact, in units of the allowed error

@@ -21,9 +21,10 @@
 // stages; their sums meet in shared memory at the end, where the output tile is staged to read and write y in
 // 16-byte runs. Where even that grid leaves most SMs idle (N = 4096: 64 CTAs), K is also split over a cluster of
 // two CTAs, as for the 256-token tiles.
-// Stream-K (256-token tiles whose last wave would be less than 90 % full, gemm_4bit_stream_k_ctas): one CTA an SM
-// takes an even span of all tiles' stages; a tile split between two CTAs is finished by the second to arrive,
-// which adds the first's fp32 sums from a global workspace (Gemm4bitParams::stream_k_partials).
+// Stream-K (256-token tiles, and the split form's small token tiles where K is long, whose last wave would be less
+// than 90 % full: gemm_4bit_stream_k_ctas): one CTA an SM takes an even span of all tiles' stages; a tile split
+// between two CTAs is finished by the second to arrive, which adds the first's fp32 sums from a global workspace
+// (Gemm4bitParams::stream_k_partials).
 //
 // Constraints (the caller checks gemm_4bit_supported): K % 64 == 0, blocksize a power of two >= 64 (a stage's
 // 64 weights of a row share one scale), x and the packed weight 16-byte aligned with contiguous rows (the
@@ -61,7 +62,7 @@ struct Gemm4bitParams {
   int r = 0;                              // 0: no LoRA term
   float lora_scale = 0.0f;
   const __nv_bfloat16* bias = nullptr;    // [N]
-  // The stream-K form of the 256-token tiles in stream_k_ctas CTAs (gemm_4bit_stream_k_ctas; 0: not), with its
+  // The stream-K form in stream_k_ctas CTAs (gemm_4bit_stream_k_ctas; 0: not), with its
   // workspace: stream_k_partial_floats(stream_k_ctas) floats and as many counters, zero before the launch (a launch
   // leaves them zero).
   int stream_k_ctas = 0;
@@ -424,7 +425,9 @@ __global__ void __launch_bounds__(cta_threads(kTokens, kWarpgroups, kSplitK), 1)
       return static_cast<int64_t>(k_begin + min(stage, stages - 1)) * kStageK;
     }
   };
-  static_assert(!kStreamK || (kTokens == kWideTokens && pipelines(kWarpgroups, kSplitK) == 1), "stream-K: wide tiles");
+  static_assert(!kStreamK || (kTokens == kWideTokens && pipelines(kWarpgroups, kSplitK) == 1) ||
+                    (kSplitK && kTokens <= kSmallTokensMaxM),
+                "stream-K: wide tiles, or the split form's small ones");
   // 32-bit stage indices (the launcher checks that they fit): the producers run on 40 registers.
   const int it_total = kStreamK ? args.stream_k_tiles * all_stages : 1;
   const int it_begin = kStreamK ? static_cast<int>(int64_t{it_total} * blockIdx.x / gridDim.x) : 0;
@@ -487,6 +490,42 @@ __global__ void __launch_bounds__(cta_threads(kTokens, kWarpgroups, kSplitK), 1)
       out[row + kRows / 2] = split_bits(r1, mean);
     };
     const int pipeline = (tid - kThreads) / 32;
+    // A segment's xa, staged by a producer warp once the launch before has finished, so that the epilogue finds it in
+    // shared memory (xa_full) instead of loading it then: from 128 tokens a warp after the copies' warps, below that
+    // the first copies' warp after its last copy, which the rings leave late where they hold few slots a pipeline (the
+    // epilogue then waits for xa's loads). At most 64 columns; the epilogue loads any beyond.
+    const bool xa_warp = pipeline == (xa_warp_of_its_own(kTokens) ? kPipelines : 0);
+    // Stream-K with that warp one of the copies' warps: each segment's xa right after its copies, since a segment's
+    // copies wait for the epilogue of the one before, which may wait for its xa.
+    constexpr bool kXaBetweenCopies = kStreamK && !xa_warp_of_its_own(kTokens);
+    static_assert(!kXaBetweenCopies || kScalesInWStage, "the whole copies' warp runs the copy loop");
+    auto stage_xa = [&](const Segment& seg) {
+      const uint16_t* const xa = reinterpret_cast<const uint16_t*>(p.xa);
+      const bool vectors = p.r % 8 == 0 && reinterpret_cast<uintptr_t>(xa) % 16 == 0;
+      const int blocks = min(kXaColumnBlocks, 2 * ((p.r + 15) / 16));  // the column blocks the epilogue's steps read
+      // 256-token tiles: the warp starts with the main loop and runs on kProducerRegisters, where unrolling spilled.
+      constexpr int kUnroll = kTokens == kWideTokens ? 1 : 4;
+#pragma unroll kUnroll
+      for (int chunk = lane; chunk < kTokens * blocks; chunk += 32) {
+        const int t = chunk / blocks, block = chunk % blocks, col = 8 * block;
+        const int64_t m = seg.m_base + t;
+        uint4 v = make_uint4(0u, 0u, 0u, 0u);
+        if (m < p.M && col < p.r) {
+          if (vectors) {
+            v = *reinterpret_cast<const uint4*>(xa + m * p.r + col);
+          } else {
+            uint32_t w[4];
+#pragma unroll
+            for (int i = 0; i < 4; ++i) w[i] = bf16_pair_or_zero(xa + m * p.r, col + 2 * i, p.r);
+            v = make_uint4(w[0], w[1], w[2], w[3]);
+          }
+        }
+        *reinterpret_cast<uint4*>(smem + (table - base) + xa_core_offset(t, block)) = v;
+      }
+      asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");  // the generic stores, before wgmma reads them
+      __syncwarp();
+      if (lane == 0) mbar_arrive(xa_full);
+    };
     if ((kScalesInWStage || lane == 0) && pipeline < kPipelines) {
       // A segment's copies (issued: the CTA's stages before it); kScalesInWStage: the whole warp, whose lanes stage
       // rows lane and lane + 32 of each stage's scales before lane 0's arrival releases them with the copies.
@@ -522,43 +561,20 @@ __global__ void __launch_bounds__(cta_threads(kTokens, kWarpgroups, kSplitK), 1)
       for_each_segment([&](const Segment& seg, int issued, int index, bool) {
         if (index > 0) mbar_wait(segment_done, (index - 1) & 1);  // its epilogue reused the rings
         issue_segment(seg, issued);
+        if constexpr (kXaBetweenCopies) {
+          if (p.r > 0 && xa_warp) {  // the last segment's xa is used: its epilogue is done
+            if (index == 0) {
+              __syncwarp();
+              wait_for_prior_grid();  // xa comes from the launch before this one (launch.cuh)
+            }
+            stage_xa(seg);
+          }
+        }
       });
     }
-    // A segment's xa, staged by a producer warp once the launch before has finished, so that the epilogue finds it in
-    // shared memory (xa_full) instead of loading it then: from 128 tokens a warp after the copies' warps, below that
-    // the first copies' warp after its last copy, which the rings leave late where they hold few slots a pipeline (the
-    // epilogue then waits for xa's loads). At most 64 columns; the epilogue loads any beyond.
-    const bool xa_warp = pipeline == (xa_warp_of_its_own(kTokens) ? kPipelines : 0);
-    if (p.r > 0 && split == 0 && xa_warp) {
+    if (!kXaBetweenCopies && p.r > 0 && split == 0 && xa_warp) {
       __syncwarp();
       wait_for_prior_grid();  // xa comes from the launch before this one (launch.cuh)
-      const uint16_t* const xa = reinterpret_cast<const uint16_t*>(p.xa);
-      const bool vectors = p.r % 8 == 0 && reinterpret_cast<uintptr_t>(xa) % 16 == 0;
-      const int blocks = min(kXaColumnBlocks, 2 * ((p.r + 15) / 16));  // the column blocks the epilogue's steps read
-      // 256-token tiles: the warp starts with the main loop and runs on kProducerRegisters, where unrolling spilled.
-      constexpr int kUnroll = kTokens == kWideTokens ? 1 : 4;
-      auto stage_xa = [&](const Segment& seg) {
-#pragma unroll kUnroll
-        for (int chunk = lane; chunk < kTokens * blocks; chunk += 32) {
-          const int t = chunk / blocks, block = chunk % blocks, col = 8 * block;
-          const int64_t m = seg.m_base + t;
-          uint4 v = make_uint4(0u, 0u, 0u, 0u);
-          if (m < p.M && col < p.r) {
-            if (vectors) {
-              v = *reinterpret_cast<const uint4*>(xa + m * p.r + col);
-            } else {
-              uint32_t w[4];
-#pragma unroll
-              for (int i = 0; i < 4; ++i) w[i] = bf16_pair_or_zero(xa + m * p.r, col + 2 * i, p.r);
-              v = make_uint4(w[0], w[1], w[2], w[3]);
-            }
-          }
-          *reinterpret_cast<uint4*>(smem + (table - base) + xa_core_offset(t, block)) = v;
-        }
-        asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");  // the generic stores, before wgmma reads them
-        __syncwarp();
-        if (lane == 0) mbar_arrive(xa_full);
-      };
       for_each_segment([&](const Segment& seg, int, int index, bool) {
         if (index > 0) mbar_wait(segment_done, (index - 1) & 1);  // the last segment's xa is used
         stage_xa(seg);
@@ -1090,15 +1106,29 @@ inline LaunchPlan launch_plan(int64_t M, int64_t N, int64_t K, int num_sms, bool
   if (!gemm_4bit_split_k(M, N, num_sms)) return {tokens, false, 1};
   return {tokens, true, k_splits(cta_count(M, N, form_rows(tokens, true), tokens), K, num_sms)};
 }
-// CTAs of the stream-K form of the 256-token tiles, or 0 where it does not apply: where the tiles, one CTA each
-// without a K split, make at least a wave but fill their last one to less than nine tenths (28672x8192 at M = 256:
-// 224 tiles, two waves, the second 70 % full), the launch is one CTA an SM with an even share of the tiles' stages,
-// on the SMs that a kernel running beside it (busy_sms: lora_down_mma's) leaves free, since a CTA that starts late
-// finishes late.
+// The launches with a stream-K form: 256-token tiles, and the split form's small token tiles, without a K split; the
+// latter where a tile has at least kSplitStreamKMinStages stages. Measured on the H200 (2026-11-30, GEMM alone,
+// tools/stream_k_gemm.cu, µs, tiles -> stream-K): 28672x8192 M = 16 85.2 -> 80.6, M = 32 90.2 -> 85.5, M = 64 106.4 ->
+// 99.7, where a tile has 128 stages; with 64-65 stages 8960x4096 M = 16 26.4 -> 24.0 but 11008x4096 M = 16 27.3 ->
+// 26.8 and 20480x4160 M = 40 49.4 -> 51.4, and in the op (tools/time_lora_paths.py) 11008x4096 lost at M = 32 and 64
+// (31.4 -> 34.5 and 37.4 -> 40.0 µs, the counters then zeroed by a launch of their own each call). The CTAs that run
+// the second wave of a short launch share the memory with fewer others and finish it faster than its share of the
+// stages says, so stream-K gains less than the waves suggest, and a segment's pipeline fills anew after each epilogue.
+constexpr int kSplitStreamKMinStages = 128;
+constexpr bool stream_k_applies(const LaunchPlan& plan, int64_t K) {
+  return plan.splits == 1 && (plan.tokens == kWideTokens || (plan.split_form && plan.tokens <= kSmallTokensMaxM &&
+                                                             K / kStageK >= kSplitStreamKMinStages));
+}
+// CTAs of the stream-K form, or 0 where it does not apply: where the tiles, one CTA each without a K split, make at
+// least a wave but fill their last one to less than nine tenths (28672x8192 at M = 256: 224 tiles of 256 tokens, two
+// waves, the second 70 % full; at M <= 64, 448 tiles of the split form, four waves, the last 39 % full), the launch
+// is one CTA an SM with an even share of the tiles' stages, on the SMs that a kernel running beside it (busy_sms:
+// lora_down_mma's) leaves free, since a CTA that starts late finishes late.
 inline int gemm_4bit_stream_k_ctas(int64_t M, int64_t N, int64_t K, int num_sms, int busy_sms = 0) {
   const LaunchPlan plan = launch_plan(M, N, K, num_sms, false);
-  if (plan.tokens != kWideTokens || plan.splits != 1) return 0;
-  const int64_t tiles = wide_tiles(M, N), waves = (tiles + num_sms - 1) / num_sms, ctas = num_sms - busy_sms;
+  if (!stream_k_applies(plan, K)) return 0;
+  const int64_t tiles = cta_count(M, N, form_rows(plan.tokens, plan.split_form), plan.tokens);
+  const int64_t waves = (tiles + num_sms - 1) / num_sms, ctas = num_sms - busy_sms;
   const bool fits = ctas > 0 && tiles >= ctas && tiles * (K / kStageK) <= INT32_MAX;  // launch_as's conditions
   return fits && 10 * tiles < 9 * waves * num_sms ? static_cast<int>(ctas) : 0;
 }
@@ -1152,6 +1182,8 @@ cudaError_t launch_as(const Gemm4bitParams& p, cudaStream_t stream, int splits =
     return cudaErrorInvalidValue;
   constexpr auto kernel = gemm_4bit_kernel<QT, kDoubleQuant, kTokens, kWarpgroups, kSplitK, kStreamK>;
   constexpr int kSmemBytes = Tile<kTokens>::kSmemBytes;
+  static_assert(!kStreamK || Tile<kTokens>::kAccumulators * 128 * kWarpgroups <= stream_k_partial_floats(1),
+                "a boundary's sums exceed its share of the stream-K workspace");
   const cudaError_t attribute = opt_in_dynamic_smem<kernel>(kSmemBytes);
   if (attribute != cudaSuccess) return attribute;
   constexpr int rows = cta_rows(kWarpgroups, kSplitK);
@@ -1186,15 +1218,17 @@ cudaError_t launch_as(const Gemm4bitParams& p, cudaStream_t stream, int splits =
 
 template <QuantType QT, bool kDoubleQuant, int kTokens>
 cudaError_t launch_with(const Gemm4bitParams& p, const LaunchPlan& plan, cudaStream_t stream) {
-  return plan.split_form ? launch_as<QT, kDoubleQuant, kTokens, split_form_warpgroups(kTokens), true>(p, stream, plan.splits)
+  constexpr int kSplitWarpgroups = split_form_warpgroups(kTokens);
+  if constexpr (kTokens <= kSmallTokensMaxM)
+    if (p.stream_k_ctas > 0) return launch_as<QT, kDoubleQuant, kTokens, kSplitWarpgroups, true, true>(p, stream, 1, p.stream_k_ctas);
+  return plan.split_form ? launch_as<QT, kDoubleQuant, kTokens, kSplitWarpgroups, true>(p, stream, plan.splits)
                          : launch_as<QT, kDoubleQuant, kTokens, kRowFormWarpgroups, false>(p, stream);
 }
 
 template <QuantType QT, bool kDoubleQuant>
 cudaError_t launch_for(const Gemm4bitParams& p, int num_sms, bool wide, cudaStream_t stream) {
   const LaunchPlan plan = launch_plan(p.M, p.N, p.K, num_sms, wide);
-  if (p.stream_k_ctas > 0 && (plan.tokens != kWideTokens || plan.splits != 1))
-    return cudaErrorInvalidValue;  // stream-K is a form of the 256-token tiles without a K split
+  if (p.stream_k_ctas > 0 && !stream_k_applies(plan, p.K)) return cudaErrorInvalidValue;
   switch (plan.tokens) {
     case 16: return launch_with<QT, kDoubleQuant, 16>(p, plan, stream);
     case 32: return launch_with<QT, kDoubleQuant, 32>(p, plan, stream);
