@@ -45,7 +45,8 @@ int main(int argc, char** argv) {
   for (const auto& s : shapes) {
     const int64_t N = s[0], K = s[1], M = s[2];
     const int ctas = qlora::gemm4bit::gemm_4bit_stream_k_ctas(M, N, K, num_sms);
-    const bool block_scaled = qlora::gemm4bit::launch_plan(M, N, K, num_sms, false).tokens <= 32;
+    const int tokens = qlora::gemm4bit::launch_plan(M, N, K, num_sms, false).tokens;
+    const bool block_scaled = qlora::gemm4bit::block_scaled_tiles(tokens);
     if (ctas == 0) {
       printf("%lldx%lld M=%lld: no stream-K form\n", (long long)N, (long long)K, (long long)M);
       continue;
@@ -93,15 +94,16 @@ int main(int argc, char** argv) {
       const auto y_tiles = host_copy(dy_tiles, M * N), y_stream = host_copy(dy_stream, M * N),
                  y_again = host_copy(dy_again, M * N);
       // Where the two forms part, and a random sample, against an fp64 sum of the weights as the kernels decode
-      // them: bf16 code value times the scale split in two bf16 parts, or where the tiles are block-scaled (16 and 32
-      // tokens) times the fp32 scale itself, which multiplies a stage's fp32 products. Allowed: half a unit in y's last place plus
+      // them: bf16 code value times the scale split in two bf16 parts, or where the tiles are block-scaled times the
+      // fp32 scale itself, which multiplies a stage's fp32 products. Allowed: half a unit in y's last place plus
       // fp32 accumulation, 2^-18 of the sum of the terms' magnitudes (values that cancel to near zero part by many
       // of their own units in either form).
       auto weight = [&](int64_t n, int64_t k) {
         const uint8_t bits = packed[(n * K + k) / 2];
         const double v = from_bf16(to_bf16(qlora::kNF4Values[k % 2 ? bits & 15 : bits >> 4]));
-        const float scale = absmax[(n * K + k) / 64], hi = from_bf16(to_bf16(scale)), lo = from_bf16(to_bf16(scale - hi));
+        const float scale = absmax[(n * K + k) / 64];
         if (block_scaled) return v * scale;
+        const float hi = from_bf16(to_bf16(scale)), lo = from_bf16(to_bf16(scale - hi));
         return static_cast<double>(from_bf16(to_bf16(static_cast<float>(v * hi + from_bf16(to_bf16(v * lo))))));
       };
       auto off_bound = [&](int64_t i, double y) {  // how far y is from exact, in units of the allowed error

@@ -112,6 +112,8 @@ inline bool gemm_4bit_rows_fit(int64_t M) { return (M + kMaxTokens - 1) / kMaxTo
 constexpr int kSharedBytesPerCta = 227 * 1024;  // the most a CTA may opt in to on sm_90
 constexpr int kFixedSharedBytes =
     1024 /* alignment */ + kTableBytes + 256 * 4 /* code2 */ + 24 /* segment and xa barriers, arrival order */;
+// Whether tiles of `tokens` tokens are block-scaled (Tile::kBlockScaled).
+constexpr bool block_scaled_tiles(int tokens) { return tokens <= 32; }
 template <int kTokens>
 struct Tile {
   static constexpr int kXStageBytes = kTokens * kStageK * 2;         // a multiple of the 1024-byte swizzle atom
@@ -124,7 +126,7 @@ struct Tile {
   // 1.8 eligible warps a scheduler at 8192x28672 M = 16): a stage's four wgmma multiply the unscaled codes into a
   // fresh set of accumulators, which the stage's block scale (one a row: a stage lies in one block) then adds to the
   // tile's, 8 or 16 FFMA a thread instead of scaling every code pair (32 HMUL2 and HFMA2).
-  static constexpr bool kBlockScaled = kTokens <= 32;
+  static constexpr bool kBlockScaled = block_scaled_tiles(kTokens);
   static constexpr int kScaleSlotBytes = kScaleRing ? kMaxRows * 8 : 0;
   static constexpr int kStageBytes = kXStageBytes + kWStageBytes + 2 * 8 /* full and empty barriers */ + kScaleSlotBytes;
   // As many stages as the shared memory holds (8, 13, 20 and 26 for 128, 64, 32 and 16 tokens): against 6 and 12 they
@@ -1106,6 +1108,10 @@ inline LaunchPlan launch_plan(int64_t M, int64_t N, int64_t K, int num_sms, bool
   if (!gemm_4bit_split_k(M, N, num_sms)) return {tokens, false, 1};
   return {tokens, true, k_splits(cta_count(M, N, form_rows(tokens, true), tokens), K, num_sms)};
 }
+// Tiles of a launch plan's form (its CTAs without a K split).
+inline int64_t plan_tiles(int64_t M, int64_t N, const LaunchPlan& plan) {
+  return cta_count(M, N, form_rows(plan.tokens, plan.split_form), plan.tokens);
+}
 // The launches with a stream-K form: 256-token tiles, and the split form's small token tiles, without a K split; the
 // latter where a tile has at least kSplitStreamKMinStages stages. Measured on the H200 (2026-11-30, GEMM alone,
 // tools/stream_k_gemm.cu, µs, tiles -> stream-K): 28672x8192 M = 16 85.2 -> 80.6, M = 32 90.2 -> 85.5, M = 64 106.4 ->
@@ -1127,8 +1133,7 @@ constexpr bool stream_k_applies(const LaunchPlan& plan, int64_t K) {
 inline int gemm_4bit_stream_k_ctas(int64_t M, int64_t N, int64_t K, int num_sms, int busy_sms = 0) {
   const LaunchPlan plan = launch_plan(M, N, K, num_sms, false);
   if (!stream_k_applies(plan, K)) return 0;
-  const int64_t tiles = cta_count(M, N, form_rows(plan.tokens, plan.split_form), plan.tokens);
-  const int64_t waves = (tiles + num_sms - 1) / num_sms, ctas = num_sms - busy_sms;
+  const int64_t tiles = plan_tiles(M, N, plan), waves = (tiles + num_sms - 1) / num_sms, ctas = num_sms - busy_sms;
   const bool fits = ctas > 0 && tiles >= ctas && tiles * (K / kStageK) <= INT32_MAX;  // launch_as's conditions
   return fits && 10 * tiles < 9 * waves * num_sms ? static_cast<int>(ctas) : 0;
 }
@@ -1139,7 +1144,7 @@ constexpr int64_t stream_k_partial_floats(int ctas) {
 // The CTAs of the launch launch_gemm_4bit makes for M tokens without `wide`.
 inline int64_t gemm_4bit_ctas(int64_t M, int64_t N, int64_t K, int num_sms) {
   const LaunchPlan plan = launch_plan(M, N, K, num_sms, false);
-  return cta_count(M, N, form_rows(plan.tokens, plan.split_form), plan.tokens) * plan.splits;
+  return plan_tiles(M, N, plan) * plan.splits;
 }
 
 // cuTensorMapEncodeTiled from the driver through the runtime, so that the library needs no link to libcuda.
