@@ -1,0 +1,130 @@
+// The small-M op (lora_down, the fused GEMV, the split-K epilogue) as the library plans and launches it, timed as
+// the benchmarks time (256 MB written before each run), with its error against an fp64 reference on sampled rows.
+// NF4 with double quantization, blocksize 64, bf16, LoRA of rank r (0: none) with s = 2.
+//
+//   nvcc -O3 -std=c++20 --expt-relaxed-constexpr -arch=sm_90a -I csrc/include -I tools tools/small_m_op.cu \
+//     -o /tmp/small_m_op && /tmp/small_m_op 16 8192,28672,1 28672,8192,1 4096,4096,8
+//
+// Arguments: r, then shapes "N,K,M". Prints µs, the plan's grid (x: row-tile groups, y: K splits), the error
+// as max |y - ref| / max |ref| and a hash of y, so that two builds can be compared bit for bit.
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <random>
+#include <vector>
+
+#include "qlora/lora_linear_4bit.cuh"
+#include "flushed_timing.cuh"
+#include "tool_host.cuh"
+
+using namespace qlora;
+using bf16 = __nv_bfloat16;
+
+int main(int argc, char** argv) {
+  setvbuf(stdout, nullptr, _IONBF, 0);
+  if (argc < 3) {
+    printf("usage: %s r N,K,M...\n", argv[0]);
+    return 1;
+  }
+  const int sms = sm_count_or_complain(argv[0]);
+  if (sms == 0) return 1;
+  char* flush = nullptr;
+  cudaMalloc(&flush, kFlushBytes);
+  const int r = atoi(argv[1]);
+  const float s = 2.0f;
+  for (int a = 2; a < argc; ++a) {
+    long long N, K, M;
+    if (!parse_gemm_shape(argv[a], &N, &K, &M)) return 1;
+    std::mt19937 rng(1);
+    std::uniform_real_distribution<float> unit(-1.0f, 1.0f);
+    const std::vector<uint8_t> hp = random_bytes(N * K / 2, rng), hq = random_bytes(N * K / 64, rng);
+    std::vector<float> ha2(N * K / 64 / 256 + 1), hc(256);
+    for (auto& v : ha2) v = 0.01f + (rng() % 1000) * 1e-4f;
+    for (int i = 0; i < 256; ++i) hc[i] = (i - 128) / 128.0f;
+    const float off = 0.05f;
+    const std::vector<uint16_t> hx = bf16_values(M * K, [&] { return unit(rng); });
+    const std::vector<uint16_t> hA = bf16_values(std::max<long long>(r, 1) * K, [&] { return 0.02f * unit(rng); });
+    const std::vector<uint16_t> hB = bf16_values(N * std::max(r, 1), [&] { return 0.02f * unit(rng); });
+    uint8_t* packed = device_copy(hp);
+    uint8_t* q = device_copy(hq);
+    float* a2 = device_copy(ha2);
+    float* code2 = device_copy(hc);
+    float* offset = device_copy(std::vector<float>{off});
+    bf16* x = reinterpret_cast<bf16*>(device_copy(hx));
+    bf16* A = reinterpret_cast<bf16*>(device_copy(hA));
+    bf16* B = reinterpret_cast<bf16*>(device_copy(hB));
+    bf16* y;
+    cudaMalloc(&y, N * M * 2);
+    LoraLinearPlan plan;
+    if (plan_lora_linear_4bit<bf16>(M, N, K, r, 6, QuantType::NF4, sms, true, &plan) != cudaSuccess) {
+      printf("%s: no plan\n", argv[a]);
+      return 1;
+    }
+    float* scratch;
+    cudaMalloc(&scratch, std::max<int64_t>(plan.scratch_floats, 1) * 4);
+    LoraLinearParams<bf16> p{};
+    p.x = x;
+    p.packed = packed;
+    p.scales.qabsmax = q;
+    p.scales.absmax2 = a2;
+    p.scales.code2 = code2;
+    p.scales.offset = offset;
+    p.lora_B = r > 0 ? B : nullptr;
+    p.r = r;
+    p.scale = s;
+    p.y = y;
+    p.M = M;
+    p.N = N;
+    p.K = K;
+    p.log2_blocksize = 6;
+    auto launch = [&] {
+      const cudaError_t err = launch_lora_linear_4bit<bf16>(p, plan, nullptr, r > 0 ? A : nullptr, scratch,
+                                                            QuantType::NF4, sms, 0);
+      if (err != cudaSuccess) {
+        printf("launch: %s\n", cudaGetErrorString(err));
+        exit(1);
+      }
+    };
+    launch();
+    if (cudaDeviceSynchronize() != cudaSuccess) {
+      printf("%s: %s\n", argv[a], cudaGetErrorString(cudaGetLastError()));
+      return 1;
+    }
+    const std::vector<uint16_t> hy = host_copy(y, N * M);
+    const float us = flushed_median_us(flush, launch, 60, 10);
+    // fp64 reference on 256 sampled rows (the scale as the kernels round it: code2 · absmax2 + offset in fp32)
+    const float nf4[16] = QLORA_NF4_VALUES;
+    double max_err = 0, max_ref = 0;
+    for (int i = 0; i < 256; ++i) {
+      const int64_t n = (N - 1) * i / 255;
+      for (int64_t m = 0; m < M; ++m) {
+        double acc = 0;
+        for (int64_t b = 0; b < K / 64; ++b) {
+          const int64_t block = n * (K / 64) + b;
+          const float scale = hc[hq[block]] * ha2[block >> 8] + off;
+          double part = 0;
+          for (int e = 0; e < 64; ++e) {
+            const int64_t k = b * 64 + e, idx = n * K + k;
+            const int code = idx % 2 == 0 ? hp[idx / 2] >> 4 : hp[idx / 2] & 15;
+            part += static_cast<double>(nf4[code]) * from_bf16(hx[m * K + k]);
+          }
+          acc += part * scale;
+        }
+        for (int j = 0; j < r; ++j) {
+          double xa = 0;
+          for (int64_t k = 0; k < K; ++k) xa += static_cast<double>(from_bf16(hx[m * K + k])) * from_bf16(hA[j * K + k]);
+          acc += s * xa * from_bf16(hB[n * r + j]);
+        }
+        max_err = std::max(max_err, std::fabs(from_bf16(hy[m * N + n]) - acc));
+        max_ref = std::max(max_ref, std::fabs(acc));
+      }
+    }
+    printf("%6lldx%-6lld M=%-3lld r=%-3d %7.1f us  %5.0f GB/s  grid %ux%ux%u  err %.2e  y %016llx\n", N, K, M, r, us,
+           (N * K / 2.0 + N * K / 64.0) / us / 1e3, plan.grid.x, plan.grid.y, plan.grid.z, max_err / max_ref,
+           static_cast<unsigned long long>(bits_hash(hy)));
+    cudaFree(packed); cudaFree(q); cudaFree(a2); cudaFree(code2); cudaFree(offset); cudaFree(x); cudaFree(A);
+    cudaFree(B); cudaFree(y); cudaFree(scratch);
+  }
+  return 0;
+}
