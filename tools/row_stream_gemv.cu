@@ -16,6 +16,7 @@
 
 #include "qlora/lora_linear_4bit.cuh"
 #include "flushed_timing.cuh"
+#include "tool_host.cuh"
 
 using namespace qlora;
 using bf16 = __nv_bfloat16;
@@ -210,25 +211,8 @@ int main() {
     p.scales.offset = offset; p.M = M; p.N = N; p.K = K; p.log2_blocksize = 6; p.scale = 1.0f;
     // fp64 reference from the decoded weights (scale as the kernels round it)
     std::vector<double> ref(N);
-    {
-      const float nf4[16] = QLORA_NF4_VALUES;
-      for (int64_t n = 0; n < N; ++n) {
-        double acc = 0;
-        for (int64_t b = 0; b < K / 64; ++b) {
-          const int64_t blk = n * (K / 64) + b;
-          const float scale = hc[hq[blk]] * ha2[blk >> 8] + off;
-          double s = 0;
-          for (int e = 0; e < 64; ++e) {
-            const int64_t k = b * 64 + e, idx = n * K + k;
-            const uint8_t byte = hp[idx / 2];
-            const int code = (idx % 2 == 0) ? byte >> 4 : byte & 15;
-            s += static_cast<double>(nf4[code]) * __bfloat162float(hx[k]);
-          }
-          acc += s * scale;
-        }
-        ref[n] = acc;
-      }
-    }
+    for (int64_t n = 0; n < N; ++n)
+      ref[n] = nf4_dq_row_dot(hp, hq, ha2, hc, off, n, K, [&](int64_t k) { return __bfloat162float(hx[k]); });
     auto err_of = [&](bf16* y) {
       std::vector<uint16_t> h(N);
       cudaMemcpy(h.data(), y, N * 2, cudaMemcpyDeviceToHost);

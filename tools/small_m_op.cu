@@ -93,24 +93,12 @@ int main(int argc, char** argv) {
     }
     const std::vector<uint16_t> hy = host_copy(y, N * M);
     const float us = flushed_median_us(flush, launch, 60, 10);
-    // fp64 reference on 256 sampled rows (the scale as the kernels round it: code2 · absmax2 + offset in fp32)
-    const float nf4[16] = QLORA_NF4_VALUES;
+    // fp64 reference on 256 sampled rows
     double max_err = 0, max_ref = 0;
     for (int i = 0; i < 256; ++i) {
       const int64_t n = (N - 1) * i / 255;
       for (int64_t m = 0; m < M; ++m) {
-        double acc = 0;
-        for (int64_t b = 0; b < K / 64; ++b) {
-          const int64_t block = n * (K / 64) + b;
-          const float scale = hc[hq[block]] * ha2[block >> 8] + off;
-          double part = 0;
-          for (int e = 0; e < 64; ++e) {
-            const int64_t k = b * 64 + e, idx = n * K + k;
-            const int code = idx % 2 == 0 ? hp[idx / 2] >> 4 : hp[idx / 2] & 15;
-            part += static_cast<double>(nf4[code]) * from_bf16(hx[m * K + k]);
-          }
-          acc += part * scale;
-        }
+        double acc = nf4_dq_row_dot(hp, hq, ha2, hc, off, n, K, [&](int64_t k) { return from_bf16(hx[m * K + k]); });
         for (int j = 0; j < r; ++j) {
           double xa = 0;
           for (int64_t k = 0; k < K; ++k) xa += static_cast<double>(from_bf16(hx[m * K + k])) * from_bf16(hA[j * K + k]);

@@ -10,6 +10,8 @@
 
 #include <cuda_runtime.h>
 
+#include "qlora/codebook.h"
+
 // A GEMM shape from the command line, "N,K,M" with K a multiple of 64 (a stage); false, after saying why, otherwise.
 inline bool parse_gemm_shape(const char* arg, long long* N, long long* K, long long* M) {
   if (sscanf(arg, "%lld,%lld,%lld", N, K, M) == 3 && *K % 64 == 0) return true;
@@ -76,4 +78,27 @@ inline uint64_t bits_hash(const std::vector<uint16_t>& values) {
   uint64_t hash = 1469598103934665603ull;
   for (const uint16_t v : values) hash = (hash ^ v) * 1099511628211ull;
   return hash;
+}
+
+// Row n of an NF4 weight [N, K] (blocksize 64, double-quantized block scales: a code byte a block, one float a 256
+// blocks, code2 and an offset) times x, in fp64: sum over k of code value · scale · x(k), each block's scale rounded as
+// the kernels round it (code2[q] · absmax2 + offset in fp32). x(k) gives element k of the row of x.
+template <typename X>
+double nf4_dq_row_dot(const std::vector<uint8_t>& packed, const std::vector<uint8_t>& qabsmax,
+                      const std::vector<float>& absmax2, const std::vector<float>& code2, float offset, int64_t n,
+                      int64_t K, X x) {
+  const float nf4[16] = QLORA_NF4_VALUES;
+  double acc = 0;
+  for (int64_t b = 0; b < K / 64; ++b) {
+    const int64_t block = n * (K / 64) + b;
+    const float scale = code2[qabsmax[block]] * absmax2[block >> 8] + offset;
+    double part = 0;
+    for (int e = 0; e < 64; ++e) {
+      const int64_t k = b * 64 + e, idx = n * K + k;
+      const int code = idx % 2 == 0 ? packed[idx / 2] >> 4 : packed[idx / 2] & 15;
+      part += static_cast<double>(nf4[code]) * x(k);
+    }
+    acc += part * scale;
+  }
+  return acc;
 }
