@@ -87,7 +87,6 @@ template <typename X>
 double nf4_dq_row_dot(const std::vector<uint8_t>& packed, const std::vector<uint8_t>& qabsmax,
                       const std::vector<float>& absmax2, const std::vector<float>& code2, float offset, int64_t n,
                       int64_t K, X x) {
-  const float nf4[16] = QLORA_NF4_VALUES;
   double acc = 0;
   for (int64_t b = 0; b < K / 64; ++b) {
     const int64_t block = n * (K / 64) + b;
@@ -96,7 +95,7 @@ double nf4_dq_row_dot(const std::vector<uint8_t>& packed, const std::vector<uint
     for (int e = 0; e < 64; ++e) {
       const int64_t k = b * 64 + e, idx = n * K + k;
       const int code = idx % 2 == 0 ? packed[idx / 2] >> 4 : packed[idx / 2] & 15;
-      part += static_cast<double>(nf4[code]) * x(k);
+      part += static_cast<double>(qlora::kNF4Values[code]) * x(k);
     }
     acc += part * scale;
   }
