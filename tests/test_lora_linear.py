@@ -223,8 +223,8 @@ def test_tensor_core_token_tiles(path, M):
 @pytest.mark.parametrize("M", [129, 300])
 def test_tensor_core_wide_split_k(M, K):
     """256-token tiles on a small grid split K over a cluster of 2 CTAs where each split keeps at least 8 stages of
-    64 (K = 1024 and 4096; K = 512 stays whole), whose tiles are summed in rank order through distributed shared
-    memory."""
+    64 (K = 1024 and 4096; K = 512 stays whole): each CTA stores the tokens the other finishes into the other's shared
+    memory, which adds the two tiles."""
     if not tensor_core_runs(torch.device("cuda")):
         pytest.skip("the tensor-core GEMM does not run here")
     a = sample_inputs("cuda", M, 520, K, 16, torch.bfloat16)

@@ -220,6 +220,28 @@ __device__ __forceinline__ float4 load_cluster_f4(uint32_t local, uint32_t rank)
   return v;
 }
 
+// Stores 16 bytes at the shared-memory address `local` of the cluster's CTA `rank`.
+__device__ __forceinline__ void store_cluster_f4(uint32_t local, uint32_t rank, float4 v) {
+  uint32_t remote;
+  asm volatile("mapa.shared::cluster.u32 %0, %1, %2;\n" : "=r"(remote) : "r"(local), "r"(rank));
+  asm volatile("st.shared::cluster.v4.f32 [%0], {%1, %2, %3, %4};\n" ::"r"(remote), "f"(v.x), "f"(v.y), "f"(v.z), "f"(v.w)
+               : "memory");
+}
+
+// A lane's run of 8 floats, 32 bytes, as two 16-byte loads (load(byte offset of the half)). Where a quarter warp's lanes
+// read adjacent runs, lanes 4-7 of each 8 load the upper half first, so that each load instruction finds its 8 lanes on
+// distinct banks (in order, lanes l and l + 4 would share them). Scalar loads had met 4-way conflicts.
+template <typename Load>
+__device__ __forceinline__ void load_run(int lane, Load load, float (&v)[8]) {
+  const bool upper_first = lane & 4;
+  const float4 a = load(upper_first ? 16 : 0), b = load(upper_first ? 0 : 16);
+  const float4 lo = upper_first ? b : a, hi = upper_first ? a : b;
+  v[0] = lo.x, v[1] = lo.y, v[2] = lo.z, v[3] = lo.w, v[4] = hi.x, v[5] = hi.y, v[6] = hi.z, v[7] = hi.w;
+}
+__device__ __forceinline__ void load_run(const float* at, int lane, float (&v)[8]) {
+  load_run(lane, [&](int offset) { return *reinterpret_cast<const float4*>(at + offset / 4); }, v);
+}
+
 // A descriptor's address field: the 16-byte unit of a shared address below 2^18.
 __device__ __forceinline__ uint32_t descriptor_address(uint32_t addr) { return (addr & 0x3FFFF) >> 4; }
 // K-major B operand with the 128-byte swizzle: 8 token rows of 128 bytes per 1024-byte atom.
@@ -393,6 +415,12 @@ __global__ void __launch_bounds__(cta_threads(kTokens, kWarpgroups, kSplitK), 1)
   // 4096x4096 M = 256 26.0 -> 24.1 µs, 8192x28672 M = 32 88.7 -> 77.6, M = 64 100.9 -> 92.1 (H200, 2026-11-29,
   // standalone program, same outputs bit for bit).
   constexpr bool kScalesInWStage = kSplitK;
+  // The split form's 128-token tiles issue the copies of their free slots at once, ahead of the stages' scales, which
+  // wait on two dependent loads (the code byte, then its second-level value): 4096² M = 256 23.5 -> 23.0 µs, 4096x14336
+  // 62.2 -> 61.9. The smaller tiles, with 3-6 free slots a pipeline against 2, lost 0.3-3.1 µs that way (4096² M = 16,
+  // 8192² M = 32, 8192x28672 and 28672x8192 M = 16), not yet understood. H200, 2026-11-30, tools/xa_beside_gemm.cu,
+  // two interleaved runs, GEMM without LoRA.
+  constexpr bool kCopiesAhead = kScalesInWStage && kTokens == kMaxTokens;
   static_assert(!kScalesInWStage || kRows * (kStageK / 2 + 8) <= kWStageBytes, "scales beside the split form's W stage");
   constexpr bool kScalesStaged = T::kScaleRing || kScalesInWStage;
   // The row form's block-scaled tiles take a warpgroup's stages in pairs (see run_segment): 16 tokens, 14336x4096
@@ -461,7 +489,8 @@ __global__ void __launch_bounds__(cta_threads(kTokens, kWarpgroups, kSplitK), 1)
 
   if (tid == 0) {
     for (int s = 0; s < kStages; ++s) {
-      mbar_init(full(s), T::kScaleRing ? 1 + kScaleWarps : 1);  // the copies' producer (and the scale warps)
+      // the copies' producer (and the scale warps, or with kCopiesAhead its arrival once the scales are staged)
+      mbar_init(full(s), T::kScaleRing ? 1 + kScaleWarps : kCopiesAhead ? 2 : 1);
       mbar_init(empty(s), (kSplitK ? 128 : kThreads) / 32);  // one arrival per consumer warp of the stage
     }
     mbar_init(segment_done, 1);
@@ -537,8 +566,18 @@ __global__ void __launch_bounds__(cta_threads(kTokens, kWarpgroups, kSplitK), 1)
         const uint32_t stage_bytes = rows * kStageK * 2 + kRows * kStageK / 2;
         const float mean = kScalesInWStage && kDoubleQuant ? *p.scales.offset : 0.0f;
         const int64_t e0 = min(seg.n_base + lane, p.N - 1) * p.K, e1 = min(seg.n_base + lane + kRows / 2, p.N - 1) * p.K;
+        auto copy_stage = [&](int stage, int slot) {
+          mbar_arrive_expecting(full(slot), stage_bytes);
+          tma_load_2d(x_ring + slot * kXStageBytes, x_map, (seg.k_begin + stage) * kStageK, static_cast<int>(seg.m_base),
+                      full(slot));
+          tma_load_2d(w_ring + slot * kWStageBytes, &args.w_map, (seg.k_begin + stage) * (kStageK / 2),
+                      static_cast<int>(seg.n_base), full(slot));
+        };
         RawScale now0{}, now1{};
         if constexpr (kScalesInWStage) now0 = raw_at(e0 + seg.stage_k(pipeline)), now1 = raw_at(e1 + seg.stage_k(pipeline));
+        if constexpr (kCopiesAhead)  // the free slots' copies now, their scales in the loop
+          for (int stage = pipeline; lane == 0 && stage < seg.stages && round_of(issued + stage) == 0; stage += kPipelines)
+            copy_stage(stage, slot_of(issued + stage));
         for (int stage = pipeline; stage < seg.stages; stage += kPipelines) {
           const int slot = slot_of(issued + stage), round = round_of(issued + stage);
           if constexpr (kScalesInWStage) {
@@ -550,14 +589,12 @@ __global__ void __launch_bounds__(cta_threads(kTokens, kWarpgroups, kSplitK), 1)
             now1 = next1;
             __syncwarp();
             if (lane != 0) continue;
+            if (!kCopiesAhead || round > 0) copy_stage(stage, slot);
+            if (kCopiesAhead) mbar_arrive(full(slot));
           } else {
             if (round > 0) mbar_wait(empty(slot), (round - 1) & 1);
+            copy_stage(stage, slot);
           }
-          mbar_arrive_expecting(full(slot), stage_bytes);
-          tma_load_2d(x_ring + slot * kXStageBytes, x_map, (seg.k_begin + stage) * kStageK, static_cast<int>(seg.m_base),
-                      full(slot));
-          tma_load_2d(w_ring + slot * kWStageBytes, &args.w_map, (seg.k_begin + stage) * (kStageK / 2),
-                      static_cast<int>(seg.n_base), full(slot));
         }
       };
       for_each_segment([&](const Segment& seg, int issued, int index, bool) {
@@ -1001,12 +1038,35 @@ __global__ void __launch_bounds__(cta_threads(kTokens, kWarpgroups, kSplitK), 1)
       if (splits > 1) cluster_sync();
       constexpr int kRunsPerToken = kRows / 8;
       const int tokens_here = kTokens / splits, first_token = split * tokens_here;
+      // The row form's K split over two CTAs: each stores the tokens the other finishes into the other's shared
+      // memory, past its tile, so that the sums below read their own shared memory only. Reading the other CTA's
+      // tile (each load a round trip) had taken 5.2 µs of the 8192² M = 256 launch from the cluster's barrier to the
+      // last store of y, this 4.5 with the runs' loads below (H200, 2026-11-30, clock64 in each CTA).
+      static_assert(kSplitK || kTokens * 3 / 2 * kStride * 4 <= T::kEpilogueBytes, "no room for the other half");
+      const bool pushed = !kSplitK && splits == 2;
+      float* const incoming = tile + kTokens * kStride;
+      if (pushed) {
+        const int other = split ^ 1, other_first = other * tokens_here;
+        const uint32_t incoming_at = base + static_cast<uint32_t>(kTokens * kStride) * 4;
+        for (int i = tid; i < tokens_here * kRows / 4; i += kThreads) {
+          const int t = i / (kRows / 4), c = i % (kRows / 4) * 4;
+          const float4 v = *reinterpret_cast<const float4*>(tile + (other_first + t) * kStride + c);
+          store_cluster_f4(incoming_at + static_cast<uint32_t>(t * kStride + c) * 4, other, v);
+        }
+        cluster_sync();
+      }
       for (int run = tid; run < tokens_here * kRunsPerToken; run += kThreads) {
         const int token = first_token + run / kRunsPerToken, n_local = (run % kRunsPerToken) * 8;
         const int64_t m = seg.m_base + token, n = seg.n_base + n_local;
         if (m >= p.M || n >= p.N) continue;
         float v[8];
-        if (splits > 1) {
+        if (pushed) {  // the two CTAs' sums, a + b in either CTA
+          float w[8];
+          load_run(tile + token * kStride + n_local, lane, v);
+          load_run(incoming + (token - first_token) * kStride + n_local, lane, w);
+#pragma unroll
+          for (int i = 0; i < 8; ++i) v[i] += w[i];
+        } else if (splits > 1) {
           const uint32_t at = base + static_cast<uint32_t>(token * kStride + n_local) * 4;
 #pragma unroll
           for (int i = 0; i < 8; ++i) v[i] = 0.0f;
@@ -1014,15 +1074,19 @@ __global__ void __launch_bounds__(cta_threads(kTokens, kWarpgroups, kSplitK), 1)
 #pragma unroll
             for (int sl = 0; sl < kSlices; ++sl) {
               const uint32_t at_slice = at + static_cast<uint32_t>(sl * kTokens * kStride) * 4;
-              const float4 lo = load_cluster_f4(at_slice, rank), hi = load_cluster_f4(at_slice + 16, rank);
-              v[0] += lo.x, v[1] += lo.y, v[2] += lo.z, v[3] += lo.w, v[4] += hi.x, v[5] += hi.y, v[6] += hi.z, v[7] += hi.w;
+              float w[8];
+              load_run(lane, [&](uint32_t offset) { return load_cluster_f4(at_slice + offset, rank); }, w);
+#pragma unroll
+              for (int i = 0; i < 8; ++i) v[i] += w[i];
             }
         } else {
+          load_run(tile + token * kStride + n_local, lane, v);
 #pragma unroll
-          for (int i = 0; i < 8; ++i) {
-            v[i] = tile[token * kStride + n_local + i];
+          for (int sl = 1; sl < kSlices; ++sl) {
+            float w[8];
+            load_run(tile + (sl * kTokens + token) * kStride + n_local, lane, w);
 #pragma unroll
-            for (int sl = 1; sl < kSlices; ++sl) v[i] += tile[(sl * kTokens + token) * kStride + n_local + i];
+            for (int i = 0; i < 8; ++i) v[i] += w[i];
           }
         }
         if (p.bias != nullptr)
@@ -1039,7 +1103,7 @@ __global__ void __launch_bounds__(cta_threads(kTokens, kWarpgroups, kSplitK), 1)
           for (int i = 0; i < 8 && n + i < p.N; ++i) out[i] = __float2bfloat16_rn(v[i]);
         }
       }
-      if (splits > 1) cluster_sync();  // the other CTAs may still read this one's tile
+      if (splits > 1 && !pushed) cluster_sync();  // the other CTAs may still read this one's tile
     }
     return finish;
   };
