@@ -417,7 +417,7 @@ __global__ void __launch_bounds__(cta_threads(kTokens, kWarpgroups, kSplitK), 1)
   constexpr bool kScalesInWStage = kSplitK;
   // The split form's 128-token tiles issue the copies of their free slots at once, ahead of the stages' scales, which
   // wait on two dependent loads (the code byte, then its second-level value): 4096² M = 256 23.5 -> 23.0 µs, 4096x14336
-  // 62.2 -> 61.9. The smaller tiles, with 3-6 free slots a pipeline against 2, lost 0.3-3.1 µs that way (4096² M = 16,
+  // 62.2 -> 61.9. The smaller tiles, with 3-6 free slots a pipeline against 2, lost 0.7-3.1 µs that way (4096² M = 16,
   // 8192² M = 32, 8192x28672 and 28672x8192 M = 16), not yet understood. H200, 2026-11-30, tools/xa_beside_gemm.cu,
   // two interleaved runs, GEMM without LoRA.
   constexpr bool kCopiesAhead = kScalesInWStage && kTokens == kMaxTokens;
