@@ -351,6 +351,23 @@ def test_block_scaled_x_sources(M):
         assert_accurate(OP(**a, path=path), ref, base, torch.bfloat16, f"path {path}")
 
 
+@cuda_only
+@pytest.mark.parametrize("N, K", [(8200, 8256), (2056, 16384)])
+@pytest.mark.parametrize("M", [1, 2])
+@pytest.mark.parametrize("lora", [True, False])
+def test_block_scaled_warp_splits(N, K, M, lora):
+    """K split among a CTA's warps, on an H200: 8200 x 8256 at M = 1 takes 4 warps a row tile and no CTA splits, so
+    the CTA finishes y itself; the last warp's range ends in a partial step, and the last CTA has warps past N.
+    2056 x 16384 at M = 1 takes 8 warps a row tile and 2 CTA splits; at M = 2, 4 warps and 4 CTA splits."""
+    a = sample_inputs("cuda", M, N, K, 16, torch.bfloat16, lora=lora)
+    ref = reference.lora_linear_4bit(**a)
+    base = torch_baseline(a)
+    for path in [0, 3]:
+        y = OP(**a, path=path)
+        assert_accurate(y, ref, base, torch.bfloat16, f"path {path}")
+        assert torch.equal(y, OP(**a, path=path)), f"path {path} must be bitwise reproducible"
+
+
 # ---- backward -------------------------------------------------------------------------------------------------
 
 def _grads(fn, a, names):

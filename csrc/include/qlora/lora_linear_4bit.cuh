@@ -6,8 +6,9 @@
 //   the GEMV              lora_gemv_scaled_kernel (blocksize 64) or lora_gemv_4bit_kernel (any blocksize): the
 //                         weight is streamed once and dequantized in registers into mma.sync A fragments; x is
 //                         the B operand (the "swap AB" trick: N fills the 16-row side of m16n8k16, M the 8-column
-//                         side). With one K split it also runs the epilogue; with several it writes fp32 partial
-//                         sums.
+//                         side). With one K split over CTAs it also runs the epilogue; with several it writes fp32
+//                         partial sums. (The block-scaled kernel may split K among a CTA's warps too, summed in
+//                         shared memory.)
 //   lora_epilogue_kernel  (split-K only) sums the partials in fixed order, adds s·xa·B[n,:] and the bias.
 // Every sum has a fixed order, so results are bitwise reproducible.
 //
@@ -53,6 +54,7 @@ struct LoraLinearParams {
   const T* lora_B;          // [N, r] contiguous, or nullptr (no LoRA)
   const float* xa_partial;  // [xa_splits, M, r] from lora_down_kernel
   int xa_splits;
+  int warp_splits;          // K splits inside a CTA of the block-scaled kernel (a power of two), 1: none
   int r;
   float scale;              // s = alpha / r
   float* partial;           // [splits, M, N] fp32 when split-K
@@ -344,6 +346,12 @@ __global__ void __launch_bounds__(kGemvThreads) lora_gemv_4bit_kernel(const Lora
 //           kScaledSplitMaxXBytes), so 16 warps share one copy and one table;
 //   Ring    x rows for each 256-k step, copied alongside the weights into a CTA-wide ring of the same depth
 //           (one barrier a step), for M or K too large for Split; 8 warps at MT8 = 4 (128 registers spill).
+//
+// Warp splits (Split only): the warp_splits warps of a row tile (consecutive warps) split the CTA's K range again,
+// and the tile's first warp adds their sums in split order. The plan moves the K splits into the CTAs that way
+// where x still fits, keeping the warps of one wave: 128 CTAs of 8192x8192 at M = 1, with 4 warps a row tile, took
+// 27.5 µs against 29.3 for 4 CTA splits and the split-K epilogue; 8192x28672 61.6 against 65.6 (2 and 2);
+// 14336x4096 26.1 against 27.4 (tools/small_m_op.cu, r = 16, H200, 2026-11-30).
 enum class XSource { Global, Split, Ring };
 constexpr int kScaledWarps = 8;
 constexpr int kScaledStagedWarps = 16;
@@ -391,24 +399,29 @@ __global__ void __launch_bounds__(scaled_warps(kX, MT8) * 32) lora_gemv_scaled_k
 
   constexpr int kRows = 8 * MT8;
   const int64_t m0 = static_cast<int64_t>(blockIdx.z) * kRows;
-  const int64_t k_split = split_k_length(p.K, gridDim.y);
-  const int64_t k_begin = static_cast<int64_t>(blockIdx.y) * k_split;
-  const int64_t k_end = p.K < k_begin + k_split ? p.K : k_begin + k_split;
-  const int64_t x_stride = kRingX ? kRingXStride : staged_x_stride(k_split);
+  // The CTA's K range (x is staged for all of it); its warp_splits warps of a row tile split it again.
+  const int64_t cta_k_split = split_k_length(p.K, gridDim.y);
+  const int64_t cta_k_begin = static_cast<int64_t>(blockIdx.y) * cta_k_split;
+  const int64_t cta_k_end = p.K < cta_k_begin + cta_k_split ? p.K : cta_k_begin + cta_k_split;
+  const int64_t x_stride = kRingX ? kRingXStride : staged_x_stride(cta_k_split);
   const int x_rows = static_cast<int>(p.M - m0 < kRows ? p.M - m0 : kRows);
   T* xs = reinterpret_cast<T*>(dynamic_smem + kRingBytes);
-  float* xa_s = reinterpret_cast<float*>(dynamic_smem + kRingBytes + staged_x_bytes(kX, p.M, kRows, k_split, sizeof(T)));
+  float* xa_s =
+      reinterpret_cast<float*>(dynamic_smem + kRingBytes + staged_x_bytes(kX, p.M, kRows, cta_k_split, sizeof(T)));
   if constexpr (kSplitX) {  // issued first, so that the copy overlaps the table fill
-    const int64_t granules = (k_end - k_begin) / 8;  // 16 bytes each; K % 64 == 0
+    const int64_t granules = (cta_k_end - cta_k_begin) / 8;  // 16 bytes each; K % 64 == 0
     for (int64_t i = threadIdx.x; i < x_rows * granules; i += kWarps * 32) {
       const int64_t r = i / granules, q = i % granules;
-      cp_async16(xs + r * x_stride + q * 8, p.x + (m0 + r) * p.K + k_begin + q * 8);
+      cp_async16(xs + r * x_stride + q * 8, p.x + (m0 + r) * p.K + cta_k_begin + q * 8);
     }
     cp_async_commit();
   }
   fill_tables<T, QT>(p, pair_lut, smem_code2);
   const bool fused_epilogue = p.partial == nullptr;
-  if (fused_epilogue && p.lora_B != nullptr) {
+  const int warp_splits = kSplitX ? p.warp_splits : 1;
+  // With warp splits the CTA meets once more after its main loop, and stages xa only then: lora_down runs
+  // beside the loop instead of ahead of it.
+  if (fused_epilogue && p.lora_B != nullptr && warp_splits == 1) {
     wait_for_prior_grid();  // xa_partial comes from lora_down
     stage_lora_rows(p, xa_s, m0, kRows);
   }
@@ -419,9 +432,13 @@ __global__ void __launch_bounds__(scaled_warps(kX, MT8) * 32) lora_gemv_scaled_k
   const float mean = double_quant ? *p.scales.offset : 0.0f;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int g = lane / 4, c = lane % 4;
-  const int64_t n_tile = (static_cast<int64_t>(blockIdx.x) * kWarps + warp) * 16;
-  // Ring: every warp copies its share of x and meets the barriers, so a warp past N runs on row 0 unstored.
-  if (!kRingX && n_tile >= p.N) return;  // no barrier follows
+  const int warp_split = warp & (warp_splits - 1);
+  const int64_t n_tile = (static_cast<int64_t>(blockIdx.x) * (kWarps / warp_splits) + warp / warp_splits) * 16;
+  const int64_t warp_k_split = split_k_length(cta_k_end - cta_k_begin, warp_splits);
+  const int64_t k_begin = cta_k_begin + warp_split * warp_k_split;
+  const int64_t k_end = cta_k_end < k_begin + warp_k_split ? cta_k_end : k_begin + warp_k_split;
+  // Ring and warp splits: every warp meets the barriers, so a warp past N runs on row 0 unstored.
+  if (!kRingX && warp_splits == 1 && n_tile >= p.N) return;  // no barrier follows
   const int64_t rows[2] = {n_tile + g, n_tile + g + 8};
   const bool row_ok[2] = {rows[0] < p.N, rows[1] < p.N};
 
@@ -476,7 +493,7 @@ __global__ void __launch_bounds__(scaled_warps(kX, MT8) * 32) lora_gemv_scaled_k
   for (int t = 0; t < MT8; ++t) {
     const int64_t m = m0 + 8 * t + g;
     const int staged_row = 8 * t + g < x_rows ? 8 * t + g : 0;
-    x_lane[t] = kSplitX  ? xs + staged_row * x_stride + 16 * c - k_begin
+    x_lane[t] = kSplitX  ? xs + staged_row * x_stride + 16 * c - cta_k_begin
                 : kRingX ? xs + staged_row * x_stride + 16 * c
                          : p.x + (m < p.M ? m : 0) * p.K + 16 * c;
   }
@@ -589,6 +606,31 @@ __global__ void __launch_bounds__(scaled_warps(kX, MT8) * 32) lora_gemv_scaled_k
     stage = stage + 1 == kScaledStages ? 0 : stage + 1;
   }
   cp_async_wait<0>();
+  if (warp_splits > 1) {
+    // Each warp's sums go to its own ring, which it is done with; the tile's first warp adds them in split order.
+    __syncwarp();
+    float* sums = reinterpret_cast<float*>(ring);
+#pragma unroll
+    for (int t = 0; t < MT8; ++t)
+#pragma unroll
+      for (int i = 0; i < 4; ++i) sums[(4 * t + i) * 32 + lane] = acc[t][i];
+    if (fused_epilogue && p.lora_B != nullptr) {
+      wait_for_prior_grid();  // xa_partial comes from lora_down
+      stage_lora_rows(p, xa_s, m0, kRows);
+    }
+    __syncthreads();
+    if (warp_split != 0 || n_tile >= p.N) {
+      wait_for_prior_grid();
+      return;
+    }
+    for (int s = 1; s < warp_splits; ++s) {
+      const float* other = reinterpret_cast<const float*>(ring + s * kScaledStages * kScaledStageBytes);
+#pragma unroll
+      for (int t = 0; t < MT8; ++t)
+#pragma unroll
+        for (int i = 0; i < 4; ++i) acc[t][i] += other[(4 * t + i) * 32 + lane];
+    }
+  }
   allow_dependent_launch();
   store_tile<T, MT8>(p, acc, rows, row_ok, m0, xa_s, fused_epilogue);
   wait_for_prior_grid();
@@ -678,12 +720,17 @@ cudaError_t scaled_ctas_per_sm(int* ctas) {
   return err;
 }
 
+// A warp's K range below which the K splits stay across CTAs: with 2 steps a warp (4096x4096, 1024x4096 at
+// M = 1) the split-K epilogue's launch, overlapped, cost less than the CTA's wait for xa at the end.
+constexpr int64_t kWarpSplitMinK = 4 * kGemvSplitAlign;
+
 // What launch_lora_linear_4bit will run, decided once so that the caller can size the scratch.
 struct LoraLinearPlan {
   bool block_scaled = false;
   XSource x_source = XSource::Global;  // of the block-scaled kernel
   int mt8 = 1;
-  int splits = 1;     // K splits of the GEMV; > 1 adds the split-K epilogue kernel
+  int splits = 1;     // K splits of the GEMV over CTAs; > 1 adds the split-K epilogue kernel
+  int warp_splits = 1;  // and within a CTA (block-scaled kernel with x staged once a CTA)
   int xa_splits = 0;  // lora_down CTAs per row (0 without LoRA)
   int r = 0;
   dim3 grid;                   // of the GEMV
@@ -716,30 +763,46 @@ cudaError_t plan_lora_linear_4bit(int64_t M, int64_t N, int64_t K, int r, int lo
   } else {
     pl.splits = lora_gemv_splits(N, K, num_sms);
   }
-  const size_t lora_rows_bytes = pl.splits == 1 ? static_cast<size_t>(8 * pl.mt8) * r * sizeof(float) : 0;
-  if (lora_rows_bytes > static_cast<size_t>(kMaxLoraSmemBytes)) return cudaErrorInvalidValue;
+  const auto lora_rows_bytes = [&] {  // xa staged where the GEMV finishes y itself
+    return pl.splits == 1 ? static_cast<size_t>(8 * pl.mt8) * r * sizeof(float) : size_t{0};
+  };
+  if (lora_rows_bytes() > static_cast<size_t>(kMaxLoraSmemBytes)) return cudaErrorInvalidValue;
   // The same split count with twice the warps a CTA and one CTA an SM: the same warp slots.
   const auto x_bytes_of = [&](XSource x_source) {
     return static_cast<size_t>(staged_x_bytes(x_source, M, 8 * pl.mt8, split_k_length(K, pl.splits), sizeof(T)));
   };
   const auto fits = [&](XSource x_source) {
-    return scaled_ring_bytes(scaled_warps(x_source, pl.mt8)) + x_bytes_of(x_source) + lora_rows_bytes <=
+    return scaled_ring_bytes(scaled_warps(x_source, pl.mt8)) + x_bytes_of(x_source) + lora_rows_bytes() <=
            static_cast<size_t>(kScaledStagedMaxDynamicSmem);
   };
+  const auto split_fits = [&] {
+    return pl.mt8 <= kScaledSplitMaxMT8 && x_bytes_of(XSource::Split) <= kScaledSplitMaxXBytes &&
+           fits(XSource::Split);
+  };
   if (pl.block_scaled)
-    pl.x_source = pl.mt8 <= kScaledSplitMaxMT8 && x_bytes_of(XSource::Split) <= kScaledSplitMaxXBytes &&
-                          fits(XSource::Split)
-                      ? XSource::Split
-                  : fits(XSource::Ring) ? XSource::Ring
-                                        : XSource::Global;
+    pl.x_source = split_fits() ? XSource::Split : fits(XSource::Ring) ? XSource::Ring : XSource::Global;
+  // Where x is staged once a CTA, the K splits move into the CTAs as far as the CTA's x still fits: the same
+  // warps, without the split-K epilogue's launch and partial sums.
+  if (pl.x_source == XSource::Split && split_k_length(K, pl.splits) >= kWarpSplitMinK) {
+    const int splits = pl.splits;
+    for (int ws = kScaledStagedWarps; ws > 1; ws /= 2) {
+      if (splits % ws != 0) continue;
+      pl.warp_splits = ws;
+      pl.splits = (splits + ws - 1) / ws;
+      if (split_fits()) break;
+      pl.warp_splits = 1;
+      pl.splits = splits;
+    }
+  }
   const size_t x_bytes = x_bytes_of(pl.x_source);
   const int64_t warps_per_cta = pl.block_scaled ? scaled_warps(pl.x_source, pl.mt8) : kGemvWarps;
-  const int64_t grid_x = ((N + 15) / 16 + warps_per_cta - 1) / warps_per_cta;
+  const int64_t tiles_per_cta = warps_per_cta / pl.warp_splits;
+  const int64_t grid_x = ((N + 15) / 16 + tiles_per_cta - 1) / tiles_per_cta;
   if (grid_x > 0x7fffffff) return cudaErrorInvalidConfiguration;
   pl.grid = dim3(static_cast<unsigned>(grid_x), static_cast<unsigned>(pl.splits), static_cast<unsigned>(grid_z));
-  pl.gemv_smem = pl.x_source != XSource::Global ? scaled_ring_bytes(warps_per_cta) + x_bytes + lora_rows_bytes
-                 : pl.block_scaled                ? kScaledRingBytes + lora_rows_bytes
-                                                  : lora_rows_bytes;
+  pl.gemv_smem = pl.x_source != XSource::Global ? scaled_ring_bytes(warps_per_cta) + x_bytes + lora_rows_bytes()
+                 : pl.block_scaled                ? kScaledRingBytes + lora_rows_bytes()
+                                                  : lora_rows_bytes();
   pl.scratch_floats =
       static_cast<int64_t>(pl.xa_splits) * M * r + (pl.splits > 1 ? static_cast<int64_t>(pl.splits) * M * N : 0);
   *plan = pl;
@@ -777,6 +840,7 @@ cudaError_t launch_lora_linear_4bit(LoraLinearParams<T> p, const LoraLinearPlan&
   if (p.lora_B == nullptr) p.r = 0;
   if (p.r != plan.r) return cudaErrorInvalidValue;
   p.xa_splits = plan.xa_splits;
+  p.warp_splits = plan.warp_splits;
   p.xa_partial = scratch;
   p.partial = plan.splits > 1 ? scratch + static_cast<int64_t>(plan.xa_splits) * p.M * p.r : nullptr;
   const bool overlap = dependent_launch_supported();
