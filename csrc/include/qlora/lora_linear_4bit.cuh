@@ -788,7 +788,7 @@ cudaError_t plan_lora_linear_4bit(int64_t M, int64_t N, int64_t K, int r, int lo
     for (int ws = kScaledStagedWarps; ws > 1; ws /= 2) {
       if (splits % ws != 0) continue;
       pl.warp_splits = ws;
-      pl.splits = (splits + ws - 1) / ws;
+      pl.splits = splits / ws;
       if (split_fits()) break;
       pl.warp_splits = 1;
       pl.splits = splits;
