@@ -766,7 +766,6 @@ cudaError_t plan_lora_linear_4bit(int64_t M, int64_t N, int64_t K, int r, int lo
   const auto lora_rows_bytes = [&] {  // xa staged where the GEMV finishes y itself
     return pl.splits == 1 ? static_cast<size_t>(8 * pl.mt8) * r * sizeof(float) : size_t{0};
   };
-  if (lora_rows_bytes() > static_cast<size_t>(kMaxLoraSmemBytes)) return cudaErrorInvalidValue;
   // The same split count with twice the warps a CTA and one CTA an SM: the same warp slots.
   const auto x_bytes_of = [&](XSource x_source) {
     return static_cast<size_t>(staged_x_bytes(x_source, M, 8 * pl.mt8, split_k_length(K, pl.splits), sizeof(T)));
@@ -794,6 +793,8 @@ cudaError_t plan_lora_linear_4bit(int64_t M, int64_t N, int64_t K, int r, int lo
       pl.splits = splits;
     }
   }
+  // On the final split count, which the warp splits may have brought to 1.
+  if (lora_rows_bytes() > static_cast<size_t>(kMaxLoraSmemBytes)) return cudaErrorInvalidValue;
   const size_t x_bytes = x_bytes_of(pl.x_source);
   const int64_t warps_per_cta = pl.block_scaled ? scaled_warps(pl.x_source, pl.mt8) : kGemvWarps;
   const int64_t tiles_per_cta = warps_per_cta / pl.warp_splits;
