@@ -221,13 +221,16 @@ def test_tensor_core_token_tiles(path, M):
 @cuda_only
 @pytest.mark.parametrize("K", [512, 1024, 4096])
 @pytest.mark.parametrize("M", [129, 300])
-def test_tensor_core_wide_split_k(M, K):
+@pytest.mark.parametrize("N, r, bias", [(520, 16, False), (516, 8, True), (520, 80, True)])
+def test_tensor_core_wide_split_k(M, K, N, r, bias):
     """256-token tiles on a small grid split K over a cluster of 2 CTAs where each split keeps at least 8 stages of
-    64 (K = 1024 and 4096; K = 512 stays whole): each CTA stores the tokens the other finishes into the other's shared
-    memory, which adds the two tiles."""
+    64 (K = 1024 and 4096; K = 512 stays whole). With the whole LoRA term in the accumulators (r <= 64) each CTA sends
+    the tokens the other finishes from its registers and rounds its own through a bf16 tile (N = 516: rows of y that
+    are not 16-byte aligned, and a last run of 4); with r = 80 each CTA stages its fp32 tile and stores the other's
+    tokens into the other's shared memory."""
     if not tensor_core_runs(torch.device("cuda")):
         pytest.skip("the tensor-core GEMM does not run here")
-    a = sample_inputs("cuda", M, 520, K, 16, torch.bfloat16)
+    a = sample_inputs("cuda", M, N, K, r, torch.bfloat16, bias=bias)
     y = OP(**a, path=7)
     assert_accurate(y, reference.lora_linear_4bit(**a), torch_baseline(a), torch.bfloat16, "path 7")
     assert torch.equal(y, OP(**a, path=7)), "the split sums must be reproducible"

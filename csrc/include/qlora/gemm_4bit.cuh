@@ -423,6 +423,7 @@ __global__ void __launch_bounds__(cta_threads(kTokens, kWarpgroups, kSplitK), 1)
   constexpr bool kCopiesAhead = kScalesInWStage && kTokens == kMaxTokens;
   static_assert(!kScalesInWStage || kRows * (kStageK / 2 + 8) <= kWStageBytes, "scales beside the split form's W stage");
   constexpr bool kScalesStaged = T::kScaleRing || kScalesInWStage;
+  constexpr bool kShareCode2 = kDoubleQuant && T::kScaleRing;  // see share_code2
   // The row form's block-scaled tiles take a warpgroup's stages in pairs (see run_segment): 16 tokens, 14336x4096
   // M = 16 30.4 -> 28.2 µs, 13824x5120 34.0 -> 31.9, 16384x4096 31.6 -> 29.2; 32 tokens, M = 32 30.0 -> 27.8, 34.8 ->
   // 31.5 and 30.9 -> 28.7. The split form's 16-token tiles lost up to 1.2 µs (8192x28672 and 28672x8192). H200,
@@ -508,8 +509,22 @@ __global__ void __launch_bounds__(cta_threads(kTokens, kWarpgroups, kSplitK), 1)
 
   if (tid >= kThreads) {  // the producers: rows past N arrive as zeros and their outputs are never stored
     auto raw_at = [&](int64_t element) { return load_raw_scale<kDoubleQuant>(p, element); };  // a stage ahead
+    // The 256-token tiles' scale warps put the second-level codes in shared memory themselves (`threads` of them,
+    // this one `index` among them; named barrier 2), their loads issued beside the first stage's raw scales, where
+    // a load of code2[code] after those had made the first stage wait on two round trips to memory. With double
+    // quantization, GEMM alone, µs: 8192² M = 256 54.7 -> 53.8, 8192x28672 M = 256 163.5 -> 161.1, M = 1024 621.2 ->
+    // 612.1, 28672x8192 M = 256 (no stream-K) 185.8 -> 182.2. The split form's producer warps lost that way (4096²
+    // M = 256 23.3 -> 24.4, 28672x8192 M = 16 79.9 -> 86.7), so they keep their loads. H200, 2026-11-30,
+    // tools/gemm_forms.cu --dq, two interleaved runs, y the same bit for bit.
+    auto share_code2 = [&](int threads, int index) {
+      if constexpr (kShareCode2) {
+        for (int i = index; i < 256; i += threads) code2_s[i] = __ldg(p.scales.code2 + i);
+        asm volatile("bar.sync 2, %0;\n" ::"r"(threads) : "memory");
+      }
+    };
     auto split_bits = [&](RawScale r, float mean) {  // kBlockScaled: the scale itself
-      const float scale = kDoubleQuant ? mul_then_add(__ldg(p.scales.code2 + r.code), r.value, mean) : r.value;
+      const float code2 = kShareCode2 ? code2_s[r.code] : __ldg(p.scales.code2 + r.code);
+      const float scale = kDoubleQuant ? mul_then_add(code2, r.value, mean) : r.value;
       if constexpr (T::kBlockScaled) return make_uint2(__float_as_uint(scale), 0u);
       const SplitScale<__nv_bfloat16> split = split_scale<__nv_bfloat16>(scale);
       return make_uint2(as_u32(split.hi), as_u32(split.lo));
@@ -626,10 +641,13 @@ __global__ void __launch_bounds__(cta_threads(kTokens, kWarpgroups, kSplitK), 1)
         const float mean = kDoubleQuant ? *p.scales.offset : 0.0f;
         // Rows scale_thread and scale_thread + 64 of each stage. The scale slots lie outside the epilogue's space,
         // so unlike the copies they need no wait for an epilogue: the empty barriers alone order them.
+        // Stream-K: before the first segment, where within it the scale warps spilled (40 registers).
+        if constexpr (kStreamK) share_code2(32 * kScaleWarps, scale_thread);
         auto stage_segment = [&](const Segment& seg, int issued) {
           const int64_t e0 = min(seg.n_base + scale_thread, p.N - 1) * p.K;
           const int64_t e1 = min(seg.n_base + scale_thread + kRows / 2, p.N - 1) * p.K;
           RawScale now0 = raw_at(e0 + seg.stage_k(0)), now1 = raw_at(e1 + seg.stage_k(0));
+          if (!kStreamK) share_code2(32 * kScaleWarps, scale_thread);
           for (int stage = 0; stage < seg.stages; ++stage) {
             const RawScale next0 = raw_at(e0 + seg.stage_k(stage + 1)), next1 = raw_at(e1 + seg.stage_k(stage + 1));
             const int slot = slot_of(issued + stage), round = round_of(issued + stage);
@@ -653,7 +671,7 @@ __global__ void __launch_bounds__(cta_threads(kTokens, kWarpgroups, kSplitK), 1)
     for (int i = tid; i < 256 * 32; i += kThreads) t[(i / 32) * 64 + i % 32] = as_u32(Bf16::pair(values[i / 32 >> 4], values[i / 32 & 15]));
   };
   build_table();
-  if (kDoubleQuant)
+  if (kDoubleQuant && !kShareCode2)  // else the producers fill it (share_code2)
     for (int i = tid; i < 256; i += kThreads) code2_s[i] = p.scales.code2[i];
   asm volatile("bar.sync 1, %0;\n" ::"n"(kThreads) : "memory");
   const float mean = kDoubleQuant ? *p.scales.offset : 0.0f;
@@ -983,8 +1001,9 @@ __global__ void __launch_bounds__(cta_threads(kTokens, kWarpgroups, kSplitK), 1)
         fence_accumulators(acc);
       };
       const float lora_scale = p.lora_scale;
-      const bool lora_in_acc = kTokens >= kMaxTokens && !kSplitK && p.r > 0 && split == 0 &&
-                               fabsf(lora_scale) >= 0x1p-60f && fabsf(lora_scale) <= 0x1p60f;
+      const bool lora_fits_acc = kTokens >= kMaxTokens && !kSplitK && p.r > 0 && fabsf(lora_scale) >= 0x1p-60f &&
+                                 fabsf(lora_scale) <= 0x1p60f;
+      const bool lora_in_acc = lora_fits_acc && split == 0;
       if (lora_in_acc && adds_lora) {
         await_first_chunk();
         const float inverse = 1.0f / lora_scale;
@@ -993,6 +1012,70 @@ __global__ void __launch_bounds__(cta_threads(kTokens, kWarpgroups, kSplitK), 1)
         add_lora_chunk(0);
 #pragma unroll
         for (int i = 0; i < T::kAccumulators; ++i) acc[i] *= lora_scale;
+      }
+      // The row form's K split over two CTAs, with the whole LoRA term (if any) in the accumulators: each CTA sends
+      // the half of its sums that the other finishes straight from its registers into the other's shared memory, in
+      // its threads' order (the same thread of the other CTA holds the same rows), and rounds its own half to y
+      // through a bf16 tile, where the whole fp32 tile had been staged first and summed by runs (6 µs of the 8192²
+      // M = 256 launch from the end of its main loop to the last store of y). GEMM alone, double quantization, µs:
+      // 8192² M = 256 54.7 -> 54.0, and 53.8 -> 53.2 with share_code2; 8192x28672 M = 256 161.1 -> 160.7 with it (H200,
+      // 2026-11-30, tools/gemm_forms.cu --dq, two interleaved runs, y the same bit for bit).
+      auto exchange_halves = [&](auto own_half) {
+        constexpr int kOwn = decltype(own_half)::value, kHalf = T::kAccumulators / 2;
+        constexpr int kYStride = kRows + 8;  // bf16 a token: a warp's 2-byte stores below fall in distinct words
+        constexpr int kIncomingBytes = kHalf * kThreads * 4;
+        static_assert(kIncomingBytes + kTokens / 2 * kYStride * 2 <= kStages * (kXStageBytes + kWStageBytes),
+                      "the exchange stays out of the code table");
+        const float* const incoming = reinterpret_cast<const float*>(smem);
+        __nv_bfloat16* const staged = reinterpret_cast<__nv_bfloat16*>(smem + kIncomingBytes);
+        cluster_sync();  // both CTAs are past their main loops: their rings are free
+#pragma unroll
+        for (int i = 0; i < kHalf / 4; ++i) {
+          const int a = (1 - kOwn) * kHalf + 4 * i;
+          store_cluster_f4(base + static_cast<uint32_t>((i * kThreads + tid) * 16), split ^ 1,
+                           make_float4(acc[a], acc[a + 1], acc[a + 2], acc[a + 3]));
+        }
+        cluster_sync();
+        float bias[2] = {0.0f, 0.0f};
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          const int64_t n = seg.n_base + r0 + 8 * h;
+          if (p.bias != nullptr && n < p.N) bias[h] = __bfloat162float(p.bias[n]);
+        }
+#pragma unroll
+        for (int i = 0; i < kHalf / 4; ++i) {
+          const float4 w = *reinterpret_cast<const float4*>(incoming + (i * kThreads + tid) * 4);
+          const float other[4] = {w.x, w.y, w.z, w.w};
+#pragma unroll
+          for (int e = 0; e < 4; ++e) {  // accumulator 4i + e of the half: token 8i + 2 (lane % 4) + (e & 1) of it
+            float v = acc[kOwn * kHalf + 4 * i + e] + other[e];
+            if (p.bias != nullptr) v += bias[e / 2];
+            staged[(8 * i + 2 * (lane % 4) + (e & 1)) * kYStride + r0 + (e >= 2 ? 8 : 0)] = __float2bfloat16_rn(v);
+          }
+        }
+        asm volatile("bar.sync 1, %0;\n" ::"n"(kThreads) : "memory");
+        for (int chunk = tid; chunk < kTokens / 2 * (kRows / 8); chunk += kThreads) {
+          const int t = chunk / (kRows / 8), n_local = chunk % (kRows / 8) * 8;
+          const int64_t m = seg.m_base + kOwn * (kTokens / 2) + t, n = seg.n_base + n_local;
+          if (m >= p.M || n >= p.N) continue;
+          const uint4 bits = *reinterpret_cast<const uint4*>(staged + t * kYStride + n_local);
+          __nv_bfloat16* const out = p.y + m * p.N + n;
+          if (n + 8 <= p.N && reinterpret_cast<uintptr_t>(out) % 16 == 0) {
+            *reinterpret_cast<uint4*>(out) = bits;
+          } else {
+            const __nv_bfloat16* const values = reinterpret_cast<const __nv_bfloat16*>(&bits);
+            for (int i = 0; i < 8 && n + i < p.N; ++i) out[i] = values[i];
+          }
+        }
+      };
+      if constexpr (kTokens == kWideTokens && !kStreamK) {  // the row form splits K for these tiles only
+        if (splits == 2 && (p.r == 0 || (lora_fits_acc && p.r <= kXaColumnBlocks * 8))) {  // alike in both CTAs
+          if (split == 0)
+            exchange_halves(std::integral_constant<int, 0>{});
+          else
+            exchange_halves(std::integral_constant<int, 1>{});
+          return true;
+        }
       }
 #pragma unroll
       for (int j = 0; j < kTokens / 8; ++j)
@@ -1038,8 +1121,9 @@ __global__ void __launch_bounds__(cta_threads(kTokens, kWarpgroups, kSplitK), 1)
       if (splits > 1) cluster_sync();
       constexpr int kRunsPerToken = kRows / 8;
       const int tokens_here = kTokens / splits, first_token = split * tokens_here;
-      // The row form's K split over two CTAs: each stores the tokens the other finishes into the other's shared
-      // memory, past its tile, so that the sums below read their own shared memory only. Reading the other CTA's
+      // The row form's K split over two CTAs where exchange_halves does not apply (r > 64, or s too small or large
+      // to divide by): each stores the tokens the other finishes into the other's shared memory, past its tile, so
+      // that the sums below read their own shared memory only. Reading the other CTA's
       // tile (each load a round trip) had taken 5.2 µs of the 8192² M = 256 launch from the cluster's barrier to the
       // last store of y, this 4.5 with the runs' loads below (H200, 2026-11-30, clock64 in each CTA).
       static_assert(kSplitK || kTokens * 3 / 2 * kStride * 4 <= T::kEpilogueBytes, "no room for the other half");
