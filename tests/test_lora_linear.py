@@ -359,9 +359,10 @@ def test_block_scaled_x_sources(M):
 @pytest.mark.parametrize("M", [1, 2])
 @pytest.mark.parametrize("lora", [True, False])
 def test_block_scaled_warp_splits(N, K, M, lora):
-    """K split among a CTA's warps, on an H200: 8200 x 8256 at M = 1 takes 4 warps a row tile and no CTA splits, so
-    the CTA finishes y itself; the last warp's range ends in a partial step, and the last CTA has warps past N.
-    2056 x 16384 at M = 1 takes 8 warps a row tile and 2 CTA splits; at M = 2, 4 warps and 4 CTA splits."""
+    """K split among a CTA's warps, on an H200: 8200 x 8256 takes 4 warps a row tile and no CTA splits, so the CTA
+    finishes y itself; the last warp's range ends in a partial step, and the last CTA has warps past N.
+    2056 x 16384 at M = 1 takes 16 warps a row tile (a CTA's x 32 KB) and no CTA splits; at M = 2, 8 warps and 2 CTA
+    splits."""
     a = sample_inputs("cuda", M, N, K, 16, torch.bfloat16, lora=lora)
     ref = reference.lora_linear_4bit(**a)
     base = torch_baseline(a)

@@ -355,7 +355,11 @@ __global__ void __launch_bounds__(kGemvThreads) lora_gemv_4bit_kernel(const Lora
 enum class XSource { Global, Split, Ring };
 constexpr int kScaledWarps = 8;
 constexpr int kScaledStagedWarps = 16;
-constexpr int kScaledStages = 4;
+// 3 stages against 4 (tools/small_m_op.cu, r = 16, H200, 2026-11-30, two interleaved runs, y the same bit for bit):
+// M = 1 8192x28672 62.3 -> 61.0 µs, 8192² 27.7 -> 26.5, 4096x14336 27.2 -> 25.9, 11008x4096 23.5 -> 22.4, 28672x8192
+// 65.5 -> 64.8; M = 2 8192x28672 62.9 -> 61.3; M = 4-16 within 0.5. 5 stages lost 1-13 µs; 2 changed the split
+// counts (the 8-warp form's occupancy) and lost up to 21 µs.
+constexpr int kScaledStages = 3;
 constexpr int kScaledStepRowBytes = kGemvSplitAlign / 2;     // 128 packed bytes of a row per step
 constexpr int kScaledStageBytes = 16 * kScaledStepRowBytes;  // one warp's 16 rows
 constexpr int kScaledRingBytes = kScaledWarps * kScaledStages * kScaledStageBytes;
@@ -688,8 +692,10 @@ inline int lora_gemv_mt8(int64_t M) { return M <= 8 ? 1 : M <= 16 ? 2 : M <= 32 
 constexpr int kScaledMaxMT8 = 4;  // registers: 106 at MT8 = 1, 186 at 4 (one CTA per SM)
 constexpr int kScaledSplitMaxMT8 = 2;  // 16 warps a CTA: at most 128 registers a thread
 // Split copies x before the loop, unoverlapped with the weights. H200, forward µs, 8192x28672: M = 4 (57 KB a
-// CTA) 85 that way and 76.7 through the ring; M = 2 (29 KB) 69.5 by Split; M = 8 75.0 through the ring.
-constexpr size_t kScaledSplitMaxXBytes = 32 * 1024;
+// CTA) 85 that way and 76.7 through the ring; M = 2 (29 KB) 69.5 by Split; M = 8 75.0 through the ring. With 3
+// ring stages (2026-11-30, tools/small_m_op.cu): 28672x8192 M = 2 (33 KB) 74.7 through the ring, 65.6 by Split;
+// 8192² M = 2 28.0 with 2 CTA splits, 27.6 with 4 warps a row tile and none.
+constexpr size_t kScaledSplitMaxXBytes = 48 * 1024;
 
 // Rows of x one epilogue CTA covers: few enough that the grid has about two CTAs per SM (at M = 16 one CTA
 // per 64 rows left 16 CTAs on 132 SMs and took 18.7 us), and their xa (rows · r floats) fits shared memory.
