@@ -327,8 +327,8 @@ __global__ void __launch_bounds__(kGemvThreads) lora_gemv_4bit_kernel(const Lora
 
 // ---- the block-scaled dequantize-GEMV (blocksize 64, K % 64 == 0, small M) -------------------------------------
 // Same grid and warp roles as lora_gemv_4bit_kernel with kScaledWarps warps per CTA, but the packed weights
-// are streamed through a per-warp ring of kScaledStages shared-memory stages by cp.async, so each warp keeps
-// kScaledStages - 1 steps of loads in flight while it computes (register-staged loads left the warps waiting
+// are streamed through a per-warp ring of shared-memory stages (scaled_stages) by cp.async, so each warp keeps
+// all but one of them in flight while it computes (register-staged loads left the warps waiting
 // on memory: 1.4-1.7 TB/s on the large shapes, against 1.9 with the ring).
 //
 // A step is 256 k. Lane c of a row group takes 8 bytes (16 k) of each 64-k block of the step, so the 16 k of
@@ -360,6 +360,12 @@ constexpr int kScaledStagedWarps = 16;
 // 65.5 -> 64.8; M = 2 8192x28672 62.9 -> 61.3; M = 4-16 within 0.5. 5 stages lost 1-13 µs; 2 changed the split
 // counts (the 8-warp form's occupancy) and lost up to 21 µs.
 constexpr int kScaledStages = 3;
+// The Split form (16 warps, x staged once) 2 stages against 3, same tool: M = 1 8192x28672 60.7 -> 59.7 µs, 14336x4096
+// 25.3 -> 24.2, 11008x4096 22.5 -> 21.3, 4096² 16.4 -> 15.9; M = 8 8192² 29.7 -> 27.6; every Split shape gained.
+constexpr int kScaledSplitStages = 2;
+__host__ __device__ constexpr int scaled_stages(XSource x_source) {
+  return x_source == XSource::Split ? kScaledSplitStages : kScaledStages;
+}
 constexpr int kScaledStepRowBytes = kGemvSplitAlign / 2;     // 128 packed bytes of a row per step
 constexpr int kScaledStageBytes = 16 * kScaledStepRowBytes;  // one warp's 16 rows
 constexpr int kScaledRingBytes = kScaledWarps * kScaledStages * kScaledStageBytes;
@@ -369,7 +375,9 @@ constexpr int kScaledStagedMaxDynamicSmem = 190 * 1024;
 __host__ __device__ constexpr int scaled_warps(XSource x_source, int mt8) {
   return x_source == XSource::Global || mt8 > 2 ? kScaledWarps : kScaledStagedWarps;
 }
-__host__ __device__ constexpr int scaled_ring_bytes(int warps) { return warps * kScaledStages * kScaledStageBytes; }
+__host__ __device__ constexpr int scaled_ring_bytes(XSource x_source, int warps) {
+  return warps * scaled_stages(x_source) * kScaledStageBytes;
+}
 // Row stride of staged x in elements: the K range (a split, or one step of the ring) plus 16 bytes, so that
 // the rows of a quarter-warp's 16-byte loads fall in different banks.
 __host__ __device__ inline int64_t staged_x_stride(int64_t k_range) { return k_range + 8; }
@@ -394,7 +402,8 @@ __global__ void __launch_bounds__(scaled_warps(kX, MT8) * 32) lora_gemv_scaled_k
   using Pair = typename MmaType<T>::Pair;
   constexpr bool kSplitX = kX == XSource::Split, kRingX = kX == XSource::Ring;
   constexpr int kWarps = scaled_warps(kX, MT8);
-  constexpr int kRingBytes = scaled_ring_bytes(kWarps);
+  constexpr int kStages = scaled_stages(kX);
+  constexpr int kRingBytes = scaled_ring_bytes(kX, kWarps);
   __shared__ __align__(16) Pair pair_lut[256 * 32];
   __shared__ float smem_code2[256];
   // The ring, then x (Split: [min(M, 8·MT8)][staged_x_stride]; Ring: [kScaledStages][8·MT8][kRingXStride]),
@@ -449,7 +458,7 @@ __global__ void __launch_bounds__(scaled_warps(kX, MT8) * 32) lora_gemv_scaled_k
   // Rows past N read row 0 and x rows past M read row 0 (both exist): what they produce lands only in
   // accumulator entries the store skips, so only the k range needs checks, and only in a split's last step.
   // Copy roles: lane copies 16-byte granule q = lane % 8 (64-k block q / 2) of rows lane / 8 + 4i.
-  uint8_t* ring = dynamic_smem + warp * kScaledStages * kScaledStageBytes;
+  uint8_t* ring = dynamic_smem + warp * kStages * kScaledStageBytes;
   const int cq = lane % 8;
   const uint8_t* src[4];
   uint32_t dst[4];
@@ -518,7 +527,7 @@ __global__ void __launch_bounds__(scaled_warps(kX, MT8) * 32) lora_gemv_scaled_k
   load_scale(k_begin, q0, a0);
   load_scale(k_begin + kGemvSplitAlign, q1, a1);
 #pragma unroll
-  for (int s = 0; s < kScaledStages - 1; ++s) issue(k_begin + s * kGemvSplitAlign, s);
+  for (int s = 0; s < kStages - 1; ++s) issue(k_begin + s * kGemvSplitAlign, s);
 
   const auto step = [&](int64_t kc, int stage, auto checked) {
     constexpr bool kChecked = decltype(checked)::value;
@@ -586,14 +595,14 @@ __global__ void __launch_bounds__(scaled_warps(kX, MT8) * 32) lora_gemv_scaled_k
   int stage = 0;
   for (int64_t kc = k_begin; kc < k_end; kc += kGemvSplitAlign) {
     if constexpr (kRingX) {
-      cp_async_wait<kScaledStages - 2>();  // this step's stage has landed, for the copies of this thread;
+      cp_async_wait<kStages - 2>();  // this step's stage has landed, for the copies of this thread;
       __syncthreads();  // of every thread; and every warp is done with the stage refilled next
     }
-    issue(kc + (kScaledStages - 1) * kGemvSplitAlign, (stage + kScaledStages - 1) % kScaledStages);
+    issue(kc + (kStages - 1) * kGemvSplitAlign, (stage + kStages - 1) % kStages);
     uint32_t q2[2];
     float a2[2];
     load_scale(kc + 2 * kGemvSplitAlign, q2, a2);
-    if constexpr (!kRingX) cp_async_wait<kScaledStages - 1>();  // this step's stage has landed
+    if constexpr (!kRingX) cp_async_wait<kStages - 1>();  // this step's stage has landed
     __syncwarp();
     if (kc + kGemvSplitAlign <= k_end)
       step(kc, stage, std::false_type{});
@@ -607,7 +616,7 @@ __global__ void __launch_bounds__(scaled_warps(kX, MT8) * 32) lora_gemv_scaled_k
       q1[h] = q2[h];
       a1[h] = a2[h];
     }
-    stage = stage + 1 == kScaledStages ? 0 : stage + 1;
+    stage = stage + 1 == kStages ? 0 : stage + 1;
   }
   cp_async_wait<0>();
   if (warp_splits > 1) {
@@ -628,7 +637,7 @@ __global__ void __launch_bounds__(scaled_warps(kX, MT8) * 32) lora_gemv_scaled_k
       return;
     }
     for (int s = 1; s < warp_splits; ++s) {
-      const float* other = reinterpret_cast<const float*>(ring + s * kScaledStages * kScaledStageBytes);
+      const float* other = reinterpret_cast<const float*>(ring + s * kStages * kScaledStageBytes);
 #pragma unroll
       for (int t = 0; t < MT8; ++t)
 #pragma unroll
@@ -777,7 +786,7 @@ cudaError_t plan_lora_linear_4bit(int64_t M, int64_t N, int64_t K, int r, int lo
     return static_cast<size_t>(staged_x_bytes(x_source, M, 8 * pl.mt8, split_k_length(K, pl.splits), sizeof(T)));
   };
   const auto fits = [&](XSource x_source) {
-    return scaled_ring_bytes(scaled_warps(x_source, pl.mt8)) + x_bytes_of(x_source) + lora_rows_bytes() <=
+    return scaled_ring_bytes(x_source, scaled_warps(x_source, pl.mt8)) + x_bytes_of(x_source) + lora_rows_bytes() <=
            static_cast<size_t>(kScaledStagedMaxDynamicSmem);
   };
   const auto split_fits = [&] {
@@ -807,7 +816,7 @@ cudaError_t plan_lora_linear_4bit(int64_t M, int64_t N, int64_t K, int r, int lo
   const int64_t grid_x = ((N + 15) / 16 + tiles_per_cta - 1) / tiles_per_cta;
   if (grid_x > 0x7fffffff) return cudaErrorInvalidConfiguration;
   pl.grid = dim3(static_cast<unsigned>(grid_x), static_cast<unsigned>(pl.splits), static_cast<unsigned>(grid_z));
-  pl.gemv_smem = pl.x_source != XSource::Global ? scaled_ring_bytes(warps_per_cta) + x_bytes + lora_rows_bytes()
+  pl.gemv_smem = pl.x_source != XSource::Global ? scaled_ring_bytes(pl.x_source, warps_per_cta) + x_bytes + lora_rows_bytes()
                  : pl.block_scaled                ? kScaledRingBytes + lora_rows_bytes()
                                                   : lora_rows_bytes();
   pl.scratch_floats =
