@@ -523,8 +523,9 @@ __global__ void __launch_bounds__(cta_threads(kTokens, kWarpgroups, kSplitK), 1)
       }
     };
     auto split_bits = [&](RawScale r, float mean) {  // kBlockScaled: the scale itself
-      const float code2 = kShareCode2 ? code2_s[r.code] : __ldg(p.scales.code2 + r.code);
-      const float scale = kDoubleQuant ? mul_then_add(code2, r.value, mean) : r.value;
+      const float scale =
+          kDoubleQuant ? mul_then_add(kShareCode2 ? code2_s[r.code] : __ldg(p.scales.code2 + r.code), r.value, mean)
+                       : r.value;
       if constexpr (T::kBlockScaled) return make_uint2(__float_as_uint(scale), 0u);
       const SplitScale<__nv_bfloat16> split = split_scale<__nv_bfloat16>(scale);
       return make_uint2(as_u32(split.hi), as_u32(split.lo));
