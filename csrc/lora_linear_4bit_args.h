@@ -73,13 +73,16 @@ enum LoraLinearPath : int64_t {
 // tools/time_lora_paths.py, do_bench µs, block-scaled fused against tensor-core): 28672x8192 (448 CTAs) M = 8 77.8 vs
 // 86.0, M = 16 89.7 vs 86.7; 8960x4096 (140) M = 8 26.1 vs 28.5, M = 16 29.4 vs 28.8; 14336x4096 (112 of the row
 // form) M = 1 29.2 vs 33.0, M = 8 30.8 vs 32.9, M = 16 35.3 vs 33.0.
+// Once the fused kernel staged x up to 124 KB whole (kScaledSplitMaxXBytes), long rows on a full wave kept it to 6
+// tokens (H200, 2026-11-30, tools/time_lora_paths.py, do_bench µs, block-scaled fused against tensor-core):
+// 8192x28672 M = 3 63.1 vs 68.1, M = 4 63.4 vs 68.2, M = 6 63.6 vs 68.0, M = 8 79.3 vs 68.1.
 constexpr int64_t kFusedMaxM = 32;
 constexpr int64_t kFusedBlockScaledMaxM = 64;
-constexpr int64_t kFusedBelowFullWaveTensorCoreMaxM = 2;  // one wave of the split form, K >= kFusedLongRowsK
+constexpr int64_t kFusedBelowFullWaveTensorCoreMaxM = 6;  // one wave of the split form, K >= kFusedLongRowsK
 constexpr int64_t kFusedOneTokenTileMaxM = 8;             // one wave of the row form, or more than a wave
 constexpr int64_t kFusedBelowTensorCoreMaxM = 16;         // a GEMM launch filling a third to three quarters of the SMs
 constexpr int64_t kFusedBelowSmallTensorCoreMaxM = 8;     // a GEMM launch filling a fifth to a third of the SMs
-constexpr int64_t kFusedLongRowsK = 16384;  // from this K the fused kernel keeps 1-2 tokens on a full wave
+constexpr int64_t kFusedLongRowsK = 16384;  // from this K the fused kernel keeps a few tokens on a full wave
 // tensor_core_ctas: the CTAs of the GEMM's launch with small token tiles (0 where it cannot run); in_rows: whether
 // that launch is the row form.
 inline int64_t fused_max_m(int64_t blocksize, int64_t K, int64_t tensor_core_ctas, bool in_rows, int num_sms) {

@@ -343,11 +343,12 @@ def test_tensor_core_lora_scale(scale, N, K, M, path):
 
 
 @cuda_only
-@pytest.mark.parametrize("M", [1, 8, 16, 40])
-def test_block_scaled_x_sources(M):
-    """8480 x 16384 on an H200: 3 K splits, so x of a split fits shared memory at M = 1 only; M = 8 and 16 take
-    the ring of x steps with 16 warps a CTA, M = 40 with 8; the last CTA has warps past N."""
-    a = sample_inputs("cuda", M, 8480, 16384, 16, torch.bfloat16)
+@pytest.mark.parametrize("N, M", [(8480, 1), (8480, 8), (12296, 8), (8480, 16), (8480, 40)])
+def test_block_scaled_x_sources(N, M):
+    """On an H200: 8480 x 16384 takes 3 K splits, so a split's x is staged whole at M = 1 (11 KB) and M = 8 (90 KB);
+    12296 x 16384 at M = 8 takes 2 (128 KB of x a split) and the ring of x steps with 16 warps a CTA, as 8480 x 16384
+    does at M = 16, and with 8 at M = 40. The last CTA has warps past N."""
+    a = sample_inputs("cuda", M, N, 16384, 16, torch.bfloat16)
     ref = reference.lora_linear_4bit(**a)
     base = torch_baseline(a)
     for path in [0, 3]:

@@ -703,8 +703,13 @@ constexpr int kScaledSplitMaxMT8 = 2;  // 16 warps a CTA: at most 128 registers 
 // Split copies x before the loop, unoverlapped with the weights. H200, forward µs, 8192x28672: M = 4 (57 KB a
 // CTA) 85 that way and 76.7 through the ring; M = 2 (29 KB) 69.5 by Split; M = 8 75.0 through the ring. With 3
 // ring stages (2026-11-30, tools/small_m_op.cu): 28672x8192 M = 2 (33 KB) 74.7 through the ring, 65.6 by Split;
-// 8192² M = 2 28.0 with 2 CTA splits, 27.6 with 4 warps a row tile and none.
-constexpr size_t kScaledSplitMaxXBytes = 48 * 1024;
+// 8192² M = 2 28.0 with 2 CTA splits, 27.6 with 4 warps a row tile and none. With the Split ring at 2 stages (64 KB)
+// x may take the rest of the 190 KB, while the warp splits still keep a CTA's x within 48 KB (57 KB lost: 8192x28672
+// M = 2 59.9 -> 61.4 with 2 warps a row tile). Ring -> Split: 28672x8192 M = 3 76.7 -> 65.7 µs, M = 4 75.3 -> 65.1,
+// M = 6 (96 KB) 75.6 -> 66.7, M = 7 77.5 -> 72.5; 8192x28672 M = 4 (57 KB) 70.1 -> 63.3 (tools/small_m_op.cu, r = 16,
+// H200, 2026-11-30, two interleaved runs, y the same bit for bit).
+constexpr size_t kScaledSplitMaxXBytes = 124 * 1024;
+constexpr size_t kWarpSplitMaxXBytes = 48 * 1024;
 
 // Rows of x one epilogue CTA covers: few enough that the grid has about two CTAs per SM (at M = 16 one CTA
 // per 64 rows left 16 CTAs on 132 SMs and took 18.7 us), and their xa (rows · r floats) fits shared memory.
@@ -789,12 +794,11 @@ cudaError_t plan_lora_linear_4bit(int64_t M, int64_t N, int64_t K, int r, int lo
     return scaled_ring_bytes(x_source, scaled_warps(x_source, pl.mt8)) + x_bytes_of(x_source) + lora_rows_bytes() <=
            static_cast<size_t>(kScaledStagedMaxDynamicSmem);
   };
-  const auto split_fits = [&] {
-    return pl.mt8 <= kScaledSplitMaxMT8 && x_bytes_of(XSource::Split) <= kScaledSplitMaxXBytes &&
-           fits(XSource::Split);
+  const auto split_fits = [&](size_t max_x_bytes) {
+    return pl.mt8 <= kScaledSplitMaxMT8 && x_bytes_of(XSource::Split) <= max_x_bytes && fits(XSource::Split);
   };
   if (pl.block_scaled)
-    pl.x_source = split_fits() ? XSource::Split : fits(XSource::Ring) ? XSource::Ring : XSource::Global;
+    pl.x_source = split_fits(kScaledSplitMaxXBytes) ? XSource::Split : fits(XSource::Ring) ? XSource::Ring : XSource::Global;
   // Where x is staged once a CTA, the K splits move into the CTAs as far as the CTA's x still fits: the same
   // warps, without the split-K epilogue's launch and partial sums.
   if (pl.x_source == XSource::Split && split_k_length(K, pl.splits) >= kWarpSplitMinK) {
@@ -803,7 +807,7 @@ cudaError_t plan_lora_linear_4bit(int64_t M, int64_t N, int64_t K, int r, int lo
       if (splits % ws != 0) continue;
       pl.warp_splits = ws;
       pl.splits = splits / ws;
-      if (split_fits()) break;
+      if (split_fits(kWarpSplitMaxXBytes)) break;
       pl.warp_splits = 1;
       pl.splits = splits;
     }
