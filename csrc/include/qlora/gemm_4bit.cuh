@@ -114,7 +114,14 @@ constexpr int kFixedSharedBytes =
     1024 /* alignment */ + kTableBytes + 256 * 4 /* code2 */ + 24 /* segment and xa barriers, arrival order */;
 // Whether tiles of `tokens` tokens are block-scaled (Tile::kBlockScaled).
 constexpr bool block_scaled_tiles(int tokens) { return tokens <= 32; }
-template <int kTokens>
+// Ring stages of the row form's tiles below 256 tokens, where the shared memory would hold 26, 20 and 13 for 16, 32
+// and 64 tokens: 8 against those, GEMM alone, µs, M = 16 / 32: 14336x4096 26.9 -> 25.3 / 27.9 -> 26.5, 13824x5120
+// 31.3 -> 29.5 / 32.6 -> 31.1, 16384x4096 27.6 -> 26.4 / 28.6 -> 27.9; M = 48 / 64: 14336x4096 36.3 -> 35.7 / 36.1 ->
+// 35.4, 16384x4096 (M = 40 / 64) 37.0 -> 35.9 / 36.7 -> 35.6, 13824x5120 M = 64 43.7 -> 43.2. 6 stages lost, 10-16
+// within 0.5 of 8. The split form lost with 8 or 12 (8192x28672 M = 16 65.2 -> 81.5 / 69.0). H200, 2026-11-30,
+// tools/gemm_forms.cu --dq, two interleaved runs, y the same bit for bit.
+constexpr int kRowFormMaxStages = 8;
+template <int kTokens, bool kSplitForm>
 struct Tile {
   static constexpr int kXStageBytes = kTokens * kStageK * 2;         // a multiple of the 1024-byte swizzle atom
   // 256-token tiles: two of the producer warpgroup's idle warps work out each stage's block scales (a bf16 pair of
@@ -131,8 +138,11 @@ struct Tile {
   static constexpr int kStageBytes = kXStageBytes + kWStageBytes + 2 * 8 /* full and empty barriers */ + kScaleSlotBytes;
   // As many stages as the shared memory holds (8, 13, 20 and 26 for 128, 64, 32 and 16 tokens): against 6 and 12 they
   // took 8192x28672 from 137.6 to 128.4 µs at M = 128 and from 240.4 to 225.8 at M = 256 (H200, 2026-11-29,
-  // standalone program, L2 emptied between runs), and changed the small tiles by 1-3 %.
-  static constexpr int kStages = (kSharedBytesPerCta - kFixedSharedBytes) / kStageBytes;
+  // standalone program, L2 emptied between runs), and changed the small tiles by 1-3 %. The row form's tiles below
+  // 256 tokens take fewer (kRowFormMaxStages).
+  static constexpr int kFitStages = (kSharedBytesPerCta - kFixedSharedBytes) / kStageBytes;
+  static constexpr int kStages =
+      !kSplitForm && kTokens < kWideTokens && kFitStages > kRowFormMaxStages ? kRowFormMaxStages : kFitStages;
   static constexpr int kAccumulators = kTokens / 2;                  // per thread: 64 rows x kTokens / 128
   static constexpr int kSmemBytes = kFixedSharedBytes + kStages * kStageBytes;
   static_assert(kSmemBytes <= kSharedBytesPerCta, "ring exceeds shared memory");
@@ -380,7 +390,7 @@ __device__ __forceinline__ RawScale load_raw_scale(const Gemm4bitParams& p, int6
 template <QuantType QT, bool kDoubleQuant, int kTokens, int kWarpgroups, bool kSplitK, bool kStreamK = false>
 __global__ void __launch_bounds__(cta_threads(kTokens, kWarpgroups, kSplitK), 1) gemm_4bit_kernel(const __grid_constant__ KernelArgs args) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
-  using T = Tile<kTokens>;
+  using T = Tile<kTokens, kSplitK>;
   constexpr int kStages = T::kStages, kXStageBytes = T::kXStageBytes;
   // 256-token tiles and the row form's 64-token tiles: a warpgroup decodes the next k16 step while its wgmma runs
   // (see run_segment). ncu of the 28672x8192 M = 256 stream-K launch had put the tensor pipe at 72 % of its active
@@ -1288,7 +1298,7 @@ inline int gemm_4bit_stream_k_ctas(int64_t M, int64_t N, int64_t K, int num_sms,
 }
 // The floats of Gemm4bitParams::stream_k_partials a launch of `ctas` CTAs needs: a tile of fp32 sums a boundary.
 constexpr int64_t stream_k_partial_floats(int ctas) {
-  return int64_t{ctas} * Tile<kWideTokens>::kAccumulators * 128 * kRowFormWarpgroups;
+  return int64_t{ctas} * Tile<kWideTokens, false>::kAccumulators * 128 * kRowFormWarpgroups;
 }
 // The CTAs of the launch launch_gemm_4bit makes for M tokens without `wide`.
 inline int64_t gemm_4bit_ctas(int64_t M, int64_t N, int64_t K, int num_sms) {
@@ -1335,8 +1345,8 @@ cudaError_t launch_as(const Gemm4bitParams& p, cudaStream_t stream, int splits =
       (kStreamK && (splits > 1 || p.stream_k_partials == nullptr || p.stream_k_arrivals == nullptr)))
     return cudaErrorInvalidValue;
   constexpr auto kernel = gemm_4bit_kernel<QT, kDoubleQuant, kTokens, kWarpgroups, kSplitK, kStreamK>;
-  constexpr int kSmemBytes = Tile<kTokens>::kSmemBytes;
-  static_assert(!kStreamK || Tile<kTokens>::kAccumulators * 128 * kWarpgroups <= stream_k_partial_floats(1),
+  constexpr int kSmemBytes = Tile<kTokens, kSplitK>::kSmemBytes;
+  static_assert(!kStreamK || Tile<kTokens, kSplitK>::kAccumulators * 128 * kWarpgroups <= stream_k_partial_floats(1),
                 "a boundary's sums exceed its share of the stream-K workspace");
   const cudaError_t attribute = opt_in_dynamic_smem<kernel>(kSmemBytes);
   if (attribute != cudaSuccess) return attribute;
