@@ -108,9 +108,13 @@ int main(int argc, char** argv) {
         max_ref = std::max(max_ref, std::fabs(acc));
       }
     }
-    printf("%6lldx%-6lld M=%-3lld r=%-3d %7.1f us  %5.0f GB/s  grid %ux%ux%u  err %.2e  y %016llx\n", N, K, M, r, us,
-           (N * K / 2.0 + N * K / 64.0) / us / 1e3, plan.grid.x, plan.grid.y, plan.grid.z, max_err / max_ref,
-           static_cast<unsigned long long>(bits_hash(hy)));
+    const char* x_source = !plan.block_scaled                   ? "general"
+                           : plan.x_source == XSource::Split   ? "Split"
+                           : plan.x_source == XSource::Ring    ? "Ring"
+                                                               : "Global";
+    printf("%6lldx%-6lld M=%-3lld r=%-3d %7.1f us  %5.0f GB/s  grid %ux%ux%u  x %s, %d warp split(s)  err %.2e  y %016llx\n",
+           N, K, M, r, us, (N * K / 2.0 + N * K / 64.0) / us / 1e3, plan.grid.x, plan.grid.y, plan.grid.z, x_source,
+           plan.warp_splits, max_err / max_ref, static_cast<unsigned long long>(bits_hash(hy)));
     cudaFree(packed); cudaFree(q); cudaFree(a2); cudaFree(code2); cudaFree(offset); cudaFree(x); cudaFree(A);
     cudaFree(B); cudaFree(y); cudaFree(scratch);
   }
