@@ -707,7 +707,10 @@ constexpr int kScaledSplitMaxMT8 = 2;  // 16 warps a CTA: at most 128 registers 
 // x may take the rest of the 190 KB, while the warp splits still keep a CTA's x within 48 KB (57 KB lost: 8192x28672
 // M = 2 59.9 -> 61.4 with 2 warps a row tile). Ring -> Split: 28672x8192 M = 3 76.7 -> 65.7 µs, M = 4 75.3 -> 65.1,
 // M = 6 (96 KB) 75.6 -> 66.7, M = 7 77.5 -> 72.5; 8192x28672 M = 4 (57 KB) 70.1 -> 63.3 (tools/small_m_op.cu, r = 16,
-// H200, 2026-11-30, two interleaved runs, y the same bit for bit).
+// H200, 2026-11-30, two interleaved runs, y the same bit for bit). A step comes where the CTA's shared memory (33 KB
+// static, 1 KB reserved, ring, x, LoRA rows) passes 196 KB, likely the SM's carveout going to 228 KB (L1 from 60 KB to
+// 28): 28672x8192 M = 6 66.7 (194.6 KB) and M = 7 72.5 (210.6 KB); 8192x28672 M = 6 64.2 (182.1 KB) and M = 7 78.4
+// (196.1 KB), M = 8 78.3 against 70.0 through the ring, which the op leaves to the tensor-core GEMM (fused_max_m).
 constexpr size_t kScaledSplitMaxXBytes = 124 * 1024;
 constexpr size_t kWarpSplitMaxXBytes = 48 * 1024;
 
