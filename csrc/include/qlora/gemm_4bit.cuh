@@ -658,7 +658,7 @@ __global__ void __launch_bounds__(cta_threads(kTokens, kWarpgroups, kSplitK), 1)
           const int64_t e0 = min(seg.n_base + scale_thread, p.N - 1) * p.K;
           const int64_t e1 = min(seg.n_base + scale_thread + kRows / 2, p.N - 1) * p.K;
           RawScale now0 = raw_at(e0 + seg.stage_k(0)), now1 = raw_at(e1 + seg.stage_k(0));
-          if (!kStreamK) share_code2(32 * kScaleWarps, scale_thread);
+          if constexpr (!kStreamK) share_code2(32 * kScaleWarps, scale_thread);
           for (int stage = 0; stage < seg.stages; ++stage) {
             const RawScale next0 = raw_at(e0 + seg.stage_k(stage + 1)), next1 = raw_at(e1 + seg.stage_k(stage + 1));
             const int slot = slot_of(issued + stage), round = round_of(issued + stage);
