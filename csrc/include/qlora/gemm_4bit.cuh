@@ -730,7 +730,7 @@ __global__ void __launch_bounds__(cta_threads(kTokens, kWarpgroups, kSplitK), 1)
     auto load_b_step = [&](int c, uint32_t (&frag)[4]) {
       const uint16_t* const lora_b = reinterpret_cast<const uint16_t*>(p.lora_B);
       auto b_pair = [&](int64_t n, int col) -> uint32_t {
-        return n < p.N ? bf16_pair_or_zero(lora_b + n * p.r, col, p.r) : 0u;
+        return adds_lora && n < p.N ? bf16_pair_or_zero(lora_b + n * p.r, col, p.r) : 0u;
       };
       const int64_t n0 = seg.n_base + r0, n1 = n0 + 8;
       const int col = c + 2 * (lane % 4);
@@ -1024,6 +1024,34 @@ __global__ void __launch_bounds__(cta_threads(kTokens, kWarpgroups, kSplitK), 1)
 #pragma unroll
         for (int i = 0; i < T::kAccumulators; ++i) acc[i] *= lora_scale;
       }
+      // The split form: the term's first 64 columns as products of their own, added to the accumulators before they are
+      // stored, where the wait for xa had queued behind the tile's stores. Every warpgroup takes part, so that no wgmma
+      // sits in a path that differs between them (ptxas serialized every wgmma of the kernel otherwise); past the first,
+      // their lora_B fragments are zeros. 64- and 128-token tiles take the product in parts of 16 and 32 tokens: whole,
+      // it spilled their registers. GEMM with xa ready, µs: 4096² M = 256 24.4, 24.3 -> 24.0, 24.1; 4096x14336 M = 256
+      // 62.2, 61.8 -> 61.7, 61.6; 8192x28672 M = 64 87.5, 87.4 -> 86.6, 86.9; 28672x8192 M = 64 109.5, 109.6 -> 109.1,
+      // 108.8 (H200, 2026-11-30, tools/xa_beside_gemm.cu, two interleaved runs, y the same bit for bit).
+      const bool lora_before_store = kSplitK && p.r > 0 && split == 0;
+      if (lora_before_store) {
+        constexpr int kPart = kTokens <= 32 ? kTokens : kTokens == 64 ? 16 : 32;
+        await_first_chunk();
+#pragma unroll
+        for (int part = 0; part < kTokens / kPart; ++part) {
+          float lora[kPart / 2];
+#pragma unroll
+          for (int i = 0; i < kPart / 2; ++i) lora[i] = 0.0f;
+          wgmma_fence(b_frags);
+#pragma unroll
+          for (int j = 0; j < 4; ++j)
+            if (16 * j < p.r)
+              wgmma_bf16(lora, b_frags[j],
+                         interleaved_descriptor(table + xa_core_offset(part * kPart, 2 * j), 256, 256 * kXaColumnBlocks));
+          wgmma_commit_and_wait();
+          fence_accumulators(lora);
+#pragma unroll
+          for (int i = 0; i < kPart / 2; ++i) acc[part * kPart / 2 + i] += p.lora_scale * lora[i];
+        }
+      }
       // The row form's K split over two CTAs, with the whole LoRA term (if any) in the accumulators: each CTA sends
       // the half of its sums that the other finishes straight from its registers into the other's shared memory, in
       // its threads' order (the same thread of the other CTA holds the same rows), and rounds its own half to y
@@ -1097,7 +1125,7 @@ __global__ void __launch_bounds__(cta_threads(kTokens, kWarpgroups, kSplitK), 1)
         // split form only the first warpgroup adds it, to its slice, and with split-K over a cluster only the
         // cluster's first CTA.
         const uint16_t* const xa = reinterpret_cast<const uint16_t*>(p.xa);
-        for (int c0 = lora_in_acc ? 64 : 0; split == 0 && c0 < p.r; c0 += 64) {
+        for (int c0 = lora_in_acc || lora_before_store ? 64 : 0; split == 0 && c0 < p.r; c0 += 64) {
           if (c0 == 0) {
             if (adds_lora) await_first_chunk();
           } else {
