@@ -745,6 +745,19 @@ __global__ void __launch_bounds__(cta_threads(kTokens, kWarpgroups, kSplitK), 1)
     // H200, 2026-11-29, tools/xa_beside_gemm.cu).
     uint32_t b_first[4] = {0u, 0u, 0u, 0u};
     if (adds_lora) load_b_step(0, b_first);
+    // The split form's 16- and 32-token tiles with r <= 16: the LoRA term's product issued with the last stage's
+    // wgmma, in accumulators of its own, where the product after the main loop had lengthened every CTA's chain to its
+    // first store by about 1 µs (fence, product, wait). Every warpgroup takes part (lora_B zeros past the first), and
+    // every CTA's last stage issues it, used or not, so that no wgmma sits in a path that differs between them. With
+    // xa ready / beside the GEMM as the op launches it, µs: 4096² M = 1 13.4 -> 12.6 / 14.6 -> 13.8; M = 16 13.8 ->
+    // 13.2 / 15.1 -> 14.3; 28672x8192 M = 16 89.2 -> 87.0 / 90.0 -> 87.6; 1024x4096 M = 16 12.7 -> 12.0 / 13.9 -> 13.1
+    // (H200, 2026-11-30, tools/xa_beside_gemm.cu, two interleaved runs, y the same bit for bit). Not the 32-token
+    // stream-K kernels, which it made spill.
+    constexpr bool kEarlyLora = kSplitK && (kTokens == 16 || (kTokens == 32 && !kStreamK));
+    const bool early_lora = kEarlyLora && p.r > 0 && p.r <= 16 && split == 0;
+    float lora_early[kEarlyLora ? kTokens / 2 : 8];
+#pragma unroll
+    for (int i = 0; i < (kEarlyLora ? kTokens / 2 : 8); ++i) lora_early[i] = 0.0f;
     float acc[T::kAccumulators];
 #pragma unroll
     for (int i = 0; i < T::kAccumulators; ++i) acc[i] = 0.0f;
@@ -789,7 +802,7 @@ __global__ void __launch_bounds__(cta_threads(kTokens, kWarpgroups, kSplitK), 1)
     static_assert(!kSplitK || kWarpgroups == kPipelines, "a split warpgroup, a pipeline");
     const int pipeline_slots = slot_of(consumed + first) - slot_of(consumed + first) % kSlots;
     int slot_index = slot_of(consumed + first) % kSlots, phase = round_of(consumed + first) & 1;
-    auto consume_stage = [&](int k, auto parity) __attribute__((always_inline)) {
+    auto consume_stage = [&](int k, auto parity, auto with_lora) __attribute__((always_inline)) {
       const int slot = pipeline_slots + slot_index;
       const int full_phase = phase;
       if (++slot_index == kSlots) slot_index = 0, phase ^= 1;
@@ -877,12 +890,20 @@ __global__ void __launch_bounds__(cta_threads(kTokens, kWarpgroups, kSplitK), 1)
         uint32_t a[4][4];
 #pragma unroll
         for (int j = 0; j < 4; ++j) decode_step(j, a[j]);
+        if constexpr (decltype(with_lora)::value) {
+          if (early_lora) mbar_wait(xa_full, segment & 1);
+          wgmma_fence(b_first);
+        }
         wgmma_fence(a);
         wgmma_bf16<false>(part, a[0], x_descriptor(slot, 0));
 #pragma unroll
         for (int j = 1; j < 4; ++j) wgmma_bf16(part, a[j], x_descriptor(slot, j));
+        if constexpr (decltype(with_lora)::value)
+          wgmma_bf16<false>(lora_early, b_first,
+                            interleaved_descriptor(table + xa_core_offset(0, 0), 256, 256 * kXaColumnBlocks));
         wgmma_commit_and_wait();
         fence_accumulators(part);
+        if constexpr (decltype(with_lora)::value) fence_accumulators(lora_early);
         release(slot);
         // accumulator 4j + e: row r0, or r0 + 8 for e >= 2
 #pragma unroll
@@ -904,17 +925,24 @@ __global__ void __launch_bounds__(cta_threads(kTokens, kWarpgroups, kSplitK), 1)
       using Set1 = std::integral_constant<int, 1>;
       int k = first;
       for (; k + step < seg.stages; k += 2 * step) {
-        consume_stage(k, Set0{});
-        consume_stage(k + step, Set1{});
+        consume_stage(k, Set0{}, std::false_type{});
+        consume_stage(k + step, Set1{}, std::false_type{});
         finish_held(Set0{}, Set1{});  // one group, the second stage's, may still run
         finish_held(Set1{}, Set0{});
       }
       if (k < seg.stages) {
-        consume_stage(k, Set0{});
+        consume_stage(k, Set0{}, std::false_type{});
         finish_held(Set0{}, Set0{});
       }
     } else {
-      for (int k = first; k < seg.stages; k += step) consume_stage(k, std::integral_constant<int, 0>{});
+      using Set0 = std::integral_constant<int, 0>;
+      if constexpr (kEarlyLora) {
+        int k = first;
+        for (; k + step < seg.stages; k += step) consume_stage(k, Set0{}, std::false_type{});
+        if (k < seg.stages) consume_stage(k, Set0{}, std::true_type{});
+      } else {
+        for (int k = first; k < seg.stages; k += step) consume_stage(k, Set0{}, std::false_type{});
+      }
     }
     if constexpr (kStepPipelined) {
       wgmma_commit_and_wait();
@@ -1032,7 +1060,10 @@ __global__ void __launch_bounds__(cta_threads(kTokens, kWarpgroups, kSplitK), 1)
       // 62.2, 61.8 -> 61.7, 61.6; 8192x28672 M = 64 87.5, 87.4 -> 86.6, 86.9; 28672x8192 M = 64 109.5, 109.6 -> 109.1,
       // 108.8 (H200, 2026-11-30, tools/xa_beside_gemm.cu, two interleaved runs, y the same bit for bit).
       const bool lora_before_store = kSplitK && p.r > 0 && split == 0;
-      if (lora_before_store) {
+      if (early_lora) {
+#pragma unroll
+        for (int i = 0; i < (kEarlyLora ? kTokens / 2 : 0); ++i) acc[i] += p.lora_scale * lora_early[i];
+      } else if (lora_before_store) {
         constexpr int kPart = kTokens <= 32 ? kTokens : kTokens == 64 ? 16 : 32;
         await_first_chunk();
 #pragma unroll
