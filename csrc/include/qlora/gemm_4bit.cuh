@@ -745,15 +745,15 @@ __global__ void __launch_bounds__(cta_threads(kTokens, kWarpgroups, kSplitK), 1)
     // H200, 2026-11-29, tools/xa_beside_gemm.cu).
     uint32_t b_first[4] = {0u, 0u, 0u, 0u};
     if (adds_lora) load_b_step(0, b_first);
-    // The split form's 16- and 32-token tiles with r <= 16: the LoRA term's product issued with the last stage's
-    // wgmma, in accumulators of its own, where the product after the main loop had lengthened every CTA's chain to its
-    // first store by about 1 µs (fence, product, wait). Every warpgroup takes part (lora_B zeros past the first), and
-    // every CTA's last stage issues it, used or not, so that no wgmma sits in a path that differs between them. With
-    // xa ready / beside the GEMM as the op launches it, µs: 4096² M = 1 13.4 -> 12.6 / 14.6 -> 13.8; M = 16 13.8 ->
-    // 13.2 / 15.1 -> 14.3; 28672x8192 M = 16 89.2 -> 87.0 / 90.0 -> 87.6; 1024x4096 M = 16 12.7 -> 12.0 / 13.9 -> 13.1
-    // (H200, 2026-11-30, tools/xa_beside_gemm.cu, two interleaved runs, y the same bit for bit). Not the 32-token
-    // stream-K kernels, which it made spill.
-    constexpr bool kEarlyLora = kSplitK && (kTokens == 16 || (kTokens == 32 && !kStreamK));
+    // The split form's block-scaled tiles (16 and 32 tokens) with r <= 16: the LoRA term's product issued with the
+    // last stage's wgmma, in accumulators of its own, where the product after the main loop had lengthened every CTA's
+    // chain to its first store by about 1 µs (fence, product, wait). Every warpgroup takes part (lora_B zeros past the
+    // first), and every CTA's last stage issues it, used or not, so that no wgmma sits in a path that differs between
+    // them. With xa ready / beside the GEMM as the op launches it, µs: 4096² M = 1 13.4 -> 12.6 / 14.6 -> 13.8; M = 16
+    // 13.8 -> 13.2 / 15.1 -> 14.3; 28672x8192 M = 16 89.2 -> 87.0 / 90.0 -> 87.6; 1024x4096 M = 16 12.7 -> 12.0 / 13.9
+    // -> 13.1 (H200, 2026-11-30, tools/xa_beside_gemm.cu, two interleaved runs, y the same bit for bit). Not the
+    // 32-token stream-K kernels, which it made spill.
+    constexpr bool kEarlyLora = kSplitK && T::kBlockScaled && !(kTokens == 32 && kStreamK);
     const bool early_lora = kEarlyLora && p.r > 0 && p.r <= 16 && split == 0;
     float lora_early[kEarlyLora ? kTokens / 2 : 8];
 #pragma unroll
@@ -909,6 +909,7 @@ __global__ void __launch_bounds__(cta_threads(kTokens, kWarpgroups, kSplitK), 1)
 #pragma unroll
         for (int i = 0; i < T::kAccumulators; ++i) acc[i] = fmaf(i % 4 < 2 ? s0 : s1, part[i], acc[i]);
       } else {
+        static_assert(!decltype(with_lora)::value, "the LoRA product rides the block-scaled stage only");
         uint32_t a[4][4];
 #pragma unroll
         for (int j = 0; j < 4; ++j) decode_step(j, a[j]);
