@@ -705,6 +705,10 @@ __global__ void __launch_bounds__(cta_threads(kTokens, kWarpgroups, kSplitK), 1)
   auto x_descriptor = [&](int slot, int j) {
     return swizzled_descriptor_at(x_ring_field + static_cast<uint32_t>((slot * kXStageBytes + 32 * j) >> 4));
   };
+  // k16 step j of xa's first 64 columns (staged by stage_xa) from token `token` on: the LoRA term's wgmma B operand.
+  auto xa_descriptor = [&](int token, int j) {
+    return interleaved_descriptor(table + xa_core_offset(token, 2 * j), 256, 256 * kXaColumnBlocks);
+  };
   auto lookup_address = [&](uint32_t word) { return __byte_perm(word, lane_bytes, selector) + table_offset; };
   auto lookup = [&](uint32_t word) {  // the code pair of this thread's byte of word, unscaled
     uint32_t bits;
@@ -899,8 +903,7 @@ __global__ void __launch_bounds__(cta_threads(kTokens, kWarpgroups, kSplitK), 1)
 #pragma unroll
         for (int j = 1; j < 4; ++j) wgmma_bf16(part, a[j], x_descriptor(slot, j));
         if constexpr (decltype(with_lora)::value)
-          wgmma_bf16<false>(lora_early, b_first,
-                            interleaved_descriptor(table + xa_core_offset(0, 0), 256, 256 * kXaColumnBlocks));
+          wgmma_bf16<false>(lora_early, b_first, xa_descriptor(0, 0));
         wgmma_commit_and_wait();
         fence_accumulators(part);
         if constexpr (decltype(with_lora)::value) fence_accumulators(lora_early);
@@ -1035,8 +1038,7 @@ __global__ void __launch_bounds__(cta_threads(kTokens, kWarpgroups, kSplitK), 1)
         for (int j = 0; j < 4; ++j)
           if (c0 + 16 * j < p.r)  // steps wholly past r would add zeros
             wgmma_bf16(acc, b_frags[j],
-                       c0 == 0 ? interleaved_descriptor(table + xa_core_offset(0, 2 * j), 256, 256 * kXaColumnBlocks)
-                               : swizzled_descriptor(base + kXaTile + 32 * j));
+                       c0 == 0 ? xa_descriptor(0, j) : swizzled_descriptor(base + kXaTile + 32 * j));
         wgmma_commit_and_wait();
         fence_accumulators(acc);
       };
@@ -1076,8 +1078,7 @@ __global__ void __launch_bounds__(cta_threads(kTokens, kWarpgroups, kSplitK), 1)
 #pragma unroll
           for (int j = 0; j < 4; ++j)
             if (16 * j < p.r)
-              wgmma_bf16(lora, b_frags[j],
-                         interleaved_descriptor(table + xa_core_offset(part * kPart, 2 * j), 256, 256 * kXaColumnBlocks));
+              wgmma_bf16(lora, b_frags[j], xa_descriptor(part * kPart, j));
           wgmma_commit_and_wait();
           fence_accumulators(lora);
 #pragma unroll

@@ -368,7 +368,6 @@ __host__ __device__ constexpr int scaled_stages(XSource x_source) {
 }
 constexpr int kScaledStepRowBytes = kGemvSplitAlign / 2;     // 128 packed bytes of a row per step
 constexpr int kScaledStageBytes = 16 * kScaledStepRowBytes;  // one warp's 16 rows
-constexpr int kScaledRingBytes = kScaledWarps * kScaledStages * kScaledStageBytes;
 // Dynamic shared memory of the 16-warp kernels (ring, x, LoRA rows): the static table (32 KB) and code2 take
 // the rest of the SM's 227 KB.
 constexpr int kScaledStagedMaxDynamicSmem = 190 * 1024;
@@ -378,6 +377,7 @@ __host__ __device__ constexpr int scaled_warps(XSource x_source, int mt8) {
 __host__ __device__ constexpr int scaled_ring_bytes(XSource x_source, int warps) {
   return warps * scaled_stages(x_source) * kScaledStageBytes;
 }
+constexpr int kScaledRingBytes = scaled_ring_bytes(XSource::Global, kScaledWarps);  // the 8-warp form's
 // Row stride of staged x in elements: the K range (a split, or one step of the ring) plus 16 bytes, so that
 // the rows of a quarter-warp's 16-byte loads fall in different banks.
 __host__ __device__ inline int64_t staged_x_stride(int64_t k_range) { return k_range + 8; }
