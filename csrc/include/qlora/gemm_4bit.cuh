@@ -759,9 +759,11 @@ __global__ void __launch_bounds__(cta_threads(kTokens, kWarpgroups, kSplitK), 1)
     // 32-token stream-K kernels, which it made spill.
     constexpr bool kEarlyLora = kSplitK && T::kBlockScaled && !(kTokens == 32 && kStreamK);
     const bool early_lora = kEarlyLora && p.r > 0 && p.r <= 16 && split == 0;
-    float lora_early[kEarlyLora ? kTokens / 2 : 8];
+    // Where unused, 8: the smallest accumulator set of wgmma_bf16, which the product's discarded branch still names.
+    constexpr int kEarlyLoraFloats = kEarlyLora ? kTokens / 2 : 8;
+    float lora_early[kEarlyLoraFloats];
 #pragma unroll
-    for (int i = 0; i < (kEarlyLora ? kTokens / 2 : 8); ++i) lora_early[i] = 0.0f;
+    for (int i = 0; i < kEarlyLoraFloats; ++i) lora_early[i] = 0.0f;
     float acc[T::kAccumulators];
 #pragma unroll
     for (int i = 0; i < T::kAccumulators; ++i) acc[i] = 0.0f;
@@ -1065,7 +1067,7 @@ __global__ void __launch_bounds__(cta_threads(kTokens, kWarpgroups, kSplitK), 1)
       const bool lora_before_store = kSplitK && p.r > 0 && split == 0;
       if (early_lora) {
 #pragma unroll
-        for (int i = 0; i < (kEarlyLora ? kTokens / 2 : 0); ++i) acc[i] += p.lora_scale * lora_early[i];
+        for (int i = 0; i < kEarlyLoraFloats; ++i) acc[i] += p.lora_scale * lora_early[i];
       } else if (lora_before_store) {
         constexpr int kPart = kTokens <= 32 ? kTokens : kTokens == 64 ? 16 : 32;
         await_first_chunk();
