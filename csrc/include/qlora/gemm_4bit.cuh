@@ -1034,15 +1034,20 @@ __global__ void __launch_bounds__(cta_threads(kTokens, kWarpgroups, kSplitK), 1)
         load_b(0);
         mbar_wait(xa_full, segment & 1);
       };
-      auto add_lora_chunk = [&](int c0) {
+      // The product of chunk c0 into accumulators d, xa's k16 step j at descriptor(j).
+      auto add_lora_product = [&](auto& d, int c0, auto descriptor) {
         wgmma_fence(b_frags);
 #pragma unroll
         for (int j = 0; j < 4; ++j)
           if (c0 + 16 * j < p.r)  // steps wholly past r would add zeros
-            wgmma_bf16(acc, b_frags[j],
-                       c0 == 0 ? xa_descriptor(0, j) : swizzled_descriptor(base + kXaTile + 32 * j));
+            wgmma_bf16(d, b_frags[j], descriptor(j));
         wgmma_commit_and_wait();
-        fence_accumulators(acc);
+        fence_accumulators(d);
+      };
+      auto add_lora_chunk = [&](int c0) {
+        add_lora_product(acc, c0, [&](int j) {
+          return c0 == 0 ? xa_descriptor(0, j) : swizzled_descriptor(base + kXaTile + 32 * j);
+        });
       };
       const float lora_scale = p.lora_scale;
       const bool lora_fits_acc = kTokens >= kMaxTokens && !kSplitK && p.r > 0 && fabsf(lora_scale) >= 0x1p-60f &&
@@ -1076,13 +1081,7 @@ __global__ void __launch_bounds__(cta_threads(kTokens, kWarpgroups, kSplitK), 1)
           float lora[kPart / 2];
 #pragma unroll
           for (int i = 0; i < kPart / 2; ++i) lora[i] = 0.0f;
-          wgmma_fence(b_frags);
-#pragma unroll
-          for (int j = 0; j < 4; ++j)
-            if (16 * j < p.r)
-              wgmma_bf16(lora, b_frags[j], xa_descriptor(part * kPart, j));
-          wgmma_commit_and_wait();
-          fence_accumulators(lora);
+          add_lora_product(lora, 0, [&](int j) { return xa_descriptor(part * kPart, j); });
 #pragma unroll
           for (int i = 0; i < kPart / 2; ++i) acc[part * kPart / 2 + i] += p.lora_scale * lora[i];
         }
