@@ -2,6 +2,7 @@
 // float (round to nearest even), and copies between host vectors and device buffers.
 #pragma once
 
+#include <array>
 #include <cstdint>
 #include <cstdio>
 #include <cstring>
@@ -17,6 +18,18 @@ inline bool parse_gemm_shape(const char* arg, long long* N, long long* K, long l
   if (sscanf(arg, "%lld,%lld,%lld", N, K, M) == 3 && *K % 64 == 0) return true;
   printf("%s: expected N,K,M with K a multiple of 64\n", arg);
   return false;
+}
+
+// The GEMM shapes {N, K, M} given from argv[first] on, replacing `shapes` (the program's defaults) where any are
+// given; false, after saying why, on one that does not parse.
+inline bool gemm_shapes_from_args(int argc, char** argv, int first, std::vector<std::array<int64_t, 3>>* shapes) {
+  if (argc > first) shapes->clear();
+  for (int a = first; a < argc; ++a) {
+    long long N, K, M;
+    if (!parse_gemm_shape(argv[a], &N, &K, &M)) return false;
+    shapes->push_back({N, K, M});
+  }
+  return true;
 }
 
 // Device 0's SM count, or 0 (after saying so on stderr) where `program` finds no GPU.

@@ -28,12 +28,7 @@ int main(int argc, char** argv) {
   std::vector<std::array<int64_t, 3>> shapes = {{4096, 4096, 256}, {8192, 8192, 256}, {8192, 28672, 256},
                                                 {28672, 8192, 256}, {8192, 28672, 64}, {4096, 4096, 32},
                                                 {8192, 28672, 1024}};
-  if (argc > 1) shapes.clear();
-  for (int a = 1; a < argc; ++a) {
-    long long N, K, M;
-    if (!parse_gemm_shape(argv[a], &N, &K, &M)) return 1;
-    shapes.push_back({N, K, M});
-  }
+  if (!gemm_shapes_from_args(argc, argv, 1, &shapes)) return 1;
   std::mt19937 rng(0);
   std::normal_distribution<float> normal(0.0f, 1.0f);
   for (const auto& s : shapes) {
