@@ -107,11 +107,25 @@ inline int64_t fused_max_m(int64_t blocksize, int64_t K, int64_t tensor_core_cta
 // (lora_down_mma), tools/time_lora_paths.py, do_bench µs, M = 1024: 4096x4096 63.2 vs 77.7 (the automatic choice,
 // then dequantize + cuBLAS, 68.1), 14336x4096 242.7 vs 241.7, 4096x14336 185.4 vs 232.5, 8192x8192 234.9 vs 262.4,
 // 28672x8192 854.5 vs 909.0. Launches short of the SMs lose above 128 tokens: 1024x4096 M = 512 (64 CTAs) 32.5 vs
-// 28.3, M = 256 (32 CTAs) 29.4 vs 29.6. At M = 1536 dequantize + cuBLAS wins on all seven shapes (4096x4096 104.7 vs
+// 28.3, M = 256 (32 CTAs) 29.4 vs 29.6. With lora_down_mma beside, at M = 1536 dequantize + cuBLAS won on all seven shapes (4096x4096 104.7 vs
 // 136.3, 14336x4096 335.0 vs 385.7, 8192x28672 1242.2 vs 1279.0), and at M = 4096 the merged form by 5-15 %: under
 // sustained load both run at the board's power limit, where cuBLAS does more per clock than a kernel that also
 // decodes.
 constexpr int64_t kTensorCoreMaxM = 1024, kTensorCoreNarrowMaxM = 512;
+// Above kTensorCoreMaxM the GEMM takes xa from cuBLAS (lora_down_mma's few CTAs fall behind it there) and still beats
+// dequantize + cuBLAS where the weight is large and M moderate, or K is long. tools/time_lora_paths.py --paths
+// auto,tensor-core-wide,bf16 on the H200 (2026-11-30), do_bench µs, r = 16, GEMM / dequantize + cuBLAS:
+//   M = 1536: 8192x8192 333.1 / 350.5, 8192x28672 1097.6 / 1202.7, 28672x8192 1207.4 / 1247.2, 14336x4096 294.7 /
+//             318.0, 4096x14336 329.4 / 329.6, 4096x4096 103.2 / 90.2;
+//   M = 2048: 442.5 / 456.8, 1458.4 / 1574.2, 1582.5 / 1623.2, 399.1 / 411.5, 378.2 / 398.6, 122.5 / 116.7;
+//   M = 4096: 8192x28672 2890.2 / 3015.8 (bf16 F.linear 2838.6), 4096x14336 731.9 / 731.4, 14336x4096 794.7 / 765.4,
+//             28672x8192 3119.8 / 3035.6, 8192x8192 885.5 / 868.0, 4096x4096 228.6 / 220.0.
+constexpr int64_t kTensorCoreLargeWeightMaxM = 2048, kTensorCoreLargeWeightMinElements = int64_t{1} << 25;
+constexpr int64_t kTensorCoreLongKMaxM = 4096, kTensorCoreLongKMinK = 16384;
+inline bool tensor_core_m_in_range(int64_t M, int64_t N, int64_t K) {
+  return M <= kTensorCoreMaxM || (M <= kTensorCoreLargeWeightMaxM && N * K >= kTensorCoreLargeWeightMinElements) ||
+         (M <= kTensorCoreLongKMaxM && K >= kTensorCoreLongKMinK);
+}
 // Largest LoRA rank the fused kernel stages in shared memory (64 rows x r floats within 48 KB).
 constexpr int64_t kFusedMaxRank = 192;
 

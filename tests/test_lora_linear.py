@@ -219,6 +219,22 @@ def test_tensor_core_token_tiles(path, M):
 
 
 @cuda_only
+@pytest.mark.parametrize("M, N, K, gemm", [(1536, 8192, 4096, True), (1536, 4096, 4096, False),
+                                           (2560, 2048, 16384, True), (2560, 4096, 4096, False)])
+def test_tensor_core_beyond_1024_tokens(M, N, K, gemm):
+    """Above 1024 tokens the automatic choice takes the tensor-core GEMM (xa from cuBLAS first) up to 2048 tokens where
+    N·K >= 2^25, and up to 4096 where K >= 16384; elsewhere it dequantizes and calls cuBLAS."""
+    if not tensor_core_runs(torch.device("cuda")):
+        pytest.skip("the tensor-core GEMM does not run here")
+    a = sample_inputs("cuda", M, N, K, 16, torch.bfloat16)
+    y = OP(**a)
+    assert bool(gemm_kernels(lambda: OP(**a))) == gemm
+    if gemm:
+        assert torch.equal(y, OP(**a, path=7)), "the automatic choice should be path 7 here"
+    assert_accurate(y, reference.lora_linear_4bit(**a), torch_baseline(a), torch.bfloat16, f"M = {M}")
+
+
+@cuda_only
 @pytest.mark.parametrize("K", [512, 1024, 4096])
 @pytest.mark.parametrize("M", [129, 300])
 @pytest.mark.parametrize("N, r, bias", [(520, 16, False), (516, 8, True), (520, 80, True)])

@@ -149,7 +149,8 @@ at::Tensor tensor_core_forward(const at::Tensor& x2, const at::Tensor& packed, c
   at::Tensor xa, lb, b;
   if (bias.has_value()) b = bias->contiguous();
   // The stream-K form's workspace, before xa's launch, which must be the last before the kernel.
-  const bool xa_beside = args.lora && lora_down_mma_supported(args.K, args.r);
+  // Beyond kTensorCoreMaxM lora_down_mma's few CTAs fall behind the GEMM; cuBLAS computes xa first there.
+  const bool xa_beside = args.lora && args.M <= kTensorCoreMaxM && lora_down_mma_supported(args.K, args.r);
   const int stream_k_ctas =
       gemm4bit::gemm_4bit_stream_k_ctas(args.M, args.N, args.K, num_sms, xa_beside ? lora_down_mma::kCtas : 0);
   at::Tensor stream_k_partials, stream_k_arrivals;
@@ -249,7 +250,7 @@ at::Tensor lora_linear_4bit_cuda(const at::Tensor& x, const at::Tensor& packed, 
     return why_not_tensor_core == nullptr ? gemm4bit::gemm_4bit_ctas(M, args.N, args.K, num_sms) : 0;
   };
   const bool tensor_core_pays =
-      why_not_tensor_core == nullptr && args.M <= kTensorCoreMaxM &&
+      why_not_tensor_core == nullptr && tensor_core_m_in_range(args.M, args.N, args.K) &&
       (args.M <= gemm4bit::kMaxTokens || 4 * tensor_core_ctas(args.M) >= 3 * static_cast<int64_t>(num_sms)) &&
       (args.M <= kTensorCoreNarrowMaxM || gemm4bit::gemm_4bit_wide_tiles_pay(args.M, args.N, args.K, num_sms));
   const int64_t small_tile_ctas = tensor_core_ctas(gemm4bit::kSmallTokensMaxM);
