@@ -155,27 +155,27 @@ __global__ void __launch_bounds__(kWarps * 32, kMinCtas)
           for (int h = 0; h < 2; ++h)
 #pragma unroll
             for (int j = 0; j < 4; ++j) acc[h] += __uint_as_float((qd.w[h][j].x ^ qd.w[h][j].y) & 0x3fffffffu);
-          return;
-        }
+        } else {
 #pragma unroll
-        for (int j = 0; j < 4; ++j) {
-          const int block = 4 * quad + j;
-          const uint4* xb = reinterpret_cast<const uint4*>(xs + block * 64 + 16 * t);
-          const uint4 x0 = xb[0], x1 = xb[1];
-          const uint32_t xr[8] = {x0.x, x0.y, x0.z, x0.w, x1.x, x1.y, x1.z, x1.w};
-          float d[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+          for (int j = 0; j < 4; ++j) {
+            const int block = 4 * quad + j;
+            const uint4* xb = reinterpret_cast<const uint4*>(xs + block * 64 + 16 * t);
+            const uint4 x0 = xb[0], x1 = xb[1];
+            const uint32_t xr[8] = {x0.x, x0.y, x0.z, x0.w, x1.x, x1.y, x1.z, x1.w};
+            float d[4] = {0.0f, 0.0f, 0.0f, 0.0f};
 #pragma unroll
-          for (int s = 0; s < 4; ++s) {
-            const uint32_t a[4] = {lookup(table_base, qd.w[0][j], 2 * s, lane4), lookup(table_base, qd.w[1][j], 2 * s, lane4),
-                                   lookup(table_base, qd.w[0][j], 2 * s + 1, lane4),
-                                   lookup(table_base, qd.w[1][j], 2 * s + 1, lane4)};
-            const uint32_t b[2] = {xr[2 * s], xr[2 * s + 1]};
-            MmaType<bf16>::mma(d, a, b);
-          }
+            for (int s = 0; s < 4; ++s) {
+              const uint32_t a[4] = {lookup(table_base, qd.w[0][j], 2 * s, lane4), lookup(table_base, qd.w[1][j], 2 * s, lane4),
+                                     lookup(table_base, qd.w[0][j], 2 * s + 1, lane4),
+                                     lookup(table_base, qd.w[1][j], 2 * s + 1, lane4)};
+              const uint32_t b[2] = {xr[2 * s], xr[2 * s + 1]};
+              MmaType<bf16>::mma(d, a, b);
+            }
 #pragma unroll
-          for (int h = 0; h < 2; ++h) {
-            const float scale = code2[(qd.q[h] >> (8 * j)) & 255] * qd.a2[h] + mean;
-            acc[h] = fmaf(scale, d[2 * h], acc[h]);
+            for (int h = 0; h < 2; ++h) {
+              const float scale = code2[(qd.q[h] >> (8 * j)) & 255] * qd.a2[h] + mean;
+              acc[h] = fmaf(scale, d[2 * h], acc[h]);
+            }
           }
         }
       };
@@ -286,13 +286,13 @@ int main(int argc, char** argv) {
       continue;
     }
     std::mt19937 rng(1);
-    std::uniform_real_distribution<float> unit(-1.0f, 1.0f);
-    const std::vector<uint8_t> hp = random_bytes(N * K / 2, rng), hq = random_bytes(N * K / 64, rng);
-    std::vector<float> ha2(N * K / 64 / 256 + 1), hc(256);
-    for (auto& v : ha2) v = 0.01f + (rng() % 1000) * 1e-4f;
-    for (int i = 0; i < 256; ++i) hc[i] = (i - 128) / 128.0f;
-    const float off = 0.05f;
-    const std::vector<uint16_t> hx = bf16_values(M * K, [&] { return unit(rng); });
+    const DqWeightSample sample = dq_weight_sample(N, K, M, rng);
+    const std::vector<uint8_t>& hp = sample.packed;
+    const std::vector<uint8_t>& hq = sample.qabsmax;
+    const std::vector<float>& ha2 = sample.absmax2;
+    const std::vector<float>& hc = sample.code2;
+    const float off = sample.offset;
+    const std::vector<uint16_t>& hx = sample.x;
     Weight wt{device_copy(hp), device_copy(hq), device_copy(ha2), device_copy(hc),
               device_copy(std::vector<float>{off}), N, K};
     const uint8_t* tiled_packed = device_copy(tile_order(hp, N, K));

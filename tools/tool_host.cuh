@@ -93,6 +93,29 @@ inline uint64_t bits_hash(const std::vector<uint16_t>& values) {
   return hash;
 }
 
+// An NF4 weight [N, K] with double-quantized scales (packed codes, a code byte a 64-block, one float a 256 blocks,
+// the 256 second-level codes and their offset) and x [M, K], drawn from rng in that order, uniform in [-1, 1).
+struct DqWeightSample {
+  std::vector<uint8_t> packed, qabsmax;
+  std::vector<float> absmax2, code2;
+  float offset;
+  std::vector<uint16_t> x;
+};
+template <typename Rng>
+DqWeightSample dq_weight_sample(int64_t N, int64_t K, int64_t M, Rng& rng) {
+  std::uniform_real_distribution<float> unit(-1.0f, 1.0f);
+  DqWeightSample s;
+  s.packed = random_bytes(N * K / 2, rng);
+  s.qabsmax = random_bytes(N * K / 64, rng);
+  s.absmax2.resize(N * K / 64 / 256 + 1);
+  for (auto& v : s.absmax2) v = 0.01f + (rng() % 1000) * 1e-4f;
+  s.code2.resize(256);
+  for (int i = 0; i < 256; ++i) s.code2[i] = (i - 128) / 128.0f;
+  s.offset = 0.05f;
+  s.x = bf16_values(M * K, [&] { return unit(rng); });
+  return s;
+}
+
 // Row n of an NF4 weight [N, K] (blocksize 64, double-quantized block scales: a code byte a block, one float a 256
 // blocks, code2 and an offset) times x, in fp64: sum over k of code value · scale · x(k), each block's scale rounded as
 // the kernels round it (code2[q] · absmax2 + offset in fp32). x(k) gives element k of the row of x.
