@@ -287,16 +287,10 @@ int main(int argc, char** argv) {
     }
     std::mt19937 rng(1);
     const DqWeightSample sample = dq_weight_sample(N, K, M, rng);
-    const std::vector<uint8_t>& hp = sample.packed;
-    const std::vector<uint8_t>& hq = sample.qabsmax;
-    const std::vector<float>& ha2 = sample.absmax2;
-    const std::vector<float>& hc = sample.code2;
-    const float off = sample.offset;
-    const std::vector<uint16_t>& hx = sample.x;
-    Weight wt{device_copy(hp), device_copy(hq), device_copy(ha2), device_copy(hc),
-              device_copy(std::vector<float>{off}), N, K};
-    const uint8_t* tiled_packed = device_copy(tile_order(hp, N, K));
-    bf16* x = reinterpret_cast<bf16*>(device_copy(hx));
+    Weight wt{device_copy(sample.packed), device_copy(sample.qabsmax), device_copy(sample.absmax2), device_copy(sample.code2),
+              device_copy(std::vector<float>{sample.offset}), N, K};
+    const uint8_t* tiled_packed = device_copy(tile_order(sample.packed, N, K));
+    bf16* x = reinterpret_cast<bf16*>(device_copy(sample.x));
     bf16* y;
     cudaMalloc(&y, N * 2);
     float* partial;
@@ -312,7 +306,7 @@ int main(int argc, char** argv) {
       double max_err = 0, max_ref = 0;
       for (int i = 0; i < 256; ++i) {
         const int64_t n = (N - 1) * i / 255;
-        const double ref = nf4_dq_row_dot(hp, hq, ha2, hc, off, n, K, [&](int64_t k) { return from_bf16(hx[k]); });
+        const double ref = nf4_dq_row_dot(sample, n, K, [&](int64_t k) { return from_bf16(sample.x[k]); });
         max_err = std::max(max_err, std::fabs(from_bf16(hy[n]) - ref));
         max_ref = std::max(max_ref, std::fabs(ref));
       }

@@ -39,20 +39,14 @@ int main(int argc, char** argv) {
     std::mt19937 rng(1);
     std::uniform_real_distribution<float> unit(-1.0f, 1.0f);
     const DqWeightSample w = dq_weight_sample(N, K, M, rng);
-    const std::vector<uint8_t>& hp = w.packed;
-    const std::vector<uint8_t>& hq = w.qabsmax;
-    const std::vector<float>& ha2 = w.absmax2;
-    const std::vector<float>& hc = w.code2;
-    const float off = w.offset;
-    const std::vector<uint16_t>& hx = w.x;
     const std::vector<uint16_t> hA = bf16_values(std::max<long long>(r, 1) * K, [&] { return 0.02f * unit(rng); });
     const std::vector<uint16_t> hB = bf16_values(N * std::max(r, 1), [&] { return 0.02f * unit(rng); });
-    uint8_t* packed = device_copy(hp);
-    uint8_t* q = device_copy(hq);
-    float* a2 = device_copy(ha2);
-    float* code2 = device_copy(hc);
-    float* offset = device_copy(std::vector<float>{off});
-    bf16* x = reinterpret_cast<bf16*>(device_copy(hx));
+    uint8_t* packed = device_copy(w.packed);
+    uint8_t* q = device_copy(w.qabsmax);
+    float* a2 = device_copy(w.absmax2);
+    float* code2 = device_copy(w.code2);
+    float* offset = device_copy(std::vector<float>{w.offset});
+    bf16* x = reinterpret_cast<bf16*>(device_copy(w.x));
     bf16* A = reinterpret_cast<bf16*>(device_copy(hA));
     bf16* B = reinterpret_cast<bf16*>(device_copy(hB));
     bf16* y;
@@ -98,12 +92,12 @@ int main(int argc, char** argv) {
     std::vector<double> xa(M * r, 0.0);
     for (int64_t m = 0; m < M; ++m)
       for (int j = 0; j < r; ++j)
-        for (int64_t k = 0; k < K; ++k) xa[m * r + j] += static_cast<double>(from_bf16(hx[m * K + k])) * from_bf16(hA[j * K + k]);
+        for (int64_t k = 0; k < K; ++k) xa[m * r + j] += static_cast<double>(from_bf16(w.x[m * K + k])) * from_bf16(hA[j * K + k]);
     double max_err = 0, max_ref = 0;
     for (int i = 0; i < 256; ++i) {
       const int64_t n = (N - 1) * i / 255;
       for (int64_t m = 0; m < M; ++m) {
-        double acc = nf4_dq_row_dot(hp, hq, ha2, hc, off, n, K, [&](int64_t k) { return from_bf16(hx[m * K + k]); });
+        double acc = nf4_dq_row_dot(w, n, K, [&](int64_t k) { return from_bf16(w.x[m * K + k]); });
         for (int j = 0; j < r; ++j) acc += s * xa[m * r + j] * from_bf16(hB[n * r + j]);
         max_err = std::max(max_err, std::fabs(from_bf16(hy[m * N + n]) - acc));
         max_ref = std::max(max_ref, std::fabs(acc));

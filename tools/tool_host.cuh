@@ -137,3 +137,7 @@ double nf4_dq_row_dot(const std::vector<uint8_t>& packed, const std::vector<uint
   }
   return acc;
 }
+template <typename X>
+double nf4_dq_row_dot(const DqWeightSample& w, int64_t n, int64_t K, X x) {
+  return nf4_dq_row_dot(w.packed, w.qabsmax, w.absmax2, w.code2, w.offset, n, K, x);
+}
