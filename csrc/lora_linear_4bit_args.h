@@ -107,10 +107,10 @@ inline int64_t fused_max_m(int64_t blocksize, int64_t K, int64_t tensor_core_cta
 // (lora_down_mma), tools/time_lora_paths.py, do_bench µs, M = 1024: 4096x4096 63.2 vs 77.7 (the automatic choice,
 // then dequantize + cuBLAS, 68.1), 14336x4096 242.7 vs 241.7, 4096x14336 185.4 vs 232.5, 8192x8192 234.9 vs 262.4,
 // 28672x8192 854.5 vs 909.0. Launches short of the SMs lose above 128 tokens: 1024x4096 M = 512 (64 CTAs) 32.5 vs
-// 28.3, M = 256 (32 CTAs) 29.4 vs 29.6. With lora_down_mma beside, at M = 1536 dequantize + cuBLAS won on all seven shapes (4096x4096 104.7 vs
-// 136.3, 14336x4096 335.0 vs 385.7, 8192x28672 1242.2 vs 1279.0), and at M = 4096 the merged form by 5-15 %: under
-// sustained load both run at the board's power limit, where cuBLAS does more per clock than a kernel that also
-// decodes.
+// 28.3, M = 256 (32 CTAs) 29.4 vs 29.6. With lora_down_mma beside, at M = 1536 dequantize + cuBLAS won on all seven
+// shapes (4096x4096 104.7 vs 136.3, 14336x4096 335.0 vs 385.7, 8192x28672 1242.2 vs 1279.0), and at M = 4096 the
+// merged form by 5-15 %: under sustained load both run at the board's power limit, where cuBLAS does more per clock
+// than a kernel that also decodes.
 constexpr int64_t kTensorCoreMaxM = 1024, kTensorCoreNarrowMaxM = 512;
 // Above kTensorCoreMaxM the GEMM takes xa from cuBLAS (lora_down_mma's few CTAs fall behind it there) and still beats
 // dequantize + cuBLAS where the weight is large and M moderate, or K is long. tools/time_lora_paths.py --paths

@@ -138,6 +138,7 @@ __global__ void __launch_bounds__(kWarps * 32, kMinCtas)
   };
   const uint32_t table_base = static_cast<uint32_t>(__cvta_generic_to_shared(table));
   const uint32_t lane4 = lane * 4;
+  auto pair = [&](uint2 w, int byte) { return lookup(table_base, w, byte, lane4); };
   const float mean = *wt.offset;
   float acc[2] = {0.0f, 0.0f};
   Quad ring[kQuads];
@@ -165,9 +166,8 @@ __global__ void __launch_bounds__(kWarps * 32, kMinCtas)
             float d[4] = {0.0f, 0.0f, 0.0f, 0.0f};
 #pragma unroll
             for (int s = 0; s < 4; ++s) {
-              const uint32_t a[4] = {lookup(table_base, qd.w[0][j], 2 * s, lane4), lookup(table_base, qd.w[1][j], 2 * s, lane4),
-                                     lookup(table_base, qd.w[0][j], 2 * s + 1, lane4),
-                                     lookup(table_base, qd.w[1][j], 2 * s + 1, lane4)};
+              const uint32_t a[4] = {pair(qd.w[0][j], 2 * s), pair(qd.w[1][j], 2 * s), pair(qd.w[0][j], 2 * s + 1),
+                                     pair(qd.w[1][j], 2 * s + 1)};
               const uint32_t b[2] = {xr[2 * s], xr[2 * s + 1]};
               MmaType<bf16>::mma(d, a, b);
             }
@@ -236,9 +236,12 @@ struct Config {
 
 template <int kWarps, int kQuads, int kMinCtas, bool kTiled, bool kAhead = false, bool kReadOnly = false>
 cudaError_t launch(const bf16* x, const Weight& wt, int splits, float* partial, bf16* y) {
-  const auto kernel = hmma_gemv_kernel<kWarps, kQuads, kMinCtas, kTiled, kAhead, kReadOnly>;
+  constexpr auto kernel = hmma_gemv_kernel<kWarps, kQuads, kMinCtas, kTiled, kAhead, kReadOnly>;
+  constexpr int kMostShared = 227 * 1024;  // the most a CTA may opt in to on sm_90, asked for once, not every launch
   const int shared = kFixedShared + static_cast<int>(wt.K / splits) * 2;
-  cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, shared);
+  if (shared > kMostShared) return cudaErrorInvalidValue;
+  const cudaError_t opted = opt_in_dynamic_smem<kernel>(kMostShared);
+  if (opted != cudaSuccess) return opted;
   const int64_t tiles = wt.N / 16;
   const int ctas_per_split = static_cast<int>((tiles + kWarps - 1) / kWarps);
   kernel<<<ctas_per_split * splits, kWarps * 32, shared>>>(x, wt, splits, partial, y);
@@ -287,8 +290,8 @@ int main(int argc, char** argv) {
     }
     std::mt19937 rng(1);
     const DqWeightSample sample = dq_weight_sample(N, K, M, rng);
-    Weight wt{device_copy(sample.packed), device_copy(sample.qabsmax), device_copy(sample.absmax2), device_copy(sample.code2),
-              device_copy(std::vector<float>{sample.offset}), N, K};
+    Weight wt{device_copy(sample.packed), device_copy(sample.qabsmax), device_copy(sample.absmax2),
+              device_copy(sample.code2), device_copy(std::vector<float>{sample.offset}), N, K};
     const uint8_t* tiled_packed = device_copy(tile_order(sample.packed, N, K));
     bf16* x = reinterpret_cast<bf16*>(device_copy(sample.x));
     bf16* y;
