@@ -2,6 +2,9 @@
 
 #include <c10/util/Exception.h>
 
+#include "packed_order.h"
+#include "qlora/tile_order.h"
+
 namespace qlora {
 
 QuantType parse_quant_type(const std::string& quant_type) {
@@ -48,6 +51,14 @@ DequantizeArgs check_dequantize_4bit_args(const at::Tensor& packed, const at::Te
   }
   check_dtype(packed, at::kByte, "packed");
   check_numel(packed, ceil_div(args.numel, 2), "packed", "(two 4-bit codes per byte for the given shape)");
+  args.tile_order = is_tile_ordered(packed);
+  if (args.tile_order) {
+    const bool fits = shape.size() == 2 && tile_order_supported(shape[0].expect_int(), shape[1].expect_int()) &&
+                      packed.size(0) * kTileOrderRows == shape[0].expect_int() &&
+                      packed.size(1) * kTileOrderK == shape[1].expect_int() && packed.size(2) == kTileOrderBytes;
+    TORCH_CHECK_VALUE(fits, "a 3-D packed is a tile-ordered weight [out_features / 16, in_features / 64, 512]; got ",
+                      packed.sizes(), " for shape ", shape);
+  }
   check_same_device(absmax, packed, "absmax", "packed");
   const int64_t blocks = ceil_div(args.numel, blocksize);
   check_numel(absmax, blocks, "absmax", "(one per block of the given shape and blocksize)");

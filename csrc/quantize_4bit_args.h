@@ -26,6 +26,7 @@ struct DequantizeArgs {
   QuantType quant_type;
   int64_t numel;
   bool double_quant;
+  bool tile_order = false;  // packed is [N / 16, K / 64, 512] (qlora/tile_order.h)
 };
 
 DequantizeArgs check_dequantize_4bit_args(const at::Tensor& packed, const at::Tensor& absmax, int64_t blocksize,

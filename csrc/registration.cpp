@@ -19,6 +19,12 @@ TORCH_LIBRARY(qlora, m) {
       "ScalarType dtype, Tensor lora_A, Tensor lora_B, float scale, Tensor? absmax2=None, Tensor? code2=None, "
       "Tensor? offset=None) -> Tensor");
 
+  // The packed bytes of a 4-bit weight [N, K] in tile order ([N / 16, K / 64, 512], qlora/tile_order.h: the order the
+  // CUDA kernels read fastest) and back to bitsandbytes' row-major [(N·K) / 2, 1]. Every op that takes `packed`
+  // accepts either order.
+  m.def("tile_order_4bit(Tensor packed, int[] shape) -> Tensor");
+  m.def("row_order_4bit(Tensor packed) -> Tensor");
+
   // ---- fused 4-bit linear + LoRA ----
   // y = x·dequant(W)ᵀ + scale·(x_lora·lora_Aᵀ)·lora_Bᵀ + bias, W given as dequantize_4bit's arguments with
   // shape = [out_features, in_features]; x_lora (x after LoRA dropout) defaults to x; lora_A/lora_B/bias are

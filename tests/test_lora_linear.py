@@ -80,7 +80,7 @@ def tensor_core_runs(device):
 
 def gemm_kernels(fn):
     """The template arguments of each tensor-core GEMM kernel fn launches, by torch.profiler: quant type, double
-    quantization, tokens a tile, warpgroups, split form, stream-K form."""
+    quantization, tokens a tile, warpgroups, split form, stream-K form, tile-ordered weight."""
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
         fn()
         torch.cuda.synchronize()
@@ -90,7 +90,7 @@ def gemm_kernels(fn):
 
 def gemm_forms(fn):
     """The stream-K flag of each tensor-core GEMM kernel fn launches."""
-    return [args[-1] == "true" for args in gemm_kernels(fn)]
+    return [args[5] == "true" for args in gemm_kernels(fn)]
 
 
 def assert_same_on_every_call(a, y):
@@ -281,7 +281,7 @@ def test_tensor_core_row_form_small_tiles(M, tokens, K):
         pytest.skip("16384 rows are not one wave of the row form on this GPU")
     a = sample_inputs("cuda", M, 16384, K, 16, torch.bfloat16, bias=True)
     y = OP(**a, path=6)
-    assert [args[2:] for args in gemm_kernels(lambda: OP(**a, path=6))] == [[str(tokens), "2", "false", "false"]]
+    assert [args[2:6] for args in gemm_kernels(lambda: OP(**a, path=6))] == [[str(tokens), "2", "false", "false"]]
     assert_accurate(y, reference.lora_linear_4bit(**a), torch_baseline(a), torch.bfloat16, "path 6")
     assert torch.equal(y, OP(**a, path=6))
 
@@ -321,7 +321,7 @@ def test_tensor_core_split_form_stream_k(M, tokens, K, r):
         pytest.skip("320 CTAs do not fill this GPU's last wave poorly")
     a = sample_inputs("cuda", M, 20480, K, max(r, 1), torch.bfloat16, lora=r > 0, bias=r > 0)
     y = OP(**a, path=6)
-    assert [args[2:] for args in gemm_kernels(lambda: OP(**a, path=6))] == [[str(tokens), "4", "true", "true"]]
+    assert [args[2:6] for args in gemm_kernels(lambda: OP(**a, path=6))] == [[str(tokens), "4", "true", "true"]]
     assert_accurate(y, reference.lora_linear_4bit(**a), torch_baseline(a), torch.bfloat16, "split-form stream-K")
     assert_same_on_every_call(a, y)
 

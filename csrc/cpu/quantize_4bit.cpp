@@ -8,6 +8,7 @@
 #include <algorithm>
 #include <vector>
 
+#include "../packed_order.h"
 #include "../quantize_4bit_args.h"
 #include "qlora/codebook.h"
 
@@ -168,7 +169,7 @@ at::Tensor dequantize_4bit_cpu(const at::Tensor& packed, const at::Tensor& absma
     std::copy_n(a.const_data_ptr<float>(), blocks, scales.begin());
   }
   const float* values = args.quant_type == QuantType::NF4 ? kNF4Values : kFP4Values;
-  const at::Tensor p = packed.contiguous();
+  const at::Tensor p = to_row_order(packed).contiguous();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "dequantize_4bit_cpu", [&] {
     dequantize_blocks<scalar_t>(p.const_data_ptr<uint8_t>(), values, scales, out.data_ptr<scalar_t>(), args.numel,
                                 blocksize);

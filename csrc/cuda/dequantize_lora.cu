@@ -7,6 +7,7 @@
 #include <torch/library.h>
 
 #include "../dequantize_4bit_op.h"
+#include "../packed_order.h"
 #include "../quantize_4bit_args.h"
 #include "inputs.h"
 #include "dispatch.h"
@@ -29,7 +30,7 @@ at::Tensor dequantize_4bit_lora_cuda(const at::Tensor& packed, const at::Tensor&
                                           absmax2, code2, offset);
   const c10::cuda::CUDAGuard guard(packed.device());
   at::Tensor out = at::empty({N, K}, packed.options().dtype(dtype));
-  const at::Tensor p = aligned_contiguous(packed);  // 8-byte packed loads
+  const at::Tensor p = aligned_contiguous(to_row_order(packed));  // 8-byte packed loads
   const at::Tensor la = lora_A.contiguous(), lb = lora_B.contiguous();
   const ScaleInputs scales = contiguous_scales(absmax, absmax2, code2, offset, args.double_quant);
   dispatch_half(dtype, [&](auto tag) {

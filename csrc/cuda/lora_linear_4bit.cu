@@ -18,8 +18,10 @@
 
 #include "../dequantize_4bit_op.h"
 #include "../lora_linear_4bit_args.h"
+#include "../packed_order.h"
 #include "inputs.h"
 #include "dispatch.h"
+#include "gemm_4bit_tile_ordered.h"
 #include "qlora/build_info.h"
 #include "qlora/gemm_4bit.cuh"
 #include "qlora/lora_down_mma.cuh"
@@ -45,7 +47,7 @@ at::Tensor fused_forward(const at::Tensor& x2, const at::Tensor& packed, const a
                          const std::optional<at::Tensor>& lora_B, double scale, const std::optional<at::Tensor>& xl2,
                          bool allow_block_scaled, int num_sms) {
   const at::Tensor x = aligned_contiguous(x2);
-  const at::Tensor p = aligned_contiguous(packed);
+  const at::Tensor p = aligned_contiguous(to_row_order(packed));  // the fused kernels read row-major bytes
   const ScaleInputs scales = contiguous_scales(absmax, absmax2, code2, offset, args.weight.double_quant);
   at::Tensor b, la, lb, xl;
   if (bias.has_value()) b = bias->contiguous();
@@ -177,6 +179,7 @@ at::Tensor tensor_core_forward(const at::Tensor& x2, const at::Tensor& packed, c
   Gemm4bitParams prm;
   prm.x = static_cast<const __nv_bfloat16*>(x.const_data_ptr());
   prm.packed = p.const_data_ptr<uint8_t>();
+  prm.tile_order = args.weight.tile_order;
   prm.scales = scales.scales;
   prm.y = static_cast<__nv_bfloat16*>(y.data_ptr());
   prm.M = args.M;
@@ -195,7 +198,9 @@ at::Tensor tensor_core_forward(const at::Tensor& x2, const at::Tensor& packed, c
     prm.stream_k_partials = stream_k_partials.data_ptr<float>();
     prm.stream_k_arrivals = reinterpret_cast<unsigned*>(stream_k_arrivals.data_ptr<int32_t>());
   }
-  C10_CUDA_CHECK(launch_gemm_4bit(prm, args.weight.quant_type, num_sms, wide, c10::cuda::getCurrentCUDAStream()));
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  C10_CUDA_CHECK(prm.tile_order ? launch_gemm_4bit_tile_ordered(prm, args.weight.quant_type, num_sms, wide, stream)
+                                : launch_gemm_4bit_in_order<false>(prm, args.weight.quant_type, num_sms, wide, stream));
   return y;
 }
 
@@ -257,7 +262,10 @@ at::Tensor lora_linear_4bit_cuda(const at::Tensor& x, const at::Tensor& packed, 
   const bool small_tiles_in_rows =
       small_tile_ctas > 0 &&
       !gemm4bit::launch_plan(gemm4bit::kSmallTokensMaxM, args.N, args.K, num_sms, false).split_form;
-  const bool fused = forced_fused || (path == kPathAuto && why_not_fused == nullptr &&
+  // A tile-ordered weight goes to the tensor-core GEMM from one token: the fused kernels read row-major bytes only
+  // and would need a row-major copy of the weight each call.
+  const bool fused_reads_weight = !args.weight.tile_order || why_not_tensor_core != nullptr;
+  const bool fused = forced_fused || (path == kPathAuto && why_not_fused == nullptr && fused_reads_weight &&
                                       args.M <= fused_max_m(blocksize, args.K, small_tile_ctas, small_tiles_in_rows,
                                                             num_sms));
   const bool forced_tensor_core = path == kPathTensorCore || path == kPathTensorCoreWide;

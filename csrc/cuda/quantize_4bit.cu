@@ -67,7 +67,7 @@ at::Tensor dequantize_4bit_cuda(const at::Tensor& packed, const at::Tensor& absm
     using T = decltype(tag);
     C10_CUDA_CHECK(launch_dequantize_4bit<T>(p.const_data_ptr<uint8_t>(), scales.scales,
                                              static_cast<T*>(out.data_ptr()), args.numel, blocksize, args.quant_type,
-                                             stream));
+                                             stream, args.tile_order ? shape[1].expect_int() : 0));
   });
   return out;
 }

@@ -41,6 +41,20 @@ def _dequantize_4bit_lora_fake(packed, absmax, blocksize, quant_type, shape, dty
     return packed.new_empty(shape, dtype=dtype)
 
 
+@torch.library.register_fake("qlora::tile_order_4bit")
+def _tile_order_4bit_fake(packed, shape):
+    torch._check(len(shape) == 2, lambda: f"shape must be the weight's [out_features, in_features], got {shape}")
+    torch._check(packed.dim() != 3, lambda: "packed is already in tile order")
+    return packed.new_empty((shape[0] // 16, shape[1] // 64, 512))
+
+
+@torch.library.register_fake("qlora::row_order_4bit")
+def _row_order_4bit_fake(packed):
+    if packed.dim() == 3:
+        return packed.new_empty((packed.shape[0] * packed.shape[1] * packed.shape[2], 1))
+    return packed.new_empty(packed.shape)
+
+
 # ---- paged optimizers ---------------------------------------------------------------------------------------
 
 @torch.library.register_fake("qlora::paged_empty")

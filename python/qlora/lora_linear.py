@@ -27,7 +27,10 @@ def lora_linear_4bit(x: torch.Tensor, packed: torch.Tensor, quant_state: QuantSt
     x : Tensor
         ``[..., in_features]``, float32, float16 or bfloat16; the output has x's dtype.
     packed, quant_state :
-        The 4-bit weight ``[out_features, in_features]`` from :func:`qlora.quantize_4bit`.
+        The 4-bit weight ``[out_features, in_features]`` from :func:`qlora.quantize_4bit`, its bytes in bitsandbytes'
+        row-major order or in tile order (:func:`qlora.tile_order`). A tile-ordered weight goes to the tensor-core GEMM
+        from one token where that runs (the fused small-M kernel reads row-major bytes only), and is otherwise
+        read as the row-major one; every path gives the same bits from either order.
     bias : Tensor, optional
         ``[out_features]``, x's dtype.
     lora_A, lora_B : Tensor, optional

@@ -10,7 +10,7 @@ import torch
 
 from .codebook import ABSMAX_BLOCKSIZE, BLOCKSIZES, QUANT_TYPES, code_values, dynamic_map
 
-__all__ = ["QuantState", "quantize_4bit", "dequantize_4bit"]
+__all__ = ["QuantState", "quantize_4bit", "dequantize_4bit", "tile_order", "row_order"]
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -189,3 +189,21 @@ def dequantize_4bit(packed: torch.Tensor, quant_state: QuantState) -> torch.Tens
     qs = quant_state
     return torch.ops.qlora.dequantize_4bit(packed, qs.absmax, qs.blocksize, qs.quant_type, list(qs.shape), qs.dtype,
                                            qs.absmax2, qs.code2, qs.offset)
+
+
+def tile_order(packed: torch.Tensor, quant_state: QuantState) -> torch.Tensor:
+    """The bytes of a packed weight ``[out_features, in_features]`` in tile order, ``[out_features / 16,
+    in_features / 64, 512]``: the order in which the CUDA tensor-core kernels read a 16-row tile as one run of 512
+    bytes. Every op that takes packed bytes takes either order and gives the same values; bitsandbytes' row-major
+    order stays the format of checkpoints and of :meth:`QuantState.as_dict` (:func:`row_order` converts back).
+
+    Needs out_features % 16 == 0 and in_features % 64 == 0.
+    """
+    if len(quant_state.shape) != 2:
+        raise ValueError(f"tile order is for a weight [out_features, in_features], got shape {list(quant_state.shape)}")
+    return torch.ops.qlora.tile_order_4bit(packed, list(quant_state.shape))
+
+
+def row_order(packed: torch.Tensor) -> torch.Tensor:
+    """bitsandbytes' row-major bytes ``[(numel + 1) // 2, 1]`` of a packed weight in either order (a copy)."""
+    return torch.ops.qlora.row_order_4bit(packed)

@@ -93,7 +93,31 @@ def dequantize_absmax(qabsmax, absmax2, code2, offset) -> torch.Tensor:
     return code2[qabsmax.long()] * scale + offset  # two roundings, like the kernels
 
 
+def tile_order_index(N: int, K: int) -> torch.Tensor:
+    """For each byte of a tile-ordered packed weight [N, K], the index of the same byte in row-major order: byte
+    16·lane + 8·h + j of tile ti, block b (lane = 4g + t) is byte 4j + t of block b's 32 bytes in row 16·ti + 8h + g."""
+    ti, b, lane, h, j = torch.meshgrid(torch.arange(N // 16), torch.arange(K // 64), torch.arange(32), torch.arange(2),
+                                       torch.arange(8), indexing="ij")
+    g, t = lane // 4, lane % 4
+    row = 16 * ti + 8 * h + g
+    return (row * (K // 2) + 32 * b + 4 * j + t).reshape(N // 16, K // 64, 512)
+
+
+def tile_order(packed, N: int, K: int) -> torch.Tensor:
+    return packed.reshape(-1)[tile_order_index(N, K).to(packed.device)]
+
+
+def row_order(packed) -> torch.Tensor:
+    """Row-major [(N·K) / 2, 1] bytes of a tile-ordered [N / 16, K / 64, 512] packed weight."""
+    N, K = packed.shape[0] * 16, packed.shape[1] * 64
+    out = torch.empty(N * K // 2, dtype=packed.dtype, device=packed.device)
+    out[tile_order_index(N, K).to(packed.device).reshape(-1)] = packed.reshape(-1)
+    return out.reshape(-1, 1)
+
+
 def dequantize_4bit(packed, absmax, blocksize, quant_type, shape, dtype, absmax2=None, code2=None, offset=None):
+    if packed.dim() == 3:
+        packed = row_order(packed)
     if absmax.dtype == torch.uint8:
         absmax = dequantize_absmax(absmax, absmax2, code2, offset)
     n = 1

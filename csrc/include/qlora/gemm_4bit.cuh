@@ -43,6 +43,7 @@
 #include "qlora/launch.cuh"
 #include "qlora/pairs.cuh"
 #include "qlora/quantize_4bit.cuh"
+#include "qlora/tile_order.h"
 
 namespace qlora {
 
@@ -51,6 +52,7 @@ QLORA_HD bool gemm_4bit_supported(int64_t K, int64_t blocksize) { return K % 64 
 struct Gemm4bitParams {
   const __nv_bfloat16* x = nullptr;  // [M, K], rows contiguous
   const uint8_t* packed = nullptr;   // [N * K / 2]
+  bool tile_order = false;           // packed in tile order (qlora/tile_order.h), else row-major
   BlockScales scales;
   __nv_bfloat16* y = nullptr;        // [M, N]
   int64_t M = 0, N = 0, K = 0;
@@ -95,6 +97,7 @@ __host__ __device__ constexpr int tile_rows(int64_t M, int64_t m_base, int token
 using Bf16 = MmaType<__nv_bfloat16>;
 
 constexpr int kStageK = 64;               // k per stage
+static_assert(kStageK == kTileOrderK, "a stage is one 64-k block of a tile-ordered weight");
 constexpr int kMaxRows = 128;             // W rows per CTA, at most
 constexpr int kWStageBytes = kMaxRows * kStageK / 2;       // 4 KB
 constexpr int kTableBytes = 256 * 256;                     // bf16 pair of byte b for lane l at b * 256 + l * 4
@@ -194,6 +197,13 @@ __device__ __forceinline__ void mbar_arrive(uint32_t bar) {
 // Arrives on bar and tells it to wait for `bytes` more from the copy engine.
 __device__ __forceinline__ void mbar_arrive_expecting(uint32_t bar, uint32_t bytes) {
   asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(bar), "r"(bytes) : "memory");
+}
+// A 3-D box of `map` at (c0, c1, c2) into shared memory at dst; its bytes count on bar.
+__device__ __forceinline__ void tma_load_3d(uint32_t dst, const CUtensorMap* map, int c0, int c1, int c2, uint32_t bar) {
+  asm volatile(
+      "cp.async.bulk.tensor.3d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3, %4}], [%5];\n"
+      ::"r"(dst), "l"(reinterpret_cast<uint64_t>(map)), "r"(c0), "r"(c1), "r"(c2), "r"(bar)
+      : "memory");
 }
 // A 2-D box of `map` at (c0, c1) into shared memory at dst; its bytes count on bar.
 __device__ __forceinline__ void tma_load_2d(uint32_t dst, const CUtensorMap* map, int c0, int c1, uint32_t bar) {
@@ -386,8 +396,11 @@ __device__ __forceinline__ RawScale load_raw_scale(const Gemm4bitParams& p, int6
 }
 
 // kWarpgroups x 64 rows of W a CTA, or (kSplitK) 64 rows with the stages dealt round-robin to the warpgroups;
-// producer warps after them issue the copies.
-template <QuantType QT, bool kDoubleQuant, int kTokens, int kWarpgroups, bool kSplitK, bool kStreamK = false>
+// producer warps after them issue the copies. kTileOrder: the packed weight is in tile order (qlora/tile_order.h), so
+// a W stage holds its rows' 16-row tiles one after another, 512 bytes each, and a lane reads its fragments' 16 bytes
+// with one shared load.
+template <QuantType QT, bool kDoubleQuant, int kTokens, int kWarpgroups, bool kSplitK, bool kStreamK = false,
+          bool kTileOrder = false>
 __global__ void __launch_bounds__(cta_threads(kTokens, kWarpgroups, kSplitK), 1) gemm_4bit_kernel(const __grid_constant__ KernelArgs args) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   using T = Tile<kTokens, kSplitK>;
@@ -596,8 +609,12 @@ __global__ void __launch_bounds__(cta_threads(kTokens, kWarpgroups, kSplitK), 1)
           mbar_arrive_expecting(full(slot), stage_bytes);
           tma_load_2d(x_ring + slot * kXStageBytes, x_map, (seg.k_begin + stage) * kStageK, static_cast<int>(seg.m_base),
                       full(slot));
-          tma_load_2d(w_ring + slot * kWStageBytes, &args.w_map, (seg.k_begin + stage) * (kStageK / 2),
-                      static_cast<int>(seg.n_base), full(slot));
+          if constexpr (kTileOrder)
+            tma_load_3d(w_ring + slot * kWStageBytes, &args.w_map, 0, seg.k_begin + stage,
+                        static_cast<int>(seg.n_base / kTileOrderRows), full(slot));
+          else
+            tma_load_2d(w_ring + slot * kWStageBytes, &args.w_map, (seg.k_begin + stage) * (kStageK / 2),
+                        static_cast<int>(seg.n_base), full(slot));
         };
         RawScale now0{}, now1{};
         if constexpr (kScalesInWStage) now0 = raw_at(e0 + seg.stage_k(pipeline)), now1 = raw_at(e1 + seg.stage_k(pipeline));
@@ -697,7 +714,8 @@ __global__ void __launch_bounds__(cta_threads(kTokens, kWarpgroups, kSplitK), 1)
   // out of the uniform registers there, so each lookup paid an add (tools/sass_loops.py: the 32-token split form's
   // loop 131 -> 119 instructions); the row forms keep it in one and take 0.
   const uint32_t window = kSplitK ? base & 0xFFFF0000u : 0u, table_offset = table - window;
-  const uint32_t lane_bytes = window | lane * 4, selector = (kSplitK ? 0x7604u : 0x5504u) | ((lane % 4) << 4);
+  constexpr uint32_t kSelectorBase = kSplitK ? 0x7604u : 0x5504u;
+  const uint32_t lane_bytes = window | lane * 4, selector = kSelectorBase | ((lane % 4) << 4);
   auto as_pair = [](uint32_t bits) { return *reinterpret_cast<const Bf16::Pair*>(&bits); };
   // k16 step j of x's stage in slot: the ring's address field once, plus the offset's (every offset inside the CTA's
   // shared memory keeps it below 2^18).
@@ -709,19 +727,24 @@ __global__ void __launch_bounds__(cta_threads(kTokens, kWarpgroups, kSplitK), 1)
   auto xa_descriptor = [&](int token, int j) {
     return interleaved_descriptor(table + xa_core_offset(token, 2 * j), 256, 256 * kXaColumnBlocks);
   };
-  auto lookup_address = [&](uint32_t word) { return __byte_perm(word, lane_bytes, selector) + table_offset; };
-  auto lookup = [&](uint32_t word) {  // the code pair of this thread's byte of word, unscaled
+  // Word i of a fragment row (see run_segment) and the byte of it this thread decodes: byte lane % 4 of the row's
+  // i-th word in row-major order; byte i % 4 of a word a lane holds whole in tile order.
+  auto lookup_address = [&](uint32_t word, int i) {
+    const uint32_t byte_selector = kTileOrder ? kSelectorBase | ((i % 4) << 4) : selector;
+    return __byte_perm(word, lane_bytes, byte_selector) + table_offset;
+  };
+  auto lookup = [&](uint32_t word, int i) {  // the code pair of this thread's byte of word, unscaled
     uint32_t bits;
-    asm("ld.shared.b32 %0, [%1];\n" : "=r"(bits) : "r"(lookup_address(word)));
+    asm("ld.shared.b32 %0, [%1];\n" : "=r"(bits) : "r"(lookup_address(word, i)));
     return bits;
   };
-  auto decode = [&](uint32_t word, const SplitScale<__nv_bfloat16>& scale) {
-    return scaled_pair<__nv_bfloat16>(as_pair(lookup(word)), scale);
+  auto decode = [&](uint32_t word, int i, const SplitScale<__nv_bfloat16>& scale) {
+    return scaled_pair<__nv_bfloat16>(as_pair(lookup(word, i)), scale);
   };
   // Volatile: the lookup stays where it is written, ahead of the wgmma wait whose latency it is meant to overlap.
-  auto lookup_ahead = [&](uint32_t word) {
+  auto lookup_ahead = [&](uint32_t word, int i) {
     uint32_t bits;
-    asm volatile("ld.shared.b32 %0, [%1];\n" : "=r"(bits) : "r"(lookup_address(word)));
+    asm volatile("ld.shared.b32 %0, [%1];\n" : "=r"(bits) : "r"(lookup_address(word, i)));
     return bits;
   };
 
@@ -822,12 +845,22 @@ __global__ void __launch_bounds__(cta_threads(kTokens, kWarpgroups, kSplitK), 1)
       }
       mbar_wait(full(slot), full_phase);
       const uint8_t* w_stage = smem + (w_ring - base) + slot * kWStageBytes;
-      const uint4 a_lo = *reinterpret_cast<const uint4*>(w_stage + r0 * 32);
-      const uint4 a_hi = *reinterpret_cast<const uint4*>(w_stage + r0 * 32 + 16);
-      const uint4 b_lo = *reinterpret_cast<const uint4*>(w_stage + (r0 + 8) * 32);
-      const uint4 b_hi = *reinterpret_cast<const uint4*>(w_stage + (r0 + 8) * 32 + 16);
-      const uint32_t row0[8] = {a_lo.x, a_lo.y, a_lo.z, a_lo.w, a_hi.x, a_hi.y, a_hi.z, a_hi.w};
-      const uint32_t row1[8] = {b_lo.x, b_lo.y, b_lo.z, b_lo.w, b_hi.x, b_hi.y, b_hi.z, b_hi.w};
+      // Rows r0 and r0 + 8, word i holding the thread's code byte of k 8i + 2 (lane % 4) and + 1 (see lookup_address).
+      uint32_t row0[8], row1[8];
+      if constexpr (kTileOrder) {
+        const uint4 w = *reinterpret_cast<const uint4*>(w_stage + (r0 / kTileOrderRows) * kTileOrderBytes + 16 * lane);
+#pragma unroll
+        for (int i = 0; i < 8; ++i) row0[i] = i < 4 ? w.x : w.y, row1[i] = i < 4 ? w.z : w.w;
+      } else {
+        const uint4 a_lo = *reinterpret_cast<const uint4*>(w_stage + r0 * 32);
+        const uint4 a_hi = *reinterpret_cast<const uint4*>(w_stage + r0 * 32 + 16);
+        const uint4 b_lo = *reinterpret_cast<const uint4*>(w_stage + (r0 + 8) * 32);
+        const uint4 b_hi = *reinterpret_cast<const uint4*>(w_stage + (r0 + 8) * 32 + 16);
+        const uint32_t lo[8] = {a_lo.x, a_lo.y, a_lo.z, a_lo.w, a_hi.x, a_hi.y, a_hi.z, a_hi.w};
+        const uint32_t hi[8] = {b_lo.x, b_lo.y, b_lo.z, b_lo.w, b_hi.x, b_hi.y, b_hi.z, b_hi.w};
+#pragma unroll
+        for (int i = 0; i < 8; ++i) row0[i] = lo[i], row1[i] = hi[i];
+      }
       SplitScale<__nv_bfloat16> scale0, scale1;
       if constexpr (kScalesStaged) {
         const uint2* const staged = scale_slot(slot);
@@ -844,25 +877,25 @@ __global__ void __launch_bounds__(cta_threads(kTokens, kWarpgroups, kSplitK), 1)
       // k16 step j: rows r0 / r0 + 8, k 16j + 2c.. and 16j + 8 + 2c..
       auto decode_step = [&](int j, uint32_t (&a)[4]) {
         if constexpr (T::kBlockScaled) {
-          a[0] = lookup(row0[2 * j]);
-          a[1] = lookup(row1[2 * j]);
-          a[2] = lookup(row0[2 * j + 1]);
-          a[3] = lookup(row1[2 * j + 1]);
+          a[0] = lookup(row0[2 * j], 2 * j);
+          a[1] = lookup(row1[2 * j], 2 * j);
+          a[2] = lookup(row0[2 * j + 1], 2 * j + 1);
+          a[3] = lookup(row1[2 * j + 1], 2 * j + 1);
         } else {
-          a[0] = decode(row0[2 * j], scale0);
-          a[1] = decode(row1[2 * j], scale1);
-          a[2] = decode(row0[2 * j + 1], scale0);
-          a[3] = decode(row1[2 * j + 1], scale1);
+          a[0] = decode(row0[2 * j], 2 * j, scale0);
+          a[1] = decode(row1[2 * j], 2 * j, scale1);
+          a[2] = decode(row0[2 * j + 1], 2 * j + 1, scale0);
+          a[3] = decode(row1[2 * j + 1], 2 * j + 1, scale1);
         }
       };
       if constexpr (kStepPipelined) {
         // Step j + 1's table lookups are issued before the wait that follows step j's wgmma, so that their latency
         // overlaps it.
         auto lookup_step = [&](int j, uint32_t (&bits)[4]) {
-          bits[0] = lookup_ahead(row0[2 * j]);
-          bits[1] = lookup_ahead(row1[2 * j]);
-          bits[2] = lookup_ahead(row0[2 * j + 1]);
-          bits[3] = lookup_ahead(row1[2 * j + 1]);
+          bits[0] = lookup_ahead(row0[2 * j], 2 * j);
+          bits[1] = lookup_ahead(row1[2 * j], 2 * j);
+          bits[2] = lookup_ahead(row0[2 * j + 1], 2 * j + 1);
+          bits[3] = lookup_ahead(row1[2 * j + 1], 2 * j + 1);
         };
         uint32_t bits[4];
         lookup_step(0, bits);
@@ -1386,6 +1419,20 @@ inline PFN_cuTensorMapEncodeTiled_v12000 tensor_map_encoder() {
   return encode;
 }
 
+// A tile-ordered packed weight [N, K] as [N / 16][K / 64][128 words] (a 512-byte run is more than a box's 256
+// elements of bytes), whose boxes are one 64-k block of box_rows / 16 tiles.
+inline bool encode_tile_order(CUtensorMap* map, const void* packed, int64_t N, int64_t K, int box_rows) {
+  const PFN_cuTensorMapEncodeTiled_v12000 encode = tensor_map_encoder();
+  if (encode == nullptr) return false;
+  constexpr int kWords = kTileOrderBytes / 4;
+  const cuuint64_t dims[3] = {kWords, static_cast<cuuint64_t>(K / kTileOrderK), static_cast<cuuint64_t>(N / kTileOrderRows)};
+  const cuuint64_t strides[2] = {kTileOrderBytes, static_cast<cuuint64_t>(K / kTileOrderK * kTileOrderBytes)};
+  const cuuint32_t box[3] = {kWords, 1, static_cast<cuuint32_t>(box_rows / kTileOrderRows)}, unit[3] = {1, 1, 1};
+  return encode(map, CU_TENSOR_MAP_DATA_TYPE_UINT32, 3, const_cast<void*>(packed), dims, strides, box, unit,
+                CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_NONE, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+                CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
+}
+
 // A row-major [rows, cols] tensor of `type` whose boxes are box_cols x box_rows elements.
 inline bool encode_2d(CUtensorMap* map, CUtensorMapDataType type, int element_bytes, const void* data, int64_t rows,
                       int64_t cols, int box_cols, int box_rows, CUtensorMapSwizzle swizzle) {
@@ -1400,13 +1447,15 @@ inline bool encode_2d(CUtensorMap* map, CUtensorMapDataType type, int element_by
 
 // splits > 1: split-K over clusters of that many CTAs (256-token tiles and the split form). stream_k_ctas > 0: the stream-K form
 // in that many CTAs (256-token tiles, no split, p's stream-K workspace set).
-template <QuantType QT, bool kDoubleQuant, int kTokens, int kWarpgroups, bool kSplitK, bool kStreamK = false>
+template <QuantType QT, bool kDoubleQuant, int kTokens, int kWarpgroups, bool kSplitK, bool kStreamK = false,
+          bool kTileOrder = false>
 cudaError_t launch_as(const Gemm4bitParams& p, cudaStream_t stream, int splits = 1, int stream_k_ctas = 0) {
   if (splits > 1 && kTokens != kWideTokens && !kSplitK) return cudaErrorInvalidValue;
   if (kStreamK != (stream_k_ctas > 0) ||
       (kStreamK && (splits > 1 || p.stream_k_partials == nullptr || p.stream_k_arrivals == nullptr)))
     return cudaErrorInvalidValue;
-  constexpr auto kernel = gemm_4bit_kernel<QT, kDoubleQuant, kTokens, kWarpgroups, kSplitK, kStreamK>;
+  if (p.tile_order != kTileOrder || (kTileOrder && !tile_order_supported(p.N, p.K))) return cudaErrorInvalidValue;
+  constexpr auto kernel = gemm_4bit_kernel<QT, kDoubleQuant, kTokens, kWarpgroups, kSplitK, kStreamK, kTileOrder>;
   constexpr int kSmemBytes = Tile<kTokens, kSplitK>::kSmemBytes;
   static_assert(!kStreamK || Tile<kTokens, kSplitK>::kAccumulators * 128 * kWarpgroups <= stream_k_partial_floats(1),
                 "a boundary's sums exceed its share of the stream-K workspace");
@@ -1425,9 +1474,10 @@ cudaError_t launch_as(const Gemm4bitParams& p, cudaStream_t stream, int splits =
     args.x_last_map = args.x_map;
   else if (!encode_x(&args.x_last_map, rows_last))
     return cudaErrorNotSupported;
-  if (!encode_2d(&args.w_map, CU_TENSOR_MAP_DATA_TYPE_UINT8, 1, p.packed, p.N, p.K / 2, kStageK / 2, rows,
-                 CU_TENSOR_MAP_SWIZZLE_NONE))
-    return cudaErrorNotSupported;
+  const bool w_encoded = kTileOrder ? encode_tile_order(&args.w_map, p.packed, p.N, p.K, rows)
+                                    : encode_2d(&args.w_map, CU_TENSOR_MAP_DATA_TYPE_UINT8, 1, p.packed, p.N, p.K / 2,
+                                                kStageK / 2, rows, CU_TENSOR_MAP_SWIZZLE_NONE);
+  if (!w_encoded) return cudaErrorNotSupported;
   dim3 grid(static_cast<unsigned>((p.N + rows - 1) / rows), static_cast<unsigned>(tiles), static_cast<unsigned>(splits));
   if (stream_k_ctas > 0) {
     const int64_t stream_k_tiles = int64_t{grid.x} * grid.y;
@@ -1442,28 +1492,32 @@ cudaError_t launch_as(const Gemm4bitParams& p, cudaStream_t stream, int splits =
                             dim3(1, 1, static_cast<unsigned>(splits)), args);
 }
 
-template <QuantType QT, bool kDoubleQuant, int kTokens>
+template <QuantType QT, bool kDoubleQuant, bool kTileOrder, int kTokens>
 cudaError_t launch_with(const Gemm4bitParams& p, const LaunchPlan& plan, cudaStream_t stream) {
   constexpr int kSplitWarpgroups = split_form_warpgroups(kTokens);
   if constexpr (kTokens <= kSmallTokensMaxM)
-    if (p.stream_k_ctas > 0) return launch_as<QT, kDoubleQuant, kTokens, kSplitWarpgroups, true, true>(p, stream, 1, p.stream_k_ctas);
-  return plan.split_form ? launch_as<QT, kDoubleQuant, kTokens, kSplitWarpgroups, true>(p, stream, plan.splits)
-                         : launch_as<QT, kDoubleQuant, kTokens, kRowFormWarpgroups, false>(p, stream);
+    if (p.stream_k_ctas > 0)
+      return launch_as<QT, kDoubleQuant, kTokens, kSplitWarpgroups, true, true, kTileOrder>(p, stream, 1, p.stream_k_ctas);
+  return plan.split_form
+             ? launch_as<QT, kDoubleQuant, kTokens, kSplitWarpgroups, true, false, kTileOrder>(p, stream, plan.splits)
+             : launch_as<QT, kDoubleQuant, kTokens, kRowFormWarpgroups, false, false, kTileOrder>(p, stream);
 }
 
-template <QuantType QT, bool kDoubleQuant>
+template <QuantType QT, bool kDoubleQuant, bool kTileOrder>
 cudaError_t launch_for(const Gemm4bitParams& p, int num_sms, bool wide, cudaStream_t stream) {
   const LaunchPlan plan = launch_plan(p.M, p.N, p.K, num_sms, wide);
   if (p.stream_k_ctas > 0 && !stream_k_applies(plan, p.K)) return cudaErrorInvalidValue;
   switch (plan.tokens) {
-    case 16: return launch_with<QT, kDoubleQuant, 16>(p, plan, stream);
-    case 32: return launch_with<QT, kDoubleQuant, 32>(p, plan, stream);
-    case 64: return launch_with<QT, kDoubleQuant, 64>(p, plan, stream);
-    case kMaxTokens: return launch_with<QT, kDoubleQuant, kMaxTokens>(p, plan, stream);
+    case 16: return launch_with<QT, kDoubleQuant, kTileOrder, 16>(p, plan, stream);
+    case 32: return launch_with<QT, kDoubleQuant, kTileOrder, 32>(p, plan, stream);
+    case 64: return launch_with<QT, kDoubleQuant, kTileOrder, 64>(p, plan, stream);
+    case kMaxTokens: return launch_with<QT, kDoubleQuant, kTileOrder, kMaxTokens>(p, plan, stream);
     default:
       if (p.stream_k_ctas > 0)
-        return launch_as<QT, kDoubleQuant, kWideTokens, kRowFormWarpgroups, false, true>(p, stream, 1, p.stream_k_ctas);
-      return launch_as<QT, kDoubleQuant, kWideTokens, kRowFormWarpgroups, false>(p, stream, plan.splits);
+        return launch_as<QT, kDoubleQuant, kWideTokens, kRowFormWarpgroups, false, true, kTileOrder>(p, stream, 1,
+                                                                                                     p.stream_k_ctas);
+      return launch_as<QT, kDoubleQuant, kWideTokens, kRowFormWarpgroups, false, false, kTileOrder>(p, stream,
+                                                                                                    plan.splits);
   }
 }
 
@@ -1475,19 +1529,28 @@ inline unsigned gemm_4bit_cluster_size(int64_t M, int64_t N, int64_t K, int num_
   return static_cast<unsigned>(gemm4bit::launch_plan(M, N, K, num_sms, wide).splits);
 }
 
-// Only for bfloat16, gemm_4bit_supported layouts and a device the sm_90a code runs on (the caller checks).
-// `wide`: 256-token tiles whatever M (for tests and benchmarks); otherwise the tile is chosen by M and the grid.
-inline cudaError_t launch_gemm_4bit(const Gemm4bitParams& p, QuantType quant_type, int num_sms, bool wide,
-                                    cudaStream_t stream) {
+// Only for bfloat16, gemm_4bit_supported layouts and a device the sm_90a code runs on (the caller checks), and for
+// packed bytes in the order kTileOrder names (p.tile_order). `wide`: 256-token tiles whatever M (for tests and
+// benchmarks); otherwise the tile is chosen by M and the grid. The library builds each order in a translation unit
+// of its own, so that they compile side by side.
+template <bool kTileOrder>
+cudaError_t launch_gemm_4bit_in_order(const Gemm4bitParams& p, QuantType quant_type, int num_sms, bool wide,
+                                      cudaStream_t stream) {
   if (p.M == 0 || p.N == 0) return cudaSuccess;
   if (!gemm_4bit_supported(p.K, int64_t{1} << p.log2_blocksize) || !gemm4bit::gemm_4bit_rows_fit(p.M))
     return cudaErrorInvalidValue;
   const bool dq = p.scales.absmax == nullptr;
   if (quant_type == QuantType::NF4)
-    return dq ? gemm4bit::launch_for<QuantType::NF4, true>(p, num_sms, wide, stream)
-              : gemm4bit::launch_for<QuantType::NF4, false>(p, num_sms, wide, stream);
-  return dq ? gemm4bit::launch_for<QuantType::FP4, true>(p, num_sms, wide, stream)
-            : gemm4bit::launch_for<QuantType::FP4, false>(p, num_sms, wide, stream);
+    return dq ? gemm4bit::launch_for<QuantType::NF4, true, kTileOrder>(p, num_sms, wide, stream)
+              : gemm4bit::launch_for<QuantType::NF4, false, kTileOrder>(p, num_sms, wide, stream);
+  return dq ? gemm4bit::launch_for<QuantType::FP4, true, kTileOrder>(p, num_sms, wide, stream)
+            : gemm4bit::launch_for<QuantType::FP4, false, kTileOrder>(p, num_sms, wide, stream);
+}
+
+inline cudaError_t launch_gemm_4bit(const Gemm4bitParams& p, QuantType quant_type, int num_sms, bool wide,
+                                    cudaStream_t stream) {
+  return p.tile_order ? launch_gemm_4bit_in_order<true>(p, quant_type, num_sms, wide, stream)
+                      : launch_gemm_4bit_in_order<false>(p, quant_type, num_sms, wide, stream);
 }
 
 }  // namespace qlora

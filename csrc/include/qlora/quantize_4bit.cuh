@@ -12,6 +12,7 @@
 #include <algorithm>
 
 #include "qlora/codebook.h"
+#include "qlora/tile_order.h"
 #include "qlora/vec_io.cuh"
 
 namespace qlora {
@@ -279,13 +280,29 @@ static __global__ void __launch_bounds__(kDoubleQuantizeWarps * 32) double_quant
   }
 }
 
+// Tile order (qlora/tile_order.h): word q (0..127) of a tile's 64-k block belongs to lane q / 4 = 4g + t and holds its
+// entries 4c .. 4c + 3 (c = q % 2) of row 8h + g (h = q / 2 % 2), bytes 4e + t of the block's row. The four lanes t of a
+// quad hold a 4 x 4 byte matrix M[t][e]; after its transpose, lane t holds bytes 16c + 4t .. + 3 of the row, 8
+// consecutive codes as a row-major word holds them. Two shuffles: the 2 x 2 blocks of halfwords swap across t ^ 2
+// (lanes 8 apart), then the bytes inside each block across t ^ 1 (lanes 4 apart).
+__device__ __forceinline__ uint32_t tile_order_quad_transpose(uint32_t word, int t) {
+  uint32_t other = __shfl_xor_sync(0xffffffffu, word, 8);
+  word = __byte_perm(word, other, t < 2 ? 0x5410u : 0x3276u);
+  other = __shfl_xor_sync(0xffffffffu, word, 4);
+  return __byte_perm(word, other, t % 2 == 0 ? 0x6240u : 0x3715u);
+}
+// Tile order: a CTA takes kTileDequantizeBlocks 64-k blocks of one 16-row tile (grid: block ranges x tiles), so that
+// every unit's row and column come from its thread's place in the CTA, without a division.
+constexpr int kTileDequantizeBlocks = kDequantizeThreads * kDequantizeUnits / (kTileOrderBytes / 4);
+
 // kDoubleQuant: absmax is nullptr and qabsmax, absmax2, code2, offset describe the scales (a template
-// argument rather than a run-time test, so each kernel carries only its own loads).
-template <typename T, QuantType QT, bool kDoubleQuant>
+// argument rather than a run-time test, so each kernel carries only its own loads). kTileOrder: packed is in tile
+// order for rows of K elements (see kTileDequantizeBlocks; a warp's words lie in one block of one tile).
+template <typename T, QuantType QT, bool kDoubleQuant, bool kTileOrder = false>
 __global__ void __launch_bounds__(kDequantizeThreads) dequantize_4bit_kernel(
     const uint8_t* __restrict__ packed, const float* __restrict__ absmax, const uint8_t* __restrict__ qabsmax,
     const float* __restrict__ absmax2, const float* __restrict__ code2, const float* __restrict__ offset,
-    T* __restrict__ out, int64_t n, int log2_blocksize) {
+    T* __restrict__ out, int64_t n, int log2_blocksize, int64_t K = 0) {
   // Code c is read from lane c by a shuffle. A shuffle uses only the low five bits of its lane argument and
   // lanes 16-31 repeat lanes 0-15, so a code's nibble needs no masking: one instruction per element.
   const float lane_value = QT == QuantType::NF4 ? kNF4ValuesDevice[threadIdx.x % 16] : kFP4ValuesDevice[threadIdx.x % 16];
@@ -296,23 +313,41 @@ __global__ void __launch_bounds__(kDequantizeThreads) dequantize_4bit_kernel(
   // One tile per CTA: the hardware hands tiles to SMs as they free up, which balances the work better than
   // persistent CTAs striding over a fixed share.
   const int64_t first_unit = static_cast<int64_t>(blockIdx.x) * kDequantizeThreads * kDequantizeUnits;
+  // Unit u of this thread: the packed word it reads, the first of the 8 elements it writes, whether it exists.
+  struct Unit {
+    int64_t word, e0;
+    bool ok;
+  };
+  const auto unit_at = [&](int u) -> Unit {
+    if constexpr (kTileOrder) {
+      constexpr int kWords = kTileOrderBytes / 4;
+      const int q = threadIdx.x % kWords, g = q / 16, t = q / 4 % 4, h = q / 2 % 2, c = q % 2;
+      const int64_t blocks = K / kTileOrderK, tile = blockIdx.y;
+      const int64_t block = static_cast<int64_t>(blockIdx.x) * kTileDequantizeBlocks + 2 * u + threadIdx.x / kWords;
+      return {(tile * blocks + block) * kWords + q,
+              (tile * kTileOrderRows + 8 * h + g) * K + block * kTileOrderK + 32 * c + 8 * t, block < blocks};
+    } else {
+      const int64_t unit = first_unit + u * kDequantizeThreads + threadIdx.x;
+      return {unit, unit * kDequantizeElems, unit < num_units};
+    }
+  };
   uint32_t words[kDequantizeUnits];
   float scales[kDequantizeUnits];  // plain absmax, or absmax2 of the unit's block when double-quantized
   uint32_t qcodes[kDequantizeUnits];
 #pragma unroll
   for (int u = 0; u < kDequantizeUnits; ++u) {
-    const int64_t unit = first_unit + u * kDequantizeThreads + threadIdx.x;
-    const int64_t b0 = unit * 4;
+    const Unit unit = unit_at(u);
+    const int64_t b0 = unit.word * 4;
     words[u] = 0;
     scales[u] = 0.0f;
     qcodes[u] = 0;
-    if (unit >= num_units) continue;
+    if (!unit.ok) continue;
     if (b0 + 4 <= num_bytes) {
       words[u] = __ldg(reinterpret_cast<const uint32_t*>(packed + b0));
     } else {
       for (int j = 0; j < 4 && b0 + j < num_bytes; ++j) words[u] |= static_cast<uint32_t>(packed[b0 + j]) << (8 * j);
     }
-    const int64_t block = (unit * kDequantizeElems) >> log2_blocksize;
+    const int64_t block = unit.e0 >> log2_blocksize;
     if constexpr (double_quant) {
       qcodes[u] = __ldg(qabsmax + block);
       scales[u] = __ldg(absmax2 + block / kAbsmaxBlocksize);
@@ -328,7 +363,10 @@ __global__ void __launch_bounds__(kDequantizeThreads) dequantize_4bit_kernel(
   const float mean = double_quant ? *offset : 0.0f;
 #pragma unroll
   for (int u = 0; u < kDequantizeUnits; ++u) {
-    const int64_t e0 = (first_unit + u * kDequantizeThreads + threadIdx.x) * kDequantizeElems;
+    const Unit unit = unit_at(u);
+    if (kTileOrder && !unit.ok) continue;  // the whole warp
+    const int64_t e0 = unit.e0;
+    if constexpr (kTileOrder) words[u] = tile_order_quad_transpose(words[u], threadIdx.x / 4 % 4);
     // code2[q] * absmax2 + mean, rounded twice as bitsandbytes does.
     const float scale = double_quant ? mul_then_add(smem_code2[qcodes[u]], scales[u], mean) : scales[u];
     float v[kDequantizeElems];
@@ -397,29 +435,41 @@ inline cudaError_t launch_double_quantize(const float* absmax, const float* code
   return cudaGetLastError();
 }
 
-template <typename T, QuantType QT>
+template <typename T, QuantType QT, bool kTileOrder>
 cudaError_t launch_dequantize_4bit_as(const uint8_t* packed, const BlockScales& s, T* out, int64_t n,
-                                      int64_t blocksize, cudaStream_t stream) {
+                                      int64_t blocksize, int64_t K, cudaStream_t stream) {
   const int64_t per_cta = static_cast<int64_t>(kDequantizeThreads) * kDequantizeUnits * kDequantizeElems;
-  const int64_t grid = (n + per_cta - 1) / per_cta;
-  if (grid > 0x7fffffff) return cudaErrorInvalidConfiguration;
+  const int64_t tiles = kTileOrder ? n / K / kTileOrderRows : 1;
+  const int64_t ranges = kTileOrder ? (K / kTileOrderK + kTileDequantizeBlocks - 1) / kTileDequantizeBlocks : 0;
+  const int64_t grid_x = kTileOrder ? ranges : (n + per_cta - 1) / per_cta;
+  if (grid_x > 0x7fffffff || tiles > 65535) return cudaErrorInvalidConfiguration;
+  const dim3 grid(static_cast<unsigned>(grid_x), static_cast<unsigned>(tiles));
   if (s.absmax == nullptr) {
-    dequantize_4bit_kernel<T, QT, true><<<static_cast<unsigned>(grid), kDequantizeThreads, 0, stream>>>(
-        packed, s.absmax, s.qabsmax, s.absmax2, s.code2, s.offset, out, n, log2_exact(blocksize));
+    dequantize_4bit_kernel<T, QT, true, kTileOrder><<<grid, kDequantizeThreads, 0, stream>>>(
+        packed, s.absmax, s.qabsmax, s.absmax2, s.code2, s.offset, out, n, log2_exact(blocksize), K);
   } else {
-    dequantize_4bit_kernel<T, QT, false><<<static_cast<unsigned>(grid), kDequantizeThreads, 0, stream>>>(
-        packed, s.absmax, s.qabsmax, s.absmax2, s.code2, s.offset, out, n, log2_exact(blocksize));
+    dequantize_4bit_kernel<T, QT, false, kTileOrder><<<grid, kDequantizeThreads, 0, stream>>>(
+        packed, s.absmax, s.qabsmax, s.absmax2, s.code2, s.offset, out, n, log2_exact(blocksize), K);
   }
   return cudaGetLastError();
 }
 
+// tile_order_K > 0: packed is a tile-ordered weight [n / K, K] (qlora/tile_order.h); 0: row-major bytes.
 template <typename T>
 cudaError_t launch_dequantize_4bit(const uint8_t* packed, const BlockScales& scales, T* out, int64_t n,
-                                   int64_t blocksize, QuantType quant_type, cudaStream_t stream) {
+                                   int64_t blocksize, QuantType quant_type, cudaStream_t stream,
+                                   int64_t tile_order_K = 0) {
   if (n == 0) return cudaSuccess;
+  const int64_t K = tile_order_K;
+  if (K > 0) {
+    if (n % K != 0 || !tile_order_supported(n / K, K)) return cudaErrorInvalidValue;
+    return quant_type == QuantType::NF4
+               ? launch_dequantize_4bit_as<T, QuantType::NF4, true>(packed, scales, out, n, blocksize, K, stream)
+               : launch_dequantize_4bit_as<T, QuantType::FP4, true>(packed, scales, out, n, blocksize, K, stream);
+  }
   return quant_type == QuantType::NF4
-             ? launch_dequantize_4bit_as<T, QuantType::NF4>(packed, scales, out, n, blocksize, stream)
-             : launch_dequantize_4bit_as<T, QuantType::FP4>(packed, scales, out, n, blocksize, stream);
+             ? launch_dequantize_4bit_as<T, QuantType::NF4, false>(packed, scales, out, n, blocksize, 0, stream)
+             : launch_dequantize_4bit_as<T, QuantType::FP4, false>(packed, scales, out, n, blocksize, 0, stream);
 }
 
 }  // namespace qlora
