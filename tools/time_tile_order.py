@@ -1,0 +1,62 @@
+"""Row-major against tile-ordered packed weights (qlora.tile_order), µs: dequantize_4bit (do_bench and the GPU alone),
+then lora_linear_4bit with r = 16 on the automatic choice and the tensor-core GEMM (path 6), beside bf16 F.linear.
+Each group is timed in order and again in reverse (bench.common.time_both_orders).
+
+    python tools/time_tile_order.py [--ms 1,16,64,256,1024,2048] [--dequantize-only]
+"""
+
+import argparse
+import math
+
+import torch
+import torch.nn.functional as F
+
+import qlora
+from bench.common import gpu_alone_us, time_both_orders
+
+SHAPES = [(4096, 4096), (8192, 8192), (8192, 28672), (28672, 8192), (14336, 4096), (4096, 14336)]  # N x K
+OP = torch.ops.qlora.lora_linear_4bit
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--ms", default="1,16,64,256,1024,2048")
+    parser.add_argument("--dequantize-only", action="store_true")
+    args = parser.parse_args()
+    dev = torch.device("cuda")
+    print("dequantize_4bit, N x K: row-major | tile order (do_bench) | row-major | tile order (GPU alone)")
+    for N, K in SHAPES[:4]:
+        w = torch.randn(N, K, device=dev, dtype=torch.bfloat16) * 0.02
+        packed, qs = qlora.quantize_4bit(w)
+        tiled = qlora.tile_order(packed, qs)
+        assert torch.equal(qlora.dequantize_4bit(tiled, qs), qlora.dequantize_4bit(packed, qs))
+        fns = [lambda: qlora.dequantize_4bit(packed, qs), lambda: qlora.dequantize_4bit(tiled, qs)]
+        t = time_both_orders(fns, dev, ["row-major", "tile order"])
+        g = [gpu_alone_us(f, dev) for f in fns]
+        print(f"{N}x{K} | {t[0]:.1f} | {t[1]:.1f} | {g[0]:.1f} | {g[1]:.1f}", flush=True)
+    if args.dequantize_only:
+        return
+    print("lora_linear_4bit, N x K, M: auto row-major | auto tile order | GEMM row-major | GEMM tile order | bf16 F.linear")
+    for N, K in SHAPES:
+        w = torch.randn(N, K, device=dev, dtype=torch.bfloat16) * 0.02
+        packed, qs = qlora.quantize_4bit(w)
+        tiled = qlora.tile_order(packed, qs)
+        A = torch.randn(16, K, device=dev, dtype=torch.bfloat16) / math.sqrt(K)
+        B = torch.randn(N, 16, device=dev, dtype=torch.bfloat16) * 0.01
+        for M in (int(m) for m in args.ms.split(",")):
+            x = torch.randn(M, K, device=dev, dtype=torch.bfloat16)
+
+            def call(p, path):
+                return lambda: OP(x, p, qs.absmax, qs.blocksize, qs.quant_type, [N, K], qs.absmax2, qs.code2, qs.offset,
+                                  None, A, B, 2.0, None, path)
+
+            same = torch.equal(call(packed, 6)(), call(tiled, 6)())
+            fns = [call(packed, 0), call(tiled, 0), call(packed, 6), call(tiled, 6), lambda: F.linear(x, w)]
+            t = time_both_orders(fns, dev, ["auto row-major", "auto tile order", "GEMM row-major", "GEMM tile order",
+                                            "bf16"])
+            print(f"{N}x{K} M={M} | " + " | ".join(f"{v:.1f}" for v in t) + ("" if same else " | GEMM OUTPUTS DIFFER"),
+                  flush=True)
+
+
+if __name__ == "__main__":
+    main()
