@@ -22,6 +22,7 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--ms", default="1,16,64,256,1024,2048")
     parser.add_argument("--dequantize-only", action="store_true")
+    parser.add_argument("--fused", action="store_true", help="also the fused kernel's block-scaled loop (path 3)")
     args = parser.parse_args()
     dev = torch.device("cuda")
     print("dequantize_4bit, N x K: row-major | tile order (do_bench) | row-major | tile order (GPU alone)")
@@ -36,7 +37,8 @@ def main():
         print(f"{N}x{K} | {t[0]:.1f} | {t[1]:.1f} | {g[0]:.1f} | {g[1]:.1f}", flush=True)
     if args.dequantize_only:
         return
-    print("lora_linear_4bit, N x K, M: auto row-major | auto tile order | GEMM row-major | GEMM tile order | bf16 F.linear")
+    print("lora_linear_4bit, N x K, M: auto row-major | auto tile order | GEMM row-major | GEMM tile order | bf16 F.linear"
+          + (" | fused row-major | fused tile order" if args.fused else ""))
     for N, K in SHAPES:
         w = torch.randn(N, K, device=dev, dtype=torch.bfloat16) * 0.02
         packed, qs = qlora.quantize_4bit(w)
@@ -52,8 +54,11 @@ def main():
 
             same = torch.equal(call(packed, 6)(), call(tiled, 6)())
             fns = [call(packed, 0), call(tiled, 0), call(packed, 6), call(tiled, 6), lambda: F.linear(x, w)]
-            t = time_both_orders(fns, dev, ["auto row-major", "auto tile order", "GEMM row-major", "GEMM tile order",
-                                            "bf16"])
+            names = ["auto row-major", "auto tile order", "GEMM row-major", "GEMM tile order", "bf16"]
+            if args.fused:
+                fns += [call(packed, 3), call(tiled, 3)]
+                names += ["fused row-major", "fused tile order"]
+            t = time_both_orders(fns, dev, names)
             print(f"{N}x{K} M={M} | " + " | ".join(f"{v:.1f}" for v in t) + ("" if same else " | GEMM OUTPUTS DIFFER"),
                   flush=True)
 
