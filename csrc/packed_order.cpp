@@ -4,21 +4,22 @@
 #include <torch/library.h>
 
 #include "qlora/tile_order.h"
+#include "quantize_4bit_args.h"
 
 namespace qlora {
 
 // Row n = 16·tile + 8h + g, byte 32·block + 4j + t of its row  <->  [tile][block][g][t][h][j].
 at::Tensor to_tile_order(const at::Tensor& packed, int64_t N, int64_t K) {
   TORCH_CHECK_VALUE(!is_tile_ordered(packed), "packed is already in tile order (shape ", packed.sizes(), ")");
-  TORCH_CHECK_VALUE(packed.scalar_type() == at::kByte, "packed must be uint8, got ", packed.scalar_type());
+  check_dtype(packed, at::kByte, "packed");
   TORCH_CHECK_VALUE(tile_order_supported(N, K), "tile order needs out_features % ", kTileOrderRows,
                     " == 0 and in_features % ", kTileOrderK, " == 0, got shape [", N, ", ", K, "]");
-  TORCH_CHECK_VALUE(packed.numel() * 2 == N * K, "packed has ", packed.numel(), " bytes but shape [", N, ", ", K,
-                    "] needs ", N * K / 2);
-  return packed.reshape({N / 16, 2, 8, K / 64, 8, 4})
+  check_numel(packed, N * K / 2, "packed", "(two 4-bit codes per byte for the given shape)");
+  const int64_t tiles = N / kTileOrderRows, blocks = K / kTileOrderK;
+  return packed.reshape({tiles, 2, 8, blocks, 8, 4})
       .permute({0, 3, 2, 5, 1, 4})
       .contiguous()
-      .view({N / 16, K / 64, kTileOrderBytes});
+      .view({tiles, blocks, kTileOrderBytes});
 }
 
 at::Tensor to_row_order(const at::Tensor& packed) {
@@ -40,7 +41,7 @@ at::Tensor tile_order_4bit(const at::Tensor& packed, at::IntArrayRef shape) {
 }
 
 at::Tensor row_order_4bit(const at::Tensor& packed) {
-  TORCH_CHECK_VALUE(packed.scalar_type() == at::kByte, "packed must be uint8, got ", packed.scalar_type());
+  check_dtype(packed, at::kByte, "packed");
   return is_tile_ordered(packed) ? to_row_order(packed) : packed.contiguous().clone();
 }
 

@@ -18,6 +18,6 @@ from .adapters import adapter_state_dict, load_adapter, merge_model, save_adapte
 
 __version__ = "0.1.0"
 
-__all__ = ["QuantState", "quantize_4bit", "dequantize_4bit", "tile_order", "row_order", "dynamic_map", "lora_linear_4bit", "nn", "optim",
-           "prepare_model", "load_model", "model_report", "ModelReport", "save_adapter", "load_adapter",
-           "adapter_state_dict", "merge_model"]
+__all__ = ["QuantState", "quantize_4bit", "dequantize_4bit", "tile_order", "row_order", "dynamic_map",
+           "lora_linear_4bit", "nn", "optim", "prepare_model", "load_model", "model_report", "ModelReport",
+           "save_adapter", "load_adapter", "adapter_state_dict", "merge_model"]
