@@ -26,7 +26,8 @@ namespace qlora {
 // kPathDequantizeGemmMerged always does where it can (no x_lora, 16-bit x, dequantize_lora_supported), and
 // kPathDequantizeGemmUnmerged never does. kPathTensorCore is the wgmma GEMM that decodes the weight in its
 // main loop (gemm_4bit.cuh: bfloat16, sm_90a, K % 64 == 0, blocksize >= 64), with token tiles chosen by M and
-// the grid; kPathTensorCoreWide the same with 256-token tiles whatever M.
+// the grid; kPathTensorCoreWide the same with 256-token tiles whatever M. kPathFusedTiled is the small-M GEMV for
+// tile-ordered weights (lora_gemv_tiled.cuh: up to 8 rows of x, 16-bit x, blocksize 64, N % 16 == 0, K % 256 == 0).
 enum LoraLinearPath : int64_t {
   kPathAuto = 0,
   kPathFused = 1,
@@ -36,6 +37,7 @@ enum LoraLinearPath : int64_t {
   kPathDequantizeGemmUnmerged = 5,
   kPathTensorCore = 6,
   kPathTensorCoreWide = 7,
+  kPathFusedTiled = 8,
 };
 
 // Largest M for which the automatic choice takes the fused small-M kernel rather than dequantize + cuBLAS.
@@ -127,6 +129,14 @@ inline bool tensor_core_m_in_range(int64_t M, int64_t N, int64_t K) {
          (M <= kTensorCoreLongKMaxM && K >= kTensorCoreLongKMinK);
 }
 // Largest LoRA rank the fused kernel stages in shared memory (64 rows x r floats within 48 KB).
+// Where the automatic choice takes the tiled small-M GEMV for a tile-ordered weight (it runs up to 8 rows of x) rather
+// than the tensor-core GEMM: weights of at least 2^27 elements. H200, 2026-11-30, tools/time_tile_order.py --tiled,
+// do_bench µs, r = 16, tiled GEMV / the GEMM on tile order / the fused kernel on row-major bytes: 8192x28672 M = 1
+// 52.5 / 62.9 / 60.4, M = 8 58.4 / 62.8 / 79.4; 28672x8192 M = 1 53.6 / 71.6 / 64.0, M = 8 60.8 / 71.6 / 77.3.
+// Below it the GEMM won in a run before x·Aᵀ moved beside the GEMV: 8192² M = 1 25.6 / 24.6, 4096² 15.4 / 13.2,
+// 4096x14336 25.6 / 23.8.
+constexpr int64_t kTiledGemvMinElements = int64_t{1} << 27;
+inline bool tiled_gemv_pays(int64_t N, int64_t K) { return N * K >= kTiledGemvMinElements; }
 constexpr int64_t kFusedMaxRank = 192;
 
 // Whether the large-M path (forward and the backward's grad_x) merges the adapter into the dequantized weight
@@ -215,10 +225,11 @@ inline LoraLinearArgs check_lora_linear_4bit_args(const at::Tensor& x, const at:
     TORCH_CHECK_VALUE(x_lora->sizes() == x.sizes(), "x_lora must have the shape of x ", x.sizes(), ", got ",
                       x_lora->sizes());
   }
-  TORCH_CHECK_VALUE(path >= kPathAuto && path <= kPathTensorCoreWide,
+  TORCH_CHECK_VALUE(path >= kPathAuto && path <= kPathFusedTiled,
                     "path must be 0 (automatic), 1 (fused small-M kernel), 2 (dequantize + GEMM), 3 (fused, "
                     "block-scaled loop), 4 (dequantize + GEMM, adapter merged), 5 (dequantize + GEMM, adapter "
-                    "not merged), 6 (tensor-core GEMM decoding the 4-bit weight) or 7 (the same with 256-token tiles), got ", path);
+                    "not merged), 6 (tensor-core GEMM decoding the 4-bit weight), 7 (the same with 256-token tiles) or 8 (the "
+                    "small-M GEMV for tile-ordered weights), got ", path);
   return args;
 }
 

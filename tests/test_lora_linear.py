@@ -558,7 +558,7 @@ BAD = [
     ("x_lora shape", lambda a: a.update(x_lora=a["x"][:1]), ValueError, "x_lora must have the shape of x"),
     ("shape rank", lambda a: a.update(shape=[40 * 96]), ValueError, "shape must be the weight's"),
     ("absmax size", lambda a: a.update(absmax=a["absmax"][:-1]), ValueError, "absmax has"),
-    ("path", lambda a: a.update(path=8), ValueError, "path must be 0"),
+    ("path", lambda a: a.update(path=9), ValueError, "path must be 0"),
 ]
 
 

@@ -108,6 +108,103 @@ def test_tensor_core_forms(M, N, K, path):
     assert torch.equal(y, OP(**tiled, path=path))
 
 
+def tiled_inputs(M, N, K, r=16, dtype=torch.bfloat16, **kw):
+    a = sample_inputs("cuda", M, N, K, r, dtype, **kw)
+    return a, {**a, "packed": torch.ops.qlora.tile_order_4bit(a["packed"], [N, K])}
+
+
+# (N, K): one K split with idle warps in the last CTA (141 tiles, 2 warps a CTA); K splits and the split-K epilogue;
+# K splits over many CTAs, a CTA of one busy warp among four.
+TILED_SHAPES = [(2256, 256), (64, 2048), (2064, 1024)]
+
+
+@cuda_only
+@pytest.mark.parametrize("M", [1, 2, 3, 7, 8])
+@pytest.mark.parametrize("N, K", TILED_SHAPES, ids=str)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_tiled_gemv(M, N, K, dtype):
+    """The small-M GEMV for tile-ordered weights (path 8) against the fp32 reference, the same bits on every call."""
+    a, tiled = tiled_inputs(M, N, K, dtype=dtype)
+    y = OP(**tiled, path=8)
+    assert_accurate(y, reference.lora_linear_4bit(**a), torch_baseline(a), dtype)
+    assert torch.equal(y, OP(**tiled, path=8))
+
+
+@cuda_only
+@pytest.mark.parametrize("quant_type, double_quant", [("nf4", False), ("fp4", True), ("fp4", False)])
+@pytest.mark.parametrize("N, K", [(2256, 256), (64, 2048)], ids=str)
+def test_tiled_gemv_formats(quant_type, double_quant, N, K):
+    a, tiled = tiled_inputs(3, N, K, quant_type=quant_type, double_quant=double_quant)
+    assert_accurate(OP(**tiled, path=8), reference.lora_linear_4bit(**a), torch_baseline(a), torch.bfloat16)
+
+
+@cuda_only
+@pytest.mark.parametrize("lora, bias, x_lora, r", [(False, False, False, 16), (False, True, False, 16),
+                                                   (True, False, True, 16), (True, True, False, 64),
+                                                   (True, True, False, 8)])
+@pytest.mark.parametrize("N, K", [(2256, 256), (64, 2048)], ids=str)
+def test_tiled_gemv_optional_parts(lora, bias, x_lora, r, N, K):
+    a, tiled = tiled_inputs(5, N, K, r, lora=lora, bias=bias, x_lora=x_lora)
+    assert_accurate(OP(**tiled, path=8), reference.lora_linear_4bit(**a), torch_baseline(a), torch.bfloat16)
+
+
+@cuda_only
+def test_tiled_gemv_3d_input_and_graph_capture():
+    """A 3-D x, and the forward replayed in a CUDA graph with an eager call's results."""
+    a, tiled = tiled_inputs(0, 2064, 1024, x_shape=(2, 3))
+    eager = OP(**tiled, path=8)
+    assert eager.shape == (2, 3, 2064)
+    assert_accurate(eager, reference.lora_linear_4bit(**a), torch_baseline(a), torch.bfloat16)
+    static_x = tiled["x"].clone()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        OP(**{**tiled, "x": static_x}, path=8)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = OP(**{**tiled, "x": static_x}, path=8)
+    static_x.copy_(torch.randn_like(static_x))
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(out, OP(**{**tiled, "x": static_x}, path=8))
+    static_x.copy_(tiled["x"])
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(out, eager)
+
+
+def launched_kernels(fn):
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    return [e.name for e in prof.events()]
+
+
+@cuda_only
+@pytest.mark.parametrize("N, K, M, tiled_expected", [(8192, 16384, 1, True), (8192, 16384, 8, True),
+                                                     (8192, 16384, 9, False), (8192, 8192, 1, False)])
+def test_automatic_choice_of_the_tiled_gemv(N, K, M, tiled_expected):
+    """The automatic choice takes the tiled GEMV for a tile-ordered weight of at least 2^27 elements, up to 8 rows."""
+    _, tiled = tiled_inputs(M, N, K)
+    names = launched_kernels(lambda: OP(**tiled))
+    assert any("lora_gemv_tiled_kernel" in n for n in names) == tiled_expected, names
+
+
+@cuda_only
+@pytest.mark.parametrize("tile, M, K, blocksize, dtype, message", [
+    (False, 1, 256, 64, torch.bfloat16, "packed must be in tile order"),
+    (True, 9, 256, 64, torch.bfloat16, "x must have 1 to 8 rows"),
+    (True, 1, 256, 128, torch.bfloat16, "blocksize must be 64"),
+    (True, 1, 320, 64, torch.bfloat16, "in_features (K) of 256"),
+    (True, 1, 256, 64, torch.float32, "x must be float16 or bfloat16"),
+])
+def test_tiled_gemv_refuses(tile, M, K, blocksize, dtype, message):
+    a, tiled = tiled_inputs(M, 64, K, dtype=dtype, blocksize=blocksize)
+    with pytest.raises(ValueError, match=re.escape(message)):
+        OP(**(tiled if tile else a), path=8)
+
+
 def test_gradients_from_either_order(device):
     a = sample_inputs(device, 7, 48, 320, 8, torch.float32)
     grads = []

@@ -1,8 +1,10 @@
 """Row-major against tile-ordered packed weights (qlora.tile_order), µs: dequantize_4bit (do_bench and the GPU alone),
-then lora_linear_4bit with r = 16 on the automatic choice and the tensor-core GEMM (path 6), beside bf16 F.linear.
-Each group is timed in order and again in reverse (bench.common.time_both_orders).
+then lora_linear_4bit with r = 16 on the automatic choice and the tensor-core GEMM (path 6), beside bf16 F.linear;
+--fused adds the fused kernel's block-scaled loop (path 3) on either order, --tiled the tiled small-M GEMV (path 8,
+up to 8 rows) and the fused kernel on row-major bytes. Each group is timed in order and again in reverse
+(bench.common.time_both_orders).
 
-    python tools/time_tile_order.py [--ms 1,16,64,256,1024,2048] [--dequantize-only]
+    python tools/time_tile_order.py [--ms 1,16,64,256,1024,2048] [--dequantize-only] [--fused] [--tiled]
 """
 
 import argparse
@@ -23,10 +25,13 @@ def main():
     parser.add_argument("--ms", default="1,16,64,256,1024,2048")
     parser.add_argument("--dequantize-only", action="store_true")
     parser.add_argument("--fused", action="store_true", help="also the fused kernel's block-scaled loop (path 3)")
+    parser.add_argument("--tiled", action="store_true", help="also the tiled small-M GEMV (path 8) where M <= 8")
+    parser.add_argument("--shapes", default=None, help="N x K list, e.g. 8192x28672,4096x4096")
     args = parser.parse_args()
     dev = torch.device("cuda")
     print("dequantize_4bit, N x K: row-major | tile order (do_bench) | row-major | tile order (GPU alone)")
-    for N, K in SHAPES[:4]:
+    shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")] if args.shapes else SHAPES
+    for N, K in shapes[:4]:
         w = torch.randn(N, K, device=dev, dtype=torch.bfloat16) * 0.02
         packed, qs = qlora.quantize_4bit(w)
         tiled = qlora.tile_order(packed, qs)
@@ -38,8 +43,9 @@ def main():
     if args.dequantize_only:
         return
     print("lora_linear_4bit, N x K, M: auto row-major | auto tile order | GEMM row-major | GEMM tile order | bf16 F.linear"
-          + (" | fused row-major | fused tile order" if args.fused else ""))
-    for N, K in SHAPES:
+          + (" | fused row-major | fused tile order" if args.fused else "")
+          + (" | fused row-major | tiled GEMV" if args.tiled else ""))
+    for N, K in shapes:
         w = torch.randn(N, K, device=dev, dtype=torch.bfloat16) * 0.02
         packed, qs = qlora.quantize_4bit(w)
         tiled = qlora.tile_order(packed, qs)
@@ -58,8 +64,11 @@ def main():
             if args.fused:
                 fns += [call(packed, 3), call(tiled, 3)]
                 names += ["fused row-major", "fused tile order"]
+            if args.tiled and M <= 8:
+                fns += [call(packed, 3), call(tiled, 8)]
+                names += ["fused row-major", "tiled GEMV"]
             t = time_both_orders(fns, dev, names)
-            print(f"{N}x{K} M={M} | " + " | ".join(f"{v:.1f}" for v in t) + ("" if same else " | GEMM OUTPUTS DIFFER"),
+            print(f"{N}x{K} M={M} | " + " | ".join("failed" if v is None else f"{v:.1f}" for v in t) + ("" if same else " | GEMM OUTPUTS DIFFER"),
                   flush=True)
 
 

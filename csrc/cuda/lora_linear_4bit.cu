@@ -22,6 +22,7 @@
 #include "inputs.h"
 #include "dispatch.h"
 #include "gemm_4bit_tile_ordered.h"
+#include "lora_gemv_tiled.h"
 #include "qlora/build_info.h"
 #include "qlora/gemm_4bit.cuh"
 #include "qlora/lora_down_mma.cuh"
@@ -80,6 +81,62 @@ at::Tensor fused_forward(const at::Tensor& x2, const at::Tensor& packed, const a
     C10_CUDA_CHECK(launch_lora_linear_4bit<T>(prm, plan, xl.defined() ? static_cast<const T*>(xl.const_data_ptr()) : nullptr,
                                               args.lora ? static_cast<const T*>(la.const_data_ptr()) : nullptr,
                                               scratch.data_ptr<float>(), args.weight.quant_type, num_sms, stream));
+  });
+  return y;
+}
+
+// Why the tiled small-M GEMV cannot take these arguments, or nullptr when it can (and its plan).
+const char* tiled_gemv_unsupported(const at::Tensor& x, const LoraLinearArgs& args, int64_t blocksize, int num_sms,
+                                   TiledGemvPlan* plan) {
+  if (!args.weight.tile_order) return "packed must be in tile order (qlora.tile_order)";
+  if (x.scalar_type() != at::kHalf && x.scalar_type() != at::kBFloat16) return "x must be float16 or bfloat16";
+  return plan_lora_gemv_tiled(args.M, args.N, args.K, static_cast<int>(args.r), blocksize,
+                              x.scalar_type() == at::kBFloat16, num_sms, plan);
+}
+
+at::Tensor tiled_gemv_forward(const at::Tensor& x2, const at::Tensor& packed, const at::Tensor& absmax,
+                              const LoraLinearArgs& args, const TiledGemvPlan& plan,
+                              const std::optional<at::Tensor>& absmax2, const std::optional<at::Tensor>& code2,
+                              const std::optional<at::Tensor>& offset, const std::optional<at::Tensor>& bias,
+                              const std::optional<at::Tensor>& lora_A, const std::optional<at::Tensor>& lora_B,
+                              double scale, const std::optional<at::Tensor>& xl2, int num_sms) {
+  const at::Tensor x = aligned_contiguous(x2);
+  const at::Tensor p = aligned_contiguous(packed);
+  // The kernel reads a row's four block scales with one load.
+  const ScaleInputs scales =
+      contiguous_scales(aligned_contiguous(absmax), absmax2, code2, offset, args.weight.double_quant);
+  at::Tensor b, la, lb, xl;
+  if (bias.has_value()) b = bias->contiguous();
+  if (args.lora) {
+    la = aligned_contiguous(*lora_A);
+    lb = lora_B->contiguous();
+    if (xl2.has_value()) xl = aligned_contiguous(*xl2);
+  }
+  at::Tensor y = at::empty({args.M, args.N}, x.options());
+  at::Tensor scratch = at::empty({std::max<int64_t>(plan.scratch_floats, 1)}, x.options().dtype(at::kFloat));
+  at::Tensor xa;
+  if (plan.xa_beside) xa = at::empty({args.M, args.r}, x.options());
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  dispatch_half(x.scalar_type(), [&](auto tag) {
+    using T = decltype(tag);
+    LoraLinearParams<T> prm{};
+    prm.x = static_cast<const T*>(x.const_data_ptr());
+    prm.packed = p.const_data_ptr<uint8_t>();
+    prm.scales = scales.scales;
+    prm.bias = b.defined() ? static_cast<const T*>(b.const_data_ptr()) : nullptr;
+    prm.lora_B = args.lora ? static_cast<const T*>(lb.const_data_ptr()) : nullptr;
+    prm.r = static_cast<int>(args.r);
+    prm.scale = static_cast<float>(scale);
+    prm.y = static_cast<T*>(y.data_ptr());
+    prm.M = args.M;
+    prm.N = args.N;
+    prm.K = args.K;
+    prm.log2_blocksize = log2_exact(kTileOrderK);
+    const T* x_lora = xl.defined() ? static_cast<const T*>(xl.const_data_ptr()) : nullptr;
+    const T* A = args.lora ? static_cast<const T*>(la.const_data_ptr()) : nullptr;
+    T* xa_out = xa.defined() ? static_cast<T*>(xa.data_ptr()) : nullptr;
+    C10_CUDA_CHECK(launch_lora_gemv_tiled<T>(prm, plan, x_lora, A, scratch.data_ptr<float>(), xa_out,
+                                             args.weight.quant_type, num_sms, stream));
   });
   return y;
 }
@@ -262,19 +319,27 @@ at::Tensor lora_linear_4bit_cuda(const at::Tensor& x, const at::Tensor& packed, 
   const bool small_tiles_in_rows =
       small_tile_ctas > 0 &&
       !gemm4bit::launch_plan(gemm4bit::kSmallTokensMaxM, args.N, args.K, num_sms, false).split_form;
-  // A tile-ordered weight goes to the tensor-core GEMM from one token: the fused kernels read row-major bytes only
-  // and would need a row-major copy of the weight each call.
+  TiledGemvPlan tiled_plan;
+  const char* why_not_tiled = tiled_gemv_unsupported(x, args, blocksize, num_sms, &tiled_plan);
+  TORCH_CHECK_VALUE(path != kPathFusedTiled || why_not_tiled == nullptr, "path=", path,
+                    " (tiled small-M GEMV) cannot run: ", why_not_tiled == nullptr ? "" : why_not_tiled);
+  const bool tiled = path == kPathFusedTiled ||
+                     (path == kPathAuto && why_not_tiled == nullptr && tiled_gemv_pays(args.N, args.K));
+  // A tile-ordered weight goes to the tensor-core GEMM from one token where the tiled GEMV does not take it: the
+  // fused kernels read row-major bytes only and would need a row-major copy of the weight each call.
   const bool fused_reads_weight = !args.weight.tile_order || why_not_tensor_core != nullptr;
-  const bool fused = forced_fused || (path == kPathAuto && why_not_fused == nullptr && fused_reads_weight &&
-                                      args.M <= fused_max_m(blocksize, args.K, small_tile_ctas, small_tiles_in_rows,
-                                                            num_sms));
+  const bool fused = !tiled && (forced_fused || (path == kPathAuto && why_not_fused == nullptr && fused_reads_weight &&
+                                                 args.M <= fused_max_m(blocksize, args.K, small_tile_ctas,
+                                                                       small_tiles_in_rows, num_sms)));
   const bool forced_tensor_core = path == kPathTensorCore || path == kPathTensorCoreWide;
   TORCH_CHECK_VALUE(!forced_tensor_core || why_not_tensor_core == nullptr, "path=", path,
                     " (tensor-core GEMM) cannot run: ", why_not_tensor_core == nullptr ? "" : why_not_tensor_core);
-  const bool tensor_core = !fused && why_not_tensor_core == nullptr &&
+  const bool tensor_core = !tiled && !fused && why_not_tensor_core == nullptr &&
                            (forced_tensor_core || (path == kPathAuto && tensor_core_pays));
   const at::Tensor y =
-      fused ? fused_forward(x2, packed, absmax, blocksize, args, absmax2, code2, offset, bias, lora_A, lora_B, scale,
+      tiled ? tiled_gemv_forward(x2, packed, absmax, args, tiled_plan, absmax2, code2, offset, bias, lora_A, lora_B,
+                                 scale, xl2, num_sms)
+      : fused ? fused_forward(x2, packed, absmax, blocksize, args, absmax2, code2, offset, bias, lora_A, lora_B, scale,
                             xl2, path != kPathFused, num_sms)
       : tensor_core ? tensor_core_forward(x2, packed, absmax, blocksize, args, absmax2, code2, offset, bias, lora_A,
                                           lora_B, scale, xl2, num_sms, path == kPathTensorCoreWide)

@@ -9,11 +9,13 @@ import torch
 from .quantization import QuantState
 
 __all__ = ["lora_linear_4bit", "PATH_AUTO", "PATH_FUSED", "PATH_DEQUANTIZE_GEMM", "PATH_FUSED_BLOCK_SCALED",
-           "PATH_DEQUANTIZE_GEMM_MERGED", "PATH_DEQUANTIZE_GEMM_UNMERGED", "PATH_TENSOR_CORE", "PATH_TENSOR_CORE_WIDE"]
+           "PATH_DEQUANTIZE_GEMM_MERGED", "PATH_DEQUANTIZE_GEMM_UNMERGED", "PATH_TENSOR_CORE", "PATH_TENSOR_CORE_WIDE",
+           "PATH_FUSED_TILED"]
 
 #: Implementation choice on CUDA (``path`` argument). Anything but PATH_AUTO is meant for benchmarking.
 PATH_AUTO, PATH_FUSED, PATH_DEQUANTIZE_GEMM, PATH_FUSED_BLOCK_SCALED = 0, 1, 2, 3
 PATH_DEQUANTIZE_GEMM_MERGED, PATH_DEQUANTIZE_GEMM_UNMERGED, PATH_TENSOR_CORE, PATH_TENSOR_CORE_WIDE = 4, 5, 6, 7
+PATH_FUSED_TILED = 8
 
 
 def lora_linear_4bit(x: torch.Tensor, packed: torch.Tensor, quant_state: QuantState,
@@ -28,9 +30,10 @@ def lora_linear_4bit(x: torch.Tensor, packed: torch.Tensor, quant_state: QuantSt
         ``[..., in_features]``, float32, float16 or bfloat16; the output has x's dtype.
     packed, quant_state :
         The 4-bit weight ``[out_features, in_features]`` from :func:`qlora.quantize_4bit`, its bytes in bitsandbytes'
-        row-major order or in tile order (:func:`qlora.tile_order`). A tile-ordered weight goes to the tensor-core GEMM
-        from one token where that runs (the fused small-M kernel reads row-major bytes only), and is otherwise
-        read as the row-major one; every path gives the same bits from either order.
+        row-major order or in tile order (:func:`qlora.tile_order`). A tile-ordered weight of at least 2^27 elements
+        goes to the tiled small-M GEMV for up to 8 rows of x where that runs (``PATH_FUSED_TILED``), otherwise to the
+        tensor-core GEMM from one token where that runs (the fused small-M kernel reads row-major bytes only), and is
+        otherwise read as the row-major one; every path that takes both orders gives the same bits from either.
     bias : Tensor, optional
         ``[out_features]``, x's dtype.
     lora_A, lora_B : Tensor, optional
@@ -50,7 +53,8 @@ def lora_linear_4bit(x: torch.Tensor, packed: torch.Tensor, quant_state: QuantSt
         ``PATH_TENSOR_CORE_WIDE`` is that GEMM with 256-token tiles whatever the rows (``PATH_TENSOR_CORE`` takes
         them above 128 rows where their grid fills the GPU). ``PATH_FUSED_BLOCK_SCALED`` is the fused kernel that
         scales per quantization block instead of per weight (blocksize 64, in_features % 64 == 0, any rows of x in
-        slices of 32; elsewhere as ``PATH_FUSED``).
+        slices of 32; elsewhere as ``PATH_FUSED``). ``PATH_FUSED_TILED`` is the small-M GEMV for a tile-ordered
+        weight (1 to 8 rows of x, float16/bfloat16, blocksize 64, out_features % 16 == 0, in_features % 256 == 0).
         Dequantize + cuBLAS merges the adapter into the dequantized weight when the LoRA branch reads x itself
         (no ``x_lora``), x is 16-bit and rows are many against the weight (M at least a sixth of the harmonic
         mean of its dimensions); ``PATH_DEQUANTIZE_GEMM_MERGED`` and ``PATH_DEQUANTIZE_GEMM_UNMERGED`` force either way.

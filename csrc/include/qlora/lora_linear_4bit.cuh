@@ -53,6 +53,7 @@ struct LoraLinearParams {
   const T* bias;            // [N] or nullptr
   const T* lora_B;          // [N, r] contiguous, or nullptr (no LoRA)
   const float* xa_partial;  // [xa_splits, M, r] from lora_down_kernel
+  const T* xa;              // or [M, r] from lora_down_mma when not nullptr (the tiled GEMV)
   int xa_splits;
   int warp_splits;          // K splits inside a CTA of the block-scaled kernel (a power of two), 1: none
   int r;
@@ -100,14 +101,19 @@ __global__ void __launch_bounds__(kLoraDownThreads) lora_down_kernel(const T* __
   }
 }
 
-// xa_s[mm][j] = s · Σ_split xa_partial[split][m0 + mm][j] for the CTA's rows, in shared memory. A value's splits
-// are shared by a group of lanes (a power of two, at most a warp: as many as the CTA's threads allow) and added by
-// a fixed shuffle tree, so the order is still fixed. With one thread summing all of a value's splits (56 at
+// xa_s[mm][j] = s · Σ_split xa_partial[split][m0 + mm][j] for the CTA's rows, in shared memory (s · xa[m0 + mm][j]
+// where p.xa is given). A value's splits are shared by a group of lanes (a power of two, at most a warp: as many as
+// the CTA's threads allow) and added by a fixed shuffle tree, so the order is still fixed. With one thread summing all of a value's splits (56 at
 // K = 28672) the split-K epilogue took 9.8 µs with LoRA against 4.1 without; now 6.6 (H200, M = 1, 8192x28672,
 // torch.profiler, 2026-11-29).
 template <typename T>
 __device__ __forceinline__ void stage_lora_rows(const LoraLinearParams<T>& p, float* xa_s, int64_t m0, int rows) {
   const int count = rows * p.r;
+  if (p.xa != nullptr) {
+    for (int i = threadIdx.x; i < count; i += blockDim.x)
+      if (m0 + i / p.r < p.M) xa_s[i] = VecIO<T>::to_float(p.xa[m0 * p.r + i]) * p.scale;
+    return;
+  }
   int lanes = 32;
   while (lanes > 1 && (lanes * count > static_cast<int>(blockDim.x) || lanes / 2 >= p.xa_splits)) lanes /= 2;
   const int per_round = static_cast<int>(blockDim.x) / lanes, sub = static_cast<int>(threadIdx.x) % lanes;
@@ -853,6 +859,29 @@ cudaError_t launch_lora_gemv(const LoraLinearParams<T>& p, const LoraLinearPlan&
   return launch_maybe_dependent(kernel, plan.grid, dim3(threads), plan.gemv_smem, stream, after_lora_down, p);
 }
 
+// x_lora·Aᵀ into xa_partial, [p.xa_splits, M, r], when the op has a LoRA branch (p.r > 0).
+template <typename T>
+cudaError_t launch_lora_down(const LoraLinearParams<T>& p, const T* x_lora, const T* lora_A, float* xa_partial,
+                             cudaStream_t stream) {
+  if (p.r == 0) return cudaSuccess;
+  lora_down_kernel<T><<<dim3(p.xa_splits, static_cast<unsigned>(p.M)), kLoraDownThreads, 0, stream>>>(
+      x_lora != nullptr ? x_lora : p.x, lora_A, xa_partial, p.M, p.K, p.r);
+  return cudaGetLastError();
+}
+
+// The split-K epilogue over p.partial's `splits` sums, as a dependent of the GEMV when `dependent`.
+template <typename T>
+cudaError_t launch_lora_epilogue(const LoraLinearParams<T>& p, int splits, int num_sms, bool dependent,
+                                 cudaStream_t stream) {
+  const int epi_rows = lora_epilogue_rows(p.M, p.N, p.r, num_sms);
+  const int64_t epi_y = (p.M + epi_rows - 1) / epi_rows;
+  if (epi_y > 65535) return cudaErrorInvalidConfiguration;
+  const size_t epi_smem = static_cast<size_t>(epi_rows) * p.r * sizeof(float);
+  const dim3 epi_grid(static_cast<unsigned>((p.N + kEpilogueThreads - 1) / kEpilogueThreads), static_cast<unsigned>(epi_y));
+  return launch_maybe_dependent(lora_epilogue_kernel<T>, epi_grid, dim3(kEpilogueThreads), epi_smem, stream, dependent,
+                                p, splits, epi_rows);
+}
+
 // p.xa_partial and p.partial are set here from `scratch` (plan.scratch_floats floats); lora_A is [r, K].
 // p.x doubles as x_lora when x_lora is nullptr.
 template <typename T>
@@ -868,13 +897,8 @@ cudaError_t launch_lora_linear_4bit(LoraLinearParams<T> p, const LoraLinearPlan&
   p.partial = plan.splits > 1 ? scratch + static_cast<int64_t>(plan.xa_splits) * p.M * p.r : nullptr;
   const bool overlap = dependent_launch_supported();
   const bool gemv_after_lora_down = overlap && p.r > 0;
-  if (p.r > 0) {
-    lora_down_kernel<T><<<dim3(plan.xa_splits, static_cast<unsigned>(p.M)), kLoraDownThreads, 0, stream>>>(
-        x_lora != nullptr ? x_lora : p.x, lora_A, scratch, p.M, p.K, p.r);
-    const cudaError_t err = cudaGetLastError();
-    if (err != cudaSuccess) return err;
-  }
-  cudaError_t err = cudaSuccess;
+  cudaError_t err = launch_lora_down(p, x_lora, lora_A, scratch, stream);
+  if (err != cudaSuccess) return err;
   const int mt8 = plan.mt8;
 #define QLORA_GEMV_CASE(QT_, MT8_, SCALED_)                                                \
   if (quant_type == QT_ && mt8 == MT8_ && plan.block_scaled == SCALED_ && plan.x_source == XSource::Global) \
@@ -897,13 +921,7 @@ cudaError_t launch_lora_linear_4bit(LoraLinearParams<T> p, const LoraLinearPlan&
 #undef QLORA_STAGED_CASE
 #undef QLORA_GEMV_CASE
   if (err != cudaSuccess || plan.splits == 1) return err;
-  const int epi_rows = lora_epilogue_rows(p.M, p.N, p.r, num_sms);
-  const int64_t epi_y = (p.M + epi_rows - 1) / epi_rows;
-  if (epi_y > 65535) return cudaErrorInvalidConfiguration;
-  const size_t epi_smem = static_cast<size_t>(epi_rows) * p.r * sizeof(float);
-  const dim3 epi_grid(static_cast<unsigned>((p.N + kEpilogueThreads - 1) / kEpilogueThreads), static_cast<unsigned>(epi_y));
-  return launch_maybe_dependent(lora_epilogue_kernel<T>, epi_grid, dim3(kEpilogueThreads), epi_smem, stream, overlap, p,
-                                plan.splits, epi_rows);
+  return launch_lora_epilogue(p, plan.splits, num_sms, overlap, stream);
 }
 
 }  // namespace qlora

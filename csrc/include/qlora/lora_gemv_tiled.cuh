@@ -1,0 +1,294 @@
+// The small-M GEMV for tile-ordered weights (qlora/tile_order.h), up to 8 rows of x. Torch-free.
+//
+// Each warp owns one 16-row tile of W over a K split and loads its packed bytes straight into registers: a lane's
+// 16 bytes of a 64-k block are its mma.sync A fragments for the block's four k16 steps, so a warp load is 512
+// contiguous bytes and kTiledGemvGroups groups of four blocks (2 KB) are in flight a warp, with no shared-memory
+// ring. A byte of two codes is one PRMT (its address in a per-lane table of pairs) and one shared load; each k16 step
+// lies inside one block, so the block's scale multiplies the step sums once. x of the CTA's K split is staged once,
+// each block's pairs in the order of the lanes' B fragments. Rows of x are the mma's n columns, so M = 1 to 8 cost
+// the same. x·Aᵀ runs beside it (lora_down_mma on the SM it leaves free) for bfloat16; with one K split the GEMV adds
+// the LoRA term and bias itself, else lora_epilogue_kernel sums the splits. In the op (H200, 2026-11-30, r = 16,
+// tools/time_tile_order.py --tiled, do_bench µs) M = 1 8192x28672 took 52.5 against 60.4 for the fused kernel on
+// row-major bytes, 28672x8192 53.6 against 64.0; bf16 F.linear 125.5 and 129.0.
+#pragma once
+
+#include <algorithm>
+#include <type_traits>
+
+#include "qlora/lora_down_mma.cuh"
+#include "qlora/lora_linear_4bit.cuh"
+#include "qlora/tile_order.h"
+
+namespace qlora {
+
+constexpr int kTiledGemvMaxM = 8;        // one n8 tile of x rows
+constexpr int kTiledGemvGroupBlocks = 4;  // 64-k blocks a warp loads at once
+constexpr int kTiledGemvGroups = 3;       // groups in flight a warp
+constexpr int kTiledGemvGroupK = kTiledGemvGroupBlocks * kTileOrderK;  // a K split is whole groups
+constexpr int kTiledGemvMaxWarps = 16;
+constexpr int kTiledGemvMaxSplits = 32;
+// Byte b's pair for lane l at byte 256·b + 4·l, in bank l: one PRMT forms the address (the upper half of each
+// 256-byte row is unused).
+constexpr int kTiledTableBytes = 256 * 256;
+constexpr int kTiledCode2Bytes = 256 * 4;
+constexpr int kTiledGemvMaxSmem = 227 * 1024;  // the most a CTA may opt in to on sm_90
+// Words (pairs) of one staged row of x for a K split: 16 bytes more than the split, so that the rows a quarter
+// warp reads fall in different banks.
+__host__ __device__ inline int64_t tiled_x_words(int64_t split_k) { return split_k / 2 + 4; }
+__host__ __device__ inline int64_t tiled_gemv_smem(int64_t M, int64_t split_k, int r, bool fused_epilogue) {
+  return kTiledTableBytes + kTiledCode2Bytes + M * tiled_x_words(split_k) * 4 + (fused_epilogue ? M * r * 4 : 0);
+}
+
+__device__ __forceinline__ uint4 load_streaming16(const uint8_t* p) {
+  uint4 v;
+  asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+               : "l"(p));
+  return v;
+}
+
+// The pair of byte `byte` (0..7) of a lane's 8 bytes {lo, hi} of one block row.
+__device__ __forceinline__ uint32_t tiled_pair(uint32_t table, uint32_t lo, uint32_t hi, int byte, uint32_t lane4) {
+  const uint32_t at = __byte_perm(byte < 4 ? lo : hi, lane4, 0x5504u | ((byte & 3) << 4));
+  uint32_t v;
+  asm volatile("ld.shared.u32 %0, [%1];\n" : "=r"(v) : "r"(table + at));
+  return v;
+}
+
+// One group of a lane: the four blocks' 16 bytes (x, y: row g; z, w: row g + 8) and the raw scales of both rows.
+template <bool kDoubleQuant>
+struct TiledGroup {
+  uint4 w[kTiledGemvGroupBlocks];
+  uint32_t q[2];  // double quantization: the four blocks' 8-bit codes of each row
+  float a2[2];    // and their second-level scale
+};
+template <>
+struct TiledGroup<false> {
+  uint4 w[kTiledGemvGroupBlocks];
+  float4 absmax[2];
+};
+
+// Grid (ceil(N / 16 / warps), splits); splits divide K / kTiledGemvGroupK. p.partial == nullptr: one split, which
+// adds the LoRA term and bias and writes y; else the split's sums go to p.partial for lora_epilogue_kernel.
+template <typename T, QuantType QT, bool kDoubleQuant>
+__global__ void __launch_bounds__(kTiledGemvMaxWarps * 32, 1) lora_gemv_tiled_kernel(const LoraLinearParams<T> p) {
+  extern __shared__ __align__(16) uint8_t smem[];
+  uint32_t* table = reinterpret_cast<uint32_t*>(smem);
+  float* code2 = reinterpret_cast<float*>(smem + kTiledTableBytes);
+  uint32_t* xs = reinterpret_cast<uint32_t*>(smem + kTiledTableBytes + kTiledCode2Bytes);
+  const int tid = threadIdx.x, threads = blockDim.x;
+  const int64_t split_k = p.K / gridDim.y, k_begin = blockIdx.y * split_k;
+  const int64_t x_words = tiled_x_words(split_k);
+  float* xa_s = reinterpret_cast<float*>(xs + p.M * x_words);
+
+  // Pair 8s + t + 4e of a block (x[k = 16s + 2t + 8e], the lane's B fragment e of step s) goes to word 8t + 2s + e.
+  const int64_t granules = split_k / 8;  // 16 bytes: pairs 4q .. 4q + 3 of a row
+  for (int64_t i = tid; i < p.M * granules; i += threads) {
+    const int64_t m = i / granules, q = i % granules;
+    const uint4 v = __ldg(reinterpret_cast<const uint4*>(p.x + m * p.K + k_begin) + q);
+    const int first = 4 * static_cast<int>(q % 8);
+    uint32_t* d = xs + m * x_words + q / 8 * 32 + 2 * (first / 8) + first / 4 % 2;
+    d[0] = v.x;
+    d[8] = v.y;
+    d[16] = v.z;
+    d[24] = v.w;
+  }
+  const float* values = QT == QuantType::NF4 ? kNF4ValuesDevice : kFP4ValuesDevice;
+  for (int i = tid; i < 256 * 8; i += threads) {  // row b: its first 32 words, 16 bytes a store
+    const int b = i / 8;
+    const uint32_t v = as_u32(MmaType<T>::pair(values[b >> 4], values[b & 15]));  // low half: the high nibble
+    reinterpret_cast<uint4*>(table)[b * 16 + i % 8] = make_uint4(v, v, v, v);
+  }
+  if constexpr (kDoubleQuant)
+    for (int i = tid; i < 256; i += threads) code2[i] = p.scales.code2[i];
+  __syncthreads();
+
+  const int warp = tid / 32, lane = tid % 32, g = lane / 4, t = lane % 4;
+  const int64_t tile = static_cast<int64_t>(blockIdx.x) * (threads / 32) + warp;
+  const int64_t blocks_per_row = p.K / kTileOrderK, b_begin = k_begin / kTileOrderK;
+  const int groups = static_cast<int>(split_k / kTiledGemvGroupK);
+  float acc[2][2] = {{0.0f, 0.0f}, {0.0f, 0.0f}};  // [row g, g + 8][x rows 2t, 2t + 1]
+  if (tile < p.N / kTileOrderRows) {
+    const uint8_t* w_at = p.packed + (tile * blocks_per_row + b_begin) * kTileOrderBytes + lane * 16;
+    const int64_t row_block[2] = {(tile * kTileOrderRows + g) * blocks_per_row + b_begin,
+                                  (tile * kTileOrderRows + g + 8) * blocks_per_row + b_begin};
+    const auto load = [&](TiledGroup<kDoubleQuant>& gr, int group) {
+#pragma unroll
+      for (int j = 0; j < kTiledGemvGroupBlocks; ++j)
+        gr.w[j] = load_streaming16(w_at + (kTiledGemvGroupBlocks * group + j) * kTileOrderBytes);
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const int64_t block = row_block[h] + kTiledGemvGroupBlocks * group;
+        if constexpr (kDoubleQuant) {
+          gr.q[h] = __ldg(reinterpret_cast<const uint32_t*>(p.scales.qabsmax + block));
+          gr.a2[h] = __ldg(p.scales.absmax2 + block / kAbsmaxBlocksize);
+        } else {
+          gr.absmax[h] = __ldg(reinterpret_cast<const float4*>(p.scales.absmax + block));
+        }
+      }
+    };
+    const uint32_t table_base = static_cast<uint32_t>(__cvta_generic_to_shared(table));
+    const uint32_t lane4 = lane * 4;
+    const float mean = kDoubleQuant ? *p.scales.offset : 0.0f;
+    const uint32_t* x_row = xs + (g < p.M ? g : p.M - 1) * x_words + 8 * t;
+    const auto decode = [&](const TiledGroup<kDoubleQuant>& gr, int group) {
+#pragma unroll
+      for (int j = 0; j < kTiledGemvGroupBlocks; ++j) {
+        const uint4* xb = reinterpret_cast<const uint4*>(x_row + (kTiledGemvGroupBlocks * group + j) * 32);
+        const uint4 x0 = xb[0], x1 = xb[1];
+        const uint32_t xr[8] = {x0.x, x0.y, x0.z, x0.w, x1.x, x1.y, x1.z, x1.w};
+        const uint4 w = gr.w[j];
+        float d[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+#pragma unroll
+        for (int s = 0; s < 4; ++s) {
+          const uint32_t a[4] = {tiled_pair(table_base, w.x, w.y, 2 * s, lane4), tiled_pair(table_base, w.z, w.w, 2 * s, lane4),
+                                 tiled_pair(table_base, w.x, w.y, 2 * s + 1, lane4),
+                                 tiled_pair(table_base, w.z, w.w, 2 * s + 1, lane4)};
+          const uint32_t b[2] = {xr[2 * s], xr[2 * s + 1]};
+          MmaType<T>::mma(d, a, b);
+        }
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          float scale;
+          if constexpr (kDoubleQuant)
+            scale = mul_then_add(code2[(gr.q[h] >> (8 * j)) & 255], gr.a2[h], mean);  // as dequantize_4bit rounds it
+          else
+            scale = j == 0 ? gr.absmax[h].x : j == 1 ? gr.absmax[h].y : j == 2 ? gr.absmax[h].z : gr.absmax[h].w;
+          acc[h][0] = fmaf(scale, d[2 * h], acc[h][0]);
+          acc[h][1] = fmaf(scale, d[2 * h + 1], acc[h][1]);
+        }
+      }
+    };
+    TiledGroup<kDoubleQuant> ring[kTiledGemvGroups];
+#pragma unroll
+    for (int i = 0; i < kTiledGemvGroups; ++i)
+      if (i < groups) load(ring[i], i);
+    for (int base = 0; base < groups; base += kTiledGemvGroups) {
+#pragma unroll
+      for (int i = 0; i < kTiledGemvGroups; ++i) {
+        const int group = base + i;
+        if (group >= groups) break;
+        decode(ring[i], group);
+        if (group + kTiledGemvGroups < groups) load(ring[i], group + kTiledGemvGroups);  // the others stay in flight
+      }
+    }
+  }
+  allow_dependent_launch();
+  const bool fused_epilogue = p.partial == nullptr;
+  if (fused_epilogue && p.lora_B != nullptr) {  // every thread: the staging shuffles and syncs
+    wait_for_prior_grid();  // xa_partial comes from lora_down
+    stage_lora_rows(p, xa_s, 0, static_cast<int>(p.M));
+    __syncthreads();
+  }
+  if (tile < p.N / kTileOrderRows) {
+#pragma unroll
+    for (int h = 0; h < 2; ++h)
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        const int m = 2 * t + e;
+        if (m >= p.M) continue;
+        const int64_t n = tile * kTileOrderRows + g + 8 * h;
+        if (fused_epilogue)
+          p.y[m * p.N + n] = VecIO<T>::from_float(acc[h][e] + lora_term(p, xa_s, m, n));
+        else
+          p.partial[(static_cast<int64_t>(blockIdx.y) * p.M + m) * p.N + n] = acc[h][e];
+      }
+  }
+  wait_for_prior_grid();  // so that this grid's completion implies lora_down's
+}
+
+// What the tiled GEMV launches: warps a CTA, K splits, grid and shared memory; scratch_floats as LoraLinearPlan's.
+// xa_beside: x·Aᵀ by lora_down_mma on an SM the GEMV leaves free, into a bfloat16 [M, r] buffer, where lora_down_kernel
+// ahead of the GEMV held a CTA's start on each SM it ran on (the GEMV's CTA takes a whole SM's registers).
+struct TiledGemvPlan {
+  int warps = 0;
+  int splits = 0;
+  int xa_splits = 0;
+  bool xa_beside = false;
+  int r = 0;
+  dim3 grid;
+  size_t smem = 0;
+  int64_t scratch_floats = 0;
+};
+
+// nullptr and the plan where the tiled GEMV takes these sizes, else why not. The split count and warps a CTA keep
+// one CTA an SM: the most warps in flight, then the most SMs busy, then the fewest idle warps. bf16: whether x is
+// bfloat16 (lora_down_mma's type).
+inline const char* plan_lora_gemv_tiled(int64_t M, int64_t N, int64_t K, int r, int64_t blocksize, bool bf16,
+                                        int num_sms, TiledGemvPlan* plan) {
+  if (M < 1 || M > kTiledGemvMaxM) return "x must have 1 to 8 rows";
+  if (blocksize != kTileOrderK) return "blocksize must be 64";
+  if (N % kTileOrderRows != 0 || K % kTiledGemvGroupK != 0)
+    return "out_features (N) must be a multiple of 16 and in_features (K) of 256";
+  const int64_t tiles = N / kTileOrderRows, groups = K / kTiledGemvGroupK;
+  const bool xa_beside = bf16 && r > 0 && lora_down_mma_supported(K, r);
+  const int sms = xa_beside ? num_sms - 1 : num_sms;  // lora_down_mma takes one CTA at up to 16 rows
+  TiledGemvPlan best;
+  int64_t best_key[3] = {-1, -1, -1};
+  for (int64_t splits = 1; splits <= std::min<int64_t>(groups, kTiledGemvMaxSplits); ++splits) {
+    if (groups % splits != 0 || tiled_gemv_smem(M, K / splits, r, splits == 1) > kTiledGemvMaxSmem) continue;
+    for (int warps = kTiledGemvMaxWarps; warps >= 1; --warps) {
+      const int64_t ctas = (tiles + warps - 1) / warps * splits;
+      if (ctas > sms) continue;
+      const int64_t key[3] = {tiles * splits, ctas, -ctas * warps};
+      if (std::lexicographical_compare(best_key, best_key + 3, key, key + 3)) {
+        std::copy(key, key + 3, best_key);
+        best.warps = warps;
+        best.splits = static_cast<int>(splits);
+        best.grid = dim3(static_cast<unsigned>((tiles + warps - 1) / warps), static_cast<unsigned>(splits));
+        best.smem = static_cast<size_t>(tiled_gemv_smem(M, K / splits, r, splits == 1));
+      }
+    }
+  }
+  if (best.warps == 0) return "x's rows of a K split do not fit shared memory";
+  best.r = r;
+  best.xa_beside = xa_beside;
+  best.xa_splits = r > 0 && !xa_beside ? lora_down_splits(K) : 0;
+  best.scratch_floats = static_cast<int64_t>(best.xa_splits) * M * r + (best.splits > 1 ? best.splits * M * N : 0);
+  *plan = best;
+  return nullptr;
+}
+
+// p.xa_partial, p.xa and p.partial are set here from `scratch` (plan.scratch_floats floats) and `xa` ([M, r], where
+// plan.xa_beside); lora_A is [r, K]; p.x doubles as x_lora when x_lora is nullptr; p.packed is in tile order.
+template <typename T>
+cudaError_t launch_lora_gemv_tiled(LoraLinearParams<T> p, const TiledGemvPlan& plan, const T* x_lora, const T* lora_A,
+                                   float* scratch, T* xa, QuantType quant_type, int num_sms, cudaStream_t stream) {
+  if (p.M == 0 || p.N == 0) return cudaSuccess;
+  if (p.lora_B == nullptr) p.r = 0;
+  if (p.r != plan.r) return cudaErrorInvalidValue;
+  p.xa_splits = plan.xa_splits;
+  p.warp_splits = 1;
+  p.xa_partial = scratch;
+  p.xa = nullptr;
+  p.partial = plan.splits > 1 ? scratch + static_cast<int64_t>(plan.xa_splits) * p.M * p.r : nullptr;
+  const bool overlap = dependent_launch_supported();
+  cudaError_t err = cudaSuccess;
+  if constexpr (std::is_same_v<T, __nv_bfloat16>) {
+    if (plan.xa_beside && p.r > 0) {
+      if (xa == nullptr) return cudaErrorInvalidValue;
+      p.xa = xa;
+      err = launch_lora_down_mma(x_lora != nullptr ? x_lora : p.x, lora_A, xa, p.M, p.K, p.r, stream);
+    }
+  }
+  if (p.xa == nullptr) {
+    if (plan.xa_beside && p.r > 0) return cudaErrorInvalidValue;
+    err = launch_lora_down(p, x_lora, lora_A, scratch, stream);
+  }
+  if (err != cudaSuccess) return err;
+  const bool double_quant = p.scales.absmax == nullptr;
+#define QLORA_TILED_CASE(QT_, DQ_)                                                                          \
+  if (quant_type == QT_ && double_quant == DQ_) {                                                          \
+    constexpr auto kernel = lora_gemv_tiled_kernel<T, QT_, DQ_>;                                           \
+    err = opt_in_dynamic_smem<kernel>(kTiledGemvMaxSmem);                                                  \
+    if (err == cudaSuccess)                                                                                \
+      err = launch_maybe_dependent(kernel, plan.grid, dim3(plan.warps * 32), plan.smem, stream, overlap && p.r > 0, p); \
+  }
+  QLORA_TILED_CASE(QuantType::NF4, true) QLORA_TILED_CASE(QuantType::NF4, false)
+  QLORA_TILED_CASE(QuantType::FP4, true) QLORA_TILED_CASE(QuantType::FP4, false)
+#undef QLORA_TILED_CASE
+  if (err != cudaSuccess || plan.splits == 1) return err;
+  return launch_lora_epilogue(p, plan.splits, num_sms, overlap, stream);
+}
+
+}  // namespace qlora
