@@ -9,6 +9,7 @@ Rows (impl):
   qlora merged / unmerged  path=4 / 5, dequantize + cuBLAS with the adapter always / never merged into the weight
                            (M >= 256 rows: the measurement behind merging_adapter_pays)
   qlora tensor-core        path=6, the wgmma GEMM that decodes the weight in its main loop (M >= 16 rows; sm_90)
+  qlora tile order         the automatic path with the packed weight in tile order (qlora.tile_order; CUDA)
   torch bf16               F.linear + the same LoRA in plain PyTorch
   torch bf16 no-LoRA       F.linear only
   bitsandbytes             bnb.matmul_4bit + the same LoRA in plain PyTorch
@@ -45,6 +46,11 @@ def _weight_bytes(N, K, blocksize=64):
     return N * K / 2 + N * K / blocksize + N * K / blocksize / 256 * 4
 
 
+def _tile_ordered(quantized):
+    packed, qs = quantized
+    return qlora.tile_order(packed, qs), qs
+
+
 def run(ctx: Context) -> list[Row]:
     rows: list[Row] = []
     dev = ctx.device
@@ -73,6 +79,9 @@ def run(ctx: Context) -> list[Row]:
             next_w = rotating(lambda: torch.randn(N, K, device=dev, dtype=DTYPE) * 0.02, 2 * N * K)
             A = torch.randn(R, K, device=dev, dtype=DTYPE) / math.sqrt(K)
             B = torch.randn(N, R, device=dev, dtype=DTYPE) * 0.01
+            next_t = None
+            if ctx.cuda:
+                next_t = rotating(lambda: _tile_ordered(qlora.quantize_4bit(w)), _weight_bytes(N, K))
             next_b = None
             if ctx.bnb is not None:
                 BF = ctx.bnb.functional
@@ -85,6 +94,10 @@ def run(ctx: Context) -> list[Row]:
         def ours(x, path):
             packed, qs = next_q()
             return qlora.lora_linear_4bit(x, packed, qs, None, A, B, scale, None, path)
+
+        def ours_tile_order(x):
+            packed, qs = next_t()
+            return qlora.lora_linear_4bit(x, packed, qs, None, A, B, scale)
 
         def bf16_lora(x):
             return F.linear(x, next_w()) + scale * F.linear(F.linear(x, A), B)
@@ -104,6 +117,8 @@ def run(ctx: Context) -> list[Row]:
                 2 * M * N * K)
             if next_b is not None:
                 add(case, shape, "bitsandbytes", lambda: bnb_lora(x), q_bytes, flops)
+            if next_t is not None:
+                add(case, shape, "qlora tile order", lambda: ours_tile_order(x), q_bytes, flops)
             if ctx.cuda and M >= 256:
                 add(case, shape, "qlora merged", lambda: ours(x, 4), q_bytes, flops)
                 add(case, shape, "qlora unmerged", lambda: ours(x, 5), q_bytes, flops)
@@ -131,7 +146,7 @@ def run(ctx: Context) -> list[Row]:
             add(case, shape, "torch bf16 no-LoRA", lambda: F.linear(x, next_w()), 2 * N * K, 2 * M * N * K)
             flush()
 
-        del next_q, next_w, next_b, w
+        del next_q, next_w, next_b, next_t, w
         if ctx.cuda:
             torch.cuda.empty_cache()
 

@@ -8,6 +8,7 @@ on the same inputs, plus a small atol.
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -635,6 +636,37 @@ def test_linear4bit_from_bnb_state_dict(device):
     assert torch.equal(m(x), expected)
     with pytest.raises(ValueError, match="no 'weight' entry"):
         Linear4bit.from_bnb_state_dict({"bias": lin.bias})
+
+
+def test_linear4bit_tile_order(device):
+    """A module holding its weight in tile order computes what the row-major one does (the automatic choice on the
+    GPU takes other kernels, so within accuracy), saves bitsandbytes' row-major bytes and loads them back."""
+    lin = torch.nn.Linear(512, 96).to(device, torch.bfloat16)
+    row = LoraLinear4bit.from_linear(lin, r=8)
+    torch.nn.init.normal_(row.lora_B.weight, std=0.1)
+    tiled = copy.deepcopy(row)
+    assert tiled.base.tile_order_() is tiled.base and tiled.base.tile_ordered and not row.base.tile_ordered
+    assert tiled.base.weight.shape == (96 // 16, 512 // 64, 512) and "tile_ordered=True" in repr(tiled.base)
+    assert torch.equal(tiled.base.dequantize(), row.base.dequantize())
+    x = torch.randn(3, 512, device=device, dtype=torch.bfloat16, requires_grad=True)
+    ref = row(x.detach().clone())
+    y = tiled(x)
+    assert_accurate(y, x.detach().double() @ row.merge(torch.float32).weight.double().t() + lin.bias.double(), ref,
+                    torch.bfloat16)
+    y.square().sum().backward()
+    assert x.grad is not None and tiled.lora_A.weight.grad is not None
+    sd = tiled.state_dict()
+    assert torch.equal(sd["base.weight"], row.base.weight) and sd["base.weight"].shape == row.base.weight.shape
+    fresh = copy.deepcopy(tiled)
+    fresh.base.weight.zero_()
+    fresh.load_state_dict(sd)
+    assert fresh.base.tile_ordered and torch.equal(fresh.base.weight, tiled.base.weight)
+    assert tiled.base.row_order_() is tiled.base and not tiled.base.tile_ordered
+    assert torch.equal(tiled.base.weight, row.base.weight)
+    with pytest.raises(ValueError, match="out_features % 16"):
+        Linear4bit.from_linear(torch.nn.Linear(64, 40).to(device)).tile_order_()
+    model = torch.nn.Sequential(row, Linear4bit.from_linear(torch.nn.Linear(96, 40).to(device)))
+    assert qlora.nn.tile_order_(model) == ["0.base"] and row.base.tile_ordered and not model[1].tile_ordered
 
 
 def test_lora_linear4bit_init_and_state(device):

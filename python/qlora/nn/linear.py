@@ -9,9 +9,9 @@ import torch
 from torch import nn
 
 from ..lora_linear import PATH_AUTO
-from ..quantization import QuantState, dequantize_4bit, quantize_4bit
+from ..quantization import QuantState, dequantize_4bit, quantize_4bit, row_order, tile_order
 
-__all__ = ["Linear4bit", "LoraLinear4bit"]
+__all__ = ["Linear4bit", "LoraLinear4bit", "tile_order_"]
 
 
 def _as_dtype(t: torch.Tensor, dtype: Optional[torch.dtype]) -> torch.Tensor:
@@ -92,6 +92,42 @@ class Linear4bit(nn.Module):
         return QuantState(self.absmax, torch.Size((self.out_features, self.in_features)), self.weight_dtype,
                           self.blocksize, self.quant_type, self.absmax2, self.code2, self.offset)
 
+    @property
+    def tile_ordered(self) -> bool:
+        """Whether the packed weight is held in tile order (:meth:`tile_order_`)."""
+        return self._buffers["weight"].dim() == 3
+
+    def tile_order_(self) -> "Linear4bit":
+        """Hold the packed weight in tile order (:func:`qlora.tile_order`) from now on; returns the module.
+
+        The op reads it faster where few rows of x meet a large weight (decoding: the tiled small-M GEMV up to 8
+        rows) and in its tensor-core GEMM; the large-M path reads a row-major copy. The state dict keeps
+        bitsandbytes' row-major bytes either way, and loading one converts it. Needs out_features % 16 == 0 and
+        in_features % 64 == 0.
+        """
+        if not self.tile_ordered:
+            self.weight = tile_order(self.weight, self.quant_state)
+        return self
+
+    def row_order_(self) -> "Linear4bit":
+        """Hold the packed weight in bitsandbytes' row-major order again; returns the module."""
+        if self.tile_ordered:
+            self.weight = row_order(self.weight)
+        return self
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if self.tile_ordered:
+            destination[prefix + "weight"] = row_order(self.weight)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        key = prefix + "weight"
+        if self.tile_ordered and key in state_dict and state_dict[key].dim() != 3:
+            state_dict[key] = tile_order(state_dict[key].to(self.weight.device), self.quant_state)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+
     def dequantize(self, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
         """The weight as a dense ``[out_features, in_features]`` tensor (for inspection and merging)."""
         w = dequantize_4bit(self.weight, self.quant_state)
@@ -118,7 +154,8 @@ class Linear4bit(nn.Module):
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
                 f"quant_type={self.quant_type}, blocksize={self.blocksize}, "
-                f"double_quant={self.absmax2 is not None}, compute_dtype={self.compute_dtype}")
+                f"double_quant={self.absmax2 is not None}, compute_dtype={self.compute_dtype}"
+                + (", tile_ordered=True" if self.tile_ordered else ""))
 
 
 class LoraLinear4bit(nn.Module):
@@ -245,3 +282,15 @@ class LoraLinear4bit(nn.Module):
 
     def extra_repr(self) -> str:
         return f"r={self.r}, alpha={self.lora_alpha}, dropout={self.lora_dropout}"
+
+
+def tile_order_(model: nn.Module) -> list[str]:
+    """Hold the packed weight of every :class:`Linear4bit` in ``model`` (LoRA bases included) in tile order where its
+    shape allows it (out_features % 16 == 0, in_features % 64 == 0), as :meth:`Linear4bit.tile_order_`; returns the
+    names of the layers that hold it so."""
+    names = []
+    for name, module in model.named_modules():
+        if isinstance(module, Linear4bit) and module.out_features % 16 == 0 and module.in_features % 64 == 0:
+            module.tile_order_()
+            names.append(name)
+    return names
