@@ -263,7 +263,8 @@ def plot(rows: Sequence[Row], device_name: str, path: Path) -> None:
                 if hit:
                     xs.append(j + k * width)
                     ys.append(hit[0].us)
-            ax.bar(xs, ys, width, label=impl)
+            # tab20 beyond ten: matplotlib's default cycle repeats its ten colours, and the linear + LoRA rows have more
+            ax.bar(xs, ys, width, label=impl, color=plt.get_cmap("tab10" if len(impls) <= 10 else "tab20")(k % 20))
         ax.set_xticks([j + 0.4 - width / 2 for j in range(len(labels))], labels, fontsize=7,
                       rotation=90 if many[bench] else 0)
         ax.set_xlim(-0.5, len(labels))
