@@ -130,13 +130,16 @@ inline bool tensor_core_m_in_range(int64_t M, int64_t N, int64_t K) {
 }
 // Largest LoRA rank the fused kernel stages in shared memory (64 rows x r floats within 48 KB).
 // Where the automatic choice takes the tiled small-M GEMV for a tile-ordered weight (it runs up to 8 rows of x) rather
-// than the tensor-core GEMM: weights of at least 2^27 elements. H200, 2026-11-30, tools/time_tile_order.py --tiled,
-// do_bench µs, r = 16, tiled GEMV / the GEMM on tile order / the fused kernel on row-major bytes: 8192x28672 M = 1
-// 52.5 / 62.9 / 60.4, M = 8 58.4 / 62.8 / 79.4; 28672x8192 M = 1 53.6 / 71.6 / 64.0, M = 8 60.8 / 71.6 / 77.3.
-// Below it the GEMM won in a run before x·Aᵀ moved beside the GEMV: 8192² M = 1 25.6 / 24.6, 4096² 15.4 / 13.2,
-// 4096x14336 25.6 / 23.8.
-constexpr int64_t kTiledGemvMinElements = int64_t{1} << 27;
-inline bool tiled_gemv_pays(int64_t N, int64_t K) { return N * K >= kTiledGemvMinElements; }
+// than the tensor-core GEMM: weights of at least 2^27 elements, and of at least 2^25 with N >= 2K. H200, 2026-11-30,
+// tools/time_tile_order.py --tiled, do_bench µs, r = 16, M = 1 / 8, tiled GEMV against the GEMM on tile order (the
+// fused kernel on row-major bytes): 8192x28672 52.5 / 58.4 against 62.9 / 62.8 (60.4 / 79.4); 28672x8192 53.6 / 60.8
+// against 71.6 / 71.6 (64.0 / 77.3); 14336x4096 24.6 / 26.2 against 26.8 / 27.0; 11008x4096 21.3 / 23.6 against
+// 26.4 / 26.4 (22.2 / 24.7). The GEMM stayed ahead on 8192² (25.3 / 26.8 against 24.8 / 24.8) and 4096² (15.5 / 16.4
+// against 13.7 / 14.2); on 4096x14336 they split (22.6 / 25.0 against 24.0 / 24.5).
+constexpr int64_t kTiledGemvMinElements = int64_t{1} << 27, kTiledGemvTallMinElements = int64_t{1} << 25;
+inline bool tiled_gemv_pays(int64_t N, int64_t K) {
+  return N * K >= kTiledGemvMinElements || (N * K >= kTiledGemvTallMinElements && N >= 2 * K);
+}
 constexpr int64_t kFusedMaxRank = 192;
 
 // Whether the large-M path (forward and the backward's grad_x) merges the adapter into the dequantized weight

@@ -183,9 +183,11 @@ def launched_kernels(fn):
 
 @cuda_only
 @pytest.mark.parametrize("N, K, M, tiled_expected", [(8192, 16384, 1, True), (8192, 16384, 8, True),
-                                                     (8192, 16384, 9, False), (8192, 8192, 1, False)])
+                                                     (8192, 16384, 9, False), (8192, 8192, 1, False),
+                                                     (12288, 4096, 2, True), (4096, 8192, 2, False)])
 def test_automatic_choice_of_the_tiled_gemv(N, K, M, tiled_expected):
-    """The automatic choice takes the tiled GEMV for a tile-ordered weight of at least 2^27 elements, up to 8 rows."""
+    """The automatic choice takes the tiled GEMV for a tile-ordered weight, up to 8 rows, of at least 2^27 elements, or of
+    at least 2^25 with N >= 2K."""
     _, tiled = tiled_inputs(M, N, K)
     names = launched_kernels(lambda: OP(**tiled))
     assert any("lora_gemv_tiled_kernel" in n for n in names) == tiled_expected, names
