@@ -19,7 +19,7 @@
 #include <random>
 #include <vector>
 
-#include "qlora/lora_linear_4bit.cuh"
+#include "qlora/lora_gemv_tiled.cuh"
 #include "flushed_timing.cuh"
 #include "tool_host.cuh"
 
@@ -51,22 +51,6 @@ struct Quad {
 __device__ __forceinline__ uint2 load_streaming(const uint8_t* p) {
   uint2 v;
   asm volatile("ld.global.nc.L1::no_allocate.v2.u32 {%0, %1}, [%2];\n" : "=r"(v.x), "=r"(v.y) : "l"(p));
-  return v;
-}
-
-__device__ __forceinline__ uint4 load_streaming16(const uint8_t* p) {
-  uint4 v;
-  asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];\n"
-               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
-               : "l"(p));
-  return v;
-}
-
-__device__ __forceinline__ uint32_t lookup(uint32_t table, uint2 w, int byte, uint32_t lane4) {
-  const uint32_t word = byte < 4 ? w.x : w.y;
-  const uint32_t at = __byte_perm(word, lane4, 0x5504 | ((byte & 3) << 4));
-  uint32_t v;
-  asm volatile("ld.shared.u32 %0, [%1];\n" : "=r"(v) : "r"(table + at));
   return v;
 }
 
@@ -138,7 +122,6 @@ __global__ void __launch_bounds__(kWarps * 32, kMinCtas)
   };
   const uint32_t table_base = static_cast<uint32_t>(__cvta_generic_to_shared(table));
   const uint32_t lane4 = lane * 4;
-  auto pair = [&](uint2 w, int byte) { return lookup(table_base, w, byte, lane4); };
   const float mean = *wt.offset;
   float acc[2] = {0.0f, 0.0f};
   Quad ring[kQuads];
@@ -160,17 +143,10 @@ __global__ void __launch_bounds__(kWarps * 32, kMinCtas)
 #pragma unroll
           for (int j = 0; j < 4; ++j) {
             const int block = 4 * quad + j;
-            const uint4* xb = reinterpret_cast<const uint4*>(xs + block * 64 + 16 * t);
-            const uint4 x0 = xb[0], x1 = xb[1];
-            const uint32_t xr[8] = {x0.x, x0.y, x0.z, x0.w, x1.x, x1.y, x1.z, x1.w};
             float d[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-#pragma unroll
-            for (int s = 0; s < 4; ++s) {
-              const uint32_t a[4] = {pair(qd.w[0][j], 2 * s), pair(qd.w[1][j], 2 * s), pair(qd.w[0][j], 2 * s + 1),
-                                     pair(qd.w[1][j], 2 * s + 1)};
-              const uint32_t b[2] = {xr[2 * s], xr[2 * s + 1]};
-              MmaType<bf16>::mma(d, a, b);
-            }
+            // both orders: a lane's 8 bytes of a block row pair with x's words 8t .. 8t + 7 as staged above
+            tiled_block_mma<bf16>(d, table_base, qd.w[0][j], qd.w[1][j],
+                                  reinterpret_cast<const uint32_t*>(xs) + block * 32 + 8 * t, lane4);
 #pragma unroll
             for (int h = 0; h < 2; ++h) {
               const float scale = code2[(qd.q[h] >> (8 * j)) & 255] * qd.a2[h] + mean;

@@ -41,36 +41,19 @@ const char* fused_unsupported(const at::Tensor& x, const LoraLinearArgs& args) {
   return nullptr;
 }
 
-at::Tensor fused_forward(const at::Tensor& x2, const at::Tensor& packed, const at::Tensor& absmax, int64_t blocksize,
-                         const LoraLinearArgs& args, const std::optional<at::Tensor>& absmax2,
-                         const std::optional<at::Tensor>& code2, const std::optional<at::Tensor>& offset,
-                         const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& lora_A,
-                         const std::optional<at::Tensor>& lora_B, double scale, const std::optional<at::Tensor>& xl2,
-                         bool allow_block_scaled, int num_sms) {
-  const at::Tensor x = aligned_contiguous(x2);
-  const at::Tensor p = aligned_contiguous(to_row_order(packed));  // the fused kernels read row-major bytes
-  const ScaleInputs scales = contiguous_scales(absmax, absmax2, code2, offset, args.weight.double_quant);
-  at::Tensor b, la, lb, xl;
-  if (bias.has_value()) b = bias->contiguous();
-  if (args.lora) {
-    la = aligned_contiguous(*lora_A);
-    lb = lora_B->contiguous();
-    if (xl2.has_value()) xl = aligned_contiguous(*xl2);
-  }
-  at::Tensor y = at::empty({args.M, args.N}, x.options());
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  dispatch_half(x.scalar_type(), [&](auto tag) {
-    using T = decltype(tag);
-    LoraLinearPlan plan;
-    C10_CUDA_CHECK(plan_lora_linear_4bit<T>(args.M, args.N, args.K, static_cast<int>(args.r), log2_exact(blocksize),
-                                            args.weight.quant_type, num_sms, allow_block_scaled, &plan));
-    at::Tensor scratch = at::empty({std::max<int64_t>(plan.scratch_floats, 1)}, x.options().dtype(at::kFloat));
+// The small-M kernels' inputs, contiguous and aligned where their vector loads need it, alive for the launch, and y.
+struct GemvInputs {
+  at::Tensor x, packed, bias, lora_A, lora_B, x_lora, y;
+  ScaleInputs scales;
+
+  template <typename T>
+  LoraLinearParams<T> params(const LoraLinearArgs& args, double scale, int64_t blocksize) const {
     LoraLinearParams<T> prm{};
     prm.x = static_cast<const T*>(x.const_data_ptr());
-    prm.packed = p.const_data_ptr<uint8_t>();
+    prm.packed = packed.const_data_ptr<uint8_t>();
     prm.scales = scales.scales;
-    prm.bias = b.defined() ? static_cast<const T*>(b.const_data_ptr()) : nullptr;
-    prm.lora_B = args.lora ? static_cast<const T*>(lb.const_data_ptr()) : nullptr;
+    prm.bias = bias.defined() ? static_cast<const T*>(bias.const_data_ptr()) : nullptr;
+    prm.lora_B = lora_B.defined() ? static_cast<const T*>(lora_B.const_data_ptr()) : nullptr;
     prm.r = static_cast<int>(args.r);
     prm.scale = static_cast<float>(scale);
     prm.y = static_cast<T*>(y.data_ptr());
@@ -78,11 +61,56 @@ at::Tensor fused_forward(const at::Tensor& x2, const at::Tensor& packed, const a
     prm.N = args.N;
     prm.K = args.K;
     prm.log2_blocksize = log2_exact(blocksize);
-    C10_CUDA_CHECK(launch_lora_linear_4bit<T>(prm, plan, xl.defined() ? static_cast<const T*>(xl.const_data_ptr()) : nullptr,
-                                              args.lora ? static_cast<const T*>(la.const_data_ptr()) : nullptr,
-                                              scratch.data_ptr<float>(), args.weight.quant_type, num_sms, stream));
+    return prm;
+  }
+  template <typename T>
+  const T* x_lora_ptr() const { return x_lora.defined() ? static_cast<const T*>(x_lora.const_data_ptr()) : nullptr; }
+  template <typename T>
+  const T* lora_A_ptr() const { return lora_A.defined() ? static_cast<const T*>(lora_A.const_data_ptr()) : nullptr; }
+};
+
+// packed is passed in the order the kernel reads. absmax aligned as well: the tiled GEMV reads a row's four block scales
+// with one load.
+GemvInputs gemv_inputs(const at::Tensor& x2, const at::Tensor& packed, const at::Tensor& absmax,
+                       const LoraLinearArgs& args, const std::optional<at::Tensor>& absmax2,
+                       const std::optional<at::Tensor>& code2, const std::optional<at::Tensor>& offset,
+                       const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& lora_A,
+                       const std::optional<at::Tensor>& lora_B, const std::optional<at::Tensor>& xl2) {
+  GemvInputs in;
+  in.x = aligned_contiguous(x2);
+  in.packed = aligned_contiguous(packed);
+  in.scales = contiguous_scales(aligned_contiguous(absmax), absmax2, code2, offset, args.weight.double_quant);
+  if (bias.has_value()) in.bias = bias->contiguous();
+  if (args.lora) {
+    in.lora_A = aligned_contiguous(*lora_A);
+    in.lora_B = lora_B->contiguous();
+    if (xl2.has_value()) in.x_lora = aligned_contiguous(*xl2);
+  }
+  in.y = at::empty({args.M, args.N}, in.x.options());
+  return in;
+}
+
+at::Tensor fused_forward(const at::Tensor& x2, const at::Tensor& packed, const at::Tensor& absmax, int64_t blocksize,
+                         const LoraLinearArgs& args, const std::optional<at::Tensor>& absmax2,
+                         const std::optional<at::Tensor>& code2, const std::optional<at::Tensor>& offset,
+                         const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& lora_A,
+                         const std::optional<at::Tensor>& lora_B, double scale, const std::optional<at::Tensor>& xl2,
+                         bool allow_block_scaled, int num_sms) {
+  // The fused kernels read row-major bytes.
+  const GemvInputs in = gemv_inputs(x2, to_row_order(packed), absmax, args, absmax2, code2, offset, bias, lora_A,
+                                    lora_B, xl2);
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  dispatch_half(in.x.scalar_type(), [&](auto tag) {
+    using T = decltype(tag);
+    LoraLinearPlan plan;
+    C10_CUDA_CHECK(plan_lora_linear_4bit<T>(args.M, args.N, args.K, static_cast<int>(args.r), log2_exact(blocksize),
+                                            args.weight.quant_type, num_sms, allow_block_scaled, &plan));
+    at::Tensor scratch = at::empty({std::max<int64_t>(plan.scratch_floats, 1)}, in.x.options().dtype(at::kFloat));
+    C10_CUDA_CHECK(launch_lora_linear_4bit<T>(in.params<T>(args, scale, blocksize), plan, in.x_lora_ptr<T>(),
+                                              in.lora_A_ptr<T>(), scratch.data_ptr<float>(), args.weight.quant_type,
+                                              num_sms, stream));
   });
-  return y;
+  return in.y;
 }
 
 // Why the tiled small-M GEMV cannot take these arguments, or nullptr when it can (and its plan).
@@ -100,45 +128,19 @@ at::Tensor tiled_gemv_forward(const at::Tensor& x2, const at::Tensor& packed, co
                               const std::optional<at::Tensor>& offset, const std::optional<at::Tensor>& bias,
                               const std::optional<at::Tensor>& lora_A, const std::optional<at::Tensor>& lora_B,
                               double scale, const std::optional<at::Tensor>& xl2, int num_sms) {
-  const at::Tensor x = aligned_contiguous(x2);
-  const at::Tensor p = aligned_contiguous(packed);
-  // The kernel reads a row's four block scales with one load.
-  const ScaleInputs scales =
-      contiguous_scales(aligned_contiguous(absmax), absmax2, code2, offset, args.weight.double_quant);
-  at::Tensor b, la, lb, xl;
-  if (bias.has_value()) b = bias->contiguous();
-  if (args.lora) {
-    la = aligned_contiguous(*lora_A);
-    lb = lora_B->contiguous();
-    if (xl2.has_value()) xl = aligned_contiguous(*xl2);
-  }
-  at::Tensor y = at::empty({args.M, args.N}, x.options());
-  at::Tensor scratch = at::empty({std::max<int64_t>(plan.scratch_floats, 1)}, x.options().dtype(at::kFloat));
+  const GemvInputs in = gemv_inputs(x2, packed, absmax, args, absmax2, code2, offset, bias, lora_A, lora_B, xl2);
+  at::Tensor scratch = at::empty({std::max<int64_t>(plan.scratch_floats, 1)}, in.x.options().dtype(at::kFloat));
   at::Tensor xa;
-  if (plan.xa_beside) xa = at::empty({args.M, args.r}, x.options());
+  if (plan.xa_beside) xa = at::empty({args.M, args.r}, in.x.options());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  dispatch_half(x.scalar_type(), [&](auto tag) {
+  dispatch_half(in.x.scalar_type(), [&](auto tag) {
     using T = decltype(tag);
-    LoraLinearParams<T> prm{};
-    prm.x = static_cast<const T*>(x.const_data_ptr());
-    prm.packed = p.const_data_ptr<uint8_t>();
-    prm.scales = scales.scales;
-    prm.bias = b.defined() ? static_cast<const T*>(b.const_data_ptr()) : nullptr;
-    prm.lora_B = args.lora ? static_cast<const T*>(lb.const_data_ptr()) : nullptr;
-    prm.r = static_cast<int>(args.r);
-    prm.scale = static_cast<float>(scale);
-    prm.y = static_cast<T*>(y.data_ptr());
-    prm.M = args.M;
-    prm.N = args.N;
-    prm.K = args.K;
-    prm.log2_blocksize = log2_exact(kTileOrderK);
-    const T* x_lora = xl.defined() ? static_cast<const T*>(xl.const_data_ptr()) : nullptr;
-    const T* A = args.lora ? static_cast<const T*>(la.const_data_ptr()) : nullptr;
     T* xa_out = xa.defined() ? static_cast<T*>(xa.data_ptr()) : nullptr;
-    C10_CUDA_CHECK(launch_lora_gemv_tiled<T>(prm, plan, x_lora, A, scratch.data_ptr<float>(), xa_out,
+    C10_CUDA_CHECK(launch_lora_gemv_tiled<T>(in.params<T>(args, scale, kTileOrderK), plan, in.x_lora_ptr<T>(),
+                                             in.lora_A_ptr<T>(), scratch.data_ptr<float>(), xa_out,
                                              args.weight.quant_type, num_sms, stream));
   });
-  return y;
+  return in.y;
 }
 
 // xa = x_lora·Aᵀ, [M, r] and contiguous (a new tensor): the LoRA branch's down-projection, of x itself unless a

@@ -55,6 +55,26 @@ __device__ __forceinline__ uint32_t tiled_pair(uint32_t table, uint32_t lo, uint
   return v;
 }
 
+// d += one 64-k block's four k16 steps for a lane: A from its 8 code bytes of rows g and g + 8 of the block, B from
+// the block's 8 words of x at x_block in the lanes' order (pair 8s + t + 4e at word 8t + 2s + e, x_block already at
+// the lane's 8t).
+template <typename T>
+__device__ __forceinline__ void tiled_block_mma(float (&d)[4], uint32_t table, uint2 row_g, uint2 row_g8,
+                                                const uint32_t* x_block, uint32_t lane4) {
+  const uint4* xb = reinterpret_cast<const uint4*>(x_block);
+  const uint4 x0 = xb[0], x1 = xb[1];
+  const uint32_t xr[8] = {x0.x, x0.y, x0.z, x0.w, x1.x, x1.y, x1.z, x1.w};
+#pragma unroll
+  for (int s = 0; s < 4; ++s) {
+    const uint32_t a[4] = {tiled_pair(table, row_g.x, row_g.y, 2 * s, lane4),
+                           tiled_pair(table, row_g8.x, row_g8.y, 2 * s, lane4),
+                           tiled_pair(table, row_g.x, row_g.y, 2 * s + 1, lane4),
+                           tiled_pair(table, row_g8.x, row_g8.y, 2 * s + 1, lane4)};
+    const uint32_t b[2] = {xr[2 * s], xr[2 * s + 1]};
+    MmaType<T>::mma(d, a, b);
+  }
+}
+
 // One group of a lane: the four blocks' 16 bytes (x, y: row g; z, w: row g + 8) and the raw scales of both rows.
 template <bool kDoubleQuant>
 struct TiledGroup {
@@ -134,19 +154,10 @@ __global__ void __launch_bounds__(kTiledGemvMaxWarps * 32, 1) lora_gemv_tiled_ke
     const auto decode = [&](const TiledGroup<kDoubleQuant>& gr, int group) {
 #pragma unroll
       for (int j = 0; j < kTiledGemvGroupBlocks; ++j) {
-        const uint4* xb = reinterpret_cast<const uint4*>(x_row + (kTiledGemvGroupBlocks * group + j) * 32);
-        const uint4 x0 = xb[0], x1 = xb[1];
-        const uint32_t xr[8] = {x0.x, x0.y, x0.z, x0.w, x1.x, x1.y, x1.z, x1.w};
         const uint4 w = gr.w[j];
         float d[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-#pragma unroll
-        for (int s = 0; s < 4; ++s) {
-          const uint32_t a[4] = {tiled_pair(table_base, w.x, w.y, 2 * s, lane4), tiled_pair(table_base, w.z, w.w, 2 * s, lane4),
-                                 tiled_pair(table_base, w.x, w.y, 2 * s + 1, lane4),
-                                 tiled_pair(table_base, w.z, w.w, 2 * s + 1, lane4)};
-          const uint32_t b[2] = {xr[2 * s], xr[2 * s + 1]};
-          MmaType<T>::mma(d, a, b);
-        }
+        tiled_block_mma<T>(d, table_base, make_uint2(w.x, w.y), make_uint2(w.z, w.w),
+                           x_row + (kTiledGemvGroupBlocks * group + j) * 32, lane4);
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
           float scale;
