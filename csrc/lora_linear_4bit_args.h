@@ -128,7 +128,6 @@ inline bool tensor_core_m_in_range(int64_t M, int64_t N, int64_t K) {
   return M <= kTensorCoreMaxM || (M <= kTensorCoreLargeWeightMaxM && N * K >= kTensorCoreLargeWeightMinElements) ||
          (M <= kTensorCoreLongKMaxM && K >= kTensorCoreLongKMinK);
 }
-// Largest LoRA rank the fused kernel stages in shared memory (64 rows x r floats within 48 KB).
 // Where the automatic choice takes the tiled small-M GEMV for a tile-ordered weight (it runs up to 8 rows of x) rather
 // than the tensor-core GEMM: weights of at least 2^27 elements, and of at least 2^25 with N >= 2K. H200, 2026-11-30,
 // tools/time_tile_order.py --tiled, do_bench µs, r = 16, M = 1 / 8, tiled GEMV against the GEMM on tile order (the
@@ -140,6 +139,7 @@ constexpr int64_t kTiledGemvMinElements = int64_t{1} << 27, kTiledGemvTallMinEle
 inline bool tiled_gemv_pays(int64_t N, int64_t K) {
   return N * K >= kTiledGemvMinElements || (N * K >= kTiledGemvTallMinElements && N >= 2 * K);
 }
+// Largest LoRA rank the fused kernel stages in shared memory (64 rows x r floats within 48 KB).
 constexpr int64_t kFusedMaxRank = 192;
 
 // Whether the large-M path (forward and the backward's grad_x) merges the adapter into the dequantized weight

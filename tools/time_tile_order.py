@@ -44,7 +44,7 @@ def main():
         return
     print("lora_linear_4bit, N x K, M: auto row-major | auto tile order | GEMM row-major | GEMM tile order | bf16 F.linear"
           + (" | fused row-major | fused tile order" if args.fused else "")
-          + (" | fused row-major | tiled GEMV" if args.tiled else ""))
+          + (" | fused row-major" if args.tiled and not args.fused else "") + (" | tiled GEMV" if args.tiled else ""))
     for N, K in shapes:
         w = torch.randn(N, K, device=dev, dtype=torch.bfloat16) * 0.02
         packed, qs = qlora.quantize_4bit(w)
@@ -65,8 +65,11 @@ def main():
                 fns += [call(packed, 3), call(tiled, 3)]
                 names += ["fused row-major", "fused tile order"]
             if args.tiled and M <= 8:
-                fns += [call(packed, 3), call(tiled, 8)]
-                names += ["fused row-major", "tiled GEMV"]
+                if not args.fused:
+                    fns.append(call(packed, 3))
+                    names.append("fused row-major")
+                fns.append(call(tiled, 8))
+                names.append("tiled GEMV")
             t = time_both_orders(fns, dev, names)
             print(f"{N}x{K} M={M} | " + " | ".join("failed" if v is None else f"{v:.1f}" for v in t) + ("" if same else " | GEMM OUTPUTS DIFFER"),
                   flush=True)

@@ -237,7 +237,9 @@ inline const char* plan_lora_gemv_tiled(int64_t M, int64_t N, int64_t K, int r, 
   TiledGemvPlan best;
   int64_t best_key[3] = {-1, -1, -1};
   for (int64_t splits = 1; splits <= std::min<int64_t>(groups, kTiledGemvMaxSplits); ++splits) {
-    if (groups % splits != 0 || tiled_gemv_smem(M, K / splits, r, splits == 1) > kTiledGemvMaxSmem) continue;
+    if (groups % splits != 0) continue;
+    const int64_t smem = tiled_gemv_smem(M, K / splits, r, splits == 1);
+    if (smem > kTiledGemvMaxSmem) continue;
     for (int warps = kTiledGemvMaxWarps; warps >= 1; --warps) {
       const int64_t ctas = (tiles + warps - 1) / warps * splits;
       if (ctas > sms) continue;
@@ -247,7 +249,7 @@ inline const char* plan_lora_gemv_tiled(int64_t M, int64_t N, int64_t K, int r, 
         best.warps = warps;
         best.splits = static_cast<int>(splits);
         best.grid = dim3(static_cast<unsigned>((tiles + warps - 1) / warps), static_cast<unsigned>(splits));
-        best.smem = static_cast<size_t>(tiled_gemv_smem(M, K / splits, r, splits == 1));
+        best.smem = static_cast<size_t>(smem);
       }
     }
   }
@@ -275,15 +277,15 @@ cudaError_t launch_lora_gemv_tiled(LoraLinearParams<T> p, const TiledGemvPlan& p
   p.partial = plan.splits > 1 ? scratch + static_cast<int64_t>(plan.xa_splits) * p.M * p.r : nullptr;
   const bool overlap = dependent_launch_supported();
   cudaError_t err = cudaSuccess;
-  if constexpr (std::is_same_v<T, __nv_bfloat16>) {
-    if (plan.xa_beside && p.r > 0) {
+  if (plan.xa_beside && p.r > 0) {  // bfloat16 only (plan_lora_gemv_tiled)
+    if constexpr (std::is_same_v<T, __nv_bfloat16>) {
       if (xa == nullptr) return cudaErrorInvalidValue;
       p.xa = xa;
       err = launch_lora_down_mma(x_lora != nullptr ? x_lora : p.x, lora_A, xa, p.M, p.K, p.r, stream);
+    } else {
+      return cudaErrorInvalidValue;
     }
-  }
-  if (p.xa == nullptr) {
-    if (plan.xa_beside && p.r > 0) return cudaErrorInvalidValue;
+  } else {
     err = launch_lora_down(p, x_lora, lora_A, scratch, stream);
   }
   if (err != cudaSuccess) return err;

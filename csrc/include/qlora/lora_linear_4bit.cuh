@@ -103,9 +103,9 @@ __global__ void __launch_bounds__(kLoraDownThreads) lora_down_kernel(const T* __
 
 // xa_s[mm][j] = s · Σ_split xa_partial[split][m0 + mm][j] for the CTA's rows, in shared memory (s · xa[m0 + mm][j]
 // where p.xa is given). A value's splits are shared by a group of lanes (a power of two, at most a warp: as many as
-// the CTA's threads allow) and added by a fixed shuffle tree, so the order is still fixed. With one thread summing all of a value's splits (56 at
-// K = 28672) the split-K epilogue took 9.8 µs with LoRA against 4.1 without; now 6.6 (H200, M = 1, 8192x28672,
-// torch.profiler, 2026-11-29).
+// the CTA's threads allow) and added by a fixed shuffle tree, so the order is still fixed. With one thread summing
+// all of a value's splits (56 at K = 28672) the split-K epilogue took 9.8 µs with LoRA against 4.1 without; now 6.6
+// (H200, M = 1, 8192x28672, torch.profiler, 2026-11-29).
 template <typename T>
 __device__ __forceinline__ void stage_lora_rows(const LoraLinearParams<T>& p, float* xa_s, int64_t m0, int rows) {
   const int count = rows * p.r;
