@@ -28,7 +28,7 @@ using bf16 = __nv_bfloat16;
 
 namespace {
 
-constexpr int kTableBytes = 256 * 256;  // byte value b, lane l: the bf16 pair at b * 256 + l * 4
+constexpr int kTableBytes = kLanePairTableBytes;
 constexpr int kFixedShared = kTableBytes + 256 * 4;
 
 struct Weight {
@@ -65,12 +65,7 @@ __global__ void __launch_bounds__(kWarps * 32, kMinCtas)
   uint32_t* table = reinterpret_cast<uint32_t*>(smem);
   float* code2 = reinterpret_cast<float*>(smem + kTableBytes);
   uint16_t* xs = reinterpret_cast<uint16_t*>(smem + kFixedShared);
-  for (int i = tid; i < 256 * 32; i += kWarps * 32) {
-    const int b = i / 32;
-    const uint32_t lo = __bfloat16_as_ushort(__float2bfloat16_rn(kNF4ValuesDevice[b >> 4]));   // element 2j
-    const uint32_t hi = __bfloat16_as_ushort(__float2bfloat16_rn(kNF4ValuesDevice[b & 15]));  // element 2j + 1
-    table[b * 64 + i % 32] = hi << 16 | lo;
-  }
+  fill_lane_pair_table<bf16>(table, kNF4ValuesDevice, tid, kWarps * 32);
   for (int i = tid; i < 256; i += kWarps * 32) code2[i] = wt.code2[i];
   const int64_t blocks_per_row = wt.K / 64;
   const int split_blocks = static_cast<int>(blocks_per_row / splits);

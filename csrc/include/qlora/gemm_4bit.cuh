@@ -100,7 +100,7 @@ constexpr int kStageK = 64;               // k per stage
 static_assert(kStageK == kTileOrderK, "a stage is one 64-k block of a tile-ordered weight");
 constexpr int kMaxRows = 128;             // W rows per CTA, at most
 constexpr int kWStageBytes = kMaxRows * kStageK / 2;       // 4 KB
-constexpr int kTableBytes = 256 * 256;                     // bf16 pair of byte b for lane l at b * 256 + l * 4
+constexpr int kTableBytes = kLanePairTableBytes;           // fill_lane_pair_table, bf16
 // x rows per CTA (the wgmma N): the smallest of 16, 32, 64 and 128 that holds M, so that few tokens do not pay for
 // a 128-token product. Measured on the H200 (2026-11-29, standalone program, µs, 8192x28672 split-K form):
 // M = 32 98 with 32-token tiles against 112 with 64; M = 64 113 with 64 against 156 with 128 (library); M = 16
@@ -694,9 +694,8 @@ __global__ void __launch_bounds__(cta_threads(kTokens, kWarpgroups, kSplitK), 1)
   }
   // The consumers build the tables while the producers' first copies are in flight.
   auto build_table = [&] {
-    const float* values = QT == QuantType::NF4 ? kNF4ValuesDevice : kFP4ValuesDevice;
-    uint32_t* t = reinterpret_cast<uint32_t*>(smem + (table - base));
-    for (int i = tid; i < 256 * 32; i += kThreads) t[(i / 32) * 64 + i % 32] = as_u32(Bf16::pair(values[i / 32 >> 4], values[i / 32 & 15]));
+    fill_lane_pair_table<__nv_bfloat16>(reinterpret_cast<uint32_t*>(smem + (table - base)),
+                                        QT == QuantType::NF4 ? kNF4ValuesDevice : kFP4ValuesDevice, tid, kThreads);
   };
   build_table();
   if (kDoubleQuant && !kShareCode2)  // else the producers fill it (share_code2)

@@ -27,16 +27,13 @@ constexpr int kTiledGemvGroups = 3;       // groups in flight a warp
 constexpr int kTiledGemvGroupK = kTiledGemvGroupBlocks * kTileOrderK;  // a K split is whole groups
 constexpr int kTiledGemvMaxWarps = 16;
 constexpr int kTiledGemvMaxSplits = 32;
-// Byte b's pair for lane l at byte 256·b + 4·l, in bank l: one PRMT forms the address (the upper half of each
-// 256-byte row is unused).
-constexpr int kTiledTableBytes = 256 * 256;
 constexpr int kTiledCode2Bytes = 256 * 4;
 constexpr int kTiledGemvMaxSmem = 227 * 1024;  // the most a CTA may opt in to on sm_90
 // Words (pairs) of one staged row of x for a K split: 16 bytes more than the split, so that the rows a quarter
 // warp reads fall in different banks.
 __host__ __device__ inline int64_t tiled_x_words(int64_t split_k) { return split_k / 2 + 4; }
 __host__ __device__ inline int64_t tiled_gemv_smem(int64_t M, int64_t split_k, int r, bool fused_epilogue) {
-  return kTiledTableBytes + kTiledCode2Bytes + M * tiled_x_words(split_k) * 4 + (fused_epilogue ? M * r * 4 : 0);
+  return kLanePairTableBytes + kTiledCode2Bytes + M * tiled_x_words(split_k) * 4 + (fused_epilogue ? M * r * 4 : 0);
 }
 
 __device__ __forceinline__ uint4 load_streaming16(const uint8_t* p) {
@@ -94,8 +91,8 @@ template <typename T, QuantType QT, bool kDoubleQuant>
 __global__ void __launch_bounds__(kTiledGemvMaxWarps * 32, 1) lora_gemv_tiled_kernel(const LoraLinearParams<T> p) {
   extern __shared__ __align__(16) uint8_t smem[];
   uint32_t* table = reinterpret_cast<uint32_t*>(smem);
-  float* code2 = reinterpret_cast<float*>(smem + kTiledTableBytes);
-  uint32_t* xs = reinterpret_cast<uint32_t*>(smem + kTiledTableBytes + kTiledCode2Bytes);
+  float* code2 = reinterpret_cast<float*>(smem + kLanePairTableBytes);
+  uint32_t* xs = reinterpret_cast<uint32_t*>(smem + kLanePairTableBytes + kTiledCode2Bytes);
   const int tid = threadIdx.x, threads = blockDim.x;
   const int64_t split_k = p.K / gridDim.y, k_begin = blockIdx.y * split_k;
   const int64_t x_words = tiled_x_words(split_k);
@@ -113,12 +110,7 @@ __global__ void __launch_bounds__(kTiledGemvMaxWarps * 32, 1) lora_gemv_tiled_ke
     d[16] = v.z;
     d[24] = v.w;
   }
-  const float* values = QT == QuantType::NF4 ? kNF4ValuesDevice : kFP4ValuesDevice;
-  for (int i = tid; i < 256 * 8; i += threads) {  // row b: its first 32 words, 16 bytes a store
-    const int b = i / 8;
-    const uint32_t v = as_u32(MmaType<T>::pair(values[b >> 4], values[b & 15]));  // low half: the high nibble
-    reinterpret_cast<uint4*>(table)[b * 16 + i % 8] = make_uint4(v, v, v, v);
-  }
+  fill_lane_pair_table<T>(table, QT == QuantType::NF4 ? kNF4ValuesDevice : kFP4ValuesDevice, tid, threads);
   if constexpr (kDoubleQuant)
     for (int i = tid; i < 256; i += threads) code2[i] = p.scales.code2[i];
   __syncthreads();

@@ -1,5 +1,5 @@
 // 16-bit pairs in 32-bit registers for the matmul kernels (lora_linear_4bit.cuh, gemm_4bit.cuh): the mma
-// operand type traits and the block scale split in two pairs; and the 16-byte cp.async of the GEMV's ring.
+// operand type traits, the per-lane code-pair table and the block scale split in two pairs; and the 16-byte cp.async of the GEMV's ring.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -47,6 +47,20 @@ template <> struct MmaType<__half> {
 template <typename P>
 __device__ __forceinline__ uint32_t as_u32(P p) {
   return *reinterpret_cast<uint32_t*>(&p);
+}
+
+// The code table of the tensor-core decoders (gemm_4bit.cuh, lora_gemv_tiled.cuh): row b holds the T pair of byte
+// b's two codes (low half: the high nibble) once for each lane, lane l's copy at byte 256·b + 4·l, in bank l, so
+// that one PRMT forms a lookup's address and a warp's 32 lookups never conflict. The upper half of each 256-byte
+// row is left to other data.
+constexpr int kLanePairTableBytes = 256 * 256;
+template <typename T>
+__device__ __forceinline__ void fill_lane_pair_table(uint32_t* table, const float* values, int tid, int threads) {
+  for (int i = tid; i < 256 * 8; i += threads) {  // row b: its first 32 words, 16 bytes a store
+    const int b = i / 8;
+    const uint32_t v = as_u32(MmaType<T>::pair(values[b >> 4], values[b & 15]));
+    reinterpret_cast<uint4*>(table)[b * 16 + i % 8] = make_uint4(v, v, v, v);
+  }
 }
 
 // A block scale as two T pairs, hi = T(scale) and lo = T(scale - hi): v·hi + v·lo (one mul, one fma on pairs)
