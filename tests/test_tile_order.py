@@ -65,6 +65,41 @@ def test_dequantize_reads_either_order(device, quant_type, double_quant, blocksi
                            torch.ops.qlora.dequantize_4bit_lora(packed, *args))
 
 
+@pytest.mark.parametrize("N, K", SHAPES, ids=str)
+@pytest.mark.parametrize("r, scale", [(8, 0.5), (16, 2.0), (16, 0.3), (40, 0.7), (64, 1.0)])
+@pytest.mark.parametrize("blocksize", [32, 64, 128])
+@pytest.mark.parametrize("fmt", [("nf4", True), ("fp4", False)], ids=str)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_dequantize_lora_reads_either_order(device, N, K, r, scale, blocksize, fmt, dtype):
+    """The merged weight from tile order equals the one from row-major bytes, bit for bit, for every rank chunking,
+    scale kind (a power of two or not) and scale format."""
+    quant_type, double_quant = fmt
+    packed, qs = quantized(device, N, K, blocksize, quant_type, double_quant)
+    tiled = qlora.tile_order(packed, qs)
+    lora_A = (torch.randn(r, K, device=device) * 0.1).to(dtype)
+    lora_B = (torch.randn(N, r, device=device) * 0.1).to(dtype)
+    args = (qs.absmax, blocksize, quant_type, [N, K], dtype, lora_A, lora_B, scale, qs.absmax2, qs.code2, qs.offset)
+    assert torch.equal(torch.ops.qlora.dequantize_4bit_lora(tiled, *args),
+                       torch.ops.qlora.dequantize_4bit_lora(packed, *args))
+
+
+@cuda_only
+@pytest.mark.parametrize("blocksize, converts", [(64, False), (256, False), (32, True)])
+def test_dequantize_lora_reads_tile_order_without_a_copy(blocksize, converts):
+    """From blocksize 64 up the merging kernel reads tile order itself; at 32 a lane's 16 weights of a row span two
+    quantization blocks, so the op merges from a row-major copy."""
+    N, K = 256, 1024
+    packed, qs = quantized("cuda", N, K, blocksize)
+    tiled = qlora.tile_order(packed, qs)
+    lora_A = torch.randn(16, K, device="cuda", dtype=torch.bfloat16)
+    lora_B = torch.randn(N, 16, device="cuda", dtype=torch.bfloat16)
+    args = (qs.absmax, blocksize, "nf4", [N, K], torch.bfloat16, lora_A, lora_B, 2.0, qs.absmax2, qs.code2, qs.offset)
+    names = launched_kernels(lambda: torch.ops.qlora.dequantize_4bit_lora(tiled, *args))
+    assert any("dequantize_lora_kernel" in n for n in names), names
+    copies = [n for n in names if "elementwise" in n or "copy" in n.lower()]
+    assert bool(copies) == converts, names
+
+
 def forced_paths(device, dtype, M):
     """Every implementation the arguments allow (CPU: the one)."""
     if device.type != "cuda":

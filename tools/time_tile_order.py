@@ -1,7 +1,7 @@
-"""Row-major against tile-ordered packed weights (qlora.tile_order), µs: dequantize_4bit (do_bench and the GPU alone),
-then lora_linear_4bit with r = 16 on the automatic choice and the tensor-core GEMM (path 6), beside bf16 F.linear;
---fused adds the fused kernel's block-scaled loop (path 3) on either order, --tiled the tiled small-M GEMV (path 8,
-up to 8 rows) and the fused kernel on row-major bytes. Each group is timed in order and again in reverse
+"""Row-major against tile-ordered packed weights (qlora.tile_order), µs: dequantize_4bit (do_bench and the GPU alone)
+and dequantize_4bit_lora, then lora_linear_4bit with r = 16 on the automatic choice and the tensor-core GEMM (path
+6), beside bf16 F.linear; --fused adds the fused kernel's block-scaled loop (path 3) on either order, --tiled the
+tiled small-M GEMV (path 8, up to 8 rows) and the fused kernel on row-major bytes. Each group is timed in order and again in reverse
 (bench.common.time_both_orders).
 
     python tools/time_tile_order.py [--ms 1,16,64,256,1024,2048] [--dequantize-only] [--fused] [--tiled]
@@ -29,7 +29,8 @@ def main():
     parser.add_argument("--shapes", default=None, help="N x K list, e.g. 8192x28672,4096x4096")
     args = parser.parse_args()
     dev = torch.device("cuda")
-    print("dequantize_4bit, N x K: row-major | tile order (do_bench) | row-major | tile order (GPU alone)")
+    print("dequantize_4bit, N x K: row-major | tile order (do_bench) | row-major | tile order (GPU alone) || "
+          "dequantize_4bit_lora (r = 16, s = 2): row-major | tile order (do_bench)")
     shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")] if args.shapes else SHAPES
     for N, K in shapes[:4]:
         w = torch.randn(N, K, device=dev, dtype=torch.bfloat16) * 0.02
@@ -39,7 +40,16 @@ def main():
         fns = [lambda: qlora.dequantize_4bit(packed, qs), lambda: qlora.dequantize_4bit(tiled, qs)]
         t = time_both_orders(fns, dev, ["row-major", "tile order"])
         g = [gpu_alone_us(f, dev) for f in fns]
-        print(f"{N}x{K} | {t[0]:.1f} | {t[1]:.1f} | {g[0]:.1f} | {g[1]:.1f}", flush=True)
+        A = torch.randn(16, K, device=dev, dtype=torch.bfloat16) / math.sqrt(K)
+        B = torch.randn(N, 16, device=dev, dtype=torch.bfloat16) * 0.01
+
+        def merged(p):
+            return lambda: torch.ops.qlora.dequantize_4bit_lora(p, qs.absmax, qs.blocksize, qs.quant_type, [N, K],
+                                                                torch.bfloat16, A, B, 2.0, qs.absmax2, qs.code2,
+                                                                qs.offset)
+        assert torch.equal(merged(tiled)(), merged(packed)())
+        m = time_both_orders([merged(packed), merged(tiled)], dev, ["row-major", "tile order"])
+        print(f"{N}x{K} | {t[0]:.1f} | {t[1]:.1f} | {g[0]:.1f} | {g[1]:.1f} || {m[0]:.1f} | {m[1]:.1f}", flush=True)
     if args.dequantize_only:
         return
     print("lora_linear_4bit, N x K, M: auto row-major | auto tile order | GEMM row-major | GEMM tile order | bf16 F.linear"

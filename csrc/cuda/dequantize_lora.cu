@@ -30,7 +30,9 @@ at::Tensor dequantize_4bit_lora_cuda(const at::Tensor& packed, const at::Tensor&
                                           absmax2, code2, offset);
   const c10::cuda::CUDAGuard guard(packed.device());
   at::Tensor out = at::empty({N, K}, packed.options().dtype(dtype));
-  const at::Tensor p = aligned_contiguous(to_row_order(packed));  // 8-byte packed loads
+  // The kernel reads tile order where each lane's 16 weights of a row lie in one quantization block.
+  const bool tile_order = is_tile_ordered(packed) && blocksize >= kTileOrderK;
+  const at::Tensor p = aligned_contiguous(tile_order ? packed : to_row_order(packed));  // 8- and 16-byte loads
   const at::Tensor la = lora_A.contiguous(), lb = lora_B.contiguous();
   const ScaleInputs scales = contiguous_scales(absmax, absmax2, code2, offset, args.double_quant);
   dispatch_half(dtype, [&](auto tag) {
@@ -41,6 +43,7 @@ at::Tensor dequantize_4bit_lora_cuda(const at::Tensor& packed, const at::Tensor&
     prm.lora_A = static_cast<const T*>(la.const_data_ptr());
     prm.lora_B = static_cast<const T*>(lb.const_data_ptr());
     prm.lora_B_pairs = r % 2 == 0 && reinterpret_cast<uintptr_t>(lb.const_data_ptr()) % 4 == 0;
+    prm.tile_order = tile_order;
     prm.r = static_cast<int>(r);
     prm.scale = static_cast<float>(scale);
     prm.out = static_cast<T*>(out.data_ptr());

@@ -21,6 +21,11 @@
 // Layout constraints (the caller falls back to dequantize + addmm otherwise): K % 16 == 0 (16 weights lie in
 // one quantization block and start on a byte), r <= kDequantizeLoraMaxRank, out 16-byte aligned, packed 8-byte
 // aligned.
+//
+// Tile order (qlora/tile_order.h, blocksize >= 64): a warp's 16-row tile of its 64-column strip is one 512-byte run,
+// lane 4g + t's 16 bytes (bytes t, t + 4, ..., t + 28 of rows g and g + 8) one load. The quad transpose of
+// dequantize_4bit turns them into bytes 4t .. 4t + 3 and 16 + 4t .. 16 + 4t + 3 of each row, so a lane's 16 weights of
+// a row are two runs of 8, 32 columns apart, in one quantization block; the mma's columns follow them.
 #pragma once
 
 #include <cmath>
@@ -42,6 +47,7 @@ struct DequantizeLoraParams {
   const T* lora_A;         // [r, K] contiguous
   const T* lora_B;         // [N, r] contiguous
   bool lora_B_pairs;       // r even and lora_B 4-byte aligned: two rank columns in one load
+  bool tile_order;         // packed in tile order (N % 16 == 0, K % 64 == 0, blocksize >= 64)
   int r;
   float scale;
   T* out;                  // [N, K] contiguous
@@ -53,14 +59,15 @@ __device__ __forceinline__ uint32_t load_u16_or_zero(const uint16_t* p, bool ok)
 
 // kScaleInB: s is a power of two, so s·B is exact in T and enters the mma, whose accumulators start at the
 // dequantized weights; otherwise the mma gives B·A and each weight takes one more FMA.
-template <typename T, QuantType QT, bool kDoubleQuant, int kRankChunks, bool kScaleInB>
+template <typename T, QuantType QT, bool kDoubleQuant, int kRankChunks, bool kScaleInB, bool kTileOrder>
 __global__ void __launch_bounds__(kDequantizeLoraThreads) dequantize_lora_kernel(const DequantizeLoraParams<T> p) {
   const float lane_value = QT == QuantType::NF4 ? kNF4ValuesDevice[threadIdx.x % 16] : kFP4ValuesDevice[threadIdx.x % 16];
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
   const int g = lane / 4, t = lane % 4;  // the mma fragment's row group and column pair
   const int64_t K = p.K, N = p.N;
   const int64_t k0 = (static_cast<int64_t>(blockIdx.x) * kDequantizeLoraWarps + warp) * kDequantizeLoraCols;
-  const int64_t kt = k0 + 16 * t;  // first of this lane's 16 output columns
+  // First of this lane's output columns: 16 in a row, or in tile order 8 from here and 8 from kt + 32.
+  const int64_t kt = k0 + (kTileOrder ? 8 : 16) * t;
   const bool cols_ok = kt < K;
   const int64_t first_row = static_cast<int64_t>(blockIdx.y) * kDequantizeLoraTiles * 16;
   const auto* A = reinterpret_cast<const uint16_t*>(p.lora_A);
@@ -82,9 +89,15 @@ __global__ void __launch_bounds__(kDequantizeLoraThreads) dequantize_lora_kernel
       const bool ok = row < N && cols_ok;
       const int64_t e0 = row * K + kt;
       const int64_t block = e0 >> p.log2_blocksize;
-      l.words[h] = ok ? __ldg(reinterpret_cast<const uint2*>(p.packed + e0 / 2)) : make_uint2(0, 0);
+      if constexpr (!kTileOrder) l.words[h] = ok ? __ldg(reinterpret_cast<const uint2*>(p.packed + e0 / 2)) : make_uint2(0, 0);
       l.qcodes[h] = kDoubleQuant && ok ? __ldg(p.scales.qabsmax + block) : 0u;
       l.scales[h] = !ok ? 0.0f : kDoubleQuant ? __ldg(p.scales.absmax2 + block / kAbsmaxBlocksize) : __ldg(p.scales.absmax + block);
+    }
+    if constexpr (kTileOrder) {  // whole tiles: N % 16 == 0 and K % 64 == 0
+      const int64_t run = (n0 / kTileOrderRows * (K / kTileOrderK) + k0 / kTileOrderK) * kTileOrderBytes;
+      const uint4 v = cols_ok && n0 < N ? __ldg(reinterpret_cast<const uint4*>(p.packed + run) + lane) : make_uint4(0, 0, 0, 0);
+      l.words[0] = make_uint2(v.x, v.y);
+      l.words[1] = make_uint2(v.z, v.w);
     }
 #pragma unroll
     for (int c = 0; c < kRankChunks; ++c)
@@ -102,13 +115,14 @@ __global__ void __launch_bounds__(kDequantizeLoraThreads) dequantize_lora_kernel
   load_tile(0, cur);
 
   // B operand of mma i: column c is weight column k0 + 16·(c / 2) + 2i + c % 2, so that lane t's outputs
-  // (columns 2t, 2t + 1 of every mma) are the 16 weights from kt on. Rank rows past r are zero.
+  // (columns 2t, 2t + 1 of every mma) are the 16 weights from kt on; in tile order k0 + 8·(c / 2) + 2·(i % 4) +
+  // 32·(i / 4) + c % 2, the 8 from kt and the 8 from kt + 32. Rank rows past r are zero.
   uint32_t bfrag[kRankChunks][8][2];
 #pragma unroll
   for (int c = 0; c < kRankChunks; ++c) {
 #pragma unroll
     for (int i = 0; i < 8; ++i) {
-      const int64_t k = k0 + 16 * (g / 2) + g % 2 + 2 * i;
+      const int64_t k = kTileOrder ? k0 + 8 * (g / 2) + g % 2 + 2 * (i % 4) + 32 * (i / 4) : k0 + 16 * (g / 2) + g % 2 + 2 * i;
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
         const int j = 16 * c + 2 * t + 8 * h;
@@ -130,6 +144,10 @@ __global__ void __launch_bounds__(kDequantizeLoraThreads) dequantize_lora_kernel
     const int64_t n0 = first_row + 16 * tile;
     if (n0 >= N) break;
     if (tile + 1 < kDequantizeLoraTiles) load_tile(tile + 1, next);
+    if constexpr (kTileOrder)  // the whole warp: n0 and cols_ok are the same for all its lanes
+#pragma unroll
+      for (int h = 0; h < 2; ++h)
+        cur.words[h] = make_uint2(tile_order_quad_transpose<1>(cur.words[h].x, t), tile_order_quad_transpose<1>(cur.words[h].y, t));
     float scales[2];
 #pragma unroll
     for (int h = 0; h < 2; ++h)  // code2[q] * absmax2 + mean, rounded twice as bitsandbytes does
@@ -176,13 +194,13 @@ __global__ void __launch_bounds__(kDequantizeLoraThreads) dequantize_lora_kernel
       }
       T* dst = p.out + rows[h] * K + kt;
       VecIO<T>::store8(dst, v);
-      VecIO<T>::store8(dst + 8, v + 8);
+      VecIO<T>::store8(dst + (kTileOrder ? 32 : 8), v + 8);
     }
     cur = next;
   }
 }
 
-template <typename T, QuantType QT, bool kDoubleQuant, bool kScaleInB>
+template <typename T, QuantType QT, bool kDoubleQuant, bool kScaleInB, bool kTileOrder>
 cudaError_t launch_dequantize_lora_as(const DequantizeLoraParams<T>& p, cudaStream_t stream) {
   const int64_t strips = (p.K + kDequantizeLoraCols - 1) / kDequantizeLoraCols;
   const int64_t strip_groups = (strips + kDequantizeLoraWarps - 1) / kDequantizeLoraWarps;
@@ -192,32 +210,36 @@ cudaError_t launch_dequantize_lora_as(const DequantizeLoraParams<T>& p, cudaStre
   const dim3 grid(static_cast<unsigned>(strip_groups), static_cast<unsigned>(row_groups));
   const int chunks = (p.r + 15) / 16;
   if (chunks == 1) {
-    dequantize_lora_kernel<T, QT, kDoubleQuant, 1, kScaleInB><<<grid, kDequantizeLoraThreads, 0, stream>>>(p);
+    dequantize_lora_kernel<T, QT, kDoubleQuant, 1, kScaleInB, kTileOrder><<<grid, kDequantizeLoraThreads, 0, stream>>>(p);
   } else if (chunks == 2) {
-    dequantize_lora_kernel<T, QT, kDoubleQuant, 2, kScaleInB><<<grid, kDequantizeLoraThreads, 0, stream>>>(p);
+    dequantize_lora_kernel<T, QT, kDoubleQuant, 2, kScaleInB, kTileOrder><<<grid, kDequantizeLoraThreads, 0, stream>>>(p);
   } else {
-    dequantize_lora_kernel<T, QT, kDoubleQuant, 4, kScaleInB><<<grid, kDequantizeLoraThreads, 0, stream>>>(p);
+    dequantize_lora_kernel<T, QT, kDoubleQuant, 4, kScaleInB, kTileOrder><<<grid, kDequantizeLoraThreads, 0, stream>>>(p);
   }
   return cudaGetLastError();
 }
 
-template <typename T, QuantType QT>
+template <typename T, QuantType QT, bool kTileOrder>
 cudaError_t launch_dequantize_lora_for(const DequantizeLoraParams<T>& p, cudaStream_t stream) {
   int exponent = 0;
   const bool power_of_two = std::frexp(p.scale, &exponent) == 0.5f && exponent >= -7 && exponent <= 9;
   if (p.scales.absmax == nullptr)
-    return power_of_two ? launch_dequantize_lora_as<T, QT, true, true>(p, stream)
-                        : launch_dequantize_lora_as<T, QT, true, false>(p, stream);
-  return power_of_two ? launch_dequantize_lora_as<T, QT, false, true>(p, stream)
-                      : launch_dequantize_lora_as<T, QT, false, false>(p, stream);
+    return power_of_two ? launch_dequantize_lora_as<T, QT, true, true, kTileOrder>(p, stream)
+                        : launch_dequantize_lora_as<T, QT, true, false, kTileOrder>(p, stream);
+  return power_of_two ? launch_dequantize_lora_as<T, QT, false, true, kTileOrder>(p, stream)
+                      : launch_dequantize_lora_as<T, QT, false, false, kTileOrder>(p, stream);
 }
 
 template <typename T>
 cudaError_t launch_dequantize_lora(const DequantizeLoraParams<T>& p, QuantType quant_type, cudaStream_t stream) {
   if (!dequantize_lora_supported(p.K, p.r)) return cudaErrorInvalidValue;
+  if (p.tile_order && (!tile_order_supported(p.N, p.K) || p.log2_blocksize < 6)) return cudaErrorInvalidValue;
   if (p.N == 0 || p.K == 0) return cudaSuccess;
-  return quant_type == QuantType::NF4 ? launch_dequantize_lora_for<T, QuantType::NF4>(p, stream)
-                                      : launch_dequantize_lora_for<T, QuantType::FP4>(p, stream);
+  if (p.tile_order)
+    return quant_type == QuantType::NF4 ? launch_dequantize_lora_for<T, QuantType::NF4, true>(p, stream)
+                                        : launch_dequantize_lora_for<T, QuantType::FP4, true>(p, stream);
+  return quant_type == QuantType::NF4 ? launch_dequantize_lora_for<T, QuantType::NF4, false>(p, stream)
+                                      : launch_dequantize_lora_for<T, QuantType::FP4, false>(p, stream);
 }
 
 }  // namespace qlora

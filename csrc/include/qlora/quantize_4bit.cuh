@@ -283,12 +283,14 @@ static __global__ void __launch_bounds__(kDoubleQuantizeWarps * 32) double_quant
 // Tile order (qlora/tile_order.h): word q (0..127) of a tile's 64-k block belongs to lane q / 4 = 4g + t and holds its
 // entries 4c .. 4c + 3 (c = q % 2) of row 8h + g (h = q / 2 % 2), bytes 4e + t of the block's row. The four lanes t of a
 // quad hold a 4 x 4 byte matrix M[t][e]; after its transpose, lane t holds bytes 16c + 4t .. + 3 of the row, 8
-// consecutive codes as a row-major word holds them. Two shuffles: the 2 x 2 blocks of halfwords swap across t ^ 2
-// (lanes 8 apart), then the bytes inside each block across t ^ 1 (lanes 4 apart).
+// consecutive codes as a row-major word holds them. Two shuffles: the 2 x 2 blocks of halfwords swap across t ^ 2,
+// then the bytes inside each block across t ^ 1. kStride: how many lanes apart t and t + 1 are (4 where a thread
+// holds one word, 1 where a lane holds its own words).
+template <int kStride = 4>
 __device__ __forceinline__ uint32_t tile_order_quad_transpose(uint32_t word, int t) {
-  uint32_t other = __shfl_xor_sync(0xffffffffu, word, 8);
+  uint32_t other = __shfl_xor_sync(0xffffffffu, word, 2 * kStride);
   word = __byte_perm(word, other, t < 2 ? 0x5410u : 0x3276u);
-  other = __shfl_xor_sync(0xffffffffu, word, 4);
+  other = __shfl_xor_sync(0xffffffffu, word, kStride);
   return __byte_perm(word, other, t % 2 == 0 ? 0x6240u : 0x3715u);
 }
 // Tile order: a CTA takes kTileDequantizeBlocks 64-k blocks of one 16-row tile (grid: block ranges x tiles), so that
@@ -298,8 +300,8 @@ constexpr int kTileDequantizeBlocks = kDequantizeThreads * kDequantizeUnits / (k
 // kDoubleQuant: absmax is nullptr and qabsmax, absmax2, code2, offset describe the scales (a template
 // argument rather than a run-time test, so each kernel carries only its own loads). kTileOrder: packed is in tile
 // order for rows of K elements (see kTileDequantizeBlocks; a warp's words lie in one block of one tile).
-template <typename T, QuantType QT, bool kDoubleQuant, bool kTileOrder = false>
-__global__ void __launch_bounds__(kDequantizeThreads) dequantize_4bit_kernel(
+template <typename T, QuantType QT, bool kDoubleQuant, bool kTileOrder = false, int kMinCtas = 1>
+__global__ void __launch_bounds__(kDequantizeThreads, kMinCtas) dequantize_4bit_kernel(
     const uint8_t* __restrict__ packed, const float* __restrict__ absmax, const uint8_t* __restrict__ qabsmax,
     const float* __restrict__ absmax2, const float* __restrict__ code2, const float* __restrict__ offset,
     T* __restrict__ out, int64_t n, int log2_blocksize, int64_t K = 0) {

@@ -1,0 +1,116 @@
+// What dequantize_4bit gains from more resident CTAs an SM. ptxas gives the double-quantized kernel 39 registers
+// from row-major bytes (six 256-thread CTAs an SM) and 48 from tile order (five), so the tile-ordered kernel keeps
+// fewer loads in flight. Each variant caps the registers with __launch_bounds__' minimum CTAs an SM (1: no cap) and
+// is timed as the benchmarks time (256 MB written before each run, CUDA events, median); every output is compared
+// bit for bit with the row-major kernel's without a cap.
+//
+//   nvcc -O3 -std=c++20 --expt-relaxed-constexpr -arch=sm_90a -I csrc/include -I tools \
+//        tools/dequant_occupancy.cu -o /tmp/dequant_occupancy && /tmp/dequant_occupancy [N,K ...]
+#include <cstdint>
+#include <cstdio>
+#include <random>
+#include <vector>
+
+#include "qlora/quantize_4bit.cuh"
+#include "flushed_timing.cuh"
+#include "tool_host.cuh"
+
+using namespace qlora;
+using bf16 = __nv_bfloat16;
+
+namespace {
+
+struct Device {
+  const uint8_t *packed, *tiled, *qabsmax;
+  const float *absmax2, *code2, *offset;
+  bf16* out;
+  int64_t N, K;
+};
+
+// Row-major bytes [N, K / 2] to tile order (qlora/tile_order.h).
+std::vector<uint8_t> to_tile_order(const std::vector<uint8_t>& packed, int64_t N, int64_t K) {
+  std::vector<uint8_t> tiled(packed.size());
+  const int64_t blocks = K / kTileOrderK;
+  size_t i = 0;
+  for (int64_t tile = 0; tile < N / kTileOrderRows; ++tile)
+    for (int64_t block = 0; block < blocks; ++block)
+      for (int lane = 0; lane < 32; ++lane)
+        for (int h = 0; h < 2; ++h)
+          for (int j = 0; j < 8; ++j) {
+            const int64_t row = tile * kTileOrderRows + 8 * h + lane / 4;
+            tiled[i++] = packed[row * (K / 2) + 32 * block + 4 * j + lane % 4];
+          }
+  return tiled;
+}
+
+template <bool kTile, int kMinCtas>
+void launch(const Device& d) {
+  const int64_t n = d.N * d.K;
+  const int64_t per_cta = int64_t{kDequantizeThreads} * kDequantizeUnits * kDequantizeElems;
+  const dim3 grid = kTile ? dim3(static_cast<unsigned>((d.K / kTileOrderK + kTileDequantizeBlocks - 1) / kTileDequantizeBlocks),
+                                 static_cast<unsigned>(d.N / kTileOrderRows))
+                          : dim3(static_cast<unsigned>((n + per_cta - 1) / per_cta));
+  dequantize_4bit_kernel<bf16, QuantType::NF4, true, kTile, kMinCtas><<<grid, kDequantizeThreads>>>(
+      kTile ? d.tiled : d.packed, nullptr, d.qabsmax, d.absmax2, d.code2, d.offset, d.out, n, 6, d.K);
+}
+
+template <bool kTile, int kMinCtas>
+void report(const Device& d, char* flush, uint64_t reference_hash) {
+  auto kernel = dequantize_4bit_kernel<bf16, QuantType::NF4, true, kTile, kMinCtas>;
+  cudaFuncAttributes attr{};
+  cudaFuncGetAttributes(&attr, kernel);
+  int ctas = 0;
+  cudaOccupancyMaxActiveBlocksPerMultiprocessor(&ctas, kernel, kDequantizeThreads, 0);
+  cudaMemset(d.out, 0, d.N * d.K * 2);
+  launch<kTile, kMinCtas>(d);
+  const bool same = bits_hash(host_copy(d.out, d.N * d.K)) == reference_hash;
+  const float us = flushed_median_us(flush, [&] { launch<kTile, kMinCtas>(d); }, 41, 5);
+  const double bytes = d.N * d.K * 2.5 + d.N * d.K / 64.0;
+  printf("  %-9s min CTAs %d: %2d registers, %3d B local, %d CTAs/SM  %7.1f us  %5.0f GB/s  %s\n",
+         kTile ? "tile" : "row-major", kMinCtas, attr.numRegs, static_cast<int>(attr.localSizeBytes), ctas, us,
+         bytes / us / 1e3, same ? "same bits" : "DIFFERENT");
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  setvbuf(stdout, nullptr, _IONBF, 0);
+  if (sm_count_or_complain("dequant_occupancy") == 0) return 1;
+  std::vector<std::array<int64_t, 2>> shapes = {{4096, 4096}, {8192, 8192}, {8192, 28672}, {28672, 8192}};
+  if (argc > 1) shapes.clear();
+  for (int a = 1; a < argc; ++a) {
+    long long N, K;
+    if (sscanf(argv[a], "%lld,%lld", &N, &K) != 2 || N % kTileOrderRows != 0 || K % kTileOrderK != 0) {
+      printf("%s: expected N,K with N a multiple of 16 and K of 64\n", argv[a]);
+      return 1;
+    }
+    shapes.push_back({N, K});
+  }
+  char* flush;
+  cudaMalloc(&flush, kFlushBytes);
+  std::mt19937 rng(7);
+  for (const auto& [N, K] : shapes) {
+    const DqWeightSample s = dq_weight_sample(N, K, 1, rng);
+    Device d{device_copy(s.packed), device_copy(to_tile_order(s.packed, N, K)), device_copy(s.qabsmax),
+             device_copy(s.absmax2), device_copy(s.code2), device_copy(std::vector<float>{s.offset}), nullptr, N, K};
+    cudaMalloc(&d.out, N * K * 2);
+    launch<false, 1>(d);
+    const uint64_t reference = bits_hash(host_copy(d.out, N * K));
+    printf("%lldx%lld, NF4 + double quantization, bf16 out\n", static_cast<long long>(N), static_cast<long long>(K));
+    report<false, 1>(d, flush, reference);
+    report<false, 6>(d, flush, reference);
+    report<false, 7>(d, flush, reference);
+    report<false, 8>(d, flush, reference);
+    report<true, 1>(d, flush, reference);
+    report<true, 6>(d, flush, reference);
+    report<true, 7>(d, flush, reference);
+    report<true, 8>(d, flush, reference);
+    for (const void* p : {static_cast<const void*>(d.packed), static_cast<const void*>(d.tiled),
+                          static_cast<const void*>(d.qabsmax), static_cast<const void*>(d.absmax2),
+                          static_cast<const void*>(d.code2), static_cast<const void*>(d.offset),
+                          static_cast<const void*>(d.out)})
+      cudaFree(const_cast<void*>(p));
+  }
+  printf("%s\n", cudaGetErrorString(cudaGetLastError()));
+  return 0;
+}
