@@ -638,11 +638,30 @@ def test_linear4bit_from_bnb_state_dict(device):
         Linear4bit.from_bnb_state_dict({"bias": lin.bias})
 
 
+def test_linear4bit_takes_tile_order_where_it_pays(device):
+    """from_linear holds the weight in tile order by default where the kernels that read it natively run (an sm_90
+    GPU with the sm_90a kernels, bfloat16, blocksize 64, whole tiles), row-major elsewhere; tile_order overrides."""
+    lin = torch.nn.Linear(512, 96).to(device, torch.bfloat16)
+    pays = tensor_core_runs(device)
+    assert qlora.nn.tile_order_pays(lin.weight.device, 96, 512, 64, torch.bfloat16) == pays
+    assert Linear4bit.from_linear(lin).tile_ordered == pays
+    assert LoraLinear4bit.from_linear(lin).base.tile_ordered == pays
+    assert not Linear4bit.from_linear(lin, compute_dtype=torch.float16).tile_ordered
+    assert not Linear4bit.from_linear(lin, blocksize=128).tile_ordered
+    assert not Linear4bit.from_linear(torch.nn.Linear(512, 40).to(device, torch.bfloat16)).tile_ordered
+    assert not Linear4bit.from_linear(lin, tile_order=False).tile_ordered
+    assert Linear4bit.from_linear(lin, tile_order=True).tile_ordered
+    packed, qs = qlora.quantize_4bit(lin.weight.detach())
+    sd = {"weight": packed, **{f"weight.{k}": v for k, v in qs.as_dict(packed=True).items()}}
+    assert Linear4bit.from_bnb_state_dict(sd, compute_dtype=torch.bfloat16).tile_ordered == pays
+    assert not Linear4bit.from_bnb_state_dict(sd, compute_dtype=torch.bfloat16, tile_order=False).tile_ordered
+
+
 def test_linear4bit_tile_order(device):
     """A module holding its weight in tile order computes what the row-major one does (the automatic choice on the
     GPU takes other kernels, so within accuracy), saves bitsandbytes' row-major bytes and loads them back."""
     lin = torch.nn.Linear(512, 96).to(device, torch.bfloat16)
-    row = LoraLinear4bit.from_linear(lin, r=8)
+    row = LoraLinear4bit.from_linear(lin, r=8, tile_order=False)
     torch.nn.init.normal_(row.lora_B.weight, std=0.1)
     tiled = copy.deepcopy(row)
     assert tiled.base.tile_order_() is tiled.base and tiled.base.tile_ordered and not row.base.tile_ordered

@@ -8,10 +8,22 @@ from typing import Any, Mapping, Optional
 import torch
 from torch import nn
 
+from .. import _C
 from ..lora_linear import PATH_AUTO
 from ..quantization import QuantState, dequantize_4bit, quantize_4bit, row_order, tile_order
 
-__all__ = ["Linear4bit", "LoraLinear4bit", "tile_order_"]
+__all__ = ["Linear4bit", "LoraLinear4bit", "tile_order_", "tile_order_pays"]
+
+
+def tile_order_pays(device: torch.device, out_features: int, in_features: int, blocksize: int,
+                    compute_dtype: Optional[torch.dtype]) -> bool:
+    """Whether a 4-bit weight on ``device`` is faster in tile order (:func:`qlora.tile_order`): where the kernels
+    that read it natively run (the tiled small-M GEMV and the tensor-core GEMM: an sm_90 GPU, a library built with
+    sm_90a code, bfloat16, blocksize 64, out_features % 16 == 0, in_features % 64 == 0). Elsewhere the small-M path
+    would read a row-major copy on every call."""
+    return (device.type == "cuda" and compute_dtype == torch.bfloat16 and blocksize == 64
+            and out_features % 16 == 0 and in_features % 64 == 0 and _C.sm90a()
+            and torch.cuda.get_device_capability(device) == (9, 0))
 
 
 def _as_dtype(t: torch.Tensor, dtype: Optional[torch.dtype]) -> torch.Tensor:
@@ -60,23 +72,26 @@ class Linear4bit(nn.Module):
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, blocksize: int = 64, quant_type: str = "nf4", double_quant: bool = True,
-                    compute_dtype: Optional[torch.dtype] = None, device=None) -> "Linear4bit":
+                    compute_dtype: Optional[torch.dtype] = None, device=None,
+                    tile_order: Optional[bool] = None) -> "Linear4bit":
         """Quantize an ``nn.Linear`` (on ``device`` if given, else where its weight is).
 
-        compute_dtype defaults to the linear layer's weight dtype.
+        compute_dtype defaults to the linear layer's weight dtype. tile_order: hold the packed weight in tile order
+        (:meth:`tile_order_`); None does where :func:`tile_order_pays`.
         """
         w = linear.weight.detach()
         if device is not None:
             w = w.to(device)
         packed, qs = quantize_4bit(w, blocksize=blocksize, quant_type=quant_type, double_quant=double_quant)
         bias = None if linear.bias is None else linear.bias.detach().to(w.device).clone()
-        return cls(packed, qs, bias, compute_dtype or w.dtype)
+        return cls(packed, qs, bias, compute_dtype or w.dtype)._take_order(tile_order)
 
     @classmethod
     def from_bnb_state_dict(cls, state_dict: Mapping[str, Any], compute_dtype: Optional[torch.dtype] = None,
-                            device=None) -> "Linear4bit":
+                            device=None, tile_order: Optional[bool] = None) -> "Linear4bit":
         """Build from the state dict of a bitsandbytes ``Linear4bit`` (keys ``weight``, ``weight.absmax``,
-        ``weight.quant_state.bitsandbytes__nf4``, ..., optionally ``bias``), without importing bitsandbytes."""
+        ``weight.quant_state.bitsandbytes__nf4``, ..., optionally ``bias``), without importing bitsandbytes.
+        tile_order as in :meth:`from_linear`."""
         if "weight" not in state_dict:
             raise ValueError("state_dict has no 'weight' entry (the packed 4-bit codes)")
         packed = state_dict["weight"]
@@ -85,7 +100,13 @@ class Linear4bit(nn.Module):
         packed = packed.to(device=device, dtype=torch.uint8).reshape(-1, 1)
         bias = state_dict.get("bias")
         bias = None if bias is None else bias.to(device)
-        return cls(packed, qs, bias, compute_dtype or qs.dtype)
+        return cls(packed, qs, bias, compute_dtype or qs.dtype)._take_order(tile_order)
+
+    def _take_order(self, tile_order: Optional[bool]) -> "Linear4bit":
+        if tile_order is None:
+            tile_order = tile_order_pays(self.weight.device, self.out_features, self.in_features, self.blocksize,
+                                         self.compute_dtype)
+        return self.tile_order_() if tile_order else self
 
     @property
     def quant_state(self) -> QuantState:
@@ -101,9 +122,10 @@ class Linear4bit(nn.Module):
         """Hold the packed weight in tile order (:func:`qlora.tile_order`) from now on; returns the module.
 
         The op reads it faster where few rows of x meet a large weight (decoding: the tiled small-M GEMV up to 8
-        rows) and in its tensor-core GEMM; the large-M path reads a row-major copy. The state dict keeps
-        bitsandbytes' row-major bytes either way, and loading one converts it. Needs out_features % 16 == 0 and
-        in_features % 64 == 0.
+        rows) and in its tensor-core GEMM; the large-M path's dequantization reads it as fast as row-major bytes.
+        The state dict keeps bitsandbytes' row-major bytes either way, and loading one converts it. Needs
+        out_features % 16 == 0 and in_features % 64 == 0. :meth:`from_linear` takes it where
+        :func:`tile_order_pays`.
         """
         if not self.tile_ordered:
             self.weight = tile_order(self.weight, self.quant_state)
@@ -196,9 +218,10 @@ class LoraLinear4bit(nn.Module):
     @classmethod
     def from_linear(cls, linear: nn.Linear, r: int = 16, alpha: float = 32.0, dropout: float = 0.0,
                     blocksize: int = 64, quant_type: str = "nf4", double_quant: bool = True,
-                    compute_dtype: Optional[torch.dtype] = None, device=None) -> "LoraLinear4bit":
-        """Quantize ``linear`` into a :class:`Linear4bit` and attach a fresh adapter."""
-        base = Linear4bit.from_linear(linear, blocksize, quant_type, double_quant, compute_dtype, device)
+                    compute_dtype: Optional[torch.dtype] = None, device=None,
+                    tile_order: Optional[bool] = None) -> "LoraLinear4bit":
+        """Quantize ``linear`` into a :class:`Linear4bit` (tile_order as there) and attach a fresh adapter."""
+        base = Linear4bit.from_linear(linear, blocksize, quant_type, double_quant, compute_dtype, device, tile_order)
         return cls(base, r, alpha, dropout)
 
     def reset_lora_parameters(self) -> None:
