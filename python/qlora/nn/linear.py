@@ -122,7 +122,7 @@ class Linear4bit(nn.Module):
         """Hold the packed weight in tile order (:func:`qlora.tile_order`) from now on; returns the module.
 
         The op reads it faster where few rows of x meet a large weight (decoding: the tiled small-M GEMV up to 8
-        rows) and in its tensor-core GEMM; the large-M path's dequantization reads it as fast as row-major bytes.
+        rows) and in its tensor-core GEMM; the large-M path's dequantization reads it natively too.
         The state dict keeps bitsandbytes' row-major bytes either way, and loading one converts it. Needs
         out_features % 16 == 0 and in_features % 64 == 0. :meth:`from_linear` takes it where
         :func:`tile_order_pays`.
