@@ -2,17 +2,19 @@
 CUDA path on its own for the crossover, and a LoRA layer's forward + backward.
 
 Rows (impl):
-  qlora                    torch.ops.qlora.lora_linear_4bit, automatic path
+  qlora                    torch.ops.qlora.lora_linear_4bit, automatic path, the packed weight in the order the modules
+                           hold it (tile order where qlora.nn.tile_order_pays, else bitsandbytes' row-major bytes)
+  qlora row-major          the same on row-major bytes, where the modules take tile order
   qlora fused              path=1, the small-M kernel (crossover rows)
   qlora dequant+gemm       path=2, dequantize + cuBLAS (crossover rows)
   qlora fused block-scaled path=3, the small-M block-scaled kernel (crossover rows; above M = 32 in slices of 32)
   qlora merged / unmerged  path=4 / 5, dequantize + cuBLAS with the adapter always / never merged into the weight
                            (M >= 256 rows: the measurement behind merging_adapter_pays)
   qlora tensor-core        path=6, the wgmma GEMM that decodes the weight in its main loop (M >= 16 rows; sm_90)
-  qlora tile order         the automatic path with the packed weight in tile order (qlora.tile_order; CUDA)
   torch bf16               F.linear + the same LoRA in plain PyTorch
   torch bf16 no-LoRA       F.linear only
   bitsandbytes             bnb.matmul_4bit + the same LoRA in plain PyTorch
+The forced paths, and every qlora row of the crossover cases ("paths M=..."), read row-major bytes.
 The rows of one case are timed in order and again in reverse, and the two medians averaged (time_both_orders).
 A row that fails is reported and skipped, so one failure does not end the run.
 """
@@ -79,8 +81,9 @@ def run(ctx: Context) -> list[Row]:
             next_w = rotating(lambda: torch.randn(N, K, device=dev, dtype=DTYPE) * 0.02, 2 * N * K)
             A = torch.randn(R, K, device=dev, dtype=DTYPE) / math.sqrt(K)
             B = torch.randn(N, R, device=dev, dtype=DTYPE) * 0.01
+            default_tiled = qlora.nn.tile_order_pays(torch.device(dev), N, K, 64, DTYPE)
             next_t = None
-            if ctx.cuda:
+            if default_tiled:
                 next_t = rotating(lambda: _tile_ordered(qlora.quantize_4bit(w)), _weight_bytes(N, K))
             next_b = None
             if ctx.bnb is not None:
@@ -95,8 +98,8 @@ def run(ctx: Context) -> list[Row]:
             packed, qs = next_q()
             return qlora.lora_linear_4bit(x, packed, qs, None, A, B, scale, None, path)
 
-        def ours_tile_order(x):
-            packed, qs = next_t()
+        def ours_default(x):  # the weight in the order the modules hold it
+            packed, qs = next_t() if next_t is not None else next_q()
             return qlora.lora_linear_4bit(x, packed, qs, None, A, B, scale)
 
         def bf16_lora(x):
@@ -111,14 +114,14 @@ def run(ctx: Context) -> list[Row]:
             case = f"fwd M={M}"
             flops = 2 * M * N * K + 4 * M * R * (N + K)
             q_bytes = _weight_bytes(N, K) + 2 * M * (K + N)
-            add(case, shape, "qlora", lambda: ours(x, 0), q_bytes, flops)
+            add(case, shape, "qlora", lambda: ours_default(x), q_bytes, flops)
             add(case, shape, "torch bf16", lambda: bf16_lora(x), 2 * N * K + 2 * M * (K + N), flops)
             add(case, shape, "torch bf16 no-LoRA", lambda: F.linear(x, next_w()), 2 * N * K + 2 * M * (K + N),
                 2 * M * N * K)
             if next_b is not None:
                 add(case, shape, "bitsandbytes", lambda: bnb_lora(x), q_bytes, flops)
             if next_t is not None:
-                add(case, shape, "qlora tile order", lambda: ours_tile_order(x), q_bytes, flops)
+                add(case, shape, "qlora row-major", lambda: ours(x, 0), q_bytes, flops)
             if ctx.cuda and M >= 256:
                 add(case, shape, "qlora merged", lambda: ours(x, 4), q_bytes, flops)
                 add(case, shape, "qlora unmerged", lambda: ours(x, 5), q_bytes, flops)

@@ -1,8 +1,9 @@
-// What dequantize_4bit gains from more resident CTAs an SM. ptxas gives the double-quantized kernel 39 registers
-// from row-major bytes (six 256-thread CTAs an SM) and 48 from tile order (five), so the tile-ordered kernel keeps
-// fewer loads in flight. Each variant caps the registers with __launch_bounds__' minimum CTAs an SM (1: no cap) and
-// is timed as the benchmarks time (256 MB written before each run, CUDA events, median); every output is compared
-// bit for bit with the row-major kernel's without a cap.
+// What dequantize_4bit gains or loses with the number of CTAs an SM holds. ptxas gives the double-quantized kernel
+// more registers from tile order than from row-major bytes (64 against 48 with nvcc 13.0 -arch=sm_90a), so an SM
+// holds four CTAs of it against five. Each variant caps the registers with __launch_bounds__' minimum CTAs an SM (1:
+// no cap), or for tile order keeps fewer CTAs an SM with unused dynamic shared memory, and is timed as the benchmarks
+// time (256 MB written before each run, CUDA events, median); every output is compared bit for bit with the
+// row-major kernel's without a cap.
 //
 //   nvcc -O3 -std=c++20 --expt-relaxed-constexpr -arch=sm_90a -I csrc/include -I tools \
 //        tools/dequant_occupancy.cu -o /tmp/dequant_occupancy && /tmp/dequant_occupancy [N,K ...]
@@ -44,27 +45,29 @@ std::vector<uint8_t> to_tile_order(const std::vector<uint8_t>& packed, int64_t N
 }
 
 template <bool kTile, int kMinCtas>
-void launch(const Device& d) {
+void launch(const Device& d, size_t padding = 0) {
   const int64_t n = d.N * d.K;
   const int64_t per_cta = int64_t{kDequantizeThreads} * kDequantizeUnits * kDequantizeElems;
   const dim3 grid = kTile ? dim3(static_cast<unsigned>((d.K / kTileOrderK + kTileDequantizeBlocks - 1) / kTileDequantizeBlocks),
                                  static_cast<unsigned>(d.N / kTileOrderRows))
                           : dim3(static_cast<unsigned>((n + per_cta - 1) / per_cta));
-  dequantize_4bit_kernel<bf16, QuantType::NF4, true, kTile, kMinCtas><<<grid, kDequantizeThreads>>>(
+  dequantize_4bit_kernel<bf16, QuantType::NF4, true, kTile, kMinCtas><<<grid, kDequantizeThreads, padding>>>(
       kTile ? d.tiled : d.packed, nullptr, d.qabsmax, d.absmax2, d.code2, d.offset, d.out, n, 6, d.K);
 }
 
+// padding: unused dynamic shared memory a CTA, so that fewer CTAs fit an SM.
 template <bool kTile, int kMinCtas>
-void report(const Device& d, char* flush, uint64_t reference_hash) {
+void report(const Device& d, char* flush, uint64_t reference_hash, size_t padding = 0) {
   auto kernel = dequantize_4bit_kernel<bf16, QuantType::NF4, true, kTile, kMinCtas>;
+  cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(padding));
   cudaFuncAttributes attr{};
   cudaFuncGetAttributes(&attr, kernel);
   int ctas = 0;
-  cudaOccupancyMaxActiveBlocksPerMultiprocessor(&ctas, kernel, kDequantizeThreads, 0);
+  cudaOccupancyMaxActiveBlocksPerMultiprocessor(&ctas, kernel, kDequantizeThreads, padding);
   cudaMemset(d.out, 0, d.N * d.K * 2);
-  launch<kTile, kMinCtas>(d);
+  launch<kTile, kMinCtas>(d, padding);
   const bool same = bits_hash(host_copy(d.out, d.N * d.K)) == reference_hash;
-  const float us = flushed_median_us(flush, [&] { launch<kTile, kMinCtas>(d); }, 41, 5);
+  const float us = flushed_median_us(flush, [&] { launch<kTile, kMinCtas>(d, padding); }, 41, 5);
   const double bytes = d.N * d.K * 2.5 + d.N * d.K / 64.0;
   printf("  %-9s min CTAs %d: %2d registers, %3d B local, %d CTAs/SM  %7.1f us  %5.0f GB/s  %s\n",
          kTile ? "tile" : "row-major", kMinCtas, attr.numRegs, static_cast<int>(attr.localSizeBytes), ctas, us,
@@ -102,6 +105,8 @@ int main(int argc, char** argv) {
     report<false, 7>(d, flush, reference);
     report<false, 8>(d, flush, reference);
     report<true, 1>(d, flush, reference);
+    for (const size_t padding : {size_t{48} << 10, size_t{72} << 10, size_t{110} << 10})  // 4, 3, 2 CTAs an SM
+      report<true, 6>(d, flush, reference, padding);
     report<true, 6>(d, flush, reference);
     report<true, 7>(d, flush, reference);
     report<true, 8>(d, flush, reference);
