@@ -28,22 +28,6 @@ struct Device {
   int64_t N, K;
 };
 
-// Row-major bytes [N, K / 2] to tile order (qlora/tile_order.h).
-std::vector<uint8_t> to_tile_order(const std::vector<uint8_t>& packed, int64_t N, int64_t K) {
-  std::vector<uint8_t> tiled(packed.size());
-  const int64_t blocks = K / kTileOrderK;
-  size_t i = 0;
-  for (int64_t tile = 0; tile < N / kTileOrderRows; ++tile)
-    for (int64_t block = 0; block < blocks; ++block)
-      for (int lane = 0; lane < 32; ++lane)
-        for (int h = 0; h < 2; ++h)
-          for (int j = 0; j < 8; ++j) {
-            const int64_t row = tile * kTileOrderRows + 8 * h + lane / 4;
-            tiled[i++] = packed[row * (K / 2) + 32 * block + 4 * j + lane % 4];
-          }
-  return tiled;
-}
-
 template <bool kTile, int kMinCtas>
 void launch(const Device& d, size_t padding = 0) {
   const int64_t n = d.N * d.K;

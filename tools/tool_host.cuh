@@ -12,6 +12,7 @@
 #include <cuda_runtime.h>
 
 #include "qlora/codebook.h"
+#include "qlora/tile_order.h"
 
 // A GEMM shape from the command line, "N,K,M" with K a multiple of 64 (a stage); false, after saying why, otherwise.
 inline bool parse_gemm_shape(const char* arg, long long* N, long long* K, long long* M) {
@@ -140,4 +141,19 @@ double nf4_dq_row_dot(const std::vector<uint8_t>& packed, const std::vector<uint
 template <typename X>
 double nf4_dq_row_dot(const DqWeightSample& w, int64_t n, int64_t K, X x) {
   return nf4_dq_row_dot(w.packed, w.qabsmax, w.absmax2, w.code2, w.offset, n, K, x);
+}
+
+// Row-major packed bytes [N, K / 2] in tile order (qlora/tile_order.h); N % 16 == 0, K % 64 == 0.
+inline std::vector<uint8_t> to_tile_order(const std::vector<uint8_t>& packed, int64_t N, int64_t K) {
+  std::vector<uint8_t> tiled(packed.size());
+  size_t i = 0;
+  for (int64_t tile = 0; tile < N / qlora::kTileOrderRows; ++tile)
+    for (int64_t block = 0; block < K / qlora::kTileOrderK; ++block)
+      for (int lane = 0; lane < 32; ++lane)
+        for (int h = 0; h < 2; ++h)
+          for (int j = 0; j < 8; ++j) {
+            const int64_t row = tile * qlora::kTileOrderRows + 8 * h + lane / 4;
+            tiled[i++] = packed[row * (K / 2) + 32 * block + 4 * j + lane % 4];
+          }
+  return tiled;
 }

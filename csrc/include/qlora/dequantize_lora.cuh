@@ -36,9 +36,14 @@
 namespace qlora {
 
 constexpr int kDequantizeLoraWarps = 2;  // on adjacent strips
-constexpr int kDequantizeLoraThreads = kDequantizeLoraWarps * 32;
 constexpr int kDequantizeLoraCols = 64;  // a strip: 8 mma columns x 2 per lane x 4 lanes per row
 constexpr int kDequantizeLoraTiles = 8;  // 16-row tiles a warp walks down its strip
+
+// A CTA's shape (the library's by default; tools/dequant_lora_shapes.cu times others).
+template <int kWarps = kDequantizeLoraWarps, int kTiles = kDequantizeLoraTiles>
+struct DequantizeLoraShape {
+  static constexpr int warps = kWarps, tiles = kTiles, threads = 32 * kWarps;
+};
 
 template <typename T>
 struct DequantizeLoraParams {
@@ -59,17 +64,18 @@ __device__ __forceinline__ uint32_t load_u16_or_zero(const uint16_t* p, bool ok)
 
 // kScaleInB: s is a power of two, so s·B is exact in T and enters the mma, whose accumulators start at the
 // dequantized weights; otherwise the mma gives B·A and each weight takes one more FMA.
-template <typename T, QuantType QT, bool kDoubleQuant, int kRankChunks, bool kScaleInB, bool kTileOrder>
-__global__ void __launch_bounds__(kDequantizeLoraThreads) dequantize_lora_kernel(const DequantizeLoraParams<T> p) {
+template <typename T, QuantType QT, bool kDoubleQuant, int kRankChunks, bool kScaleInB, bool kTileOrder,
+          typename Shape = DequantizeLoraShape<>>
+__global__ void __launch_bounds__(Shape::threads) dequantize_lora_kernel(const DequantizeLoraParams<T> p) {
   const float lane_value = QT == QuantType::NF4 ? kNF4ValuesDevice[threadIdx.x % 16] : kFP4ValuesDevice[threadIdx.x % 16];
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
   const int g = lane / 4, t = lane % 4;  // the mma fragment's row group and column pair
   const int64_t K = p.K, N = p.N;
-  const int64_t k0 = (static_cast<int64_t>(blockIdx.x) * kDequantizeLoraWarps + warp) * kDequantizeLoraCols;
+  const int64_t k0 = (static_cast<int64_t>(blockIdx.x) * Shape::warps + warp) * kDequantizeLoraCols;
   // First of this lane's output columns: 16 in a row, or in tile order 8 from here and 8 from kt + 32.
   const int64_t kt = k0 + (kTileOrder ? 8 : 16) * t;
   const bool cols_ok = kt < K;
-  const int64_t first_row = static_cast<int64_t>(blockIdx.y) * kDequantizeLoraTiles * 16;
+  const int64_t first_row = static_cast<int64_t>(blockIdx.y) * Shape::tiles * 16;
   const auto* A = reinterpret_cast<const uint16_t*>(p.lora_A);
   const auto* B = reinterpret_cast<const uint16_t*>(p.lora_B);
 
@@ -135,15 +141,15 @@ __global__ void __launch_bounds__(kDequantizeLoraThreads) dequantize_lora_kernel
   __shared__ float smem_code2[256];
   float mean = 0.0f;
   if constexpr (kDoubleQuant) {  // staged after the first loads are issued, so the barrier overlaps their latency
-    for (int i = threadIdx.x; i < 256; i += kDequantizeLoraThreads) smem_code2[i] = p.scales.code2[i];
+    for (int i = threadIdx.x; i < 256; i += Shape::threads) smem_code2[i] = p.scales.code2[i];
     __syncthreads();
     mean = *p.scales.offset;
   }
 
-  for (int tile = 0; tile < kDequantizeLoraTiles; ++tile) {
+  for (int tile = 0; tile < Shape::tiles; ++tile) {
     const int64_t n0 = first_row + 16 * tile;
     if (n0 >= N) break;
-    if (tile + 1 < kDequantizeLoraTiles) load_tile(tile + 1, next);
+    if (tile + 1 < Shape::tiles) load_tile(tile + 1, next);
     if constexpr (kTileOrder)  // the whole warp: n0 and cols_ok are the same for all its lanes
 #pragma unroll
       for (int h = 0; h < 2; ++h)
@@ -200,21 +206,22 @@ __global__ void __launch_bounds__(kDequantizeLoraThreads) dequantize_lora_kernel
   }
 }
 
-template <typename T, QuantType QT, bool kDoubleQuant, bool kScaleInB, bool kTileOrder>
+template <typename T, QuantType QT, bool kDoubleQuant, bool kScaleInB, bool kTileOrder,
+          typename Shape = DequantizeLoraShape<>>
 cudaError_t launch_dequantize_lora_as(const DequantizeLoraParams<T>& p, cudaStream_t stream) {
   const int64_t strips = (p.K + kDequantizeLoraCols - 1) / kDequantizeLoraCols;
-  const int64_t strip_groups = (strips + kDequantizeLoraWarps - 1) / kDequantizeLoraWarps;
-  const int64_t rows_per_cta = int64_t{kDequantizeLoraTiles} * 16;
+  const int64_t strip_groups = (strips + Shape::warps - 1) / Shape::warps;
+  const int64_t rows_per_cta = int64_t{Shape::tiles} * 16;
   const int64_t row_groups = (p.N + rows_per_cta - 1) / rows_per_cta;
   if (strip_groups > 0x7fffffff || row_groups > 65535) return cudaErrorInvalidConfiguration;
   const dim3 grid(static_cast<unsigned>(strip_groups), static_cast<unsigned>(row_groups));
   const int chunks = (p.r + 15) / 16;
   if (chunks == 1) {
-    dequantize_lora_kernel<T, QT, kDoubleQuant, 1, kScaleInB, kTileOrder><<<grid, kDequantizeLoraThreads, 0, stream>>>(p);
+    dequantize_lora_kernel<T, QT, kDoubleQuant, 1, kScaleInB, kTileOrder, Shape><<<grid, Shape::threads, 0, stream>>>(p);
   } else if (chunks == 2) {
-    dequantize_lora_kernel<T, QT, kDoubleQuant, 2, kScaleInB, kTileOrder><<<grid, kDequantizeLoraThreads, 0, stream>>>(p);
+    dequantize_lora_kernel<T, QT, kDoubleQuant, 2, kScaleInB, kTileOrder, Shape><<<grid, Shape::threads, 0, stream>>>(p);
   } else {
-    dequantize_lora_kernel<T, QT, kDoubleQuant, 4, kScaleInB, kTileOrder><<<grid, kDequantizeLoraThreads, 0, stream>>>(p);
+    dequantize_lora_kernel<T, QT, kDoubleQuant, 4, kScaleInB, kTileOrder, Shape><<<grid, Shape::threads, 0, stream>>>(p);
   }
   return cudaGetLastError();
 }

@@ -1,0 +1,120 @@
+// The merging kernel's CTA shape (dequantize_4bit_lora: W + s·B·A written densely) against its time, from row-major
+// bytes and from tile order: warps a CTA on adjacent 64-column strips, and 16-row tiles each warp walks (the library
+// takes 2 and 8). At 4096x4096 the library's shape launches 1024 CTAs of two warps, about 16 warps an SM where 24 fit
+// (80 registers), so fewer tiles a warp may fill the SMs better. Timed as the benchmarks time (256 MB written before
+// each run, CUDA events, median of 36); r = 16, s = 2 (the power-of-two form), NF4 + double quantization; every
+// output compared bit for bit with the library shape's from row-major bytes.
+//
+//   nvcc -O3 -std=c++20 --expt-relaxed-constexpr -arch=sm_90a -I csrc/include -I tools \
+//        tools/dequant_lora_shapes.cu -o /tmp/dequant_lora_shapes && /tmp/dequant_lora_shapes [N,K ...]
+#include <array>
+#include <cstdint>
+#include <cstdio>
+#include <random>
+#include <vector>
+
+#include "qlora/dequantize_lora.cuh"
+#include "flushed_timing.cuh"
+#include "tool_host.cuh"
+
+using namespace qlora;
+using bf16 = __nv_bfloat16;
+
+namespace {
+
+constexpr int kRank = 16;
+
+template <bool kTile, int kWarps, int kTiles>
+void report(const DequantizeLoraParams<bf16>& p, char* flush, uint64_t reference_hash) {
+  using Shape = DequantizeLoraShape<kWarps, kTiles>;
+  auto kernel = dequantize_lora_kernel<bf16, QuantType::NF4, true, 1, true, kTile, Shape>;
+  cudaFuncAttributes attr{};
+  cudaFuncGetAttributes(&attr, kernel);
+  int ctas = 0;
+  cudaOccupancyMaxActiveBlocksPerMultiprocessor(&ctas, kernel, Shape::threads, 0);
+  auto launch = [&] { launch_dequantize_lora_as<bf16, QuantType::NF4, true, true, kTile, Shape>(p, nullptr); };
+  cudaMemset(p.out, 0, p.N * p.K * 2);
+  launch();
+  const bool same = bits_hash(host_copy(p.out, p.N * p.K)) == reference_hash;
+  const float us = flushed_median_us(flush, launch, 41, 5);
+  const int64_t grid = ((p.K / kDequantizeLoraCols + kWarps - 1) / kWarps) * ((p.N + 16 * kTiles - 1) / (16 * kTiles));
+  printf("  %-9s %d warps x %2d tiles: %3d registers, %2d CTAs/SM, %6lld CTAs  %7.1f us  %s\n",
+         kTile ? "tile" : "row-major", kWarps, kTiles, attr.numRegs, ctas, static_cast<long long>(grid), us,
+         same ? "same bits" : "DIFFERENT");
+}
+
+template <bool kTile>
+void sweep(const DequantizeLoraParams<bf16>& p, char* flush, uint64_t reference) {
+  report<kTile, 2, 8>(p, flush, reference);
+  report<kTile, 2, 4>(p, flush, reference);
+  report<kTile, 2, 2>(p, flush, reference);
+  report<kTile, 4, 4>(p, flush, reference);
+  report<kTile, 4, 8>(p, flush, reference);
+  report<kTile, 1, 8>(p, flush, reference);
+  report<kTile, 2, 16>(p, flush, reference);
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  setvbuf(stdout, nullptr, _IONBF, 0);
+  if (sm_count_or_complain("dequant_lora_shapes") == 0) return 1;
+  std::vector<std::array<int64_t, 2>> shapes = {{4096, 4096}, {8192, 8192}, {8192, 28672}, {28672, 8192}};
+  if (argc > 1) shapes.clear();
+  for (int a = 1; a < argc; ++a) {
+    long long N, K;
+    if (sscanf(argv[a], "%lld,%lld", &N, &K) != 2 || N % kTileOrderRows != 0 || K % kTileOrderK != 0) {
+      printf("%s: expected N,K with N a multiple of 16 and K of 64\n", argv[a]);
+      return 1;
+    }
+    shapes.push_back({N, K});
+  }
+  char* flush;
+  cudaMalloc(&flush, kFlushBytes);
+  std::mt19937 rng(11);
+  std::uniform_real_distribution<float> unit(-1.0f, 1.0f);
+  for (const auto& [N, K] : shapes) {
+    const DqWeightSample s = dq_weight_sample(N, K, 1, rng);
+    const uint8_t* packed = device_copy(s.packed);
+    const uint8_t* tiled = device_copy(to_tile_order(s.packed, N, K));
+    const uint8_t* qabsmax = device_copy(s.qabsmax);
+    const float* absmax2 = device_copy(s.absmax2);
+    const float* code2 = device_copy(s.code2);
+    const float* offset = device_copy(std::vector<float>{s.offset});
+    const uint16_t* lora_A = device_copy(bf16_values(kRank * K, [&] { return unit(rng) * 0.02f; }));
+    const uint16_t* lora_B = device_copy(bf16_values(N * kRank, [&] { return unit(rng) * 0.02f; }));
+    bf16* out;
+    cudaMalloc(&out, N * K * 2);
+    DequantizeLoraParams<bf16> p{};
+    p.packed = packed;
+    p.scales.qabsmax = qabsmax;
+    p.scales.absmax2 = absmax2;
+    p.scales.code2 = code2;
+    p.scales.offset = offset;
+    p.lora_A = reinterpret_cast<const bf16*>(lora_A);
+    p.lora_B = reinterpret_cast<const bf16*>(lora_B);
+    p.lora_B_pairs = true;
+    p.r = kRank;
+    p.scale = 2.0f;
+    p.out = out;
+    p.N = N;
+    p.K = K;
+    p.log2_blocksize = 6;
+    launch_dequantize_lora_as<bf16, QuantType::NF4, true, true, false>(p, nullptr);
+    const uint64_t reference = bits_hash(host_copy(out, N * K));
+    printf("%lldx%lld, NF4 + double quantization, r = %d, s = 2, bf16 out\n", static_cast<long long>(N),
+           static_cast<long long>(K), kRank);
+    sweep<false>(p, flush, reference);
+    p.packed = tiled;
+    p.tile_order = true;
+    sweep<true>(p, flush, reference);
+    for (const void* q : {static_cast<const void*>(packed), static_cast<const void*>(tiled),
+                          static_cast<const void*>(qabsmax), static_cast<const void*>(absmax2),
+                          static_cast<const void*>(code2), static_cast<const void*>(offset),
+                          static_cast<const void*>(lora_A), static_cast<const void*>(lora_B),
+                          static_cast<const void*>(out)})
+      cudaFree(const_cast<void*>(q));
+  }
+  printf("%s\n", cudaGetErrorString(cudaGetLastError()));
+  return 0;
+}
