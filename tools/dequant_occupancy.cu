@@ -64,15 +64,7 @@ int main(int argc, char** argv) {
   setvbuf(stdout, nullptr, _IONBF, 0);
   if (sm_count_or_complain("dequant_occupancy") == 0) return 1;
   std::vector<std::array<int64_t, 2>> shapes = {{4096, 4096}, {8192, 8192}, {8192, 28672}, {28672, 8192}};
-  if (argc > 1) shapes.clear();
-  for (int a = 1; a < argc; ++a) {
-    long long N, K;
-    if (sscanf(argv[a], "%lld,%lld", &N, &K) != 2 || N % kTileOrderRows != 0 || K % kTileOrderK != 0) {
-      printf("%s: expected N,K with N a multiple of 16 and K of 64\n", argv[a]);
-      return 1;
-    }
-    shapes.push_back({N, K});
-  }
+  if (!weight_shapes_from_args(argc, argv, 1, &shapes)) return 1;
   char* flush;
   cudaMalloc(&flush, kFlushBytes);
   std::mt19937 rng(7);

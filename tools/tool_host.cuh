@@ -33,6 +33,21 @@ inline bool gemm_shapes_from_args(int argc, char** argv, int first, std::vector<
   return true;
 }
 
+// Weight shapes "N,K" (whole tiles: N % 16 == 0, K % 64 == 0) from argv[first] on, replacing `shapes` (the program's
+// defaults) where any are given; false, after saying why, on one that does not parse.
+inline bool weight_shapes_from_args(int argc, char** argv, int first, std::vector<std::array<int64_t, 2>>* shapes) {
+  if (argc > first) shapes->clear();
+  for (int a = first; a < argc; ++a) {
+    long long N, K;
+    if (sscanf(argv[a], "%lld,%lld", &N, &K) != 2 || N % qlora::kTileOrderRows != 0 || K % qlora::kTileOrderK != 0) {
+      printf("%s: expected N,K with N a multiple of 16 and K of 64\n", argv[a]);
+      return false;
+    }
+    shapes->push_back({N, K});
+  }
+  return true;
+}
+
 // Device 0's SM count, or 0 (after saying so on stderr) where `program` finds no GPU.
 inline int sm_count_or_complain(const char* program) {
   int num_sms = 0;
