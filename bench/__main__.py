@@ -4,8 +4,8 @@
     python -m bench --only quantize_4bit --out bench_results
     python -m bench --replot bench_results/results.json --out bench_results   # the plot again, from the JSON
 
-Prints a table, then the speed goals the run measured (bench/goals.py), and writes results.json and
-results.png to --out.
+Prints a table, then the speed goals the run measured (bench/goals.py), and writes results.json,
+results.png and, where the run measured a goal, goals.png to --out.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import torch
 
 import bench
 from bench.common import environment, format_table, make_context, plot, read_rows, write_reports
-from bench.goals import format_goals
+from bench.goals import format_goals, plot_goals
 
 
 def main(argv=None) -> int:
@@ -35,8 +35,12 @@ def main(argv=None) -> int:
     if args.replot:
         rows, env = read_rows(Path(args.replot))
         Path(args.out).mkdir(parents=True, exist_ok=True)
-        plot(rows, env.get("gpu", env.get("cpu")), Path(args.out) / "results.png")
-        print(f"written: {Path(args.out) / 'results.png'}")
+        device_name = env.get("gpu", env.get("cpu"))
+        plot(rows, device_name, Path(args.out) / "results.png")
+        written = [Path(args.out) / "results.png"]
+        if plot_goals(rows, device_name, Path(args.out) / "goals.png"):
+            written.append(Path(args.out) / "goals.png")
+        print("written:", ", ".join(map(str, written)))
         return 0
 
     stems = [m.name.removeprefix("bench_") for m in pkgutil.iter_modules(bench.__path__) if m.name.startswith("bench_")]
@@ -59,9 +63,12 @@ def main(argv=None) -> int:
     print()
     print(format_table(rows, ctx))
     goals = format_goals(rows)
+    written = [Path(args.out) / "results.json", Path(args.out) / "results.png"]
     if goals:
         print("\n" + goals)
-    print(f"\nwritten: {Path(args.out) / 'results.json'}, {Path(args.out) / 'results.png'}")
+        if plot_goals(rows, environment(ctx).get("gpu", environment(ctx).get("cpu")), Path(args.out) / "goals.png"):
+            written.append(Path(args.out) / "goals.png")
+    print("\nwritten:", ", ".join(map(str, written)))
     return 0
 
 

@@ -1,7 +1,9 @@
 """bench/goals.py: the goal lines of a run, from synthetic rows."""
 
+import pytest
+
 from bench.common import Row
-from bench.goals import GOALS, Goal, format_goals
+from bench.goals import GOALS, Goal, format_goals, plot_goals
 
 
 def test_goal_lines_say_met_or_missed_from_the_rows():
@@ -33,3 +35,20 @@ def test_limits_are_inclusive():
     assert at_least.met(2.0) and not at_least.met(1.99)
     assert at_most.met(1.05) and not at_most.met(1.051)
     assert all(g.measure in ("us", "gbps", "speedup", "slowdown") for g in GOALS)
+
+
+def test_goals_plot_is_written_where_a_goal_was_measured(tmp_path):
+    pytest.importorskip("matplotlib")
+    rows = [Row("lora_linear", "fwd M=16", "8192x28672", "qlora", 40.0),
+            Row("lora_linear", "fwd M=16", "8192x28672", "qlora row-major", 45.0),
+            Row("lora_linear", "fwd M=16", "8192x28672", "torch bf16 no-LoRA", 125.0)]
+    assert plot_goals(rows, "GPU", tmp_path / "goals.png")
+    assert (tmp_path / "goals.png").read_bytes()[:4] == b"\x89PNG"
+    assert not plot_goals(rows[:1], "GPU", tmp_path / "none.png") and not (tmp_path / "none.png").exists()
+
+
+def test_attainment_is_one_at_the_limit_and_above_where_the_goal_is_beaten():
+    speedup = Goal("b", "c", "s", "speedup", 2.0, "base")
+    slowdown = Goal("b", "c", "s", "slowdown", 1.05, "base")
+    assert speedup.attainment(2.0) == 1.0 and speedup.attainment(3.0) == 1.5
+    assert slowdown.attainment(1.05) == 1.0 and slowdown.attainment(1.0) > 1.0 > slowdown.attainment(1.1)
