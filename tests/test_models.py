@@ -108,6 +108,10 @@ def test_prepare_model_report_counts_parameters_and_memory(capsys):
     assert report.base_bytes_4bit == sum((n + 1) // 2 + b + 4 * -(-b // 256) + 4 * 256 + 4
                                          for n, b in zip(numels, blocks))
     assert report.saved_bytes == report.base_bytes_full - report.base_bytes_4bit
+    assert report.tile_ordered_layers == 0 and "tile order" not in str(report)
+    tiled = qlora.nn.tile_order_(model)
+    assert tiled and qlora.model_report(model).tile_ordered_layers == len(tiled)
+    assert f"({len(tiled)} in tile order)" in str(qlora.model_report(model))
     assert f"{report.trainable_params:,}" in printed and "saved" in printed
 
 

@@ -244,6 +244,8 @@ class ModelReport:
         The 4-bit layers' weights at their original dtype, and as stored (codes and scales).
     adapter_bytes : int
         Memory of the LoRA weights.
+    tile_ordered_layers : int
+        4-bit layers holding their weight in tile order (:meth:`qlora.nn.Linear4bit.tile_order_`).
     """
 
     quantized_layers: int
@@ -252,13 +254,15 @@ class ModelReport:
     base_bytes_full: int
     base_bytes_4bit: int
     adapter_bytes: int
+    tile_ordered_layers: int = 0
 
     @property
     def saved_bytes(self) -> int:
         return self.base_bytes_full - self.base_bytes_4bit
 
     def __str__(self) -> str:
-        return (f"qlora: {self.quantized_layers} layers in 4 bits; trainable params: {self.trainable_params:,} of "
+        order = f" ({self.tile_ordered_layers} in tile order)" if self.tile_ordered_layers else ""
+        return (f"qlora: {self.quantized_layers} layers in 4 bits{order}; trainable params: {self.trainable_params:,} of "
                 f"{self.total_params:,} ({100 * self.trainable_params / max(self.total_params, 1):.3f}%); "
                 f"base weights {_human(self.base_bytes_full)} -> {_human(self.base_bytes_4bit)} "
                 f"({_human(self.saved_bytes)} saved), adapters {_human(self.adapter_bytes)}")
@@ -289,7 +293,8 @@ def model_report(model: nn.Module) -> ModelReport:
         quantized_layers=len(layers),
         trainable_params=sum(p.numel() for p in params if p.requires_grad),
         total_params=sum(p.numel() for p in params) + sum(m.out_features * m.in_features for m in layers),
-        base_bytes_full=full, base_bytes_4bit=packed, adapter_bytes=sum(_nbytes(p) for p in adapters))
+        base_bytes_full=full, base_bytes_4bit=packed, adapter_bytes=sum(_nbytes(p) for p in adapters),
+        tile_ordered_layers=sum(m.tile_ordered for m in layers))
 
 
 # ---- loading ------------------------------------------------------------------------------------------------
