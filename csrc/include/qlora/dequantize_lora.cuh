@@ -240,7 +240,8 @@ cudaError_t launch_dequantize_lora_for(const DequantizeLoraParams<T>& p, cudaStr
 template <typename T>
 cudaError_t launch_dequantize_lora(const DequantizeLoraParams<T>& p, QuantType quant_type, cudaStream_t stream) {
   if (!dequantize_lora_supported(p.K, p.r)) return cudaErrorInvalidValue;
-  if (p.tile_order && (!tile_order_supported(p.N, p.K) || p.log2_blocksize < 6)) return cudaErrorInvalidValue;
+  if (p.tile_order && (!tile_order_supported(p.N, p.K) || (int64_t{1} << p.log2_blocksize) < kTileOrderK))
+    return cudaErrorInvalidValue;
   if (p.N == 0 || p.K == 0) return cudaSuccess;
   if (p.tile_order)
     return quant_type == QuantType::NF4 ? launch_dequantize_lora_for<T, QuantType::NF4, true>(p, stream)

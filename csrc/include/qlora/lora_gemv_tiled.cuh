@@ -249,7 +249,7 @@ inline const char* plan_lora_gemv_tiled(int64_t M, int64_t N, int64_t K, int r, 
   best.r = r;
   best.xa_beside = xa_beside;
   best.xa_splits = r > 0 && !xa_beside ? lora_down_splits(K) : 0;
-  best.scratch_floats = static_cast<int64_t>(best.xa_splits) * M * r + (best.splits > 1 ? best.splits * M * N : 0);
+  best.scratch_floats = gemv_scratch_floats(M, N, r, best.xa_splits, best.splits);
   *plan = best;
   return nullptr;
 }
@@ -262,11 +262,9 @@ cudaError_t launch_lora_gemv_tiled(LoraLinearParams<T> p, const TiledGemvPlan& p
   if (p.M == 0 || p.N == 0) return cudaSuccess;
   if (p.lora_B == nullptr) p.r = 0;
   if (p.r != plan.r) return cudaErrorInvalidValue;
-  p.xa_splits = plan.xa_splits;
   p.warp_splits = 1;
-  p.xa_partial = scratch;
   p.xa = nullptr;
-  p.partial = plan.splits > 1 ? scratch + static_cast<int64_t>(plan.xa_splits) * p.M * p.r : nullptr;
+  place_gemv_scratch(p, scratch, plan.xa_splits, plan.splits);
   const bool overlap = dependent_launch_supported();
   cudaError_t err = cudaSuccess;
   if (plan.xa_beside && p.r > 0) {  // bfloat16 only (plan_lora_gemv_tiled)

@@ -753,6 +753,18 @@ cudaError_t scaled_ctas_per_sm(int* ctas) {
 // M = 1) the split-K epilogue's launch, overlapped, cost less than the CTA's wait for xa at the end.
 constexpr int64_t kWarpSplitMinK = 4 * kGemvSplitAlign;
 
+// The small-M launches' float scratch: x·Aᵀ's split partials [xa_splits, M, r], then, where the GEMV splits K over
+// CTAs, its split sums [splits, M, N] for lora_epilogue_kernel.
+inline int64_t gemv_scratch_floats(int64_t M, int64_t N, int r, int xa_splits, int splits) {
+  return static_cast<int64_t>(xa_splits) * M * r + (splits > 1 ? static_cast<int64_t>(splits) * M * N : 0);
+}
+template <typename T>
+void place_gemv_scratch(LoraLinearParams<T>& p, float* scratch, int xa_splits, int splits) {
+  p.xa_splits = xa_splits;
+  p.xa_partial = scratch;
+  p.partial = splits > 1 ? scratch + static_cast<int64_t>(xa_splits) * p.M * p.r : nullptr;
+}
+
 // What launch_lora_linear_4bit will run, decided once so that the caller can size the scratch.
 struct LoraLinearPlan {
   bool block_scaled = false;
@@ -832,8 +844,7 @@ cudaError_t plan_lora_linear_4bit(int64_t M, int64_t N, int64_t K, int r, int lo
   pl.gemv_smem = pl.x_source != XSource::Global ? scaled_ring_bytes(pl.x_source, warps_per_cta) + x_bytes + lora_rows_bytes()
                  : pl.block_scaled                ? kScaledRingBytes + lora_rows_bytes()
                                                   : lora_rows_bytes();
-  pl.scratch_floats =
-      static_cast<int64_t>(pl.xa_splits) * M * r + (pl.splits > 1 ? static_cast<int64_t>(pl.splits) * M * N : 0);
+  pl.scratch_floats = gemv_scratch_floats(M, N, r, pl.xa_splits, pl.splits);
   *plan = pl;
   return cudaSuccess;
 }
@@ -891,10 +902,8 @@ cudaError_t launch_lora_linear_4bit(LoraLinearParams<T> p, const LoraLinearPlan&
   if (p.M == 0 || p.N == 0) return cudaSuccess;
   if (p.lora_B == nullptr) p.r = 0;
   if (p.r != plan.r) return cudaErrorInvalidValue;
-  p.xa_splits = plan.xa_splits;
   p.warp_splits = plan.warp_splits;
-  p.xa_partial = scratch;
-  p.partial = plan.splits > 1 ? scratch + static_cast<int64_t>(plan.xa_splits) * p.M * p.r : nullptr;
+  place_gemv_scratch(p, scratch, plan.xa_splits, plan.splits);
   const bool overlap = dependent_launch_supported();
   const bool gemv_after_lora_down = overlap && p.r > 0;
   cudaError_t err = launch_lora_down(p, x_lora, lora_A, scratch, stream);
