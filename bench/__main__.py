@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 import bench
-from bench.common import environment, format_table, make_context, plot, read_rows, write_reports
+from bench.common import device_name, environment, format_table, make_context, plot, read_rows, write_reports
 from bench.goals import format_goals, plot_goals
 
 
@@ -35,10 +35,9 @@ def main(argv=None) -> int:
     if args.replot:
         rows, env = read_rows(Path(args.replot))
         Path(args.out).mkdir(parents=True, exist_ok=True)
-        device_name = env.get("gpu", env.get("cpu"))
-        plot(rows, device_name, Path(args.out) / "results.png")
+        plot(rows, device_name(env), Path(args.out) / "results.png")
         written = [Path(args.out) / "results.png"]
-        if plot_goals(rows, device_name, Path(args.out) / "goals.png"):
+        if plot_goals(rows, device_name(env), Path(args.out) / "goals.png"):
             written.append(Path(args.out) / "goals.png")
         print("written:", ", ".join(map(str, written)))
         return 0
@@ -66,7 +65,7 @@ def main(argv=None) -> int:
     written = [Path(args.out) / "results.json", Path(args.out) / "results.png"]
     if goals:
         print("\n" + goals)
-        if plot_goals(rows, environment(ctx).get("gpu", environment(ctx).get("cpu")), Path(args.out) / "goals.png"):
+        if plot_goals(rows, device_name(environment(ctx)), Path(args.out) / "goals.png"):
             written.append(Path(args.out) / "goals.png")
     print("\nwritten:", ", ".join(map(str, written)))
     return 0

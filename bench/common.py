@@ -196,6 +196,11 @@ def environment(ctx: Context) -> dict:
     return env
 
 
+def device_name(env: dict) -> str:
+    """The GPU's name in an environment() dict, else the CPU's."""
+    return env.get("gpu", env.get("cpu"))
+
+
 def format_table(rows: Sequence[Row], ctx: Context) -> str:
     """One line per case and shape: each implementation's µs, qlora's bandwidth and its speed-up over the others."""
     groups: dict[tuple, dict[str, Row]] = {}
@@ -225,7 +230,7 @@ def write_reports(rows: Sequence[Row], ctx: Context, out_dir: Path) -> None:
     payload = {"environment": env,
                "rows": [dict(dataclasses.asdict(r), gbps=r.gbps, tflops=r.tflops) for r in rows]}
     (out_dir / "results.json").write_text(json.dumps(payload, indent=1))
-    plot(rows, env.get("gpu", env.get("cpu")), out_dir / "results.png")
+    plot(rows, device_name(env), out_dir / "results.png")
 
 
 def read_rows(path: Path) -> tuple[list[Row], dict]:

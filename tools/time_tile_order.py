@@ -1,8 +1,8 @@
 """Row-major against tile-ordered packed weights (qlora.tile_order), µs: dequantize_4bit (do_bench and the GPU alone)
 and dequantize_4bit_lora, then lora_linear_4bit with r = 16 on the automatic choice and the tensor-core GEMM (path
 6), beside bf16 F.linear; --fused adds the fused kernel's block-scaled loop (path 3) on either order, --tiled the
-tiled small-M GEMV (path 8, up to 8 rows) and the fused kernel on row-major bytes. Each group is timed in order and again in reverse
-(bench.common.time_both_orders).
+tiled small-M GEMV (path 8, up to 8 rows) and the fused kernel on row-major bytes. Each group is timed in order and
+again in reverse (bench.common.time_both_orders).
 
     python tools/time_tile_order.py [--ms 1,16,64,256,1024,2048] [--dequantize-only] [--fused] [--tiled]
 """
@@ -18,6 +18,12 @@ from bench.common import gpu_alone_us, time_both_orders
 
 SHAPES = [(4096, 4096), (8192, 8192), (8192, 28672), (28672, 8192), (14336, 4096), (4096, 14336)]  # N x K
 OP = torch.ops.qlora.lora_linear_4bit
+
+
+def adapter(N, K, dev):
+    """A rank-16 LoRA adapter (A, B) for an N x K weight, bfloat16."""
+    return (torch.randn(16, K, device=dev, dtype=torch.bfloat16) / math.sqrt(K),
+            torch.randn(N, 16, device=dev, dtype=torch.bfloat16) * 0.01)
 
 
 def main():
@@ -40,8 +46,7 @@ def main():
         fns = [lambda: qlora.dequantize_4bit(packed, qs), lambda: qlora.dequantize_4bit(tiled, qs)]
         t = time_both_orders(fns, dev, ["row-major", "tile order"])
         g = [gpu_alone_us(f, dev) for f in fns]
-        A = torch.randn(16, K, device=dev, dtype=torch.bfloat16) / math.sqrt(K)
-        B = torch.randn(N, 16, device=dev, dtype=torch.bfloat16) * 0.01
+        A, B = adapter(N, K, dev)
 
         def merged(p):
             return lambda: torch.ops.qlora.dequantize_4bit_lora(p, qs.absmax, qs.blocksize, qs.quant_type, [N, K],
@@ -59,8 +64,7 @@ def main():
         w = torch.randn(N, K, device=dev, dtype=torch.bfloat16) * 0.02
         packed, qs = qlora.quantize_4bit(w)
         tiled = qlora.tile_order(packed, qs)
-        A = torch.randn(16, K, device=dev, dtype=torch.bfloat16) / math.sqrt(K)
-        B = torch.randn(N, 16, device=dev, dtype=torch.bfloat16) * 0.01
+        A, B = adapter(N, K, dev)
         for M in (int(m) for m in args.ms.split(",")):
             x = torch.randn(M, K, device=dev, dtype=torch.bfloat16)
 

@@ -15,6 +15,11 @@ from ..quantization import QuantState, dequantize_4bit, quantize_4bit, row_order
 __all__ = ["Linear4bit", "LoraLinear4bit", "tile_order_", "tile_order_pays"]
 
 
+def _tile_order_fits(out_features: int, in_features: int) -> bool:
+    """Whether a weight's shape is whole tiles (qlora/tile_order.h: 16 rows by 64 columns)."""
+    return out_features % 16 == 0 and in_features % 64 == 0
+
+
 def tile_order_pays(device: torch.device, out_features: int, in_features: int, blocksize: int,
                     compute_dtype: Optional[torch.dtype]) -> bool:
     """Whether a 4-bit weight on ``device`` is faster in tile order (:func:`qlora.tile_order`): where the kernels
@@ -22,7 +27,7 @@ def tile_order_pays(device: torch.device, out_features: int, in_features: int, b
     sm_90a code, bfloat16, blocksize 64, out_features % 16 == 0, in_features % 64 == 0). Elsewhere the small-M path
     would read a row-major copy on every call."""
     return (device.type == "cuda" and compute_dtype == torch.bfloat16 and blocksize == 64
-            and out_features % 16 == 0 and in_features % 64 == 0 and _C.sm90a()
+            and _tile_order_fits(out_features, in_features) and _C.sm90a()
             and torch.cuda.get_device_capability(device) == (9, 0))
 
 
@@ -313,7 +318,7 @@ def tile_order_(model: nn.Module) -> list[str]:
     names of the layers that hold it so."""
     names = []
     for name, module in model.named_modules():
-        if isinstance(module, Linear4bit) and module.out_features % 16 == 0 and module.in_features % 64 == 0:
+        if isinstance(module, Linear4bit) and _tile_order_fits(module.out_features, module.in_features):
             module.tile_order_()
             names.append(name)
     return names
