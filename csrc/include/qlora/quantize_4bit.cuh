@@ -315,6 +315,13 @@ __global__ void __launch_bounds__(kDequantizeThreads, kMinCtas) dequantize_4bit_
   // One tile per CTA: the hardware hands tiles to SMs as they free up, which balances the work better than
   // persistent CTAs striding over a fixed share.
   const int64_t first_unit = static_cast<int64_t>(blockIdx.x) * kDequantizeThreads * kDequantizeUnits;
+  constexpr int kTileWords = kTileOrderBytes / 4;
+  const int tq = threadIdx.x % kTileWords;
+  const int64_t tile_blocks = kTileOrder ? K / kTileOrderK : 0;
+  const int64_t tile_block0 = static_cast<int64_t>(blockIdx.x) * kTileDequantizeBlocks + threadIdx.x / kTileWords;
+  const int64_t tile_word0 = (blockIdx.y * tile_blocks + tile_block0) * kTileWords + tq;
+  const int64_t tile_e00 = (static_cast<int64_t>(blockIdx.y) * kTileOrderRows + 8 * (tq / 2 % 2) + tq / 16) * K +
+                           tile_block0 * kTileOrderK + 32 * (tq % 2) + 8 * (tq / 4 % 4);
   // Unit u of this thread: the packed word it reads, the first of the 8 elements it writes, whether it exists.
   struct Unit {
     int64_t word, e0;
@@ -322,12 +329,7 @@ __global__ void __launch_bounds__(kDequantizeThreads, kMinCtas) dequantize_4bit_
   };
   const auto unit_at = [&](int u) -> Unit {
     if constexpr (kTileOrder) {
-      constexpr int kWords = kTileOrderBytes / 4;
-      const int q = threadIdx.x % kWords, g = q / 16, t = q / 4 % 4, h = q / 2 % 2, c = q % 2;
-      const int64_t blocks = K / kTileOrderK, tile = blockIdx.y;
-      const int64_t block = static_cast<int64_t>(blockIdx.x) * kTileDequantizeBlocks + 2 * u + threadIdx.x / kWords;
-      return {(tile * blocks + block) * kWords + q,
-              (tile * kTileOrderRows + 8 * h + g) * K + block * kTileOrderK + 32 * c + 8 * t, block < blocks};
+      return {tile_word0 + 2 * u * kTileWords, tile_e00 + 2 * u * kTileOrderK, tile_block0 + 2 * u < tile_blocks};
     } else {
       const int64_t unit = first_unit + u * kDequantizeThreads + threadIdx.x;
       return {unit, unit * kDequantizeElems, unit < num_units};
@@ -344,7 +346,7 @@ __global__ void __launch_bounds__(kDequantizeThreads, kMinCtas) dequantize_4bit_
     scales[u] = 0.0f;
     qcodes[u] = 0;
     if (!unit.ok) continue;
-    if (b0 + 4 <= num_bytes) {
+    if (kTileOrder || b0 + 4 <= num_bytes) {  // tile order: whole words
       words[u] = __ldg(reinterpret_cast<const uint32_t*>(packed + b0));
     } else {
       for (int j = 0; j < 4 && b0 + j < num_bytes; ++j) words[u] |= static_cast<uint32_t>(packed[b0 + j]) << (8 * j);
