@@ -1,9 +1,8 @@
-// What dequantize_4bit gains or loses with the number of CTAs an SM holds. ptxas gives the double-quantized kernel
-// more registers from tile order than from row-major bytes (64 against 48 with nvcc 13.0 -arch=sm_90a), so an SM
-// holds four CTAs of it against five. Each variant caps the registers with __launch_bounds__' minimum CTAs an SM (1:
-// no cap), or for tile order keeps fewer CTAs an SM with unused dynamic shared memory, and is timed as the benchmarks
-// time (256 MB written before each run, CUDA events, median); every output is compared bit for bit with the
-// row-major kernel's without a cap.
+// What dequantize_4bit gains or loses with the work a CTA takes (units of 8 elements a thread: the library takes 4
+// from row-major bytes, 8 from tile order) and the number of CTAs an SM holds (capped through __launch_bounds__'
+// minimum CTAs an SM; 1: no cap). At 4096x4096 the row-major grid is 2048 CTAs, about 3.1 waves of 5 CTAs an SM.
+// Each variant is timed as the benchmarks time (256 MB written before each run, CUDA events, median); every output is
+// compared bit for bit with the row-major kernel's.
 //
 //   nvcc -O3 -std=c++20 --expt-relaxed-constexpr -arch=sm_90a -I csrc/include -I tools \
 //        tools/dequant_occupancy.cu -o /tmp/dequant_occupancy && /tmp/dequant_occupancy [N,K ...]
@@ -28,33 +27,38 @@ struct Device {
   int64_t N, K;
 };
 
-template <bool kTile, int kMinCtas>
-void launch(const Device& d, size_t padding = 0) {
+template <bool kTile, int kMinCtas, int kUnits>
+dim3 grid_of(const Device& d) {
   const int64_t n = d.N * d.K;
-  const int64_t per_cta = int64_t{kDequantizeThreads} * kDequantizeUnits * kDequantizeElems;
-  const dim3 grid = kTile ? dim3(static_cast<unsigned>((d.K / kTileOrderK + kTileDequantizeBlocks - 1) / kTileDequantizeBlocks),
-                                 static_cast<unsigned>(d.N / kTileOrderRows))
-                          : dim3(static_cast<unsigned>((n + per_cta - 1) / per_cta));
-  dequantize_4bit_kernel<bf16, QuantType::NF4, true, kTile, kMinCtas><<<grid, kDequantizeThreads, padding>>>(
+  const int64_t per_cta = int64_t{kDequantizeThreads} * kUnits * kDequantizeElems;
+  constexpr int blocks = tile_dequantize_blocks(kUnits);
+  return kTile ? dim3(static_cast<unsigned>((d.K / kTileOrderK + blocks - 1) / blocks), static_cast<unsigned>(d.N / kTileOrderRows))
+               : dim3(static_cast<unsigned>((n + per_cta - 1) / per_cta));
+}
+
+template <bool kTile, int kMinCtas, int kUnits = kTile ? kTileDequantizeUnits : kDequantizeUnits>
+void launch(const Device& d) {
+  const int64_t n = d.N * d.K;
+  dequantize_4bit_kernel<bf16, QuantType::NF4, true, kTile, kMinCtas, kUnits><<<grid_of<kTile, kMinCtas, kUnits>(d), kDequantizeThreads>>>(
       kTile ? d.tiled : d.packed, nullptr, d.qabsmax, d.absmax2, d.code2, d.offset, d.out, n, 6, d.K);
 }
 
-// padding: unused dynamic shared memory a CTA, so that fewer CTAs fit an SM.
-template <bool kTile, int kMinCtas>
-void report(const Device& d, char* flush, uint64_t reference_hash, size_t padding = 0) {
-  auto kernel = dequantize_4bit_kernel<bf16, QuantType::NF4, true, kTile, kMinCtas>;
-  cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(padding));
+template <bool kTile, int kMinCtas, int kUnits = kTile ? kTileDequantizeUnits : kDequantizeUnits>
+void report(const Device& d, char* flush, uint64_t reference_hash) {
+  auto kernel = dequantize_4bit_kernel<bf16, QuantType::NF4, true, kTile, kMinCtas, kUnits>;
   cudaFuncAttributes attr{};
   cudaFuncGetAttributes(&attr, kernel);
   int ctas = 0;
-  cudaOccupancyMaxActiveBlocksPerMultiprocessor(&ctas, kernel, kDequantizeThreads, padding);
+  cudaOccupancyMaxActiveBlocksPerMultiprocessor(&ctas, kernel, kDequantizeThreads, 0);
   cudaMemset(d.out, 0, d.N * d.K * 2);
-  launch<kTile, kMinCtas>(d, padding);
+  launch<kTile, kMinCtas, kUnits>(d);
   const bool same = bits_hash(host_copy(d.out, d.N * d.K)) == reference_hash;
-  const float us = flushed_median_us(flush, [&] { launch<kTile, kMinCtas>(d, padding); }, 41, 5);
+  const float us = flushed_median_us(flush, [&] { launch<kTile, kMinCtas, kUnits>(d); }, 41, 5);
+  const dim3 grid = grid_of<kTile, kMinCtas, kUnits>(d);
   const double bytes = d.N * d.K * 2.5 + d.N * d.K / 64.0;
-  printf("  %-9s min CTAs %d: %2d registers, %3d B local, %d CTAs/SM  %7.1f us  %5.0f GB/s  %s\n",
-         kTile ? "tile" : "row-major", kMinCtas, attr.numRegs, static_cast<int>(attr.localSizeBytes), ctas, us,
+  printf("  %-9s %2d units, min CTAs %d: %2d registers, %3d B local, %d CTAs/SM, %6u CTAs  %7.1f us  %5.0f GB/s  %s\n",
+         kTile ? "tile" : "row-major", kUnits, kMinCtas, attr.numRegs, static_cast<int>(attr.localSizeBytes), ctas,
+         grid.x * grid.y, us,
          bytes / us / 1e3, same ? "same bits" : "DIFFERENT");
 }
 
@@ -77,15 +81,18 @@ int main(int argc, char** argv) {
     const uint64_t reference = bits_hash(host_copy(d.out, N * K));
     printf("%lldx%lld, NF4 + double quantization, bf16 out\n", static_cast<long long>(N), static_cast<long long>(K));
     report<false, 1>(d, flush, reference);
-    report<false, 6>(d, flush, reference);
-    report<false, 7>(d, flush, reference);
-    report<false, 8>(d, flush, reference);
+    report<false, 1, 2>(d, flush, reference);
+    report<false, 1, 6>(d, flush, reference);
+    report<false, 1, 8>(d, flush, reference);
+    report<false, 1, 12>(d, flush, reference);
+    report<false, 1, 16>(d, flush, reference);
+    report<false, 8, 2>(d, flush, reference);
+    report<false, 4, 8>(d, flush, reference);
     report<true, 1>(d, flush, reference);
-    for (const size_t padding : {size_t{48} << 10, size_t{72} << 10, size_t{110} << 10})  // 4, 3, 2 CTAs an SM
-      report<true, 6>(d, flush, reference, padding);
-    report<true, 6>(d, flush, reference);
-    report<true, 7>(d, flush, reference);
-    report<true, 8>(d, flush, reference);
+    report<true, 1, 2>(d, flush, reference);
+    report<true, 1, 4>(d, flush, reference);
+    report<true, 1, 12>(d, flush, reference);
+    report<true, 7, 4>(d, flush, reference);
     for (const void* p : {static_cast<const void*>(d.packed), static_cast<const void*>(d.tiled),
                           static_cast<const void*>(d.qabsmax), static_cast<const void*>(d.absmax2),
                           static_cast<const void*>(d.code2), static_cast<const void*>(d.offset),
