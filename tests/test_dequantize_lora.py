@@ -16,7 +16,7 @@ from conftest import CUDA
 OP = torch.ops.qlora.dequantize_4bit_lora
 # (N, K, r): whole 64-column strips; a last strip of 32 columns (a CTA whose second strip lies past K) and a partial
 # 16-row tile; an odd rank; a rank that is not a multiple of 16 (padded); the largest rank the kernel takes; more
-# rows than one CTA's 128 (its warps walk 8 16-row tiles), ending in a partial tile; then three layouts the kernel
+# rows than one CTA's 96 (its warps walk 6 16-row tiles), ending in a partial tile; then three layouts the kernel
 # refuses (K % 16 != 0 twice, r > 64) and the composite computes.
 SHAPES = [(48, 256, 16), (33, 160, 8), (21, 80, 5), (24, 112, 40), (40, 96, 64), (520, 1024, 16), (16, 100, 8),
           (21, 72, 5), (20, 64, 65)]
@@ -74,6 +74,16 @@ def test_cuda_matches_cpu():
     cpu = OP(**a)
     gpu = OP(**{k: v.cuda() if torch.is_tensor(v) else v for k, v in a.items()}).cpu()
     assert_within_ulp(gpu, cpu, a)
+
+
+@pytest.mark.parametrize("r", [16, 5])
+def test_lora_B_alignment_does_not_matter(device, r):
+    """B one element past a 4-byte boundary (the kernel then cannot load two ranks at once) gives the same bits."""
+    a = sample_inputs(device, 48, 256, r, torch.bfloat16)
+    shifted = torch.empty(a["lora_B"].numel() + 1, dtype=a["lora_B"].dtype, device=device)[1:].view_as(a["lora_B"])
+    shifted.copy_(a["lora_B"])
+    assert shifted.data_ptr() % 4 != 0
+    assert torch.equal(OP(**{**a, "lora_B": shifted}), OP(**a))
 
 
 def test_zero_adapter_is_the_dequantized_weight(device):
