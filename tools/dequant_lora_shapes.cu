@@ -58,32 +58,24 @@ void sweep(const DequantizeLoraParams<bf16>& p, char* flush, uint64_t reference)
 }  // namespace
 
 int main(int argc, char** argv) {
-  setvbuf(stdout, nullptr, _IONBF, 0);
-  if (sm_count_or_complain("dequant_lora_shapes") == 0) return 1;
-  std::vector<std::array<int64_t, 2>> shapes = {{4096, 4096}, {8192, 8192}, {8192, 28672}, {28672, 8192}};
-  if (!weight_shapes_from_args(argc, argv, 1, &shapes)) return 1;
+  std::vector<std::array<int64_t, 2>> shapes;
+  if (!start_weight_tool("dequant_lora_shapes", argc, argv, &shapes)) return 1;
   char* flush;
   cudaMalloc(&flush, kFlushBytes);
   std::mt19937 rng(11);
   std::uniform_real_distribution<float> unit(-1.0f, 1.0f);
   for (const auto& [N, K] : shapes) {
-    const DqWeightSample s = dq_weight_sample(N, K, 1, rng);
-    const uint8_t* packed = device_copy(s.packed);
-    const uint8_t* tiled = device_copy(to_tile_order(s.packed, N, K));
-    const uint8_t* qabsmax = device_copy(s.qabsmax);
-    const float* absmax2 = device_copy(s.absmax2);
-    const float* code2 = device_copy(s.code2);
-    const float* offset = device_copy(std::vector<float>{s.offset});
+    const DqWeightOnDevice w = dq_weight_on_device(dq_weight_sample(N, K, 1, rng), N, K);
     const uint16_t* lora_A = device_copy(bf16_values(kRank * K, [&] { return unit(rng) * 0.02f; }));
     const uint16_t* lora_B = device_copy(bf16_values(N * kRank, [&] { return unit(rng) * 0.02f; }));
     bf16* out;
     cudaMalloc(&out, N * K * 2);
     DequantizeLoraParams<bf16> p{};
-    p.packed = packed;
-    p.scales.qabsmax = qabsmax;
-    p.scales.absmax2 = absmax2;
-    p.scales.code2 = code2;
-    p.scales.offset = offset;
+    p.packed = w.packed;
+    p.scales.qabsmax = w.qabsmax;
+    p.scales.absmax2 = w.absmax2;
+    p.scales.code2 = w.code2;
+    p.scales.offset = w.offset;
     p.lora_A = reinterpret_cast<const bf16*>(lora_A);
     p.lora_B = reinterpret_cast<const bf16*>(lora_B);
     p.lora_B_pairs = true;
@@ -98,13 +90,11 @@ int main(int argc, char** argv) {
     printf("%lldx%lld, NF4 + double quantization, r = %d, s = 2, bf16 out\n", static_cast<long long>(N),
            static_cast<long long>(K), kRank);
     sweep<false>(p, flush, reference);
-    p.packed = tiled;
+    p.packed = w.tiled;
     p.tile_order = true;
     sweep<true>(p, flush, reference);
-    for (const void* q : {static_cast<const void*>(packed), static_cast<const void*>(tiled),
-                          static_cast<const void*>(qabsmax), static_cast<const void*>(absmax2),
-                          static_cast<const void*>(code2), static_cast<const void*>(offset),
-                          static_cast<const void*>(lora_A), static_cast<const void*>(lora_B),
+    w.release();
+    for (const void* q : {static_cast<const void*>(lora_A), static_cast<const void*>(lora_B),
                           static_cast<const void*>(out)})
       cudaFree(const_cast<void*>(q));
   }

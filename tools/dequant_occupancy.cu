@@ -21,8 +21,7 @@ using bf16 = __nv_bfloat16;
 namespace {
 
 struct Device {
-  const uint8_t *packed, *tiled, *qabsmax;
-  const float *absmax2, *code2, *offset;
+  DqWeightOnDevice w;
   bf16* out;
   int64_t N, K;
 };
@@ -32,15 +31,17 @@ dim3 grid_of(const Device& d) {
   const int64_t n = d.N * d.K;
   const int64_t per_cta = int64_t{kDequantizeThreads} * kUnits * kDequantizeElems;
   constexpr int blocks = tile_dequantize_blocks(kUnits);
-  return kTile ? dim3(static_cast<unsigned>((d.K / kTileOrderK + blocks - 1) / blocks), static_cast<unsigned>(d.N / kTileOrderRows))
+  return kTile ? dim3(static_cast<unsigned>((d.K / kTileOrderK + blocks - 1) / blocks),
+                      static_cast<unsigned>(d.N / kTileOrderRows))
                : dim3(static_cast<unsigned>((n + per_cta - 1) / per_cta));
 }
 
 template <bool kTile, int kMinCtas, int kUnits = kTile ? kTileDequantizeUnits : kDequantizeUnits>
 void launch(const Device& d) {
   const int64_t n = d.N * d.K;
-  dequantize_4bit_kernel<bf16, QuantType::NF4, true, kTile, kMinCtas, kUnits><<<grid_of<kTile, kMinCtas, kUnits>(d), kDequantizeThreads>>>(
-      kTile ? d.tiled : d.packed, nullptr, d.qabsmax, d.absmax2, d.code2, d.offset, d.out, n, 6, d.K);
+  auto kernel = dequantize_4bit_kernel<bf16, QuantType::NF4, true, kTile, kMinCtas, kUnits>;
+  kernel<<<grid_of<kTile, kMinCtas, kUnits>(d), kDequantizeThreads>>>(
+      kTile ? d.w.tiled : d.w.packed, nullptr, d.w.qabsmax, d.w.absmax2, d.w.code2, d.w.offset, d.out, n, 6, d.K);
 }
 
 template <bool kTile, int kMinCtas, int kUnits = kTile ? kTileDequantizeUnits : kDequantizeUnits>
@@ -65,17 +66,13 @@ void report(const Device& d, char* flush, uint64_t reference_hash) {
 }  // namespace
 
 int main(int argc, char** argv) {
-  setvbuf(stdout, nullptr, _IONBF, 0);
-  if (sm_count_or_complain("dequant_occupancy") == 0) return 1;
-  std::vector<std::array<int64_t, 2>> shapes = {{4096, 4096}, {8192, 8192}, {8192, 28672}, {28672, 8192}};
-  if (!weight_shapes_from_args(argc, argv, 1, &shapes)) return 1;
+  std::vector<std::array<int64_t, 2>> shapes;
+  if (!start_weight_tool("dequant_occupancy", argc, argv, &shapes)) return 1;
   char* flush;
   cudaMalloc(&flush, kFlushBytes);
   std::mt19937 rng(7);
   for (const auto& [N, K] : shapes) {
-    const DqWeightSample s = dq_weight_sample(N, K, 1, rng);
-    Device d{device_copy(s.packed), device_copy(to_tile_order(s.packed, N, K)), device_copy(s.qabsmax),
-             device_copy(s.absmax2), device_copy(s.code2), device_copy(std::vector<float>{s.offset}), nullptr, N, K};
+    Device d{dq_weight_on_device(dq_weight_sample(N, K, 1, rng), N, K), nullptr, N, K};
     cudaMalloc(&d.out, N * K * 2);
     launch<false, 1>(d);
     const uint64_t reference = bits_hash(host_copy(d.out, N * K));
@@ -93,11 +90,8 @@ int main(int argc, char** argv) {
     report<true, 1, 4>(d, flush, reference);
     report<true, 1, 12>(d, flush, reference);
     report<true, 7, 4>(d, flush, reference);
-    for (const void* p : {static_cast<const void*>(d.packed), static_cast<const void*>(d.tiled),
-                          static_cast<const void*>(d.qabsmax), static_cast<const void*>(d.absmax2),
-                          static_cast<const void*>(d.code2), static_cast<const void*>(d.offset),
-                          static_cast<const void*>(d.out)})
-      cudaFree(const_cast<void*>(p));
+    d.w.release();
+    cudaFree(d.out);
   }
   printf("%s\n", cudaGetErrorString(cudaGetLastError()));
   return 0;

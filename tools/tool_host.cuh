@@ -58,6 +58,16 @@ inline int sm_count_or_complain(const char* program) {
   return num_sms;
 }
 
+// The start of a program over weight shapes: unbuffered output, a GPU, and the shapes from argv[1] on, else the
+// benchmark's four (4096², 8192², 8192x28672, 28672x8192); false, after saying why, otherwise.
+inline bool start_weight_tool(const char* program, int argc, char** argv,
+                              std::vector<std::array<int64_t, 2>>* shapes) {
+  setvbuf(stdout, nullptr, _IONBF, 0);
+  if (sm_count_or_complain(program) == 0) return false;
+  *shapes = {{4096, 4096}, {8192, 8192}, {8192, 28672}, {28672, 8192}};
+  return weight_shapes_from_args(argc, argv, 1, shapes);
+}
+
 inline uint16_t to_bf16(float f) {
   uint32_t u;
   std::memcpy(&u, &f, 4);
@@ -171,4 +181,20 @@ inline std::vector<uint8_t> to_tile_order(const std::vector<uint8_t>& packed, in
             tiled[i++] = packed[row * (K / 2) + 32 * block + 4 * j + lane % 4];
           }
   return tiled;
+}
+
+// A DqWeightSample's weight [N, K] on the device: its codes in both byte orders and its double-quantized scales.
+struct DqWeightOnDevice {
+  const uint8_t *packed, *tiled, *qabsmax;
+  const float *absmax2, *code2, *offset;
+  void release() const {
+    for (const void* p : {static_cast<const void*>(packed), static_cast<const void*>(tiled),
+                          static_cast<const void*>(qabsmax), static_cast<const void*>(absmax2),
+                          static_cast<const void*>(code2), static_cast<const void*>(offset)})
+      cudaFree(const_cast<void*>(p));
+  }
+};
+inline DqWeightOnDevice dq_weight_on_device(const DqWeightSample& s, int64_t N, int64_t K) {
+  return {device_copy(s.packed), device_copy(to_tile_order(s.packed, N, K)), device_copy(s.qabsmax),
+          device_copy(s.absmax2), device_copy(s.code2), device_copy(std::vector<float>{s.offset})};
 }

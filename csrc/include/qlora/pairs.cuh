@@ -1,5 +1,6 @@
 // 16-bit pairs in 32-bit registers for the matmul kernels (lora_linear_4bit.cuh, gemm_4bit.cuh): the mma
-// operand type traits, the per-lane code-pair table and the block scale split in two pairs; and the 16-byte cp.async of the GEMV's ring.
+// operand type traits, the per-lane code-pair table and the block scale split in two pairs; and the 16-byte
+// cp.async of the GEMV's ring.
 #pragma once
 
 #include <cuda_bf16.h>
