@@ -129,3 +129,32 @@ def test_qlora_command_dispatch(capsys):
         main(["finetune", "--help"])
     assert exc.value.code == 0
     assert "--target-modules" in capsys.readouterr().out
+
+
+def _quality_check():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "tools" / "quality_check.py"
+    spec = importlib.util.spec_from_file_location("quality_check", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_quality_check_seeds_and_target(capsys):
+    """tools/quality_check.py compares once a seed, judges the mean gap, and its exit status follows the target."""
+    quality_check = _quality_check()
+    tiny = ["--device", "cpu", "--pretrain-steps", "1", "--steps", "1", "--seq-len", "32", "--batch-size", "2"]
+    status = quality_check.main(tiny + ["--seeds", "0", "1", "--tolerance", "1.0"])
+    out = capsys.readouterr().out
+    gaps = [float(line.rsplit("relative gap ", 1)[1].rstrip("%")) for line in out.splitlines()
+            if line.startswith("seed ")]
+    assert len(gaps) == 2, out
+    summary = out.strip().splitlines()[-1]
+    assert "mean over 2 seeds" in summary and summary.endswith("PASS"), summary
+    mean = float(summary.split("relative eval-loss gap ")[1].split("%")[0])
+    assert mean == pytest.approx(sum(gaps) / 2, abs=0.006)  # each printed to 0.01 %
+    assert status == 0
+    assert quality_check.main(tiny + ["--seeds", "0", "--tolerance", "-1.0"]) == 1  # no gap is below -100 %
+    assert capsys.readouterr().out.strip().endswith("FAIL")

@@ -4,7 +4,7 @@
 #
 #   tools/gpu_check.sh                    # everything
 #   TESTS="tests/test_quantize_4bit.py" BENCH="quantize_4bit" tools/gpu_check.sh
-#   FINETUNE=1 QUALITY=1 tools/gpu_check.sh   # also the default `qlora finetune` run and tools/quality_check.py
+#   FINETUNE=1 QUALITY=1 tools/gpu_check.sh   # also the default `qlora finetune` run and tools/quality_check.py (3 seeds)
 #
 # Wheels placed in .whl/ (bitsandbytes for the side-by-side comparisons) are installed first, without
 # network access. TORCH_CUDA_ARCH_LIST defaults to 9.0a (H100/H200), MAX_JOBS to the core count.
@@ -37,7 +37,7 @@ if [ "${FINETUNE:-0}" = "1" ]; then
   tail -4 "$OUT/finetune.log"
 fi
 if [ "${QUALITY:-0}" = "1" ]; then
-  python3 tools/quality_check.py 2>&1 | tee "$OUT/quality.log" | tail -4
+  python3 tools/quality_check.py --seeds 0 1 2 2>&1 | tee "$OUT/quality.log" | grep -E "^(seed|QLoRA) "
 fi
 
 if [ "${BENCH:-all}" != "none" ]; then
