@@ -1,21 +1,24 @@
 // What an M = 1 GEMV in one launch can reach at the small shapes, before any decoding: the memory skeleton of a
 // tile-ordered GEMV, timed as the benchmarks time (256 MB written before each run, CUDA events, median).
 //
-//   nvcc -O3 -std=c++20 -arch=sm_90a -I tools tools/one_launch_gemv_floor.cu -o /tmp/gemv_floor && /tmp/gemv_floor
+//   nvcc -O3 -std=c++20 -arch=sm_90a -I csrc/include -I tools tools/one_launch_gemv_floor.cu -o /tmp/gemv_floor \
+//     && /tmp/gemv_floor
 //
 // A warp owns a 16-row tile over a K split of `blocks` 64-blocks (tile order: a warp's blocks are contiguous 512-byte
 // runs) and requests all of them at entry (cp.async, one 16-byte piece a lane and block), with its rows' block-scale
 // bytes and its piece of x. The words are summed as they are (no lookup, no mma), the sums reduced over the quad, and
 // each K split's row sums stored. With `tail` the last CTA of a row group to finish (an atomic ticket) adds the
 // splits and writes y, as a one-launch split-K would; without it the partial sums are the output.
-// Beside them: a one-element add (the timing's fixed cost) and a plain read of the packed bytes (16-byte loads,
-// four in flight a thread).
+// Beside them: a one-element add (the timing's fixed cost) and a plain read of the packed bytes (read_kernel.cuh:
+// 16-byte loads, four in flight a thread, as tools/l2_evict.cu launches it).
 #include <cstdint>
 #include <cstdio>
 #include <utility>
 #include <vector>
 
 #include "flushed_timing.cuh"
+#include "read_kernel.cuh"
+#include "tool_host.cuh"
 
 namespace {
 
@@ -80,18 +83,6 @@ __global__ void __launch_bounds__(512) gemv_skeleton(Buffers b, int K, bool tail
   if (threadIdx.x == 0) b.ticket[group] = 0;
 }
 
-__global__ void plain_read(const uint4* __restrict__ src, size_t n, float* out) {
-  const size_t stride = size_t(gridDim.x) * blockDim.x;
-  uint32_t acc = 0;
-  for (size_t i = blockIdx.x * size_t(blockDim.x) + threadIdx.x; i < n; i += 4 * stride) {
-    uint4 v[4];
-#pragma unroll
-    for (int u = 0; u < 4; ++u) v[u] = i + u * stride < n ? __ldg(src + i + u * stride) : uint4{};
-    acc ^= v[0].x ^ v[1].y ^ v[2].z ^ v[3].w;
-  }
-  if (acc == 0x12345678u) out[0] = 1;  // keeps the loads
-}
-
 __global__ void one_add(float* p) { p[0] += 1; }
 
 template <int kBlocks>
@@ -107,6 +98,8 @@ void time_skeleton(const Buffers& b, char* flush, int N, int K, int warps, bool 
 
 int main() {
   setvbuf(stdout, nullptr, _IONBF, 0);
+  const int sms = sm_count_or_complain("one_launch_gemv_floor");
+  if (sms == 0) return 1;
   char* flush;
   cudaMalloc(&flush, kFlushBytes);
   for (auto [N, K] : std::vector<std::pair<int, int>>{{4096, 4096}, {8192, 8192}, {4096, 14336}}) {
@@ -127,7 +120,9 @@ int main() {
     printf("%dx%d, M = 1 (%.1f MB packed)\n", N, K, packed_bytes / 1e6);
     printf("  one-element add %6.1f us\n", flushed_median_us(flush, [&] { one_add<<<1, 1>>>(b.partial); }, 41, 5));
     printf("  plain read      %6.1f us\n",
-           flushed_median_us(flush, [&] { plain_read<<<132 * 4, 512>>>(b.packed, packed_bytes / 16, b.partial); }, 41, 5));
+           flushed_median_us(flush, [&] {
+             read_kernel<false><<<sms * 8, 256>>>(b.packed, packed_bytes / 16, reinterpret_cast<unsigned*>(b.partial));
+           }, 41, 5));
     for (bool tail : {false, true}) {
       time_skeleton<4>(b, flush, N, K, 16, tail);
       time_skeleton<8>(b, flush, N, K, 16, tail);
