@@ -28,19 +28,12 @@ template <bool kTile, int kWarps, int kTiles>
 void report(const DequantizeLoraParams<bf16>& p, char* flush, uint64_t reference_hash) {
   using Shape = DequantizeLoraShape<kWarps, kTiles>;
   auto kernel = dequantize_lora_kernel<bf16, QuantType::NF4, true, 1, true, kTile, Shape>;
-  cudaFuncAttributes attr{};
-  cudaFuncGetAttributes(&attr, kernel);
-  int ctas = 0;
-  cudaOccupancyMaxActiveBlocksPerMultiprocessor(&ctas, kernel, Shape::threads, 0);
   auto launch = [&] { launch_dequantize_lora_as<bf16, QuantType::NF4, true, true, kTile, Shape>(p, nullptr); };
-  cudaMemset(p.out, 0, p.N * p.K * 2);
-  launch();
-  const bool same = bits_hash(host_copy(p.out, p.N * p.K)) == reference_hash;
-  const float us = flushed_median_us(flush, launch, 41, 5);
+  const KernelRun run = run_against_reference(kernel, Shape::threads, launch, p.out, p.N * p.K, reference_hash, flush);
   const int64_t grid = ((p.K / kDequantizeLoraCols + kWarps - 1) / kWarps) * ((p.N + 16 * kTiles - 1) / (16 * kTiles));
   printf("  %-9s %d warps x %2d tiles: %3d registers, %2d CTAs/SM, %6lld CTAs  %7.1f us  %s\n",
-         kTile ? "tile" : "row-major", kWarps, kTiles, attr.numRegs, ctas, static_cast<long long>(grid), us,
-         same ? "same bits" : "DIFFERENT");
+         kTile ? "tile" : "row-major", kWarps, kTiles, run.registers, run.ctas_per_sm, static_cast<long long>(grid),
+         run.us, run.same ? "same bits" : "DIFFERENT");
 }
 
 template <bool kTile>

@@ -47,20 +47,13 @@ void launch(const Device& d) {
 template <bool kTile, int kMinCtas, int kUnits = kTile ? kTileDequantizeUnits : kDequantizeUnits>
 void report(const Device& d, char* flush, uint64_t reference_hash) {
   auto kernel = dequantize_4bit_kernel<bf16, QuantType::NF4, true, kTile, kMinCtas, kUnits>;
-  cudaFuncAttributes attr{};
-  cudaFuncGetAttributes(&attr, kernel);
-  int ctas = 0;
-  cudaOccupancyMaxActiveBlocksPerMultiprocessor(&ctas, kernel, kDequantizeThreads, 0);
-  cudaMemset(d.out, 0, d.N * d.K * 2);
-  launch<kTile, kMinCtas, kUnits>(d);
-  const bool same = bits_hash(host_copy(d.out, d.N * d.K)) == reference_hash;
-  const float us = flushed_median_us(flush, [&] { launch<kTile, kMinCtas, kUnits>(d); }, 41, 5);
+  const KernelRun run = run_against_reference(kernel, kDequantizeThreads, [&] { launch<kTile, kMinCtas, kUnits>(d); },
+                                              d.out, d.N * d.K, reference_hash, flush);
   const dim3 grid = grid_of<kTile, kMinCtas, kUnits>(d);
   const double bytes = d.N * d.K * 2.5 + d.N * d.K / 64.0;
   printf("  %-9s %2d units, min CTAs %d: %2d registers, %3d B local, %d CTAs/SM, %6u CTAs  %7.1f us  %5.0f GB/s  %s\n",
-         kTile ? "tile" : "row-major", kUnits, kMinCtas, attr.numRegs, static_cast<int>(attr.localSizeBytes), ctas,
-         grid.x * grid.y, us,
-         bytes / us / 1e3, same ? "same bits" : "DIFFERENT");
+         kTile ? "tile" : "row-major", kUnits, kMinCtas, run.registers, run.local_bytes, run.ctas_per_sm,
+         grid.x * grid.y, run.us, bytes / run.us / 1e3, run.same ? "same bits" : "DIFFERENT");
 }
 
 }  // namespace

@@ -11,6 +11,7 @@
 
 #include <cuda_runtime.h>
 
+#include "flushed_timing.cuh"
 #include "qlora/codebook.h"
 #include "qlora/tile_order.h"
 
@@ -117,6 +118,27 @@ inline uint64_t bits_hash(const std::vector<uint16_t>& values) {
   uint64_t hash = 1469598103934665603ull;
   for (const uint16_t v : values) hash = (hash ^ v) * 1099511628211ull;
   return hash;
+}
+
+// A kernel writing n bf16 values to `out`, as the dequantizing tools report it: ptxas' registers and local bytes, the
+// CTAs an SM holds at `threads`, whether one launch into a zeroed `out` gives the bits of `reference` (bits_hash),
+// and the median µs of `launch` after the benchmarks' flush.
+struct KernelRun {
+  int registers, local_bytes, ctas_per_sm;
+  bool same;
+  float us;
+};
+template <typename Kernel, typename Launch>
+KernelRun run_against_reference(Kernel kernel, int threads, Launch launch, const void* out, int64_t n,
+                                uint64_t reference, char* flush) {
+  cudaFuncAttributes attr{};
+  cudaFuncGetAttributes(&attr, kernel);
+  int ctas = 0;
+  cudaOccupancyMaxActiveBlocksPerMultiprocessor(&ctas, kernel, threads, 0);
+  cudaMemset(const_cast<void*>(out), 0, n * 2);
+  launch();
+  const bool same = bits_hash(host_copy(static_cast<const uint16_t*>(out), n)) == reference;
+  return {attr.numRegs, static_cast<int>(attr.localSizeBytes), ctas, same, flushed_median_us(flush, launch, 41, 5)};
 }
 
 // An NF4 weight [N, K] with double-quantized scales (packed codes, a code byte a 64-block, one float a 256 blocks,
