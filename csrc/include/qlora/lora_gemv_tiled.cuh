@@ -26,6 +26,7 @@ constexpr int kTiledGemvGroupBlocks = 4;  // 64-k blocks a warp loads at once
 constexpr int kTiledGemvGroups = 3;       // groups in flight a warp
 constexpr int kTiledGemvGroupK = kTiledGemvGroupBlocks * kTileOrderK;  // a K split is whole groups
 constexpr int kTiledGemvMaxWarps = 16;
+constexpr int kTiledXLoads = 8;           // x's 16-byte loads in flight a thread while it is staged
 constexpr int kTiledGemvMaxSplits = 32;
 constexpr int kTiledCode2Bytes = 256 * 4;
 constexpr int kTiledGemvMaxSmem = 227 * 1024;  // the most a CTA may opt in to on sm_90
@@ -99,16 +100,29 @@ __global__ void __launch_bounds__(kTiledGemvMaxWarps * 32, 1) lora_gemv_tiled_ke
   float* xa_s = reinterpret_cast<float*>(xs + p.M * x_words);
 
   // Pair 8s + t + 4e of a block (x[k = 16s + 2t + 8e], the lane's B fragment e of step s) goes to word 8t + 2s + e.
-  const int64_t granules = split_k / 8;  // 16 bytes: pairs 4q .. 4q + 3 of a row
-  for (int64_t i = tid; i < p.M * granules; i += threads) {
-    const int64_t m = i / granules, q = i % granules;
-    const uint4 v = __ldg(reinterpret_cast<const uint4*>(p.x + m * p.K + k_begin) + q);
-    const int first = 4 * static_cast<int>(q % 8);
-    uint32_t* d = xs + m * x_words + q / 8 * 32 + 2 * (first / 8) + first / 4 % 2;
-    d[0] = v.x;
-    d[8] = v.y;
-    d[16] = v.z;
-    d[24] = v.w;
+  // A granule is 16 bytes, pairs 4q .. 4q + 3 of a row (32-bit counts: at most 8 rows of a K split). A thread's
+  // kTiledXLoads loads are issued before its stores: one at a time, 8 rows of x at K = 8192 took 16 round trips
+  // before the first weight was read.
+  const uint32_t granules = static_cast<uint32_t>(split_k / 8), x_granules = static_cast<uint32_t>(p.M) * granules;
+  for (uint32_t first_i = tid; first_i < x_granules; first_i += threads * kTiledXLoads) {
+    uint4 v[kTiledXLoads];
+#pragma unroll
+    for (int u = 0; u < kTiledXLoads; ++u) {
+      const uint32_t i = first_i + u * threads;
+      if (i < x_granules) v[u] = __ldg(reinterpret_cast<const uint4*>(p.x + (i / granules) * p.K + k_begin) + i % granules);
+    }
+#pragma unroll
+    for (int u = 0; u < kTiledXLoads; ++u) {
+      const uint32_t i = first_i + u * threads;
+      if (i >= x_granules) break;
+      const uint32_t m = i / granules, q = i % granules;
+      const int first = 4 * static_cast<int>(q % 8);
+      uint32_t* d = xs + m * x_words + q / 8 * 32 + 2 * (first / 8) + first / 4 % 2;
+      d[0] = v[u].x;
+      d[8] = v[u].y;
+      d[16] = v[u].z;
+      d[24] = v[u].w;
+    }
   }
   fill_lane_pair_table<T>(table, QT == QuantType::NF4 ? kNF4ValuesDevice : kFP4ValuesDevice, tid, threads);
   if constexpr (kDoubleQuant)
