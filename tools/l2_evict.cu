@@ -79,7 +79,7 @@ int main() {
   print_policy<<<1, 1>>>(reinterpret_cast<uint64_t*>(out));
   cudaMemcpy(&created, out, 8, cudaMemcpyDeviceToHost);
   printf("createpolicy evict_first 1.0 = 0x%016llx, constant 0x%016llx: %s\n", (unsigned long long)created,
-         (unsigned long long)kEvictFirst, created == kEvictFirst ? "equal" : "DIFFERENT");
+         (unsigned long long)qlora::kL2EvictFirst, created == qlora::kL2EvictFirst ? "equal" : "DIFFERENT");
   cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, 0);
   for (const int64_t bytes : {int64_t{8192} * 14336, int64_t{4096} * 2048, int64_t{8192} * 4096}) {
     uint8_t *w, *y;

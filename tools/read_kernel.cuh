@@ -6,10 +6,10 @@
 
 #include <cuda_runtime.h>
 
-// createpolicy's result as a constant: nvcc 13's ptxas can drop a createpolicy whose only users are cp.async
-// copies (they then trap as illegal instructions); l2_evict.cu checks that the two agree.
-constexpr uint64_t kEvictFirst = 0x12F0000000000000ull;
-__device__ __forceinline__ uint64_t evict_first_policy() { return kEvictFirst; }
+#include "qlora/l2_policy.h"
+
+// createpolicy's result as a constant (qlora/l2_policy.h); l2_evict.cu checks that the two agree.
+__device__ __forceinline__ uint64_t evict_first_policy() { return qlora::kL2EvictFirst; }
 
 template <bool kEvictFirst>
 __device__ __forceinline__ uint4 load16(const void* p, uint64_t policy) {

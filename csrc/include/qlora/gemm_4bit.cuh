@@ -40,6 +40,7 @@
 #include <type_traits>
 
 #include "qlora/common.cuh"
+#include "qlora/l2_policy.h"
 #include "qlora/launch.cuh"
 #include "qlora/pairs.cuh"
 #include "qlora/quantize_4bit.cuh"
@@ -95,6 +96,17 @@ __host__ __device__ constexpr int tile_rows(int64_t M, int64_t m_base, int token
 }
 
 using Bf16 = MmaType<__nv_bfloat16>;
+
+// W's copies take an L2 evict_first policy where the token tiles are at most 64 tokens: the plan's smallest tile
+// that holds M, so one token tile and each byte of W read once. Its lines, not the dirty ones a previous kernel left
+// in L2, then go first. H200, 2026-12-01, tools/gemm_forms.cu --dq, three interleaved runs, µs, without -> with:
+// M = 1 8192x28672 64.4-64.5 -> 62.6, 28672x8192 78.8-78.9 -> 77.1-77.2, 8192² 24.6 -> 23.5-23.7; M = 16 63.9-64.5 ->
+// 62.6-63.0, 80.0-80.1 -> 78.1-78.3, 8192² 24.2-24.4 -> 23.2-23.3; M = 64 84.9-85.3 -> 83.3-83.5. Chosen at compile
+// time: the same choice made at run time by a branch in the producer lost instead (M = 16 28672x8192 81.7-81.8).
+// With larger tiles (W read by more than one token tile, or the launch compute-bound) the policy lost: M = 256
+// 4096² 23.1-23.3 -> 23.5-23.6, 8192x28672 160.0 -> 161.4; M = 1024 8192x28672 601.7 -> 608.8.
+template <int kTokens>
+constexpr bool kWReadOnce = kTokens <= 64;
 
 constexpr int kStageK = 64;               // k per stage
 static_assert(kStageK == kTileOrderK, "a stage is one 64-k block of a tile-ordered weight");
@@ -199,18 +211,34 @@ __device__ __forceinline__ void mbar_arrive_expecting(uint32_t bar, uint32_t byt
   asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(bar), "r"(bytes) : "memory");
 }
 // A 3-D box of `map` at (c0, c1, c2) into shared memory at dst; its bytes count on bar.
+template <bool kEvictFirst = false>
 __device__ __forceinline__ void tma_load_3d(uint32_t dst, const CUtensorMap* map, int c0, int c1, int c2, uint32_t bar) {
-  asm volatile(
-      "cp.async.bulk.tensor.3d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3, %4}], [%5];\n"
-      ::"r"(dst), "l"(reinterpret_cast<uint64_t>(map)), "r"(c0), "r"(c1), "r"(c2), "r"(bar)
-      : "memory");
+  if constexpr (kEvictFirst)
+    asm volatile(
+        "cp.async.bulk.tensor.3d.shared::cluster.global.mbarrier::complete_tx::bytes.L2::cache_hint [%0], [%1, {%2, %3, "
+        "%4}], [%5], %6;\n" ::"r"(dst), "l"(reinterpret_cast<uint64_t>(map)), "r"(c0), "r"(c1), "r"(c2), "r"(bar),
+        "l"(kL2EvictFirst)
+        : "memory");
+  else
+    asm volatile(
+        "cp.async.bulk.tensor.3d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3, %4}], [%5];\n"
+        ::"r"(dst), "l"(reinterpret_cast<uint64_t>(map)), "r"(c0), "r"(c1), "r"(c2), "r"(bar)
+        : "memory");
 }
 // A 2-D box of `map` at (c0, c1) into shared memory at dst; its bytes count on bar.
+template <bool kEvictFirst = false>
 __device__ __forceinline__ void tma_load_2d(uint32_t dst, const CUtensorMap* map, int c0, int c1, uint32_t bar) {
-  asm volatile(
-      "cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3}], [%4];\n"
-      ::"r"(dst), "l"(reinterpret_cast<uint64_t>(map)), "r"(c0), "r"(c1), "r"(bar)
-      : "memory");
+  if constexpr (kEvictFirst)
+    asm volatile(
+        "cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes.L2::cache_hint [%0], [%1, {%2, "
+        "%3}], [%4], %5;\n" ::"r"(dst), "l"(reinterpret_cast<uint64_t>(map)), "r"(c0), "r"(c1), "r"(bar),
+        "l"(kL2EvictFirst)
+        : "memory");
+  else
+    asm volatile(
+        "cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3}], [%4];\n"
+        ::"r"(dst), "l"(reinterpret_cast<uint64_t>(map)), "r"(c0), "r"(c1), "r"(bar)
+        : "memory");
 }
 __device__ __forceinline__ void mbar_wait(uint32_t bar, uint32_t parity) {
   uint32_t done = 0;
@@ -609,12 +637,12 @@ __global__ void __launch_bounds__(cta_threads(kTokens, kWarpgroups, kSplitK), 1)
           mbar_arrive_expecting(full(slot), stage_bytes);
           tma_load_2d(x_ring + slot * kXStageBytes, x_map, (seg.k_begin + stage) * kStageK, static_cast<int>(seg.m_base),
                       full(slot));
+          const uint32_t w_slot = w_ring + slot * kWStageBytes;
+          const int n_tile = static_cast<int>(seg.n_base / kTileOrderRows), w_col = (seg.k_begin + stage) * (kStageK / 2);
           if constexpr (kTileOrder)
-            tma_load_3d(w_ring + slot * kWStageBytes, &args.w_map, 0, seg.k_begin + stage,
-                        static_cast<int>(seg.n_base / kTileOrderRows), full(slot));
+            tma_load_3d<kWReadOnce<kTokens>>(w_slot, &args.w_map, 0, seg.k_begin + stage, n_tile, full(slot));
           else
-            tma_load_2d(w_ring + slot * kWStageBytes, &args.w_map, (seg.k_begin + stage) * (kStageK / 2),
-                        static_cast<int>(seg.n_base), full(slot));
+            tma_load_2d<kWReadOnce<kTokens>>(w_slot, &args.w_map, w_col, static_cast<int>(seg.n_base), full(slot));
         };
         RawScale now0{}, now1{};
         if constexpr (kScalesInWStage) now0 = raw_at(e0 + seg.stage_k(pipeline)), now1 = raw_at(e1 + seg.stage_k(pipeline));
