@@ -62,7 +62,7 @@ int main(int argc, char** argv) {
     LoraLinearPlan plan;
     TiledGemvPlan tiled_plan;
     if (tiled) {
-      if (const char* why = plan_lora_gemv_tiled(M, N, K, r, 64, true, sms, &tiled_plan)) {
+      if (const char* why = plan_lora_gemv_tiled(M, N, K, r, kTileOrderK, true, sms, &tiled_plan)) {
         printf("%s: %s\n", argv[a], why);
         return 1;
       }
@@ -129,7 +129,8 @@ int main(int argc, char** argv) {
                                                                : "Global";
     printf("%6lldx%-6lld M=%-3lld r=%-3d %7.1f us  %5.0f GB/s  grid %ux%ux%u  x %s, %d %s  err %.2e  y %016llx\n",
            N, K, M, r, us, (N * K / 2.0 + N * K / 64.0) / us / 1e3, grid.x, grid.y, grid.z, x_source,
-           tiled ? tiled_plan.warps : plan.warp_splits, tiled ? "warps a CTA" : "warp split(s)", max_err / max_ref, static_cast<unsigned long long>(bits_hash(hy)));
+           tiled ? tiled_plan.warps : plan.warp_splits, tiled ? "warps a CTA" : "warp split(s)", max_err / max_ref,
+           static_cast<unsigned long long>(bits_hash(hy)));
     cudaFree(packed); cudaFree(q); cudaFree(a2); cudaFree(code2); cudaFree(offset); cudaFree(x); cudaFree(A);
     cudaFree(B); cudaFree(y); cudaFree(scratch); cudaFree(xa_rows);
   }
