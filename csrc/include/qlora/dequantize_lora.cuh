@@ -71,7 +71,7 @@ __device__ __forceinline__ uint32_t load_u16_or_zero(const uint16_t* p, bool ok)
 template <typename T, QuantType QT, bool kDoubleQuant, int kRankChunks, bool kScaleInB, bool kTileOrder,
           typename Shape = DequantizeLoraShape<>>
 __global__ void __launch_bounds__(Shape::threads) dequantize_lora_kernel(const DequantizeLoraParams<T> p) {
-  const float lane_value = QT == QuantType::NF4 ? kNF4ValuesDevice[threadIdx.x % 16] : kFP4ValuesDevice[threadIdx.x % 16];
+  const float lane_value = lane_code_value<QT>();
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
   const int g = lane / 4, t = lane % 4;  // the mma fragment's row group and column pair
   const int64_t K = p.K, N = p.N;
@@ -145,9 +145,9 @@ __global__ void __launch_bounds__(Shape::threads) dequantize_lora_kernel(const D
   __shared__ float smem_code2[256];
   float mean = 0.0f;
   if constexpr (kDoubleQuant) {  // staged after the first loads are issued, so the barrier overlaps their latency
+    mean = *p.scales.offset;     // before the barrier: after it, its own round trip followed the first loads'
     for (int i = threadIdx.x; i < 256; i += Shape::threads) smem_code2[i] = p.scales.code2[i];
     __syncthreads();
-    mean = *p.scales.offset;
   }
 
   for (int tile = 0; tile < Shape::tiles; ++tile) {

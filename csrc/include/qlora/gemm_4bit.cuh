@@ -720,10 +720,13 @@ __global__ void __launch_bounds__(cta_threads(kTokens, kWarpgroups, kSplitK), 1)
     }
     return;
   }
-  // The consumers build the tables while the producers' first copies are in flight.
+  // The consumers build the tables while the producers' first copies are in flight. Their loads (code values, code2,
+  // then the mean after the barrier) stay in turn: issued together at entry, or after the barriers' set-up, the
+  // 16-token split forms lost 0.7-3 µs (28672x8192 M = 16 77.5 -> 78.8; H200, 2026-12-01, tools/gemm_forms.cu --dq).
   auto build_table = [&] {
+    const float* values = QT == QuantType::NF4 ? kNF4ValuesDevice : kFP4ValuesDevice;
     fill_lane_pair_table<__nv_bfloat16>(reinterpret_cast<uint32_t*>(smem + (table - base)),
-                                        QT == QuantType::NF4 ? kNF4ValuesDevice : kFP4ValuesDevice, tid, kThreads);
+                                        [&](int code) { return values[code]; }, tid, kThreads);
   };
   build_table();
   if (kDoubleQuant && !kShareCode2)  // else the producers fill it (share_code2)

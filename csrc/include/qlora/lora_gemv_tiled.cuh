@@ -98,6 +98,13 @@ __global__ void __launch_bounds__(kTiledGemvMaxWarps * 32, 1) lora_gemv_tiled_ke
   const int64_t split_k = p.K / gridDim.y, k_begin = blockIdx.y * split_k;
   const int64_t x_words = tiled_x_words(split_k);
   float* xa_s = reinterpret_cast<float*>(xs + p.M * x_words);
+  // The tables' and the scales' start-up loads, issued before x's so that all share one round trip to memory: in
+  // turn (x, then the code values, then code2) they had held the first weight loads back by three. H200, 2026-12-01,
+  // tools/small_m_op.cu --tiled, two interleaved runs, µs: M = 1 8192² 23.9 -> 23.4, 8192x28672 51.0 -> 50.5,
+  // 28672x8192 52.9 -> 52.4; M = 8 4096² 14.7 -> 14.1; y the same bit for bit.
+  const float lane_value = lane_code_value<QT>();
+  const float code2_value = kDoubleQuant && tid < 256 ? p.scales.code2[tid] : 0.0f;
+  const float mean = kDoubleQuant ? *p.scales.offset : 0.0f;
 
   // Pair 8s + t + 4e of a block (x[k = 16s + 2t + 8e], the lane's B fragment e of step s) goes to word 8t + 2s + e.
   // A granule is 16 bytes, pairs 4q .. 4q + 3 of a row (32-bit counts: at most 8 rows of a K split). A thread's
@@ -124,9 +131,11 @@ __global__ void __launch_bounds__(kTiledGemvMaxWarps * 32, 1) lora_gemv_tiled_ke
       d[24] = v[u].w;
     }
   }
-  fill_lane_pair_table<T>(table, QT == QuantType::NF4 ? kNF4ValuesDevice : kFP4ValuesDevice, tid, threads);
-  if constexpr (kDoubleQuant)
-    for (int i = tid; i < 256; i += threads) code2[i] = p.scales.code2[i];
+  fill_lane_pair_table<T>(table, [&](int code) { return __shfl_sync(0xffffffffu, lane_value, code); }, tid, threads);
+  if constexpr (kDoubleQuant) {
+    if (tid < 256) code2[tid] = code2_value;
+    for (int i = tid + threads; i < 256; i += threads) code2[i] = p.scales.code2[i];  // CTAs under 256 threads
+  }
   __syncthreads();
 
   const int warp = tid / 32, lane = tid % 32, g = lane / 4, t = lane % 4;
@@ -155,7 +164,6 @@ __global__ void __launch_bounds__(kTiledGemvMaxWarps * 32, 1) lora_gemv_tiled_ke
     };
     const uint32_t table_base = static_cast<uint32_t>(__cvta_generic_to_shared(table));
     const uint32_t lane4 = lane * 4;
-    const float mean = kDoubleQuant ? *p.scales.offset : 0.0f;
     const uint32_t* x_row = xs + (g < p.M ? g : p.M - 1) * x_words + 8 * t;
     const auto decode = [&](const TiledGroup<kDoubleQuant>& gr, int group) {
 #pragma unroll

@@ -53,13 +53,14 @@ __device__ __forceinline__ uint32_t as_u32(P p) {
 // The code table of the tensor-core decoders (gemm_4bit.cuh, lora_gemv_tiled.cuh): row b holds the T pair of byte
 // b's two codes (low half: the high nibble) once for each lane, lane l's copy at byte 256·b + 4·l, in bank l, so
 // that one PRMT forms a lookup's address and a warp's 32 lookups never conflict. The upper half of each 256-byte
-// row is left to other data.
+// row is left to other data. value_of(c): code c's value, from memory or (where the kernel loads the values ahead
+// with its other start-up loads) by a shuffle from lane c, for which every lane of a warp takes each turn of the loop.
 constexpr int kLanePairTableBytes = 256 * 256;
-template <typename T>
-__device__ __forceinline__ void fill_lane_pair_table(uint32_t* table, const float* values, int tid, int threads) {
+template <typename T, typename ValueOf>
+__device__ __forceinline__ void fill_lane_pair_table(uint32_t* table, ValueOf value_of, int tid, int threads) {
   for (int i = tid; i < 256 * 8; i += threads) {  // row b: its first 32 words, 16 bytes a store
     const int b = i / 8;
-    const uint32_t v = as_u32(MmaType<T>::pair(values[b >> 4], values[b & 15]));
+    const uint32_t v = as_u32(MmaType<T>::pair(value_of(b >> 4), value_of(b & 15)));
     reinterpret_cast<uint4*>(table)[b * 16 + i % 8] = make_uint4(v, v, v, v);
   }
 }

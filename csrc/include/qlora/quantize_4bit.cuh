@@ -57,6 +57,11 @@ static __constant__ BucketTable<kFP4Buckets> kFP4BucketsDevice = kFP4BucketTable
 static __constant__ FastBucketTable kNF4FastBucketsDevice = kNF4FastBucketTable;
 static __constant__ float kNF4ValuesDevice[16] = QLORA_NF4_VALUES;
 static __constant__ float kFP4ValuesDevice[16] = QLORA_FP4_VALUES;
+// Code (lane % 16)'s value, which a shuffle from that lane hands any thread of the warp.
+template <QuantType QT>
+__device__ __forceinline__ float lane_code_value() {
+  return (QT == QuantType::NF4 ? kNF4ValuesDevice : kFP4ValuesDevice)[threadIdx.x % 16];
+}
 
 template <QuantType QT>
 __device__ __forceinline__ void stage_buckets(Bucket* smem) {
@@ -312,7 +317,7 @@ __global__ void __launch_bounds__(kDequantizeThreads, kMinCtas) dequantize_4bit_
     T* __restrict__ out, int64_t n, int log2_blocksize, int64_t K = 0) {
   // Code c is read from lane c by a shuffle. A shuffle uses only the low five bits of its lane argument and
   // lanes 16-31 repeat lanes 0-15, so a code's nibble needs no masking: one instruction per element.
-  const float lane_value = QT == QuantType::NF4 ? kNF4ValuesDevice[threadIdx.x % 16] : kFP4ValuesDevice[threadIdx.x % 16];
+  const float lane_value = lane_code_value<QT>();
   __shared__ float smem_code2[256];
   constexpr bool double_quant = kDoubleQuant;
   const int64_t num_bytes = (n + 1) / 2;
@@ -364,12 +369,13 @@ __global__ void __launch_bounds__(kDequantizeThreads, kMinCtas) dequantize_4bit_
       scales[u] = __ldg(absmax + block);
     }
   }
-  // Staged after the weight loads are issued, so the barrier overlaps their latency.
+  // Staged after the weight loads are issued, so the barrier overlaps their latency; the mean is loaded before the
+  // barrier, where after it its own round trip had followed the weights'.
+  const float mean = double_quant ? *offset : 0.0f;
   if constexpr (double_quant) {
     for (int i = threadIdx.x; i < 256; i += kDequantizeThreads) smem_code2[i] = code2[i];
     __syncthreads();
   }
-  const float mean = double_quant ? *offset : 0.0f;
 #pragma unroll
   for (int u = 0; u < kUnits; ++u) {
     const Unit unit = unit_at(u);
