@@ -65,7 +65,7 @@ __global__ void __launch_bounds__(kWarps * 32, kMinCtas)
   uint32_t* table = reinterpret_cast<uint32_t*>(smem);
   float* code2 = reinterpret_cast<float*>(smem + kTableBytes);
   uint16_t* xs = reinterpret_cast<uint16_t*>(smem + kFixedShared);
-  fill_lane_pair_table<bf16>(table, kNF4ValuesDevice, tid, kWarps * 32);
+  fill_lane_pair_table<bf16>(table, [](int code) { return kNF4ValuesDevice[code]; }, tid, kWarps * 32);
   for (int i = tid; i < 256; i += kWarps * 32) code2[i] = wt.code2[i];
   const int64_t blocks_per_row = wt.K / 64;
   const int split_blocks = static_cast<int>(blocks_per_row / splits);
