@@ -129,13 +129,13 @@ struct KernelRun {
   float us;
 };
 template <typename Kernel, typename Launch>
-KernelRun run_against_reference(Kernel kernel, int threads, Launch launch, const void* out, int64_t n,
-                                uint64_t reference, char* flush) {
+KernelRun run_against_reference(Kernel kernel, int threads, Launch launch, void* out, int64_t n, uint64_t reference,
+                                char* flush) {
   cudaFuncAttributes attr{};
   cudaFuncGetAttributes(&attr, kernel);
   int ctas = 0;
   cudaOccupancyMaxActiveBlocksPerMultiprocessor(&ctas, kernel, threads, 0);
-  cudaMemset(const_cast<void*>(out), 0, n * 2);
+  cudaMemset(out, 0, n * 2);
   launch();
   const bool same = bits_hash(host_copy(static_cast<const uint16_t*>(out), n)) == reference;
   return {attr.numRegs, static_cast<int>(attr.localSizeBytes), ctas, same, flushed_median_us(flush, launch, 41, 5)};

@@ -724,7 +724,7 @@ __global__ void __launch_bounds__(cta_threads(kTokens, kWarpgroups, kSplitK), 1)
   // then the mean after the barrier) stay in turn: issued together at entry, or after the barriers' set-up, the
   // 16-token split forms lost 0.7-3 µs (28672x8192 M = 16 77.5 -> 78.8; H200, 2026-12-01, tools/gemm_forms.cu --dq).
   auto build_table = [&] {
-    const float* values = QT == QuantType::NF4 ? kNF4ValuesDevice : kFP4ValuesDevice;
+    const float* values = code_values<QT>();
     fill_lane_pair_table<__nv_bfloat16>(reinterpret_cast<uint32_t*>(smem + (table - base)),
                                         [&](int code) { return values[code]; }, tid, kThreads);
   };

@@ -175,7 +175,7 @@ __device__ __forceinline__ void mma_x_tiles(float (&d)[MT8][4], const uint32_t (
 template <typename T, QuantType QT>
 __device__ __forceinline__ void fill_tables(const LoraLinearParams<T>& p, typename MmaType<T>::Pair* pair_lut,
                                             float* smem_code2) {
-  const float* values = QT == QuantType::NF4 ? kNF4ValuesDevice : kFP4ValuesDevice;
+  const float* values = code_values<QT>();
   if (p.scales.code2 != nullptr)
     for (int byte = threadIdx.x; byte < 256; byte += blockDim.x) smem_code2[byte] = p.scales.code2[byte];
   for (int i = threadIdx.x; i < 256 * 8; i += blockDim.x) {

@@ -57,10 +57,15 @@ static __constant__ BucketTable<kFP4Buckets> kFP4BucketsDevice = kFP4BucketTable
 static __constant__ FastBucketTable kNF4FastBucketsDevice = kNF4FastBucketTable;
 static __constant__ float kNF4ValuesDevice[16] = QLORA_NF4_VALUES;
 static __constant__ float kFP4ValuesDevice[16] = QLORA_FP4_VALUES;
+// The 16 code values of a quant type.
+template <QuantType QT>
+__device__ __forceinline__ const float* code_values() {
+  return QT == QuantType::NF4 ? kNF4ValuesDevice : kFP4ValuesDevice;
+}
 // Code (lane % 16)'s value, which a shuffle from that lane hands any thread of the warp.
 template <QuantType QT>
 __device__ __forceinline__ float lane_code_value() {
-  return (QT == QuantType::NF4 ? kNF4ValuesDevice : kFP4ValuesDevice)[threadIdx.x % 16];
+  return code_values<QT>()[threadIdx.x % 16];
 }
 
 template <QuantType QT>
