@@ -326,7 +326,9 @@ at::Tensor lora_linear_4bit_cuda(const at::Tensor& x, const at::Tensor& packed, 
   TORCH_CHECK_VALUE(path != kPathFusedTiled || why_not_tiled == nullptr, "path=", path,
                     " (tiled small-M GEMV) cannot run: ", why_not_tiled == nullptr ? "" : why_not_tiled);
   const bool tiled = path == kPathFusedTiled ||
-                     (path == kPathAuto && why_not_tiled == nullptr && tiled_gemv_pays(args.N, args.K));
+                     (path == kPathAuto && why_not_tiled == nullptr &&
+                      tiled_gemv_pays(args.N, args.K, tensor_core_ctas(args.M),
+                                      int64_t{tiled_plan.grid.x} * tiled_plan.grid.y * tiled_plan.warps, num_sms));
   // A tile-ordered weight goes to the tensor-core GEMM from one token where the tiled GEMV does not take it: the
   // fused kernels read row-major bytes only and would need a row-major copy of the weight each call.
   const bool fused_reads_weight = !args.weight.tile_order || why_not_tensor_core != nullptr;
