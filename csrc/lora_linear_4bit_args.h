@@ -137,7 +137,7 @@ inline bool tensor_core_m_in_range(int64_t M, int64_t N, int64_t K) {
 // against 13.7 / 14.2); on 4096x14336 they split (22.6 / 25.0 against 24.0 / 24.5).
 // Beyond those sizes the GEMM holds its own only where its launch for M is one full wave (4096², 8192², 4096x14336,
 // 4096x11008: 128 CTAs); where it is not, and the tiled GEMV has at least 6 warps an SM streaming, the tiled GEMV is
-// ahead by 1-6 µs. H200, 2026-12-01, on e7fb33c's tree, same tool, M = 1 / 2 / 4 / 8, tiled GEMV against the GEMM:
+// ahead: by 3-6 µs on 5120² and 6144x4096, by 0.6-1.4 on 1024x4096 but at M = 2 (0.3 behind). H200, 2026-12-01, on e7fb33c's tree, same tool, M = 1 / 2 / 4 / 8, tiled GEMV against the GEMM:
 // 5120² (GEMM 160 CTAs) 17.4 / 17.6 / 17.2 / 17.6 against 22.4 / 22.5 / 22.8 / 23.3; 6144x4096 (192) 17.5 / 17.7 /
 // 17.1 / 17.6 against 20.8 / 20.7 / 21.2 / 21.6; 1024x4096 (32) 11.5 / 12.6 / 11.6 / 12.2 against 12.9 / 12.3 / 12.7 /
 // 13.6. On the one-wave shapes: 4096² 14.5 / 13.3 / 13.4 / 13.8 against 13.8 / 13.8 / 13.9 / 13.8, 8192² 23.9 / 25.1 /
