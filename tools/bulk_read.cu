@@ -12,20 +12,16 @@
 #include <cstdio>
 
 #include "flushed_timing.cuh"
+#include "qlora/mbarrier.cuh"
 #include "read_kernel.cuh"
 
-__device__ __forceinline__ void bar_init(uint32_t bar, int count) {
-  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(count));
-}
-__device__ __forceinline__ void bar_expect(uint32_t bar, uint32_t bytes) {
-  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(bar), "r"(bytes) : "memory");
-}
-__device__ __forceinline__ void bar_wait(uint32_t bar, uint32_t parity) {
-  asm volatile(
-      "{\n.reg .pred p;\nwait_%=:\n"
-      "mbarrier.try_wait.parity.shared::cta.b64 p, [%0], %1;\n"
-      "@!p bra wait_%=;\n}\n" ::"r"(bar), "r"(parity) : "memory");
-}
+using qlora::mbar_arrive_expecting;
+using qlora::mbar_init;
+using qlora::mbar_init_fence;
+using qlora::mbar_wait;
+
+// The 1-D form of the GEMM's tensor copies (gemm_4bit.cuh): `bytes` contiguous bytes from src into shared memory at
+// dst, counted on bar.
 template <bool kEvictFirst>
 __device__ __forceinline__ void bulk_copy(uint32_t dst, const void* src, uint32_t bytes, uint32_t bar) {
   if constexpr (kEvictFirst)
@@ -50,19 +46,19 @@ __global__ void __launch_bounds__(128) bulk_read(const uint8_t* __restrict__ w, 
     const int64_t at = b0 + int64_t{chunk} * kSlotBytes;
     const uint32_t n = static_cast<uint32_t>(b1 - at < kSlotBytes ? b1 - at : kSlotBytes);
     const int slot = chunk % kSlots;
-    bar_expect(full_s + 8 * slot, n);
+    mbar_arrive_expecting(full_s + 8 * slot, n);
     bulk_copy<kEvictFirst>(ring_s + slot * kSlotBytes, w + at, n, full_s + 8 * slot);
   };
   if (threadIdx.x == 0) {
-    for (int s = 0; s < kSlots; ++s) bar_init(full_s + 8 * s, 1);
-    asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+    for (int s = 0; s < kSlots; ++s) mbar_init(full_s + 8 * s, 1);
+    mbar_init_fence();
     for (int c = 0; c < kSlots && c < chunks; ++c) issue(c);
   }
   __syncthreads();
   uint4 acc = make_uint4(0, 0, 0, 0);
   for (int c = 0; c < chunks; ++c) {
     const int slot = c % kSlots;
-    bar_wait(full_s + 8 * slot, (c / kSlots) & 1);
+    mbar_wait(full_s + 8 * slot, (c / kSlots) & 1);
     if constexpr (kConsume) {
       const uint4* s = reinterpret_cast<const uint4*>(ring + slot * kSlotBytes);
       for (int i = threadIdx.x; i < kSlotBytes / 16; i += blockDim.x) {

@@ -42,6 +42,7 @@
 #include "qlora/common.cuh"
 #include "qlora/l2_policy.h"
 #include "qlora/launch.cuh"
+#include "qlora/mbarrier.cuh"
 #include "qlora/pairs.cuh"
 #include "qlora/quantize_4bit.cuh"
 #include "qlora/tile_order.h"
@@ -200,16 +201,6 @@ inline int64_t cta_count(int64_t M, int64_t N, int rows, int tokens = 0) {
   return ((N + rows - 1) / rows) * ((M + tokens - 1) / tokens);
 }
 
-__device__ __forceinline__ void mbar_init(uint32_t bar, int count) {
-  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(count));
-}
-__device__ __forceinline__ void mbar_arrive(uint32_t bar) {
-  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(bar) : "memory");
-}
-// Arrives on bar and tells it to wait for `bytes` more from the copy engine.
-__device__ __forceinline__ void mbar_arrive_expecting(uint32_t bar, uint32_t bytes) {
-  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(bar), "r"(bytes) : "memory");
-}
 // A 3-D box of `map` at (c0, c1, c2) into shared memory at dst; its bytes count on bar.
 template <bool kEvictFirst = false>
 __device__ __forceinline__ void tma_load_3d(uint32_t dst, const CUtensorMap* map, int c0, int c1, int c2, uint32_t bar) {
@@ -239,16 +230,6 @@ __device__ __forceinline__ void tma_load_2d(uint32_t dst, const CUtensorMap* map
         "cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3}], [%4];\n"
         ::"r"(dst), "l"(reinterpret_cast<uint64_t>(map)), "r"(c0), "r"(c1), "r"(bar)
         : "memory");
-}
-__device__ __forceinline__ void mbar_wait(uint32_t bar, uint32_t parity) {
-  uint32_t done = 0;
-  do {
-    asm volatile(
-        "{\n.reg .pred p;\nmbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\nselp.u32 %0, 1, 0, p;\n}\n"
-        : "=r"(done)
-        : "r"(bar), "r"(parity)
-        : "memory");
-  } while (!done);
 }
 
 // Every consumer thread of the cluster's CTAs has arrived (producers have exited), and their shared-memory writes
@@ -547,7 +528,7 @@ __global__ void __launch_bounds__(cta_threads(kTokens, kWarpgroups, kSplitK), 1)
     }
     mbar_init(segment_done, 1);
     mbar_init(xa_full, 1);
-    asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+    mbar_init_fence();
   }
   __syncthreads();  // the barriers are initialised before a producer arms one
   static_assert(kTokens != kWideTokens || (!kSplitK && kWarpgroups == 2), "256-token tiles: row form, 2 warpgroups");
