@@ -12,26 +12,15 @@
 #include <cstdio>
 
 #include "flushed_timing.cuh"
+#include "qlora/l2_policy.h"
 #include "qlora/mbarrier.cuh"
 #include "read_kernel.cuh"
 
+using qlora::bulk_copy_to_shared;
 using qlora::mbar_arrive_expecting;
 using qlora::mbar_init;
 using qlora::mbar_init_fence;
 using qlora::mbar_wait;
-
-// The 1-D form of the GEMM's tensor copies (gemm_4bit.cuh): `bytes` contiguous bytes from src into shared memory at
-// dst, counted on bar.
-template <bool kEvictFirst>
-__device__ __forceinline__ void bulk_copy(uint32_t dst, const void* src, uint32_t bytes, uint32_t bar) {
-  if constexpr (kEvictFirst)
-    asm volatile(
-        "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes.L2::cache_hint [%0], [%1], %2, [%3], %4;\n"
-        ::"r"(dst), "l"(src), "r"(bytes), "r"(bar), "l"(qlora::kL2EvictFirst) : "memory");
-  else
-    asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];\n"
-                 ::"r"(dst), "l"(src), "r"(bytes), "r"(bar) : "memory");
-}
 
 template <int kSlots, int kSlotBytes, bool kConsume, bool kEvictFirst>
 __global__ void __launch_bounds__(128) bulk_read(const uint8_t* __restrict__ w, int64_t bytes, unsigned* out) {
@@ -47,7 +36,10 @@ __global__ void __launch_bounds__(128) bulk_read(const uint8_t* __restrict__ w, 
     const uint32_t n = static_cast<uint32_t>(b1 - at < kSlotBytes ? b1 - at : kSlotBytes);
     const int slot = chunk % kSlots;
     mbar_arrive_expecting(full_s + 8 * slot, n);
-    bulk_copy<kEvictFirst>(ring_s + slot * kSlotBytes, w + at, n, full_s + 8 * slot);
+    if constexpr (kEvictFirst)
+      bulk_copy_to_shared(ring_s + slot * kSlotBytes, w + at, n, full_s + 8 * slot, qlora::kL2EvictFirst);
+    else
+      bulk_copy_to_shared(ring_s + slot * kSlotBytes, w + at, n, full_s + 8 * slot);
   };
   if (threadIdx.x == 0) {
     for (int s = 0; s < kSlots; ++s) mbar_init(full_s + 8 * s, 1);

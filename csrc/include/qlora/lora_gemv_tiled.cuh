@@ -1,40 +1,56 @@
 // The small-M GEMV for tile-ordered weights (qlora/tile_order.h), up to 8 rows of x. Torch-free.
 //
-// Each warp owns one 16-row tile of W over a K split and loads its packed bytes straight into registers: a lane's
-// 16 bytes of a 64-k block are its mma.sync A fragments for the block's four k16 steps, so a warp load is 512
-// contiguous bytes and kTiledGemvGroups groups of four blocks (2 KB) are in flight a warp, with no shared-memory
-// ring. A byte of two codes is one PRMT (its address in a per-lane table of pairs) and one shared load; each k16 step
-// lies inside one block, so the block's scale multiplies the step sums once. x of the CTA's K split is staged once,
-// each block's pairs in the order of the lanes' B fragments. Rows of x are the mma's n columns, so M = 1 to 8 cost
-// the same. x·Aᵀ runs beside it (lora_down_mma on the SM it leaves free) for bfloat16; with one K split the GEMV adds
-// the LoRA term and bias itself, else lora_epilogue_kernel sums the splits. In the op (H200, 2026-11-30, r = 16,
-// tools/time_tile_order.py --tiled, do_bench µs) M = 1 8192x28672 took 52.5 against 60.4 for the fused kernel on
-// row-major bytes, 28672x8192 53.6 against 64.0; bf16 F.linear 125.5 and 129.0.
+// Each warp owns one 16-row tile of W over a K split. A lane's 16 bytes of a 64-k block are its mma.sync A fragments
+// for the block's four k16 steps, so the tile's bytes for four blocks (a group) are 2 KB in a row. On sm_90 the SM's
+// copy engine brings a warp's next group into a 2 KB slot of shared memory (a 1-D bulk copy with an L2 evict_first
+// policy, counted on the slot's mbarrier) while the warp decodes the one before, which it has read from the slot with
+// four 16-byte shared loads a lane; one group in flight a warp read faster than two or three, and than loads into
+// registers (H200, 2026-12-01, tools/tiled_ring_gemv.cu: M = 1 8192x28672 49.5 -> 47.7 µs, 28672x8192 52.4 -> 50.6,
+// 8192² 22.6 -> 21.3). Before sm_90 each lane loads its fragments straight into registers, kTiledGemvGroups groups in
+// flight a warp. A byte of two codes is one PRMT (its address in a per-lane table of pairs) and one shared load;
+// each k16 step lies inside one block, so the block's scale multiplies the step sums once. x of the CTA's K split
+// is staged once, each block's pairs in the order of the lanes' B fragments. Rows of x are the mma's n columns, so
+// M = 1 to 8 cost the same. x·Aᵀ runs beside it (lora_down_mma on the SM it leaves free) for bfloat16; with one K
+// split the GEMV adds the LoRA term and bias itself, else lora_epilogue_kernel sums the splits.
 #pragma once
 
 #include <algorithm>
 #include <type_traits>
 
+#include "qlora/l2_policy.h"
 #include "qlora/lora_down_mma.cuh"
 #include "qlora/lora_linear_4bit.cuh"
+#include "qlora/mbarrier.cuh"
 #include "qlora/tile_order.h"
 
 namespace qlora {
 
 constexpr int kTiledGemvMaxM = 8;        // one n8 tile of x rows
 constexpr int kTiledGemvGroupBlocks = 4;  // 64-k blocks a warp loads at once
-constexpr int kTiledGemvGroups = 3;       // groups in flight a warp
+constexpr int kTiledGemvGroups = 3;       // groups in flight a warp before sm_90
 constexpr int kTiledGemvGroupK = kTiledGemvGroupBlocks * kTileOrderK;  // a K split is whole groups
+constexpr int kTiledGemvGroupBytes = kTiledGemvGroupBlocks * kTileOrderBytes;
 constexpr int kTiledGemvMaxWarps = 16;
 constexpr int kTiledXLoads = 8;           // x's 16-byte loads in flight a thread while it is staged
 constexpr int kTiledGemvMaxSplits = 32;
 constexpr int kTiledCode2Bytes = 256 * 4;
+constexpr int kTiledBarrierBytes = kTiledGemvMaxWarps * 8;  // a slot's mbarrier a warp
 constexpr int kTiledGemvMaxSmem = 227 * 1024;  // the most a CTA may opt in to on sm_90
 // Words (pairs) of one staged row of x for a K split: 16 bytes more than the split, so that the rows a quarter
 // warp reads fall in different banks.
 __host__ __device__ inline int64_t tiled_x_words(int64_t split_k) { return split_k / 2 + 4; }
-__host__ __device__ inline int64_t tiled_gemv_smem(int64_t M, int64_t split_k, int r, bool fused_epilogue) {
-  return kLanePairTableBytes + kTiledCode2Bytes + M * tiled_x_words(split_k) * 4 + (fused_epilogue ? M * r * 4 : 0);
+// Shared memory: the pair table, code2, the slots' barriers, a slot a warp, x's rows, then xa's (fused epilogue).
+__host__ __device__ inline int64_t tiled_x_offset(int warps) {
+  return kLanePairTableBytes + kTiledCode2Bytes + kTiledBarrierBytes + int64_t{warps} * kTiledGemvGroupBytes;
+}
+__host__ __device__ inline int64_t tiled_gemv_smem(int64_t M, int64_t split_k, int r, bool fused_epilogue, int warps) {
+  return tiled_x_offset(warps) + M * tiled_x_words(split_k) * 4 + (fused_epilogue ? M * r * 4 : 0);
+}
+
+__device__ __forceinline__ uint4 load_shared16(uint32_t at) {
+  uint4 v;
+  asm volatile("ld.shared.v4.u32 {%0, %1, %2, %3}, [%4];\n" : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "r"(at));
+  return v;
 }
 
 __device__ __forceinline__ uint4 load_streaming16(const uint8_t* p) {
@@ -73,17 +89,21 @@ __device__ __forceinline__ void tiled_block_mma(float (&d)[4], uint32_t table, u
   }
 }
 
-// One group of a lane: the four blocks' 16 bytes (x, y: row g; z, w: row g + 8) and the raw scales of both rows.
+// The raw scales of a lane's group (four blocks) for both its rows.
 template <bool kDoubleQuant>
-struct TiledGroup {
-  uint4 w[kTiledGemvGroupBlocks];
+struct TiledScales {
   uint32_t q[2];  // double quantization: the four blocks' 8-bit codes of each row
   float a2[2];    // and their second-level scale
 };
 template <>
-struct TiledGroup<false> {
-  uint4 w[kTiledGemvGroupBlocks];
+struct TiledScales<false> {
   float4 absmax[2];
+};
+// One group of a lane in registers (before sm_90): the four blocks' 16 bytes (x, y: row g; z, w: row g + 8).
+template <bool kDoubleQuant>
+struct TiledGroup {
+  uint4 w[kTiledGemvGroupBlocks];
+  TiledScales<kDoubleQuant> s;
 };
 
 // Grid (ceil(N / 16 / warps), splits); splits divide K / kTiledGemvGroupK. p.partial == nullptr: one split, which
@@ -91,13 +111,34 @@ struct TiledGroup<false> {
 template <typename T, QuantType QT, bool kDoubleQuant>
 __global__ void __launch_bounds__(kTiledGemvMaxWarps * 32, 1) lora_gemv_tiled_kernel(const LoraLinearParams<T> p) {
   extern __shared__ __align__(16) uint8_t smem[];
+  const int tid = threadIdx.x, threads = blockDim.x, warps = threads / 32;
+  const int warp = tid / 32, lane = tid % 32, g = lane / 4, t = lane % 4;
   uint32_t* table = reinterpret_cast<uint32_t*>(smem);
   float* code2 = reinterpret_cast<float*>(smem + kLanePairTableBytes);
-  uint32_t* xs = reinterpret_cast<uint32_t*>(smem + kLanePairTableBytes + kTiledCode2Bytes);
-  const int tid = threadIdx.x, threads = blockDim.x;
+  uint32_t* xs = reinterpret_cast<uint32_t*>(smem + tiled_x_offset(warps));
   const int64_t split_k = p.K / gridDim.y, k_begin = blockIdx.y * split_k;
   const int64_t x_words = tiled_x_words(split_k);
   float* xa_s = reinterpret_cast<float*>(xs + p.M * x_words);
+  const int64_t tile = static_cast<int64_t>(blockIdx.x) * warps + warp;
+  const bool has_tile = tile < p.N / kTileOrderRows;
+  const int64_t blocks_per_row = p.K / kTileOrderK, b_begin = k_begin / kTileOrderK;
+  const int groups = static_cast<int>(split_k / kTiledGemvGroupK);
+  const uint8_t* w_tile = p.packed + (tile * blocks_per_row + b_begin) * kTileOrderBytes;
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  const uint32_t smem_s = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
+  const uint32_t slot_bar = smem_s + kLanePairTableBytes + kTiledCode2Bytes + 8 * warp;
+  const uint32_t slot = smem_s + kLanePairTableBytes + kTiledCode2Bytes + kTiledBarrierBytes + warp * kTiledGemvGroupBytes;
+  const auto copy_group = [&](int group) {  // lane 0
+    mbar_arrive_expecting(slot_bar, kTiledGemvGroupBytes);
+    bulk_copy_to_shared(slot, w_tile + int64_t{group} * kTiledGemvGroupBytes, kTiledGemvGroupBytes, slot_bar,
+                        kL2EvictFirst);
+  };
+  if (has_tile && lane == 0) {  // the first group is in flight while x is staged
+    mbar_init(slot_bar, 1);
+    mbar_init_fence();
+    copy_group(0);
+  }
+#endif
   // The tables' and the scales' start-up loads, issued before x's so that all share one round trip to memory: in
   // turn (x, then the code values, then code2) they had held the first weight loads back by three. H200, 2026-12-01,
   // tools/small_m_op.cu --tiled, two interleaved runs, µs: M = 1 8192² 23.9 -> 23.4, 8192x28672 51.0 -> 50.5,
@@ -138,51 +179,71 @@ __global__ void __launch_bounds__(kTiledGemvMaxWarps * 32, 1) lora_gemv_tiled_ke
   }
   __syncthreads();
 
-  const int warp = tid / 32, lane = tid % 32, g = lane / 4, t = lane % 4;
-  const int64_t tile = static_cast<int64_t>(blockIdx.x) * (threads / 32) + warp;
-  const int64_t blocks_per_row = p.K / kTileOrderK, b_begin = k_begin / kTileOrderK;
-  const int groups = static_cast<int>(split_k / kTiledGemvGroupK);
   float acc[2][2] = {{0.0f, 0.0f}, {0.0f, 0.0f}};  // [row g, g + 8][x rows 2t, 2t + 1]
-  if (tile < p.N / kTileOrderRows) {
-    const uint8_t* w_at = p.packed + (tile * blocks_per_row + b_begin) * kTileOrderBytes + lane * 16;
+  if (has_tile) {
     const int64_t row_block[2] = {(tile * kTileOrderRows + g) * blocks_per_row + b_begin,
                                   (tile * kTileOrderRows + g + 8) * blocks_per_row + b_begin};
-    const auto load = [&](TiledGroup<kDoubleQuant>& gr, int group) {
-#pragma unroll
-      for (int j = 0; j < kTiledGemvGroupBlocks; ++j)
-        gr.w[j] = load_streaming16(w_at + (kTiledGemvGroupBlocks * group + j) * kTileOrderBytes);
+    const auto load_scales = [&](TiledScales<kDoubleQuant>& sc, int group) {
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
         const int64_t block = row_block[h] + kTiledGemvGroupBlocks * group;
         if constexpr (kDoubleQuant) {
-          gr.q[h] = __ldg(reinterpret_cast<const uint32_t*>(p.scales.qabsmax + block));
-          gr.a2[h] = __ldg(p.scales.absmax2 + block / kAbsmaxBlocksize);
+          sc.q[h] = __ldg(reinterpret_cast<const uint32_t*>(p.scales.qabsmax + block));
+          sc.a2[h] = __ldg(p.scales.absmax2 + block / kAbsmaxBlocksize);
         } else {
-          gr.absmax[h] = __ldg(reinterpret_cast<const float4*>(p.scales.absmax + block));
+          sc.absmax[h] = __ldg(reinterpret_cast<const float4*>(p.scales.absmax + block));
         }
       }
     };
     const uint32_t table_base = static_cast<uint32_t>(__cvta_generic_to_shared(table));
     const uint32_t lane4 = lane * 4;
     const uint32_t* x_row = xs + (g < p.M ? g : p.M - 1) * x_words + 8 * t;
-    const auto decode = [&](const TiledGroup<kDoubleQuant>& gr, int group) {
+    const auto decode = [&](const uint4 (&w)[kTiledGemvGroupBlocks], const TiledScales<kDoubleQuant>& sc, int group) {
 #pragma unroll
       for (int j = 0; j < kTiledGemvGroupBlocks; ++j) {
-        const uint4 w = gr.w[j];
         float d[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-        tiled_block_mma<T>(d, table_base, make_uint2(w.x, w.y), make_uint2(w.z, w.w),
+        tiled_block_mma<T>(d, table_base, make_uint2(w[j].x, w[j].y), make_uint2(w[j].z, w[j].w),
                            x_row + (kTiledGemvGroupBlocks * group + j) * 32, lane4);
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
           float scale;
           if constexpr (kDoubleQuant)
-            scale = mul_then_add(code2[(gr.q[h] >> (8 * j)) & 255], gr.a2[h], mean);  // as dequantize_4bit rounds it
+            scale = mul_then_add(code2[(sc.q[h] >> (8 * j)) & 255], sc.a2[h], mean);  // as dequantize_4bit rounds it
           else
-            scale = j == 0 ? gr.absmax[h].x : j == 1 ? gr.absmax[h].y : j == 2 ? gr.absmax[h].z : gr.absmax[h].w;
+            scale = j == 0 ? sc.absmax[h].x : j == 1 ? sc.absmax[h].y : j == 2 ? sc.absmax[h].z : sc.absmax[h].w;
           acc[h][0] = fmaf(scale, d[2 * h], acc[h][0]);
           acc[h][1] = fmaf(scale, d[2 * h + 1], acc[h][1]);
         }
       }
+    };
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    // The scales are read a group ahead: eight groups share a 32-byte sector, so most come from L1.
+    TiledScales<kDoubleQuant> next;
+    load_scales(next, 0);
+#pragma unroll 1
+    for (int group = 0; group < groups; ++group) {
+      mbar_wait(slot_bar, static_cast<uint32_t>(group) & 1u);
+      uint4 w[kTiledGemvGroupBlocks];
+#pragma unroll
+      for (int j = 0; j < kTiledGemvGroupBlocks; ++j) w[j] = load_shared16(slot + j * kTileOrderBytes + lane * 16);
+      const TiledScales<kDoubleQuant> sc = next;
+      if (group + 1 < groups) {
+        __syncwarp();  // every lane has read the slot
+        if (lane == 0) {
+          fence_before_copies();
+          copy_group(group + 1);
+        }
+        load_scales(next, group + 1);
+      }
+      decode(w, sc, group);
+    }
+#else
+    const uint8_t* w_at = w_tile + lane * 16;
+    const auto load = [&](TiledGroup<kDoubleQuant>& gr, int group) {
+#pragma unroll
+      for (int j = 0; j < kTiledGemvGroupBlocks; ++j)
+        gr.w[j] = load_streaming16(w_at + (kTiledGemvGroupBlocks * group + j) * kTileOrderBytes);
+      load_scales(gr.s, group);
     };
     TiledGroup<kDoubleQuant> ring[kTiledGemvGroups];
 #pragma unroll
@@ -193,10 +254,11 @@ __global__ void __launch_bounds__(kTiledGemvMaxWarps * 32, 1) lora_gemv_tiled_ke
       for (int i = 0; i < kTiledGemvGroups; ++i) {
         const int group = base + i;
         if (group >= groups) break;
-        decode(ring[i], group);
+        decode(ring[i].w, ring[i].s, group);
         if (group + kTiledGemvGroups < groups) load(ring[i], group + kTiledGemvGroups);  // the others stay in flight
       }
     }
+#endif
   }
   allow_dependent_launch();
   const bool fused_epilogue = p.partial == nullptr;
@@ -205,7 +267,7 @@ __global__ void __launch_bounds__(kTiledGemvMaxWarps * 32, 1) lora_gemv_tiled_ke
     stage_lora_rows(p, xa_s, 0, static_cast<int>(p.M));
     __syncthreads();
   }
-  if (tile < p.N / kTileOrderRows) {
+  if (has_tile) {
 #pragma unroll
     for (int h = 0; h < 2; ++h)
 #pragma unroll
@@ -252,11 +314,10 @@ inline const char* plan_lora_gemv_tiled(int64_t M, int64_t N, int64_t K, int r, 
   int64_t best_key[3] = {-1, -1, -1};
   for (int64_t splits = 1; splits <= std::min<int64_t>(groups, kTiledGemvMaxSplits); ++splits) {
     if (groups % splits != 0) continue;
-    const int64_t smem = tiled_gemv_smem(M, K / splits, r, splits == 1);
-    if (smem > kTiledGemvMaxSmem) continue;
     for (int warps = kTiledGemvMaxWarps; warps >= 1; --warps) {
+      const int64_t smem = tiled_gemv_smem(M, K / splits, r, splits == 1, warps);
       const int64_t ctas = (tiles + warps - 1) / warps * splits;
-      if (ctas > sms) continue;
+      if (ctas > sms || smem > kTiledGemvMaxSmem) continue;
       const int64_t key[3] = {tiles * splits, ctas, -ctas * warps};
       if (std::lexicographical_compare(best_key, best_key + 3, key, key + 3)) {
         std::copy(key, key + 3, best_key);

@@ -1,5 +1,6 @@
-// mbarrier helpers of the TMA-fed kernels (gemm_4bit.cuh) and the tools that time copies the same way: a barrier
-// in shared memory that counts arrivals and, for the copy engine's transfers, bytes. Torch-free.
+// mbarrier helpers of the TMA-fed kernels (gemm_4bit.cuh, lora_gemv_tiled.cuh) and the tools that time copies the
+// same way: a barrier in shared memory that counts arrivals and, for the copy engine's transfers, bytes; and the 1-D
+// bulk copy those transfers are. sm_90 and later. Torch-free.
 #pragma once
 
 #include <cstdint>
@@ -29,6 +30,23 @@ __device__ __forceinline__ void mbar_wait(uint32_t bar, uint32_t parity) {
         : "r"(bar), "r"(parity)
         : "memory");
   } while (!done);
+}
+
+// `bytes` (a multiple of 16; both addresses 16-byte aligned) from global memory at src into shared memory at dst by
+// the SM's copy engine, counted on bar; the second form with an L2 cache policy (l2_policy.h).
+__device__ __forceinline__ void bulk_copy_to_shared(uint32_t dst, const void* src, uint32_t bytes, uint32_t bar) {
+  asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];\n"
+               ::"r"(dst), "l"(src), "r"(bytes), "r"(bar) : "memory");
+}
+__device__ __forceinline__ void bulk_copy_to_shared(uint32_t dst, const void* src, uint32_t bytes, uint32_t bar,
+                                                    uint64_t policy) {
+  asm volatile(
+      "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes.L2::cache_hint [%0], [%1], %2, [%3], %4;\n"
+      ::"r"(dst), "l"(src), "r"(bytes), "r"(bar), "l"(policy) : "memory");
+}
+// Orders this thread's shared-memory accesses before the copy engine's later ones (a slot's reads before its refill).
+__device__ __forceinline__ void fence_before_copies() {
+  asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
 }
 
 }  // namespace qlora

@@ -1,0 +1,314 @@
+// The tiled small-M GEMV (lora_gemv_tiled.cuh) as the library runs it on sm_90 (one 2 KB slot a warp, filled by a
+// 1-D bulk copy with an L2 evict_first policy while the warp decodes the group before) against forms with more slots
+// a warp, without the policy, or with the first copy issued after x is staged rather than at entry. Same plan (grid,
+// warps, K splits), x·Aᵀ and split-K epilogue as the library's; timed as the benchmarks time (256 MB written before
+// each run), the forms interleaved; y's hash shows whether they agree bit for bit. NF4 with double quantization,
+// blocksize 64, bf16, r = 16, s = 2.
+//
+//   nvcc -O3 -std=c++20 --expt-relaxed-constexpr -arch=sm_90a -diag-suppress 177 -I csrc/include -I tools \
+//     tools/tiled_ring_gemv.cu -o /tmp/tiled_ring_gemv && /tmp/tiled_ring_gemv 2 8192,28672,1 28672,8192,1
+//
+// Arguments: rounds, then shapes "N,K,M". Prints µs a form and round, and y's hash.
+#include <algorithm>
+#include <cstdio>
+#include <cstdlib>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "qlora/l2_policy.h"
+#include "qlora/lora_gemv_tiled.cuh"
+#include "qlora/mbarrier.cuh"
+#include "flushed_timing.cuh"
+#include "tool_host.cuh"
+
+using namespace qlora;
+using bf16 = __nv_bfloat16;
+
+constexpr int kGroupBytes = kTiledGemvGroupBytes;
+
+__device__ __forceinline__ void bulk_group_copy(uint32_t dst, const void* src, uint32_t bar, bool evict_first) {
+  if (evict_first)
+    bulk_copy_to_shared(dst, src, kGroupBytes, bar, kL2EvictFirst);
+  else
+    bulk_copy_to_shared(dst, src, kGroupBytes, bar);
+}
+
+// This form's shared memory: the pair table, code2, x's rows, xa's, then its ring and the slots' barriers.
+__host__ __device__ inline int64_t ring_base(int64_t M, int64_t split_k, int r, bool fused_epilogue) {
+  return kLanePairTableBytes + kTiledCode2Bytes + M * tiled_x_words(split_k) * 4 + (fused_epilogue ? M * r * 4 : 0);
+}
+__host__ __device__ inline int64_t ring_offset(int64_t base) { return (base + 127) / 128 * 128; }
+inline int64_t ring_smem(int64_t base, int warps, int slots) {
+  return ring_offset(base) + int64_t{warps} * slots * (kGroupBytes + 8);
+}
+
+using GroupScales = TiledScales<true>;
+
+// lora_gemv_tiled_kernel<bf16, NF4, double quantization> with the weight's groups through shared memory.
+template <int kSlots, bool kEvictFirst, bool kIssueAtEntry>
+__global__ void __launch_bounds__(kTiledGemvMaxWarps * 32, 1) ring_gemv_kernel(const LoraLinearParams<bf16> p) {
+  using T = bf16;
+  extern __shared__ __align__(128) uint8_t smem[];
+  uint32_t* table = reinterpret_cast<uint32_t*>(smem);
+  float* code2 = reinterpret_cast<float*>(smem + kLanePairTableBytes);
+  uint32_t* xs = reinterpret_cast<uint32_t*>(smem + kLanePairTableBytes + kTiledCode2Bytes);
+  const int tid = threadIdx.x, threads = blockDim.x, warps = threads / 32;
+  const int64_t split_k = p.K / gridDim.y, k_begin = blockIdx.y * split_k;
+  const int64_t x_words = tiled_x_words(split_k);
+  float* xa_s = reinterpret_cast<float*>(xs + p.M * x_words);
+  const bool fused_epilogue = p.partial == nullptr;
+  const int64_t base_bytes = ring_base(p.M, split_k, p.r, fused_epilogue);
+  const int warp = tid / 32, lane = tid % 32, g = lane / 4, t = lane % 4;
+  const uint32_t smem_s = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
+  const uint32_t ring_s = smem_s + static_cast<uint32_t>(ring_offset(base_bytes)) + warp * kSlots * kGroupBytes;
+  const uint32_t bar_s = smem_s + static_cast<uint32_t>(ring_offset(base_bytes)) + warps * kSlots * kGroupBytes +
+                         warp * kSlots * 8;
+
+  const int64_t tile = static_cast<int64_t>(blockIdx.x) * warps + warp;
+  const bool has_tile = tile < p.N / kTileOrderRows;
+  const int64_t blocks_per_row = p.K / kTileOrderK, b_begin = k_begin / kTileOrderK;
+  const int groups = static_cast<int>(split_k / kTiledGemvGroupK);
+  const uint8_t* w_tile = p.packed + (tile * blocks_per_row + b_begin) * kTileOrderBytes;
+  const auto issue = [&](int slot, int group) {  // lane 0
+    mbar_arrive_expecting(bar_s + 8 * slot, kGroupBytes);
+    bulk_group_copy(ring_s + slot * kGroupBytes, w_tile + int64_t{group} * kGroupBytes, bar_s + 8 * slot, kEvictFirst);
+  };
+  if (has_tile && lane == 0) {
+    for (int s = 0; s < kSlots; ++s) mbar_init(bar_s + 8 * s, 1);
+    mbar_init_fence();
+    if constexpr (kIssueAtEntry)
+      for (int s = 0; s < kSlots && s < groups; ++s) issue(s, s);
+  }
+
+  const float lane_value = lane_code_value<QuantType::NF4>();
+  const float code2_value = tid < 256 ? p.scales.code2[tid] : 0.0f;
+  const float mean = *p.scales.offset;
+  const uint32_t granules = static_cast<uint32_t>(split_k / 8), x_granules = static_cast<uint32_t>(p.M) * granules;
+  for (uint32_t first_i = tid; first_i < x_granules; first_i += threads * kTiledXLoads) {
+    uint4 v[kTiledXLoads];
+#pragma unroll
+    for (int u = 0; u < kTiledXLoads; ++u) {
+      const uint32_t i = first_i + u * threads;
+      if (i < x_granules) v[u] = __ldg(reinterpret_cast<const uint4*>(p.x + (i / granules) * p.K + k_begin) + i % granules);
+    }
+#pragma unroll
+    for (int u = 0; u < kTiledXLoads; ++u) {
+      const uint32_t i = first_i + u * threads;
+      if (i >= x_granules) break;
+      const uint32_t m = i / granules, q = i % granules;
+      const int first = 4 * static_cast<int>(q % 8);
+      uint32_t* d = xs + m * x_words + q / 8 * 32 + 2 * (first / 8) + first / 4 % 2;
+      d[0] = v[u].x;
+      d[8] = v[u].y;
+      d[16] = v[u].z;
+      d[24] = v[u].w;
+    }
+  }
+  fill_lane_pair_table<T>(table, [&](int code) { return __shfl_sync(0xffffffffu, lane_value, code); }, tid, threads);
+  if (tid < 256) code2[tid] = code2_value;
+  for (int i = tid + threads; i < 256; i += threads) code2[i] = p.scales.code2[i];
+  if constexpr (!kIssueAtEntry)
+    if (has_tile && lane == 0)
+      for (int s = 0; s < kSlots && s < groups; ++s) issue(s, s);
+  __syncthreads();
+
+  float acc[2][2] = {{0.0f, 0.0f}, {0.0f, 0.0f}};
+  if (has_tile) {
+    const int64_t row_block[2] = {(tile * kTileOrderRows + g) * blocks_per_row + b_begin,
+                                  (tile * kTileOrderRows + g + 8) * blocks_per_row + b_begin};
+    const auto load_scales = [&](GroupScales& sc, int group) {
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const int64_t block = row_block[h] + kTiledGemvGroupBlocks * group;
+        sc.q[h] = __ldg(reinterpret_cast<const uint32_t*>(p.scales.qabsmax + block));
+        sc.a2[h] = __ldg(p.scales.absmax2 + block / kAbsmaxBlocksize);
+      }
+    };
+    const uint32_t table_base = static_cast<uint32_t>(__cvta_generic_to_shared(table));
+    const uint32_t lane4 = lane * 4;
+    const uint32_t* x_row = xs + (g < p.M ? g : p.M - 1) * x_words + 8 * t;
+    // The scales are read a group ahead: eight groups share a 32-byte sector, so most come from L1.
+    GroupScales next;
+    load_scales(next, 0);
+#pragma unroll 1
+    for (int group = 0; group < groups; ++group) {
+      const int slot = group % kSlots;
+      mbar_wait(bar_s + 8 * slot, static_cast<uint32_t>(group / kSlots) & 1u);
+      uint4 w[kTiledGemvGroupBlocks];
+#pragma unroll
+      for (int j = 0; j < kTiledGemvGroupBlocks; ++j)
+        w[j] = load_shared16(ring_s + slot * kGroupBytes + j * kTileOrderBytes + lane * 16);
+      const GroupScales sc = next;
+      if (group + kSlots < groups) {
+        __syncwarp();
+        if (lane == 0) {
+          fence_before_copies();
+          issue(slot, group + kSlots);
+        }
+      }
+      if (group + 1 < groups) load_scales(next, group + 1);
+#pragma unroll
+      for (int j = 0; j < kTiledGemvGroupBlocks; ++j) {
+        float d[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+        tiled_block_mma<T>(d, table_base, make_uint2(w[j].x, w[j].y), make_uint2(w[j].z, w[j].w),
+                           x_row + (kTiledGemvGroupBlocks * group + j) * 32, lane4);
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          const float scale = mul_then_add(code2[(sc.q[h] >> (8 * j)) & 255], sc.a2[h], mean);
+          acc[h][0] = fmaf(scale, d[2 * h], acc[h][0]);
+          acc[h][1] = fmaf(scale, d[2 * h + 1], acc[h][1]);
+        }
+      }
+    }
+  }
+  allow_dependent_launch();
+  if (fused_epilogue && p.lora_B != nullptr) {
+    wait_for_prior_grid();
+    stage_lora_rows(p, xa_s, 0, static_cast<int>(p.M));
+    __syncthreads();
+  }
+  if (has_tile) {
+#pragma unroll
+    for (int h = 0; h < 2; ++h)
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        const int m = 2 * t + e;
+        if (m >= p.M) continue;
+        const int64_t n = tile * kTileOrderRows + g + 8 * h;
+        if (fused_epilogue)
+          p.y[m * p.N + n] = VecIO<T>::from_float(acc[h][e] + lora_term(p, xa_s, m, n));
+        else
+          p.partial[(static_cast<int64_t>(blockIdx.y) * p.M + m) * p.N + n] = acc[h][e];
+      }
+  }
+  wait_for_prior_grid();
+}
+
+// launch_lora_gemv_tiled with the ring kernel (bfloat16, x·Aᵀ by lora_down_mma beside).
+template <int kSlots, bool kEvictFirst, bool kIssueAtEntry>
+cudaError_t launch_ring(LoraLinearParams<bf16> p, const TiledGemvPlan& plan, const bf16* lora_A, float* scratch,
+                        bf16* xa, int num_sms) {
+  p.warp_splits = 1;
+  p.xa = xa;
+  place_gemv_scratch(p, scratch, plan.xa_splits, plan.splits);
+  const bool overlap = dependent_launch_supported();
+  cudaError_t err = launch_lora_down_mma(p.x, lora_A, xa, p.M, p.K, p.r, 0);
+  if (err != cudaSuccess) return err;
+  constexpr auto kernel = ring_gemv_kernel<kSlots, kEvictFirst, kIssueAtEntry>;
+  const int64_t smem = ring_smem(ring_base(p.M, p.K / plan.splits, p.r, plan.splits == 1), plan.warps, kSlots);
+  if (smem > kTiledGemvMaxSmem) return cudaErrorInvalidValue;
+  err = opt_in_dynamic_smem<kernel>(kTiledGemvMaxSmem);
+  if (err == cudaSuccess)
+    err = launch_maybe_dependent(kernel, plan.grid, dim3(plan.warps * 32), static_cast<size_t>(smem), 0, overlap, p);
+  if (err != cudaSuccess || plan.splits == 1) return err;
+  return launch_lora_epilogue(p, plan.splits, num_sms, overlap, 0);
+}
+
+struct Form {
+  const char* name;
+  cudaError_t (*launch)(LoraLinearParams<bf16>, const TiledGemvPlan&, const bf16*, float*, bf16*, int);
+  int slots;
+};
+
+cudaError_t launch_tree(LoraLinearParams<bf16> p, const TiledGemvPlan& plan, const bf16* lora_A, float* scratch,
+                        bf16* xa, int num_sms) {
+  return launch_lora_gemv_tiled<bf16>(p, plan, nullptr, lora_A, scratch, xa, QuantType::NF4, num_sms, 0);
+}
+
+int main(int argc, char** argv) {
+  setvbuf(stdout, nullptr, _IONBF, 0);
+  if (argc < 3) {
+    printf("usage: %s rounds N,K,M...\n", argv[0]);
+    return 1;
+  }
+  const int sms = sm_count_or_complain(argv[0]);
+  if (sms == 0) return 1;
+  char* flush = nullptr;
+  cudaMalloc(&flush, kFlushBytes);
+  const int rounds = atoi(argv[1]);
+  const int r = 16;
+  const Form forms[] = {
+      {"library: 1 slot, evict_first", launch_tree, 0},
+      {"1 slot, evict_first", launch_ring<1, true, true>, 1},
+      {"1 slot", launch_ring<1, false, true>, 1},
+      {"1 slot, evict_first, after x", launch_ring<1, true, false>, 1},
+      {"2 slots, evict_first", launch_ring<2, true, true>, 2},
+      {"2 slots", launch_ring<2, false, true>, 2},
+      {"3 slots, evict_first", launch_ring<3, true, true>, 3},
+      {"4 slots, evict_first", launch_ring<4, true, true>, 4},
+  };
+  for (int a = 2; a < argc; ++a) {
+    long long N, K, M;
+    if (!parse_gemm_shape(argv[a], &N, &K, &M)) return 1;
+    std::mt19937 rng(1);
+    std::uniform_real_distribution<float> unit(-1.0f, 1.0f);
+    const DqWeightSample w = dq_weight_sample(N, K, M, rng);
+    const std::vector<uint16_t> hA = bf16_values(r * K, [&] { return 0.02f * unit(rng); });
+    const std::vector<uint16_t> hB = bf16_values(N * r, [&] { return 0.02f * unit(rng); });
+    TiledGemvPlan plan;
+    if (const char* why = plan_lora_gemv_tiled(M, N, K, r, kTileOrderK, true, sms, &plan)) {
+      printf("%s: %s\n", argv[a], why);
+      continue;
+    }
+    uint8_t* packed = device_copy(to_tile_order(w.packed, N, K));
+    LoraLinearParams<bf16> p{};
+    p.x = reinterpret_cast<bf16*>(device_copy(w.x));
+    p.packed = packed;
+    p.scales.qabsmax = device_copy(w.qabsmax);
+    p.scales.absmax2 = device_copy(w.absmax2);
+    p.scales.code2 = device_copy(w.code2);
+    p.scales.offset = device_copy(std::vector<float>{w.offset});
+    const bf16* A = reinterpret_cast<bf16*>(device_copy(hA));
+    p.lora_B = reinterpret_cast<bf16*>(device_copy(hB));
+    p.r = r;
+    p.scale = 2.0f;
+    cudaMalloc(&p.y, N * M * 2);
+    p.M = M;
+    p.N = N;
+    p.K = K;
+    p.log2_blocksize = 6;
+    float* scratch;
+    cudaMalloc(&scratch, std::max<int64_t>(plan.scratch_floats, 1) * 4);
+    bf16* xa;
+    cudaMalloc(&xa, M * r * 2);
+    printf("%lldx%lld M=%lld: %d warps a CTA, %d K splits, %u CTAs\n", N, K, M, plan.warps, plan.splits,
+           plan.grid.x * plan.grid.y);
+    std::vector<std::string> lines(std::size(forms));
+    for (int round = 0; round < rounds; ++round) {
+      for (size_t f = 0; f < std::size(forms); ++f) {
+        const Form& form = forms[f];
+        if (form.slots > 0 &&
+            ring_smem(ring_base(M, K / plan.splits, r, plan.splits == 1), plan.warps, form.slots) > kTiledGemvMaxSmem) {
+          lines[f] = "does not fit shared memory";
+          continue;
+        }
+        const auto launch = [&] {
+          if (const cudaError_t err = form.launch(p, plan, A, scratch, xa, sms); err != cudaSuccess) {
+            printf("%s: %s\n", form.name, cudaGetErrorString(err));
+            exit(1);
+          }
+        };
+        cudaMemset(p.y, 0, N * M * 2);
+        launch();
+        if (cudaDeviceSynchronize() != cudaSuccess) {
+          printf("%s: %s\n", form.name, cudaGetErrorString(cudaGetLastError()));
+          return 1;
+        }
+        const unsigned long long hash = bits_hash(host_copy(p.y, N * M));
+        const float us = flushed_median_us(flush, launch, 60, 10);
+        char buf[96];
+        snprintf(buf, sizeof buf, "%s%6.1f", lines[f].empty() ? "" : ",", us);
+        if (round == 0) {
+          char head[96];
+          snprintf(head, sizeof head, "y %016llx  us", hash);
+          lines[f] = head;
+        }
+        lines[f] += buf;
+      }
+    }
+    for (size_t f = 0; f < std::size(forms); ++f) printf("  %-30s %s\n", forms[f].name, lines[f].c_str());
+    cudaFree(packed);
+  }
+  return 0;
+}
