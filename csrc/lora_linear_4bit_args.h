@@ -129,28 +129,23 @@ inline bool tensor_core_m_in_range(int64_t M, int64_t N, int64_t K) {
          (M <= kTensorCoreLongKMaxM && K >= kTensorCoreLongKMinK);
 }
 // Where the automatic choice takes the tiled small-M GEMV for a tile-ordered weight (it runs up to 8 rows of x) rather
-// than the tensor-core GEMM: weights of at least 2^27 elements, and of at least 2^25 with N >= 2K. H200, 2026-11-30,
-// tools/time_tile_order.py --tiled, do_bench µs, r = 16, M = 1 / 8, tiled GEMV against the GEMM on tile order (the
-// fused kernel on row-major bytes): 8192x28672 52.5 / 58.4 against 62.9 / 62.8 (60.4 / 79.4); 28672x8192 53.6 / 60.8
-// against 71.6 / 71.6 (64.0 / 77.3); 14336x4096 24.6 / 26.2 against 26.8 / 27.0; 11008x4096 21.3 / 23.6 against
-// 26.4 / 26.4 (22.2 / 24.7). The GEMM stayed ahead on 8192² (25.3 / 26.8 against 24.8 / 24.8) and 4096² (15.5 / 16.4
-// against 13.7 / 14.2); on 4096x14336 they split (22.6 / 25.0 against 24.0 / 24.5).
-// Beyond those sizes the GEMM holds its own only where its launch for M is one full wave (4096², 8192², 4096x14336,
-// 4096x11008: 128 CTAs); where it is not, and the tiled GEMV has at least 6 warps an SM streaming, the tiled GEMV is
-// ahead: by 3-6 µs on 5120² and 6144x4096, by 0.6-1.4 on 1024x4096 but at M = 2 (0.3 behind). H200, 2026-12-01, on e7fb33c's tree, same tool, M = 1 / 2 / 4 / 8, tiled GEMV against the GEMM:
-// 5120² (GEMM 160 CTAs) 17.4 / 17.6 / 17.2 / 17.6 against 22.4 / 22.5 / 22.8 / 23.3; 6144x4096 (192) 17.5 / 17.7 /
-// 17.1 / 17.6 against 20.8 / 20.7 / 21.2 / 21.6; 1024x4096 (32) 11.5 / 12.6 / 11.6 / 12.2 against 12.9 / 12.3 / 12.7 /
-// 13.6. On the one-wave shapes: 4096² 14.5 / 13.3 / 13.4 / 13.8 against 13.8 / 13.8 / 13.9 / 13.8, 8192² 23.9 / 25.1 /
-// 24.0 / 25.2 against 24.5 / 24.5 / 24.6 / 24.5, 4096x14336 22.2 / 22.1 / 21.8 / 23.0 against 23.1 / 23.2 / 23.4 /
-// 23.6; 4096x11008 (its 43 groups of K allow one split: 256 warps, 2 an SM) 38.3-49.9 against 21.3-21.7. With this
-// rule the automatic choice read M = 1 / 8: 5120² 16.3 / 16.9, 6144x4096 16.2 / 17.0, 1024x4096 12.3 / 12.2 (bf16
-// F.linear 23.5 / 22.7, 23.0 / 22.6, 10.8 / 10.8); 4096² 13.5 / 13.8 as before.
-constexpr int64_t kTiledGemvMinElements = int64_t{1} << 27, kTiledGemvTallMinElements = int64_t{1} << 25;
+// than the tensor-core GEMM: weights of at least 2^27 elements; and, where the tiled GEMV streams with at least 6 warps
+// an SM, weights of at least 2^25 elements or where the GEMM's launch for M is not one full wave. H200, 2026-12-01,
+// tools/time_tile_order.py --tiled, do_bench µs, r = 16, M = 1 / 2 / 4 / 8, tiled GEMV against the GEMM on tile
+// order, once the tiled GEMV's weight came through shared memory by bulk copies: 8192² 22.7 / 22.4 / 22.6 / 23.3
+// against 24.5 / 24.5 / 24.5 / 24.6; 4096x14336 20.0 / 21.0 / 21.1 / 21.5 against 23.2 / 23.3 / 23.4 / 23.6; 5120²
+// (GEMM 160 CTAs) 14.6 / 15.8 / 15.4 / 15.7 against 22.4 / 22.5 / 22.8 / 23.2; 1024x4096 (32 CTAs) 12.7 / 12.6 /
+// 12.7 / 12.8 against 12.7 / 12.8 / 12.9 / 13.0; but 4096² 14.4 / 14.6 / 14.6 / 14.7 against 13.9 / 14.0 / 13.8 /
+// 14.1. Before that (2026-11-30) 8192x28672 52.5 / 58.4 (M = 1 / 8) against 62.9 / 62.8, 28672x8192 53.6 / 60.8
+// against 71.6 / 71.6, 14336x4096 24.6 / 26.2 against 26.8 / 27.0. 4096x11008's 43 groups of K allow the tiled GEMV
+// one split (256 warps, 2 an SM): 38.3-49.9 against 21.3-21.7 (2026-12-01).
+constexpr int64_t kTiledGemvMinElements = int64_t{1} << 27, kTiledGemvStreamingMinElements = int64_t{1} << 25;
 constexpr int64_t kTiledGemvMinWarpsPerSm = 6;
 inline bool tiled_gemv_pays(int64_t N, int64_t K, int64_t gemm_ctas, int64_t tiled_warps, int num_sms) {
   const bool gemm_one_wave = gemm_ctas <= num_sms && 4 * gemm_ctas >= 3 * static_cast<int64_t>(num_sms);
-  return N * K >= kTiledGemvMinElements || (N * K >= kTiledGemvTallMinElements && N >= 2 * K) ||
-         (!gemm_one_wave && tiled_warps >= kTiledGemvMinWarpsPerSm * num_sms);
+  const bool tiled_streams = tiled_warps >= kTiledGemvMinWarpsPerSm * num_sms;
+  return N * K >= kTiledGemvMinElements ||
+         (tiled_streams && (N * K >= kTiledGemvStreamingMinElements || !gemm_one_wave));
 }
 // Largest LoRA rank the fused kernel stages in shared memory (64 rows x r floats within 48 KB).
 constexpr int64_t kFusedMaxRank = 192;

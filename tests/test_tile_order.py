@@ -218,16 +218,17 @@ def launched_kernels(fn):
 
 @cuda_only
 @pytest.mark.parametrize("N, K, M, tiled_expected", [(8192, 16384, 1, True), (8192, 16384, 8, True),
-                                                     (8192, 16384, 9, False), (8192, 8192, 1, False),
-                                                     (12288, 4096, 2, True), (4096, 8192, 2, False),
-                                                     (5120, 5120, 1, True), (6144, 4096, 8, True),
-                                                     (4096, 4096, 1, False), (4096, 11008, 1, False),
-                                                     (5120, 11008, 1, False)])
+                                                     (8192, 16384, 9, False), (8192, 8192, 1, True),
+                                                     (12288, 4096, 2, True), (4096, 8192, 2, True),
+                                                     (4096, 14336, 8, True), (5120, 5120, 1, True),
+                                                     (6144, 4096, 8, True), (4096, 4096, 1, False),
+                                                     (4096, 11008, 1, False), (5120, 11008, 1, False)])
 def test_automatic_choice_of_the_tiled_gemv(N, K, M, tiled_expected):
-    """The automatic choice takes the tiled GEMV for a tile-ordered weight, up to 8 rows, of at least 2^27 elements, or of
-    at least 2^25 with N >= 2K, or where the tensor-core GEMM's launch is not one full wave and the tiled GEMV streams
-    with at least 6 warps an SM (on a 132-SM H200: 5120² and 6144x4096; not 4096² nor 4096x11008, one GEMM wave each,
-    nor 5120x11008, whose 43 groups of K leave the tiled GEMV one split of 321 warps)."""
+    """The automatic choice takes the tiled GEMV for a tile-ordered weight, up to 8 rows, of at least 2^27 elements; and,
+    where the tiled GEMV streams with at least 6 warps an SM, of at least 2^25 elements or where the tensor-core GEMM's
+    launch is not one full wave (on a 132-SM H200: 8192², 4096x8192, 4096x14336, 5120² and 6144x4096; not 4096², one
+    GEMM wave of 2^24 elements, nor 4096x11008 and 5120x11008, whose 43 groups of K leave the tiled GEMV one split of
+    256 and 321 warps)."""
     _, tiled = tiled_inputs(M, N, K)
     names = launched_kernels(lambda: OP(**tiled))
     assert any("lora_gemv_tiled_kernel" in n for n in names) == tiled_expected, names

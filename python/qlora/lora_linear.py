@@ -30,9 +30,10 @@ def lora_linear_4bit(x: torch.Tensor, packed: torch.Tensor, quant_state: QuantSt
         ``[..., in_features]``, float32, float16 or bfloat16; the output has x's dtype.
     packed, quant_state :
         The 4-bit weight ``[out_features, in_features]`` from :func:`qlora.quantize_4bit`, its bytes in bitsandbytes'
-        row-major order or in tile order (:func:`qlora.tile_order`). A tile-ordered weight of at least 2^27 elements (or
-        2^25 with out_features >= 2·in_features, or where the tensor-core GEMM's launch is not one full wave of the
-        GPU) goes to the tiled small-M GEMV for up to 8 rows of x where that runs well (``PATH_FUSED_TILED``),
+        row-major order or in tile order (:func:`qlora.tile_order`). A tile-ordered weight of at least 2^27 elements (or,
+        where the tiled small-M GEMV keeps at least 6 warps an SM streaming, of at least 2^25 elements or where the
+        tensor-core GEMM's launch is not one full wave of the GPU) goes to that GEMV for up to 8 rows of x
+        (``PATH_FUSED_TILED``),
         otherwise to the tensor-core GEMM from one token where that runs (the fused small-M
         kernel reads row-major bytes only), and is otherwise read as the row-major one; every path that takes both
         orders gives the same bits from either.
