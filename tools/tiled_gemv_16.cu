@@ -66,43 +66,12 @@ __global__ void __launch_bounds__(kTiledGemvMaxWarps * 32, 1) gemv16_kernel(cons
   const int64_t blocks_per_row = p.K / kTileOrderK, b_begin = k_begin / kTileOrderK;
   const int groups = static_cast<int>(split_k / kTiledGemvGroupK);
   const uint8_t* w_tile = p.packed + (tile * blocks_per_row + b_begin) * kTileOrderBytes;
-  const uint32_t smem_s = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
-  const uint32_t slot_bar = smem_s + kLanePairTableBytes + kTiledCode2Bytes + 8 * warp;
-  const uint32_t slot = smem_s + kLanePairTableBytes + kTiledCode2Bytes + kTiledBarrierBytes + warp * kTiledGemvGroupBytes;
-  const auto copy_group = [&](int group) {
-    mbar_arrive_expecting(slot_bar, kTiledGemvGroupBytes);
-    bulk_copy_to_shared(slot, w_tile + int64_t{group} * kTiledGemvGroupBytes, kTiledGemvGroupBytes, slot_bar,
-                        kL2EvictFirst);
-  };
-  if (has_tile && lane == 0) {
-    mbar_init(slot_bar, 1);
-    mbar_init_fence();
-    copy_group(0);
-  }
+  const TiledSlot slot(smem, warp, w_tile);
+  if (has_tile && lane == 0) slot.start();
   const float lane_value = lane_code_value<QuantType::NF4>();
   const float code2_value = tid < 256 ? p.scales.code2[tid] : 0.0f;
   const float mean = *p.scales.offset;
-  const uint32_t granules = static_cast<uint32_t>(split_k / 8), x_granules = static_cast<uint32_t>(p.M) * granules;
-  for (uint32_t first_i = tid; first_i < x_granules; first_i += threads * kTiledXLoads) {
-    uint4 v[kTiledXLoads];
-#pragma unroll
-    for (int u = 0; u < kTiledXLoads; ++u) {
-      const uint32_t i = first_i + u * threads;
-      if (i < x_granules) v[u] = __ldg(reinterpret_cast<const uint4*>(p.x + (i / granules) * p.K + k_begin) + i % granules);
-    }
-#pragma unroll
-    for (int u = 0; u < kTiledXLoads; ++u) {
-      const uint32_t i = first_i + u * threads;
-      if (i >= x_granules) break;
-      const uint32_t m = i / granules, q = i % granules;
-      const int first = 4 * static_cast<int>(q % 8);
-      uint32_t* d = xs + m * x_words + q / 8 * 32 + 2 * (first / 8) + first / 4 % 2;
-      d[0] = v[u].x;
-      d[8] = v[u].y;
-      d[16] = v[u].z;
-      d[24] = v[u].w;
-    }
-  }
+  stage_tiled_x(p.x, p.M, p.K, k_begin, split_k, xs, tid, threads);
   fill_lane_pair_table<T>(table, [&](int code) { return __shfl_sync(0xffffffffu, lane_value, code); }, tid, threads);
   if (tid < 256) code2[tid] = code2_value;
   for (int i = tid + threads; i < 256; i += threads) code2[i] = p.scales.code2[i];
@@ -112,36 +81,19 @@ __global__ void __launch_bounds__(kTiledGemvMaxWarps * 32, 1) gemv16_kernel(cons
   if (has_tile) {
     const int64_t row_block[2] = {(tile * kTileOrderRows + g) * blocks_per_row + b_begin,
                                   (tile * kTileOrderRows + g + 8) * blocks_per_row + b_begin};
-    const auto load_scales = [&](TiledScales<true>& sc, int group) {
-#pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        const int64_t block = row_block[h] + kTiledGemvGroupBlocks * group;
-        sc.q[h] = __ldg(reinterpret_cast<const uint32_t*>(p.scales.qabsmax + block));
-        sc.a2[h] = __ldg(p.scales.absmax2 + block / kAbsmaxBlocksize);
-      }
-    };
     const uint32_t table_base = static_cast<uint32_t>(__cvta_generic_to_shared(table));
     const uint32_t lane4 = lane * 4;
     const int64_t m0 = g < p.M ? g : p.M - 1, m1 = 8 + g < p.M ? 8 + g : p.M - 1;
     const uint32_t* x_row0 = xs + m0 * x_words + 8 * t;
     const uint32_t* x_row1 = xs + m1 * x_words + 8 * t;
     TiledScales<true> next;
-    load_scales(next, 0);
+    load_tiled_scales(next, p.scales, row_block, 0);
 #pragma unroll 1
     for (int group = 0; group < groups; ++group) {
-      mbar_wait(slot_bar, static_cast<uint32_t>(group) & 1u);
       uint4 w[kTiledGemvGroupBlocks];
-#pragma unroll
-      for (int j = 0; j < kTiledGemvGroupBlocks; ++j) w[j] = load_shared16(slot + j * kTileOrderBytes + lane * 16);
+      slot.take(group, groups, lane, w);
       const TiledScales<true> sc = next;
-      if (group + 1 < groups) {
-        __syncwarp();
-        if (lane == 0) {
-          fence_before_copies();
-          copy_group(group + 1);
-        }
-        load_scales(next, group + 1);
-      }
+      if (group + 1 < groups) load_tiled_scales(next, p.scales, row_block, group + 1);
 #pragma unroll
       for (int j = 0; j < kTiledGemvGroupBlocks; ++j) {
         float d0[4] = {0.0f, 0.0f, 0.0f, 0.0f}, d1[4] = {0.0f, 0.0f, 0.0f, 0.0f};
@@ -166,51 +118,10 @@ __global__ void __launch_bounds__(kTiledGemvMaxWarps * 32, 1) gemv16_kernel(cons
     stage_lora_rows(p, xa_s, 0, static_cast<int>(p.M));
     __syncthreads();
   }
-  if (has_tile) {
+  if (has_tile)
 #pragma unroll
-    for (int x = 0; x < 2; ++x)
-#pragma unroll
-      for (int h = 0; h < 2; ++h)
-#pragma unroll
-        for (int e = 0; e < 2; ++e) {
-          const int m = 8 * x + 2 * t + e;
-          if (m >= p.M) continue;
-          const int64_t n = tile * kTileOrderRows + g + 8 * h;
-          if (fused_epilogue)
-            p.y[m * p.N + n] = VecIO<T>::from_float(acc[x][h][e] + lora_term(p, xa_s, m, n));
-          else
-            p.partial[(static_cast<int64_t>(blockIdx.y) * p.M + m) * p.N + n] = acc[x][h][e];
-        }
-  }
+    for (int x = 0; x < 2; ++x) store_tiled_sums(p, acc[x], xa_s, tile, g, 8 * x + 2 * t);
   wait_for_prior_grid();
-}
-
-// plan_lora_gemv_tiled's choice without its 8-row limit.
-bool plan16(int64_t M, int64_t N, int64_t K, int r, int num_sms, TiledGemvPlan* plan) {
-  const int64_t tiles = N / kTileOrderRows, groups = K / kTiledGemvGroupK;
-  const int sms = num_sms - 1;
-  int64_t best_key[3] = {-1, -1, -1};
-  for (int64_t splits = 1; splits <= std::min<int64_t>(groups, kTiledGemvMaxSplits); ++splits) {
-    if (groups % splits != 0) continue;
-    for (int warps = kTiledGemvMaxWarps; warps >= 1; --warps) {
-      const int64_t smem = tiled_gemv_smem(M, K / splits, r, splits == 1, warps);
-      const int64_t ctas = (tiles + warps - 1) / warps * splits;
-      if (ctas > sms || smem > kTiledGemvMaxSmem) continue;
-      const int64_t key[3] = {tiles * splits, ctas, -ctas * warps};
-      if (std::lexicographical_compare(best_key, best_key + 3, key, key + 3)) {
-        std::copy(key, key + 3, best_key);
-        plan->warps = warps;
-        plan->splits = static_cast<int>(splits);
-        plan->grid = dim3(static_cast<unsigned>((tiles + warps - 1) / warps), static_cast<unsigned>(splits));
-        plan->smem = static_cast<size_t>(smem);
-      }
-    }
-  }
-  plan->r = r;
-  plan->xa_beside = true;
-  plan->xa_splits = 0;
-  plan->scratch_floats = gemv_scratch_floats(M, N, r, 0, plan->splits);
-  return plan->warps > 0;
 }
 
 cudaError_t launch16(LoraLinearParams<bf16> p, const TiledGemvPlan& plan, const bf16* lora_A, float* scratch, bf16* xa,
@@ -248,9 +159,9 @@ int main(int argc, char** argv) {
     const DqWeightSample w = dq_weight_sample(N, K, M, rng);
     const std::vector<uint16_t> hA = bf16_values(r * K, [&] { return 0.02f * unit(rng); });
     const std::vector<uint16_t> hB = bf16_values(N * r, [&] { return 0.02f * unit(rng); });
-    TiledGemvPlan plan16_, plan8;
+    TiledGemvPlan plan16, plan8;
     const bool lib8 = plan_lora_gemv_tiled(std::min<long long>(M, 8), N, K, r, kTileOrderK, true, sms, &plan8) == nullptr;
-    if (!plan16(M, N, K, r, sms, &plan16_) || !lib8) {
+    if (!choose_tiled_gemv_launch(M, N, K, r, true, sms, &plan16) || !lib8) {
       printf("%s: no plan\n", argv[a]);
       continue;
     }
@@ -270,7 +181,7 @@ int main(int argc, char** argv) {
     p.K = K;
     p.log2_blocksize = 6;
     float* scratch;
-    cudaMalloc(&scratch, std::max<int64_t>({plan16_.scratch_floats, plan8.scratch_floats, 1}) * 4);
+    cudaMalloc(&scratch, std::max<int64_t>({plan16.scratch_floats, plan8.scratch_floats, 1}) * 4);
     bf16* xa;
     cudaMalloc(&xa, M * r * 2);
     std::vector<float> t16, t8;
@@ -281,11 +192,11 @@ int main(int argc, char** argv) {
         launch_lora_gemv_tiled<bf16>(p8, plan8, nullptr, A, scratch, xa, QuantType::NF4, sms, 0);
       }, 60, 10));
       p.M = M;
-      t16.push_back(flushed_median_us(flush, [&] { launch16(p, plan16_, A, scratch, xa, sms); }, 60, 10));
+      t16.push_back(flushed_median_us(flush, [&] { launch16(p, plan16, A, scratch, xa, sms); }, 60, 10));
     }
     p.M = M;
     cudaMemset(p.y, 0, N * M * 2);
-    if (const cudaError_t err = launch16(p, plan16_, A, scratch, xa, sms); err != cudaSuccess ||
+    if (const cudaError_t err = launch16(p, plan16, A, scratch, xa, sms); err != cudaSuccess ||
                                                                            cudaDeviceSynchronize() != cudaSuccess) {
       printf("%s: %s\n", argv[a], cudaGetErrorString(cudaGetLastError()));
       return 1;
@@ -305,8 +216,8 @@ int main(int argc, char** argv) {
         max_ref = std::max(max_ref, std::fabs(acc));
       }
     }
-    printf("%6lldx%-6lld M=%-2lld %2d warps x %3u CTAs, %2d splits:", N, K, M, plan16_.warps,
-           plan16_.grid.x * plan16_.grid.y, plan16_.splits);
+    printf("%6lldx%-6lld M=%-2lld %2d warps x %3u CTAs, %2d splits:", N, K, M, plan16.warps,
+           plan16.grid.x * plan16.grid.y, plan16.splits);
     for (float v : t16) printf(" %6.1f", v);
     printf(" us | library at M = %lld (%d splits):", std::min<long long>(M, 8), plan8.splits);
     for (float v : t8) printf(" %6.1f", v);

@@ -84,27 +84,7 @@ __global__ void __launch_bounds__(kTiledGemvMaxWarps * 32, 1) ring_gemv_kernel(c
   const float lane_value = lane_code_value<QuantType::NF4>();
   const float code2_value = tid < 256 ? p.scales.code2[tid] : 0.0f;
   const float mean = *p.scales.offset;
-  const uint32_t granules = static_cast<uint32_t>(split_k / 8), x_granules = static_cast<uint32_t>(p.M) * granules;
-  for (uint32_t first_i = tid; first_i < x_granules; first_i += threads * kTiledXLoads) {
-    uint4 v[kTiledXLoads];
-#pragma unroll
-    for (int u = 0; u < kTiledXLoads; ++u) {
-      const uint32_t i = first_i + u * threads;
-      if (i < x_granules) v[u] = __ldg(reinterpret_cast<const uint4*>(p.x + (i / granules) * p.K + k_begin) + i % granules);
-    }
-#pragma unroll
-    for (int u = 0; u < kTiledXLoads; ++u) {
-      const uint32_t i = first_i + u * threads;
-      if (i >= x_granules) break;
-      const uint32_t m = i / granules, q = i % granules;
-      const int first = 4 * static_cast<int>(q % 8);
-      uint32_t* d = xs + m * x_words + q / 8 * 32 + 2 * (first / 8) + first / 4 % 2;
-      d[0] = v[u].x;
-      d[8] = v[u].y;
-      d[16] = v[u].z;
-      d[24] = v[u].w;
-    }
-  }
+  stage_tiled_x(p.x, p.M, p.K, k_begin, split_k, xs, tid, threads);
   fill_lane_pair_table<T>(table, [&](int code) { return __shfl_sync(0xffffffffu, lane_value, code); }, tid, threads);
   if (tid < 256) code2[tid] = code2_value;
   for (int i = tid + threads; i < 256; i += threads) code2[i] = p.scales.code2[i];
@@ -117,20 +97,12 @@ __global__ void __launch_bounds__(kTiledGemvMaxWarps * 32, 1) ring_gemv_kernel(c
   if (has_tile) {
     const int64_t row_block[2] = {(tile * kTileOrderRows + g) * blocks_per_row + b_begin,
                                   (tile * kTileOrderRows + g + 8) * blocks_per_row + b_begin};
-    const auto load_scales = [&](GroupScales& sc, int group) {
-#pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        const int64_t block = row_block[h] + kTiledGemvGroupBlocks * group;
-        sc.q[h] = __ldg(reinterpret_cast<const uint32_t*>(p.scales.qabsmax + block));
-        sc.a2[h] = __ldg(p.scales.absmax2 + block / kAbsmaxBlocksize);
-      }
-    };
     const uint32_t table_base = static_cast<uint32_t>(__cvta_generic_to_shared(table));
     const uint32_t lane4 = lane * 4;
     const uint32_t* x_row = xs + (g < p.M ? g : p.M - 1) * x_words + 8 * t;
     // The scales are read a group ahead: eight groups share a 32-byte sector, so most come from L1.
     GroupScales next;
-    load_scales(next, 0);
+    load_tiled_scales(next, p.scales, row_block, 0);
 #pragma unroll 1
     for (int group = 0; group < groups; ++group) {
       const int slot = group % kSlots;
@@ -147,19 +119,8 @@ __global__ void __launch_bounds__(kTiledGemvMaxWarps * 32, 1) ring_gemv_kernel(c
           issue(slot, group + kSlots);
         }
       }
-      if (group + 1 < groups) load_scales(next, group + 1);
-#pragma unroll
-      for (int j = 0; j < kTiledGemvGroupBlocks; ++j) {
-        float d[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-        tiled_block_mma<T>(d, table_base, make_uint2(w[j].x, w[j].y), make_uint2(w[j].z, w[j].w),
-                           x_row + (kTiledGemvGroupBlocks * group + j) * 32, lane4);
-#pragma unroll
-        for (int h = 0; h < 2; ++h) {
-          const float scale = mul_then_add(code2[(sc.q[h] >> (8 * j)) & 255], sc.a2[h], mean);
-          acc[h][0] = fmaf(scale, d[2 * h], acc[h][0]);
-          acc[h][1] = fmaf(scale, d[2 * h + 1], acc[h][1]);
-        }
-      }
+      if (group + 1 < groups) load_tiled_scales(next, p.scales, row_block, group + 1);
+      decode_tiled_group<T>(acc, table_base, w, sc, x_row + kTiledGemvGroupBlocks * group * 32, lane4, code2, mean);
     }
   }
   allow_dependent_launch();
@@ -168,20 +129,7 @@ __global__ void __launch_bounds__(kTiledGemvMaxWarps * 32, 1) ring_gemv_kernel(c
     stage_lora_rows(p, xa_s, 0, static_cast<int>(p.M));
     __syncthreads();
   }
-  if (has_tile) {
-#pragma unroll
-    for (int h = 0; h < 2; ++h)
-#pragma unroll
-      for (int e = 0; e < 2; ++e) {
-        const int m = 2 * t + e;
-        if (m >= p.M) continue;
-        const int64_t n = tile * kTileOrderRows + g + 8 * h;
-        if (fused_epilogue)
-          p.y[m * p.N + n] = VecIO<T>::from_float(acc[h][e] + lora_term(p, xa_s, m, n));
-        else
-          p.partial[(static_cast<int64_t>(blockIdx.y) * p.M + m) * p.N + n] = acc[h][e];
-      }
-  }
+  if (has_tile) store_tiled_sums(p, acc, xa_s, tile, g, 2 * t);
   wait_for_prior_grid();
 }
 

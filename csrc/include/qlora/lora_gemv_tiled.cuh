@@ -99,11 +99,135 @@ template <>
 struct TiledScales<false> {
   float4 absmax[2];
 };
+// The raw scales of group `group` of a lane's rows g and g + 8, whose split starts at blocks row_block.
+template <bool kDoubleQuant>
+__device__ __forceinline__ void load_tiled_scales(TiledScales<kDoubleQuant>& sc, const BlockScales& scales,
+                                                  const int64_t (&row_block)[2], int group) {
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    const int64_t block = row_block[h] + kTiledGemvGroupBlocks * group;
+    if constexpr (kDoubleQuant) {
+      sc.q[h] = __ldg(reinterpret_cast<const uint32_t*>(scales.qabsmax + block));
+      sc.a2[h] = __ldg(scales.absmax2 + block / kAbsmaxBlocksize);
+    } else {
+      sc.absmax[h] = __ldg(reinterpret_cast<const float4*>(scales.absmax + block));
+    }
+  }
+}
+
+// acc[row g, g + 8][x rows 2t, 2t + 1] += a lane's group: its four blocks' bytes w, their scales, x's staged pairs
+// from x_group (the lane's words of the group's first block); code2 and mean as dequantize_4bit applies them.
+template <typename T, bool kDoubleQuant>
+__device__ __forceinline__ void decode_tiled_group(float (&acc)[2][2], uint32_t table, const uint4 (&w)[kTiledGemvGroupBlocks],
+                                                   const TiledScales<kDoubleQuant>& sc, const uint32_t* x_group,
+                                                   uint32_t lane4, const float* code2, float mean) {
+#pragma unroll
+  for (int j = 0; j < kTiledGemvGroupBlocks; ++j) {
+    float d[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+    tiled_block_mma<T>(d, table, make_uint2(w[j].x, w[j].y), make_uint2(w[j].z, w[j].w), x_group + j * 32, lane4);
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      float scale;
+      if constexpr (kDoubleQuant)
+        scale = mul_then_add(code2[(sc.q[h] >> (8 * j)) & 255], sc.a2[h], mean);  // as dequantize_4bit rounds it
+      else
+        scale = j == 0 ? sc.absmax[h].x : j == 1 ? sc.absmax[h].y : j == 2 ? sc.absmax[h].z : sc.absmax[h].w;
+      acc[h][0] = fmaf(scale, d[2 * h], acc[h][0]);
+      acc[h][1] = fmaf(scale, d[2 * h + 1], acc[h][1]);
+    }
+  }
+}
+
+// A lane's sums for x rows m0, m0 + 1 and output rows g, g + 8 of `tile`: y, with the LoRA term and bias, where
+// p.partial is null (one K split), else the split's partial sums.
+template <typename T>
+__device__ __forceinline__ void store_tiled_sums(const LoraLinearParams<T>& p, const float (&acc)[2][2],
+                                                 const float* xa_s, int64_t tile, int g, int m0) {
+#pragma unroll
+  for (int h = 0; h < 2; ++h)
+#pragma unroll
+    for (int e = 0; e < 2; ++e) {
+      const int m = m0 + e;
+      if (m >= p.M) continue;
+      const int64_t n = tile * kTileOrderRows + g + 8 * h;
+      if (p.partial == nullptr)
+        p.y[m * p.N + n] = VecIO<T>::from_float(acc[h][e] + lora_term(p, xa_s, m, n));
+      else
+        p.partial[(static_cast<int64_t>(blockIdx.y) * p.M + m) * p.N + n] = acc[h][e];
+    }
+}
+
 // One group of a lane in registers (before sm_90): the four blocks' 16 bytes (x, y: row g; z, w: row g + 8).
 template <bool kDoubleQuant>
 struct TiledGroup {
   uint4 w[kTiledGemvGroupBlocks];
   TiledScales<kDoubleQuant> s;
+};
+
+// Stages rows 0..M-1 of x's K split [k_begin, k_begin + split_k) in xs, tiled_x_words(split_k) words a row. Pair
+// 8s + t + 4e of a block (x[k = 16s + 2t + 8e], the lane's B fragment e of step s) goes to word 8t + 2s + e. A granule
+// is 16 bytes, pairs 4q .. 4q + 3 of a row (32-bit counts: at most 16 rows of a K split). A thread's kTiledXLoads
+// loads are issued before its stores: one at a time, 8 rows of x at K = 8192 took 16 round trips before the first
+// weight was read.
+template <typename T>
+__device__ __forceinline__ void stage_tiled_x(const T* x, int64_t M, int64_t K, int64_t k_begin, int64_t split_k,
+                                              uint32_t* xs, int tid, int threads) {
+  const int64_t x_words = tiled_x_words(split_k);
+  const uint32_t granules = static_cast<uint32_t>(split_k / 8), x_granules = static_cast<uint32_t>(M) * granules;
+  for (uint32_t first_i = tid; first_i < x_granules; first_i += threads * kTiledXLoads) {
+    uint4 v[kTiledXLoads];
+#pragma unroll
+    for (int u = 0; u < kTiledXLoads; ++u) {
+      const uint32_t i = first_i + u * threads;
+      if (i < x_granules) v[u] = __ldg(reinterpret_cast<const uint4*>(x + (i / granules) * K + k_begin) + i % granules);
+    }
+#pragma unroll
+    for (int u = 0; u < kTiledXLoads; ++u) {
+      const uint32_t i = first_i + u * threads;
+      if (i >= x_granules) break;
+      const uint32_t m = i / granules, q = i % granules;
+      const int first = 4 * static_cast<int>(q % 8);
+      uint32_t* d = xs + m * x_words + q / 8 * 32 + 2 * (first / 8) + first / 4 % 2;
+      d[0] = v[u].x;
+      d[8] = v[u].y;
+      d[16] = v[u].z;
+      d[24] = v[u].w;
+    }
+  }
+}
+
+// A warp's shared-memory slot on sm_90 (the kernel's layout, tiled_x_offset): the copy engine brings the tile's next
+// group into it while the warp decodes the one before. start() (lane 0) sets up the barrier and copies group 0;
+// take() waits for `group`, reads the lane's 16 bytes of each of its blocks, and has lane 0 copy the next group in.
+struct TiledSlot {
+  uint32_t bar, data;
+  const uint8_t* w_tile;  // the tile's bytes of the warp's K split
+  __device__ TiledSlot(const uint8_t* smem, int warp, const uint8_t* tile_bytes) : w_tile(tile_bytes) {
+    const uint32_t base = static_cast<uint32_t>(__cvta_generic_to_shared(smem)) + kLanePairTableBytes + kTiledCode2Bytes;
+    bar = base + 8 * warp;
+    data = base + kTiledBarrierBytes + warp * kTiledGemvGroupBytes;
+  }
+  __device__ void copy(int group) const {
+    mbar_arrive_expecting(bar, kTiledGemvGroupBytes);
+    bulk_copy_to_shared(data, w_tile + int64_t{group} * kTiledGemvGroupBytes, kTiledGemvGroupBytes, bar, kL2EvictFirst);
+  }
+  __device__ void start() const {
+    mbar_init(bar, 1);
+    mbar_init_fence();
+    copy(0);
+  }
+  __device__ void take(int group, int groups, int lane, uint4 (&w)[kTiledGemvGroupBlocks]) const {
+    mbar_wait(bar, static_cast<uint32_t>(group) & 1u);
+#pragma unroll
+    for (int j = 0; j < kTiledGemvGroupBlocks; ++j) w[j] = load_shared16(data + j * kTileOrderBytes + lane * 16);
+    if (group + 1 < groups) {
+      __syncwarp();  // every lane has read the slot
+      if (lane == 0) {
+        fence_before_copies();
+        copy(group + 1);
+      }
+    }
+  }
 };
 
 // Grid (ceil(N / 16 / warps), splits); splits divide K / kTiledGemvGroupK. p.partial == nullptr: one split, which
@@ -125,19 +249,8 @@ __global__ void __launch_bounds__(kTiledGemvMaxWarps * 32, 1) lora_gemv_tiled_ke
   const int groups = static_cast<int>(split_k / kTiledGemvGroupK);
   const uint8_t* w_tile = p.packed + (tile * blocks_per_row + b_begin) * kTileOrderBytes;
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  const uint32_t smem_s = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
-  const uint32_t slot_bar = smem_s + kLanePairTableBytes + kTiledCode2Bytes + 8 * warp;
-  const uint32_t slot = smem_s + kLanePairTableBytes + kTiledCode2Bytes + kTiledBarrierBytes + warp * kTiledGemvGroupBytes;
-  const auto copy_group = [&](int group) {  // lane 0
-    mbar_arrive_expecting(slot_bar, kTiledGemvGroupBytes);
-    bulk_copy_to_shared(slot, w_tile + int64_t{group} * kTiledGemvGroupBytes, kTiledGemvGroupBytes, slot_bar,
-                        kL2EvictFirst);
-  };
-  if (has_tile && lane == 0) {  // the first group is in flight while x is staged
-    mbar_init(slot_bar, 1);
-    mbar_init_fence();
-    copy_group(0);
-  }
+  const TiledSlot slot(smem, warp, w_tile);
+  if (has_tile && lane == 0) slot.start();  // the first group is in flight while x is staged
 #endif
   // The tables' and the scales' start-up loads, issued before x's so that all share one round trip to memory: in
   // turn (x, then the code values, then code2) they had held the first weight loads back by three. H200, 2026-12-01,
@@ -147,31 +260,7 @@ __global__ void __launch_bounds__(kTiledGemvMaxWarps * 32, 1) lora_gemv_tiled_ke
   const float code2_value = kDoubleQuant && tid < 256 ? p.scales.code2[tid] : 0.0f;
   const float mean = kDoubleQuant ? *p.scales.offset : 0.0f;
 
-  // Pair 8s + t + 4e of a block (x[k = 16s + 2t + 8e], the lane's B fragment e of step s) goes to word 8t + 2s + e.
-  // A granule is 16 bytes, pairs 4q .. 4q + 3 of a row (32-bit counts: at most 8 rows of a K split). A thread's
-  // kTiledXLoads loads are issued before its stores: one at a time, 8 rows of x at K = 8192 took 16 round trips
-  // before the first weight was read.
-  const uint32_t granules = static_cast<uint32_t>(split_k / 8), x_granules = static_cast<uint32_t>(p.M) * granules;
-  for (uint32_t first_i = tid; first_i < x_granules; first_i += threads * kTiledXLoads) {
-    uint4 v[kTiledXLoads];
-#pragma unroll
-    for (int u = 0; u < kTiledXLoads; ++u) {
-      const uint32_t i = first_i + u * threads;
-      if (i < x_granules) v[u] = __ldg(reinterpret_cast<const uint4*>(p.x + (i / granules) * p.K + k_begin) + i % granules);
-    }
-#pragma unroll
-    for (int u = 0; u < kTiledXLoads; ++u) {
-      const uint32_t i = first_i + u * threads;
-      if (i >= x_granules) break;
-      const uint32_t m = i / granules, q = i % granules;
-      const int first = 4 * static_cast<int>(q % 8);
-      uint32_t* d = xs + m * x_words + q / 8 * 32 + 2 * (first / 8) + first / 4 % 2;
-      d[0] = v[u].x;
-      d[8] = v[u].y;
-      d[16] = v[u].z;
-      d[24] = v[u].w;
-    }
-  }
+  stage_tiled_x(p.x, p.M, p.K, k_begin, split_k, xs, tid, threads);
   fill_lane_pair_table<T>(table, [&](int code) { return __shfl_sync(0xffffffffu, lane_value, code); }, tid, threads);
   if constexpr (kDoubleQuant) {
     if (tid < 256) code2[tid] = code2_value;
@@ -183,38 +272,14 @@ __global__ void __launch_bounds__(kTiledGemvMaxWarps * 32, 1) lora_gemv_tiled_ke
   if (has_tile) {
     const int64_t row_block[2] = {(tile * kTileOrderRows + g) * blocks_per_row + b_begin,
                                   (tile * kTileOrderRows + g + 8) * blocks_per_row + b_begin};
-    const auto load_scales = [&](TiledScales<kDoubleQuant>& sc, int group) {
-#pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        const int64_t block = row_block[h] + kTiledGemvGroupBlocks * group;
-        if constexpr (kDoubleQuant) {
-          sc.q[h] = __ldg(reinterpret_cast<const uint32_t*>(p.scales.qabsmax + block));
-          sc.a2[h] = __ldg(p.scales.absmax2 + block / kAbsmaxBlocksize);
-        } else {
-          sc.absmax[h] = __ldg(reinterpret_cast<const float4*>(p.scales.absmax + block));
-        }
-      }
-    };
     const uint32_t table_base = static_cast<uint32_t>(__cvta_generic_to_shared(table));
     const uint32_t lane4 = lane * 4;
     const uint32_t* x_row = xs + (g < p.M ? g : p.M - 1) * x_words + 8 * t;
     const auto decode = [&](const uint4 (&w)[kTiledGemvGroupBlocks], const TiledScales<kDoubleQuant>& sc, int group) {
-#pragma unroll
-      for (int j = 0; j < kTiledGemvGroupBlocks; ++j) {
-        float d[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-        tiled_block_mma<T>(d, table_base, make_uint2(w[j].x, w[j].y), make_uint2(w[j].z, w[j].w),
-                           x_row + (kTiledGemvGroupBlocks * group + j) * 32, lane4);
-#pragma unroll
-        for (int h = 0; h < 2; ++h) {
-          float scale;
-          if constexpr (kDoubleQuant)
-            scale = mul_then_add(code2[(sc.q[h] >> (8 * j)) & 255], sc.a2[h], mean);  // as dequantize_4bit rounds it
-          else
-            scale = j == 0 ? sc.absmax[h].x : j == 1 ? sc.absmax[h].y : j == 2 ? sc.absmax[h].z : sc.absmax[h].w;
-          acc[h][0] = fmaf(scale, d[2 * h], acc[h][0]);
-          acc[h][1] = fmaf(scale, d[2 * h + 1], acc[h][1]);
-        }
-      }
+      decode_tiled_group<T>(acc, table_base, w, sc, x_row + kTiledGemvGroupBlocks * group * 32, lane4, code2, mean);
+    };
+    const auto load_scales = [&](TiledScales<kDoubleQuant>& sc, int group) {
+      load_tiled_scales(sc, p.scales, row_block, group);
     };
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
     // The scales are read a group ahead: eight groups share a 32-byte sector, so most come from L1.
@@ -222,19 +287,10 @@ __global__ void __launch_bounds__(kTiledGemvMaxWarps * 32, 1) lora_gemv_tiled_ke
     load_scales(next, 0);
 #pragma unroll 1
     for (int group = 0; group < groups; ++group) {
-      mbar_wait(slot_bar, static_cast<uint32_t>(group) & 1u);
       uint4 w[kTiledGemvGroupBlocks];
-#pragma unroll
-      for (int j = 0; j < kTiledGemvGroupBlocks; ++j) w[j] = load_shared16(slot + j * kTileOrderBytes + lane * 16);
+      slot.take(group, groups, lane, w);
       const TiledScales<kDoubleQuant> sc = next;
-      if (group + 1 < groups) {
-        __syncwarp();  // every lane has read the slot
-        if (lane == 0) {
-          fence_before_copies();
-          copy_group(group + 1);
-        }
-        load_scales(next, group + 1);
-      }
+      if (group + 1 < groups) load_scales(next, group + 1);
       decode(w, sc, group);
     }
 #else
@@ -267,20 +323,7 @@ __global__ void __launch_bounds__(kTiledGemvMaxWarps * 32, 1) lora_gemv_tiled_ke
     stage_lora_rows(p, xa_s, 0, static_cast<int>(p.M));
     __syncthreads();
   }
-  if (has_tile) {
-#pragma unroll
-    for (int h = 0; h < 2; ++h)
-#pragma unroll
-      for (int e = 0; e < 2; ++e) {
-        const int m = 2 * t + e;
-        if (m >= p.M) continue;
-        const int64_t n = tile * kTileOrderRows + g + 8 * h;
-        if (fused_epilogue)
-          p.y[m * p.N + n] = VecIO<T>::from_float(acc[h][e] + lora_term(p, xa_s, m, n));
-        else
-          p.partial[(static_cast<int64_t>(blockIdx.y) * p.M + m) * p.N + n] = acc[h][e];
-      }
-  }
+  if (has_tile) store_tiled_sums(p, acc, xa_s, tile, g, 2 * t);
   wait_for_prior_grid();  // so that this grid's completion implies lora_down's
 }
 
@@ -298,17 +341,12 @@ struct TiledGemvPlan {
   int64_t scratch_floats = 0;
 };
 
-// nullptr and the plan where the tiled GEMV takes these sizes, else why not. The split count and warps a CTA keep
-// one CTA an SM: the most warps in flight, then the most SMs busy, then the fewest idle warps. bf16: whether x is
-// bfloat16 (lora_down_mma's type).
-inline const char* plan_lora_gemv_tiled(int64_t M, int64_t N, int64_t K, int r, int64_t blocksize, bool bf16,
-                                        int num_sms, TiledGemvPlan* plan) {
-  if (M < 1 || M > kTiledGemvMaxM) return "x must have 1 to 8 rows";
-  if (blocksize != kTileOrderK) return "blocksize must be 64";
-  if (N % kTileOrderRows != 0 || K % kTiledGemvGroupK != 0)
-    return "out_features (N) must be a multiple of 16 and in_features (K) of 256";
+// The launch for M rows of x (N a multiple of 16, K of kTiledGemvGroupK), false where x's rows of a K split do not fit
+// shared memory at any split. The split count and warps a CTA keep one CTA an SM: the most warps in flight, then the
+// most SMs busy, then the fewest idle warps. xa_beside: lora_down_mma takes one SM beside it.
+inline bool choose_tiled_gemv_launch(int64_t M, int64_t N, int64_t K, int r, bool xa_beside, int num_sms,
+                                     TiledGemvPlan* plan) {
   const int64_t tiles = N / kTileOrderRows, groups = K / kTiledGemvGroupK;
-  const bool xa_beside = bf16 && r > 0 && lora_down_mma_supported(K, r);
   const int sms = xa_beside ? num_sms - 1 : num_sms;  // lora_down_mma takes one CTA at up to 16 rows
   TiledGemvPlan best;
   int64_t best_key[3] = {-1, -1, -1};
@@ -328,12 +366,26 @@ inline const char* plan_lora_gemv_tiled(int64_t M, int64_t N, int64_t K, int r, 
       }
     }
   }
-  if (best.warps == 0) return "x's rows of a K split do not fit shared memory";
+  if (best.warps == 0) return false;
   best.r = r;
   best.xa_beside = xa_beside;
   best.xa_splits = r > 0 && !xa_beside ? lora_down_splits(K) : 0;
   best.scratch_floats = gemv_scratch_floats(M, N, r, best.xa_splits, best.splits);
   *plan = best;
+  return true;
+}
+
+// nullptr and the plan where the tiled GEMV takes these sizes, else why not. bf16: whether x is bfloat16
+// (lora_down_mma's type).
+inline const char* plan_lora_gemv_tiled(int64_t M, int64_t N, int64_t K, int r, int64_t blocksize, bool bf16,
+                                        int num_sms, TiledGemvPlan* plan) {
+  if (M < 1 || M > kTiledGemvMaxM) return "x must have 1 to 8 rows";
+  if (blocksize != kTileOrderK) return "blocksize must be 64";
+  if (N % kTileOrderRows != 0 || K % kTiledGemvGroupK != 0)
+    return "out_features (N) must be a multiple of 16 and in_features (K) of 256";
+  const bool xa_beside = bf16 && r > 0 && lora_down_mma_supported(K, r);
+  if (!choose_tiled_gemv_launch(M, N, K, r, xa_beside, num_sms, plan))
+    return "x's rows of a K split do not fit shared memory";
   return nullptr;
 }
 
