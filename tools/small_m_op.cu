@@ -106,21 +106,7 @@ int main(int argc, char** argv) {
     }
     const std::vector<uint16_t> hy = host_copy(y, N * M);
     const float us = flushed_median_us(flush, launch, 60, 10);
-    // fp64 reference on 256 sampled rows; xa = x·Aᵀ once for all of them
-    std::vector<double> xa(M * r, 0.0);
-    for (int64_t m = 0; m < M; ++m)
-      for (int j = 0; j < r; ++j)
-        for (int64_t k = 0; k < K; ++k) xa[m * r + j] += static_cast<double>(from_bf16(w.x[m * K + k])) * from_bf16(hA[j * K + k]);
-    double max_err = 0, max_ref = 0;
-    for (int i = 0; i < 256; ++i) {
-      const int64_t n = (N - 1) * i / 255;
-      for (int64_t m = 0; m < M; ++m) {
-        double acc = nf4_dq_row_dot(w, n, K, [&](int64_t k) { return from_bf16(w.x[m * K + k]); });
-        for (int j = 0; j < r; ++j) acc += s * xa[m * r + j] * from_bf16(hB[n * r + j]);
-        max_err = std::max(max_err, std::fabs(from_bf16(hy[m * N + n]) - acc));
-        max_ref = std::max(max_ref, std::fabs(acc));
-      }
-    }
+    const double err = lora_reference_error(w, hA, hB, r, s, N, K, M, hy, 256);  // fp64 on 256 sampled rows
     const dim3 grid = tiled ? tiled_plan.grid : plan.grid;
     const char* x_source = tiled                                 ? "tiled"
                            : !plan.block_scaled                   ? "general"
@@ -129,7 +115,7 @@ int main(int argc, char** argv) {
                                                                : "Global";
     printf("%6lldx%-6lld M=%-3lld r=%-3d %7.1f us  %5.0f GB/s  grid %ux%ux%u  x %s, %d %s  err %.2e  y %016llx\n",
            N, K, M, r, us, (N * K / 2.0 + N * K / 64.0) / us / 1e3, grid.x, grid.y, grid.z, x_source,
-           tiled ? tiled_plan.warps : plan.warp_splits, tiled ? "warps a CTA" : "warp split(s)", max_err / max_ref,
+           tiled ? tiled_plan.warps : plan.warp_splits, tiled ? "warps a CTA" : "warp split(s)", err,
            static_cast<unsigned long long>(bits_hash(hy)));
     cudaFree(packed); cudaFree(q); cudaFree(a2); cudaFree(code2); cudaFree(offset); cudaFree(x); cudaFree(A);
     cudaFree(B); cudaFree(y); cudaFree(scratch); cudaFree(xa_rows);

@@ -21,6 +21,7 @@
 #include "qlora/lora_gemv_tiled.cuh"
 #include "qlora/mbarrier.cuh"
 #include "flushed_timing.cuh"
+#include "tiled_lora_case.cuh"
 #include "tool_host.cuh"
 
 using namespace qlora;
@@ -154,32 +155,15 @@ int main(int argc, char** argv) {
   for (int a = 2; a < argc; ++a) {
     long long N, K, M;
     if (!parse_gemm_shape(argv[a], &N, &K, &M) || M > kMaxRows) return 1;
-    std::mt19937 rng(1);
-    std::uniform_real_distribution<float> unit(-1.0f, 1.0f);
-    const DqWeightSample w = dq_weight_sample(N, K, M, rng);
-    const std::vector<uint16_t> hA = bf16_values(r * K, [&] { return 0.02f * unit(rng); });
-    const std::vector<uint16_t> hB = bf16_values(N * r, [&] { return 0.02f * unit(rng); });
     TiledGemvPlan plan16, plan8;
     const bool lib8 = plan_lora_gemv_tiled(std::min<long long>(M, 8), N, K, r, kTileOrderK, true, sms, &plan8) == nullptr;
     if (!choose_tiled_gemv_launch(M, N, K, r, true, sms, &plan16) || !lib8) {
       printf("%s: no plan\n", argv[a]);
       continue;
     }
-    LoraLinearParams<bf16> p{};
-    p.x = reinterpret_cast<bf16*>(device_copy(w.x));
-    p.packed = device_copy(to_tile_order(w.packed, N, K));
-    p.scales.qabsmax = device_copy(w.qabsmax);
-    p.scales.absmax2 = device_copy(w.absmax2);
-    p.scales.code2 = device_copy(w.code2);
-    p.scales.offset = device_copy(std::vector<float>{w.offset});
-    const bf16* A = reinterpret_cast<bf16*>(device_copy(hA));
-    p.lora_B = reinterpret_cast<bf16*>(device_copy(hB));
-    p.r = r;
-    p.scale = s;
-    cudaMalloc(&p.y, N * M * 2);
-    p.N = N;
-    p.K = K;
-    p.log2_blocksize = 6;
+    const TiledLoraCase c = tiled_lora_case(N, K, M, r, s);
+    const LoraLinearParams<bf16>& p = c.p;
+    const bf16* A = c.A;
     float* scratch;
     cudaMalloc(&scratch, std::max<int64_t>({plan16.scratch_floats, plan8.scratch_floats, 1}) * 4);
     bf16* xa;
@@ -191,10 +175,8 @@ int main(int argc, char** argv) {
       t8.push_back(flushed_median_us(flush, [&] {
         launch_lora_gemv_tiled<bf16>(p8, plan8, nullptr, A, scratch, xa, QuantType::NF4, sms, 0);
       }, 60, 10));
-      p.M = M;
       t16.push_back(flushed_median_us(flush, [&] { launch16(p, plan16, A, scratch, xa, sms); }, 60, 10));
     }
-    p.M = M;
     cudaMemset(p.y, 0, N * M * 2);
     if (const cudaError_t err = launch16(p, plan16, A, scratch, xa, sms); err != cudaSuccess ||
                                                                            cudaDeviceSynchronize() != cudaSuccess) {
@@ -202,26 +184,14 @@ int main(int argc, char** argv) {
       return 1;
     }
     const std::vector<uint16_t> hy = host_copy(p.y, N * M);
-    std::vector<double> xa_ref(M * r, 0.0);
-    for (int64_t m = 0; m < M; ++m)
-      for (int j = 0; j < r; ++j)
-        for (int64_t k = 0; k < K; ++k) xa_ref[m * r + j] += static_cast<double>(from_bf16(w.x[m * K + k])) * from_bf16(hA[j * K + k]);
-    double max_err = 0, max_ref = 0;
-    for (int i = 0; i < 128; ++i) {
-      const int64_t n = (N - 1) * i / 127;
-      for (int64_t m = 0; m < M; ++m) {
-        double acc = nf4_dq_row_dot(w, n, K, [&](int64_t k) { return from_bf16(w.x[m * K + k]); });
-        for (int j = 0; j < r; ++j) acc += s * xa_ref[m * r + j] * from_bf16(hB[n * r + j]);
-        max_err = std::max(max_err, std::fabs(from_bf16(hy[m * N + n]) - acc));
-        max_ref = std::max(max_ref, std::fabs(acc));
-      }
-    }
+    const double err = lora_reference_error(c.w, c.A_host, c.B_host, r, s, N, K, M, hy, 128);
     printf("%6lldx%-6lld M=%-2lld %2d warps x %3u CTAs, %2d splits:", N, K, M, plan16.warps,
            plan16.grid.x * plan16.grid.y, plan16.splits);
     for (float v : t16) printf(" %6.1f", v);
     printf(" us | library at M = %lld (%d splits):", std::min<long long>(M, 8), plan8.splits);
     for (float v : t8) printf(" %6.1f", v);
-    printf(" us | err %.2e  y %016llx\n", max_err / max_ref, static_cast<unsigned long long>(bits_hash(hy)));
+    printf(" us | err %.2e  y %016llx\n", err, static_cast<unsigned long long>(bits_hash(hy)));
+    c.weight.release();
   }
   return 0;
 }

@@ -21,6 +21,7 @@
 #include "qlora/lora_gemv_tiled.cuh"
 #include "qlora/mbarrier.cuh"
 #include "flushed_timing.cuh"
+#include "tiled_lora_case.cuh"
 #include "tool_host.cuh"
 
 using namespace qlora;
@@ -194,33 +195,14 @@ int main(int argc, char** argv) {
   for (int a = 2; a < argc; ++a) {
     long long N, K, M;
     if (!parse_gemm_shape(argv[a], &N, &K, &M)) return 1;
-    std::mt19937 rng(1);
-    std::uniform_real_distribution<float> unit(-1.0f, 1.0f);
-    const DqWeightSample w = dq_weight_sample(N, K, M, rng);
-    const std::vector<uint16_t> hA = bf16_values(r * K, [&] { return 0.02f * unit(rng); });
-    const std::vector<uint16_t> hB = bf16_values(N * r, [&] { return 0.02f * unit(rng); });
     TiledGemvPlan plan;
     if (const char* why = plan_lora_gemv_tiled(M, N, K, r, kTileOrderK, true, sms, &plan)) {
       printf("%s: %s\n", argv[a], why);
       continue;
     }
-    uint8_t* packed = device_copy(to_tile_order(w.packed, N, K));
-    LoraLinearParams<bf16> p{};
-    p.x = reinterpret_cast<bf16*>(device_copy(w.x));
-    p.packed = packed;
-    p.scales.qabsmax = device_copy(w.qabsmax);
-    p.scales.absmax2 = device_copy(w.absmax2);
-    p.scales.code2 = device_copy(w.code2);
-    p.scales.offset = device_copy(std::vector<float>{w.offset});
-    const bf16* A = reinterpret_cast<bf16*>(device_copy(hA));
-    p.lora_B = reinterpret_cast<bf16*>(device_copy(hB));
-    p.r = r;
-    p.scale = 2.0f;
-    cudaMalloc(&p.y, N * M * 2);
-    p.M = M;
-    p.N = N;
-    p.K = K;
-    p.log2_blocksize = 6;
+    const TiledLoraCase c = tiled_lora_case(N, K, M, r, 2.0f);
+    const LoraLinearParams<bf16>& p = c.p;
+    const bf16* A = c.A;
     float* scratch;
     cudaMalloc(&scratch, std::max<int64_t>(plan.scratch_floats, 1) * 4);
     bf16* xa;
@@ -261,7 +243,7 @@ int main(int argc, char** argv) {
       }
     }
     for (size_t f = 0; f < std::size(forms); ++f) printf("  %-30s %s\n", forms[f].name, lines[f].c_str());
-    cudaFree(packed);
+    c.weight.release();
   }
   return 0;
 }

@@ -2,7 +2,9 @@
 // float (round to nearest even), and copies between host vectors and device buffers.
 #pragma once
 
+#include <algorithm>
 #include <array>
+#include <cmath>
 #include <cstdint>
 #include <cstdio>
 #include <cstring>
@@ -188,6 +190,28 @@ double nf4_dq_row_dot(const std::vector<uint8_t>& packed, const std::vector<uint
 template <typename X>
 double nf4_dq_row_dot(const DqWeightSample& w, int64_t n, int64_t K, X x) {
   return nf4_dq_row_dot(w.packed, w.qabsmax, w.absmax2, w.code2, w.offset, n, K, x);
+}
+
+// max |y - ref| / max |ref| of y = x·dequant(W)ᵀ + s·(x·Aᵀ)·Bᵀ ([M, N], bf16 bits) against fp64 on `rows` rows of
+// N spread evenly; A [r, K] and B [N, r] as bf16 bits.
+inline double lora_reference_error(const DqWeightSample& w, const std::vector<uint16_t>& A,
+                                   const std::vector<uint16_t>& B, int r, float s, int64_t N, int64_t K, int64_t M,
+                                   const std::vector<uint16_t>& y, int rows) {
+  std::vector<double> xa(M * r, 0.0);  // x·Aᵀ once for all rows
+  for (int64_t m = 0; m < M; ++m)
+    for (int j = 0; j < r; ++j)
+      for (int64_t k = 0; k < K; ++k) xa[m * r + j] += static_cast<double>(from_bf16(w.x[m * K + k])) * from_bf16(A[j * K + k]);
+  double max_err = 0, max_ref = 0;
+  for (int i = 0; i < rows; ++i) {
+    const int64_t n = (N - 1) * i / (rows - 1);
+    for (int64_t m = 0; m < M; ++m) {
+      double acc = nf4_dq_row_dot(w, n, K, [&](int64_t k) { return from_bf16(w.x[m * K + k]); });
+      for (int j = 0; j < r; ++j) acc += s * xa[m * r + j] * from_bf16(B[n * r + j]);
+      max_err = std::max(max_err, std::fabs(from_bf16(y[m * N + n]) - acc));
+      max_ref = std::max(max_ref, std::fabs(acc));
+    }
+  }
+  return max_err / max_ref;
 }
 
 // Row-major packed bytes [N, K / 2] in tile order (qlora/tile_order.h); N % 16 == 0, K % 64 == 0.

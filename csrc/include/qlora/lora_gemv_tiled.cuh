@@ -40,8 +40,10 @@ constexpr int kTiledGemvMaxSmem = 227 * 1024;  // the most a CTA may opt in to o
 // warp reads fall in different banks.
 __host__ __device__ inline int64_t tiled_x_words(int64_t split_k) { return split_k / 2 + 4; }
 // Shared memory: the pair table, code2, the slots' barriers, a slot a warp, x's rows, then xa's (fused epilogue).
+constexpr int kTiledBarrierOffset = kLanePairTableBytes + kTiledCode2Bytes;
+constexpr int kTiledSlotOffset = kTiledBarrierOffset + kTiledBarrierBytes;
 __host__ __device__ inline int64_t tiled_x_offset(int warps) {
-  return kLanePairTableBytes + kTiledCode2Bytes + kTiledBarrierBytes + int64_t{warps} * kTiledGemvGroupBytes;
+  return kTiledSlotOffset + int64_t{warps} * kTiledGemvGroupBytes;
 }
 __host__ __device__ inline int64_t tiled_gemv_smem(int64_t M, int64_t split_k, int r, bool fused_epilogue, int warps) {
   return tiled_x_offset(warps) + M * tiled_x_words(split_k) * 4 + (fused_epilogue ? M * r * 4 : 0);
@@ -203,9 +205,9 @@ struct TiledSlot {
   uint32_t bar, data;
   const uint8_t* w_tile;  // the tile's bytes of the warp's K split
   __device__ TiledSlot(const uint8_t* smem, int warp, const uint8_t* tile_bytes) : w_tile(tile_bytes) {
-    const uint32_t base = static_cast<uint32_t>(__cvta_generic_to_shared(smem)) + kLanePairTableBytes + kTiledCode2Bytes;
-    bar = base + 8 * warp;
-    data = base + kTiledBarrierBytes + warp * kTiledGemvGroupBytes;
+    const uint32_t base = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
+    bar = base + kTiledBarrierOffset + 8 * warp;
+    data = base + kTiledSlotOffset + warp * kTiledGemvGroupBytes;
   }
   __device__ void copy(int group) const {
     mbar_arrive_expecting(bar, kTiledGemvGroupBytes);
