@@ -141,7 +141,7 @@ __global__ void __launch_bounds__(kWarps * 32, kMinCtas)
             float d[4] = {0.0f, 0.0f, 0.0f, 0.0f};
             // both orders: a lane's 8 bytes of a block row pair with x's words 8t .. 8t + 7 as staged above
             tiled_block_mma<bf16>(d, table_base, qd.w[0][j], qd.w[1][j],
-                                  reinterpret_cast<const uint32_t*>(xs) + block * 32 + 8 * t, lane4);
+                                  reinterpret_cast<const uint32_t*>(xs) + block * 32 + 8 * t, lane4, true);
 #pragma unroll
             for (int h = 0; h < 2; ++h) {
               const float scale = code2[(qd.q[h] >> (8 * j)) & 255] * qd.a2[h] + mean;

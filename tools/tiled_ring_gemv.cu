@@ -1,10 +1,12 @@
 // The tiled small-M GEMV (lora_gemv_tiled.cuh) as the library runs it on sm_90 (one 2 KB slot a warp, filled by a
 // 1-D bulk copy with an L2 evict_first policy while the warp decodes the group before) against forms with more slots
-// a warp, without the policy, or with the first copy issued after x is staged rather than at entry; "read only" folds
-// the loaded words into the sums instead of decoding them (its y differs: timing only). Same plan (grid,
-// warps, K splits), x·Aᵀ and split-K epilogue as the library's; timed as the benchmarks time (256 MB written before
-// each run), the forms interleaved; y's hash shows whether they agree bit for bit. NF4 with double quantization,
-// blocksize 64, bf16, r = 16, s = 2.
+// a warp, without the policy, or with the first copy issued after x is staged rather than at entry; and probes that
+// take one part of the decode out (timing only, their y differs): "read only" folds the loaded words into the sums
+// instead of decoding them, "no lookup" feeds the code words to the mma as they are, "no table load" keeps the PRMT
+// that forms a lookup's address but not its shared load, "no x load" takes the mma's B fragments from registers, "no
+// scales" adds each block's products unscaled. Same plan (grid, warps, K splits), x·Aᵀ and split-K epilogue as the
+// library's; timed as the benchmarks time (256 MB written before each run), the forms interleaved; y's hash shows
+// whether they agree bit for bit. NF4 with double quantization, blocksize 64, bf16, r = 16, s = 2.
 //
 //   nvcc -O3 -std=c++20 --expt-relaxed-constexpr -arch=sm_90a -diag-suppress 177 -I csrc/include -I tools \
 //     tools/tiled_ring_gemv.cu -o /tmp/tiled_ring_gemv && /tmp/tiled_ring_gemv 2 8192,28672,1 28672,8192,1
@@ -47,8 +49,80 @@ inline int64_t ring_smem(int64_t base, int warps, int slots) {
 
 using GroupScales = TiledScales<true>;
 
+// What a probe form leaves out of the decode (Probe::kFull: nothing, as the library decodes).
+enum class Probe { kFull, kReadOnly, kNoLookup, kNoTableLoad, kNoXLoad, kNoScales };
+
+// decode_tiled_group (bf16, double quantization) with one part taken out, per kProbe.
+template <Probe kProbe>
+__device__ __forceinline__ void probe_group(float (&acc)[2][2], uint32_t table, const uint4 (&w)[kTiledGemvGroupBlocks],
+                                            const GroupScales& sc, const uint32_t* x_group, uint32_t lane4,
+                                            const float* code2, float mean, bool x_row_used) {
+  if constexpr (kProbe == Probe::kFull) {
+    decode_tiled_group<bf16>(acc, table, w, sc, x_group, x_row_used, lane4, code2, mean);
+  } else if constexpr (kProbe == Probe::kReadOnly) {
+    acc[0][0] += __uint_as_float((w[0].x ^ w[1].y ^ w[2].z ^ w[3].w ^ sc.q[0] ^ sc.q[1]) & 0x3fffffu);
+  } else {
+#pragma unroll
+    for (int j = 0; j < kTiledGemvGroupBlocks; ++j) {
+      float d[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+      uint32_t xr[8];
+      if constexpr (kProbe == Probe::kNoXLoad) {
+#pragma unroll
+        for (int i = 0; i < 8; ++i) xr[i] = i % 2 ? lane4 : __float_as_uint(mean);
+      } else {
+        const uint4* xb = reinterpret_cast<const uint4*>(x_group + j * 32);
+        uint4 x0 = make_uint4(0, 0, 0, 0), x1 = x0;
+        if (x_row_used) {
+          x0 = xb[0];
+          x1 = xb[1];
+        }
+        const uint32_t loaded[8] = {x0.x, x0.y, x0.z, x0.w, x1.x, x1.y, x1.z, x1.w};
+#pragma unroll
+        for (int i = 0; i < 8; ++i) xr[i] = loaded[i];
+      }
+      const uint2 row_g = make_uint2(w[j].x, w[j].y), row_g8 = make_uint2(w[j].z, w[j].w);
+#pragma unroll
+      for (int s = 0; s < 4; ++s) {
+        uint32_t a[4];
+        if constexpr (kProbe == Probe::kNoLookup) {
+          a[0] = s < 2 ? row_g.x : row_g.y;
+          a[1] = s < 2 ? row_g8.x : row_g8.y;
+          a[2] = a[0] ^ lane4;
+          a[3] = a[1] ^ lane4;
+        } else if constexpr (kProbe == Probe::kNoTableLoad) {
+          const auto at = [&](uint2 row, int byte) {
+            return __byte_perm(byte < 4 ? row.x : row.y, lane4, 0x5504u | ((byte & 3) << 4));
+          };
+          a[0] = at(row_g, 2 * s);
+          a[1] = at(row_g8, 2 * s);
+          a[2] = at(row_g, 2 * s + 1);
+          a[3] = at(row_g8, 2 * s + 1);
+        } else {
+          a[0] = tiled_pair(table, row_g.x, row_g.y, 2 * s, lane4);
+          a[1] = tiled_pair(table, row_g8.x, row_g8.y, 2 * s, lane4);
+          a[2] = tiled_pair(table, row_g.x, row_g.y, 2 * s + 1, lane4);
+          a[3] = tiled_pair(table, row_g8.x, row_g8.y, 2 * s + 1, lane4);
+        }
+        const uint32_t b[2] = {xr[2 * s], xr[2 * s + 1]};
+        MmaType<bf16>::mma(d, a, b);
+      }
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        if constexpr (kProbe == Probe::kNoScales) {
+          acc[h][0] += d[2 * h];
+          acc[h][1] += d[2 * h + 1];
+        } else {
+          const float scale = mul_then_add(code2[(sc.q[h] >> (8 * j)) & 255], sc.a2[h], mean);
+          acc[h][0] = fmaf(scale, d[2 * h], acc[h][0]);
+          acc[h][1] = fmaf(scale, d[2 * h + 1], acc[h][1]);
+        }
+      }
+    }
+  }
+}
+
 // lora_gemv_tiled_kernel<bf16, NF4, double quantization> with the weight's groups through shared memory.
-template <int kSlots, bool kEvictFirst, bool kIssueAtEntry, bool kReadOnly = false>
+template <int kSlots, bool kEvictFirst, bool kIssueAtEntry, Probe kProbe = Probe::kFull>
 __global__ void __launch_bounds__(kTiledGemvMaxWarps * 32, 1) ring_gemv_kernel(const LoraLinearParams<bf16> p) {
   using T = bf16;
   extern __shared__ __align__(128) uint8_t smem[];
@@ -122,10 +196,8 @@ __global__ void __launch_bounds__(kTiledGemvMaxWarps * 32, 1) ring_gemv_kernel(c
         }
       }
       if (group + 1 < groups) load_tiled_scales(next, p.scales, row_block, group + 1);
-      if constexpr (kReadOnly)  // timing only: the words folded into the sums, not decoded
-        acc[0][0] += __uint_as_float((w[0].x ^ w[1].y ^ w[2].z ^ w[3].w ^ sc.q[0] ^ sc.q[1]) & 0x3fffffu);
-      else
-        decode_tiled_group<T>(acc, table_base, w, sc, x_row + kTiledGemvGroupBlocks * group * 32, lane4, code2, mean);
+      probe_group<kProbe>(acc, table_base, w, sc, x_row + kTiledGemvGroupBlocks * group * 32, lane4, code2, mean,
+                          g < p.M);
     }
   }
   allow_dependent_launch();
@@ -139,7 +211,7 @@ __global__ void __launch_bounds__(kTiledGemvMaxWarps * 32, 1) ring_gemv_kernel(c
 }
 
 // launch_lora_gemv_tiled with the ring kernel (bfloat16, x·Aᵀ by lora_down_mma beside).
-template <int kSlots, bool kEvictFirst, bool kIssueAtEntry, bool kReadOnly = false>
+template <int kSlots, bool kEvictFirst, bool kIssueAtEntry, Probe kProbe = Probe::kFull>
 cudaError_t launch_ring(LoraLinearParams<bf16> p, const TiledGemvPlan& plan, const bf16* lora_A, float* scratch,
                         bf16* xa, int num_sms) {
   p.warp_splits = 1;
@@ -148,7 +220,7 @@ cudaError_t launch_ring(LoraLinearParams<bf16> p, const TiledGemvPlan& plan, con
   const bool overlap = dependent_launch_supported();
   cudaError_t err = launch_lora_down_mma(p.x, lora_A, xa, p.M, p.K, p.r, 0);
   if (err != cudaSuccess) return err;
-  constexpr auto kernel = ring_gemv_kernel<kSlots, kEvictFirst, kIssueAtEntry, kReadOnly>;
+  constexpr auto kernel = ring_gemv_kernel<kSlots, kEvictFirst, kIssueAtEntry, kProbe>;
   const int64_t smem = ring_smem(ring_base(p.M, p.K / plan.splits, p.r, plan.splits == 1), plan.warps, kSlots);
   if (smem > kTiledGemvMaxSmem) return cudaErrorInvalidValue;
   err = opt_in_dynamic_smem<kernel>(kTiledGemvMaxSmem);
@@ -184,7 +256,14 @@ int main(int argc, char** argv) {
   const Form forms[] = {
       {"library: 1 slot, evict_first", launch_tree, 0},
       {"1 slot, evict_first", launch_ring<1, true, true>, 1},
-      {"1 slot, evict_first, read only", launch_ring<1, true, true, true>, 1},
+      {"1 slot, evict_first, read only", launch_ring<1, true, true, Probe::kReadOnly>, 1},
+      {"1 slot, evict_first, no lookup", launch_ring<1, true, true, Probe::kNoLookup>, 1},
+      {"1 slot, evict_first, no table load", launch_ring<1, true, true, Probe::kNoTableLoad>, 1},
+      {"1 slot, evict_first, no x load", launch_ring<1, true, true, Probe::kNoXLoad>, 1},
+      {"1 slot, evict_first, no scales", launch_ring<1, true, true, Probe::kNoScales>, 1},
+      {"2 slots, evict_first, no lookup", launch_ring<2, true, true, Probe::kNoLookup>, 2},
+      {"2 slots, evict_first, read only", launch_ring<2, true, true, Probe::kReadOnly>, 2},
+      {"4 slots, evict_first, read only", launch_ring<4, true, true, Probe::kReadOnly>, 4},
       {"1 slot", launch_ring<1, false, true>, 1},
       {"1 slot, evict_first, after x", launch_ring<1, true, false>, 1},
       {"2 slots, evict_first", launch_ring<2, true, true>, 2},
@@ -242,7 +321,7 @@ int main(int argc, char** argv) {
         lines[f] += buf;
       }
     }
-    for (size_t f = 0; f < std::size(forms); ++f) printf("  %-30s %s\n", forms[f].name, lines[f].c_str());
+    for (size_t f = 0; f < std::size(forms); ++f) printf("  %-36s %s\n", forms[f].name, lines[f].c_str());
     c.weight.release();
   }
   return 0;

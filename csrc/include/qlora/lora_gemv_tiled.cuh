@@ -10,7 +10,7 @@
 // flight a warp. A byte of two codes is one PRMT (its address in a per-lane table of pairs) and one shared load;
 // each k16 step lies inside one block, so the block's scale multiplies the step sums once. x of the CTA's K split
 // is staged once, each block's pairs in the order of the lanes' B fragments. Rows of x are the mma's n columns, so
-// M = 1 to 8 cost the same. x·Aᵀ runs beside it (lora_down_mma on the SM it leaves free) for bfloat16; with one K
+// M = 1 to 8 cost about the same (the lanes of columns past M skip x's loads). x·Aᵀ runs beside it (lora_down_mma on the SM it leaves free) for bfloat16; with one K
 // split the GEMV adds the LoRA term and bias itself, else lora_epilogue_kernel sums the splits.
 #pragma once
 
@@ -73,12 +73,18 @@ __device__ __forceinline__ uint32_t tiled_pair(uint32_t table, uint32_t lo, uint
 
 // d += one 64-k block's four k16 steps for a lane: A from its 8 code bytes of rows g and g + 8 of the block, B from
 // the block's 8 words of x at x_block in the lanes' order (pair 8s + t + 4e at word 8t + 2s + e, x_block already at
-// the lane's 8t).
+// the lane's 8t). x_used: whether the lane's B column g is a row of x. The other lanes' columns are never stored, so
+// they skip the loads: fewer lanes, fewer shared-memory wavefronts (H200, 2026-12-01, tools/tiled_ring_gemv.cu, y the
+// same bit for bit: 8192x28672 M = 1 47.6 -> 44.8 µs, M = 4 48.7 -> 46.7; 28672x8192 M = 1 50.5 -> 47.7).
 template <typename T>
 __device__ __forceinline__ void tiled_block_mma(float (&d)[4], uint32_t table, uint2 row_g, uint2 row_g8,
-                                                const uint32_t* x_block, uint32_t lane4) {
+                                                const uint32_t* x_block, uint32_t lane4, bool x_used) {
   const uint4* xb = reinterpret_cast<const uint4*>(x_block);
-  const uint4 x0 = xb[0], x1 = xb[1];
+  uint4 x0 = make_uint4(0, 0, 0, 0), x1 = x0;
+  if (x_used) {
+    x0 = xb[0];
+    x1 = xb[1];
+  }
   const uint32_t xr[8] = {x0.x, x0.y, x0.z, x0.w, x1.x, x1.y, x1.z, x1.w};
 #pragma unroll
   for (int s = 0; s < 4; ++s) {
@@ -118,15 +124,17 @@ __device__ __forceinline__ void load_tiled_scales(TiledScales<kDoubleQuant>& sc,
 }
 
 // acc[row g, g + 8][x rows 2t, 2t + 1] += a lane's group: its four blocks' bytes w, their scales, x's staged pairs
-// from x_group (the lane's words of the group's first block); code2 and mean as dequantize_4bit applies them.
+// from x_group (the lane's words of the group's first block; x_used as tiled_block_mma's); code2 and mean as
+// dequantize_4bit applies them.
 template <typename T, bool kDoubleQuant>
 __device__ __forceinline__ void decode_tiled_group(float (&acc)[2][2], uint32_t table, const uint4 (&w)[kTiledGemvGroupBlocks],
                                                    const TiledScales<kDoubleQuant>& sc, const uint32_t* x_group,
-                                                   uint32_t lane4, const float* code2, float mean) {
+                                                   bool x_used, uint32_t lane4, const float* code2, float mean) {
 #pragma unroll
   for (int j = 0; j < kTiledGemvGroupBlocks; ++j) {
     float d[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-    tiled_block_mma<T>(d, table, make_uint2(w[j].x, w[j].y), make_uint2(w[j].z, w[j].w), x_group + j * 32, lane4);
+    tiled_block_mma<T>(d, table, make_uint2(w[j].x, w[j].y), make_uint2(w[j].z, w[j].w), x_group + j * 32, lane4,
+                       x_used);
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
       float scale;
@@ -278,7 +286,8 @@ __global__ void __launch_bounds__(kTiledGemvMaxWarps * 32, 1) lora_gemv_tiled_ke
     const uint32_t lane4 = lane * 4;
     const uint32_t* x_row = xs + (g < p.M ? g : p.M - 1) * x_words + 8 * t;
     const auto decode = [&](const uint4 (&w)[kTiledGemvGroupBlocks], const TiledScales<kDoubleQuant>& sc, int group) {
-      decode_tiled_group<T>(acc, table_base, w, sc, x_row + kTiledGemvGroupBlocks * group * 32, lane4, code2, mean);
+      decode_tiled_group<T>(acc, table_base, w, sc, x_row + kTiledGemvGroupBlocks * group * 32, g < p.M, lane4, code2,
+                            mean);
     };
     const auto load_scales = [&](TiledScales<kDoubleQuant>& sc, int group) {
       load_tiled_scales(sc, p.scales, row_block, group);
