@@ -4,6 +4,7 @@ The gap before the first kernel is the launch latency the host left; gaps betwee
 With many calls, the first and last tenth's medians of the call's end show whether sustained load slows it.
 
     python tools/op_timeline.py [--shapes 28672x8192,14336x4096] [--ms 256,512] [--path 0] [--calls 20] [--bf16]
+                                [--tile-order]
 """
 
 import argparse
@@ -53,10 +54,13 @@ def main():
     parser.add_argument("--path", type=int, default=0, help="lora_linear_4bit's path argument (0: automatic)")
     parser.add_argument("--calls", type=int, default=20)
     parser.add_argument("--bf16", action="store_true", help="also bf16 F.linear with the same weight, no adapter")
+    parser.add_argument("--tile-order", action="store_true", help="the weight in tile order, as the modules hold it")
     args = parser.parse_args()
     dev = torch.device("cuda")
     for N, K in (tuple(int(d) for d in s.split("x")) for s in args.shapes.split(",")):
         W, packed, qs, A, B = layer(N, K, dev)
+        if args.tile_order:
+            packed = qlora.tile_order(packed, qs)
         for M in (int(m) for m in args.ms.split(",")):
             x = torch.randn(M, K, device=dev, dtype=torch.bfloat16)
             ops = {f"path {args.path}": lambda: qlora.lora_linear_4bit(x, packed, qs, None, A, B, SCALE, None, args.path)}
