@@ -70,15 +70,7 @@ __device__ __forceinline__ void probe_group(float (&acc)[2][2], uint32_t table, 
 #pragma unroll
         for (int i = 0; i < 8; ++i) xr[i] = i % 2 ? lane4 : __float_as_uint(mean);
       } else {
-        const uint4* xb = reinterpret_cast<const uint4*>(x_group + j * 32);
-        uint4 x0 = make_uint4(0, 0, 0, 0), x1 = x0;
-        if (x_row_used) {
-          x0 = xb[0];
-          x1 = xb[1];
-        }
-        const uint32_t loaded[8] = {x0.x, x0.y, x0.z, x0.w, x1.x, x1.y, x1.z, x1.w};
-#pragma unroll
-        for (int i = 0; i < 8; ++i) xr[i] = loaded[i];
+        load_tiled_x_block(xr, x_group + j * 32, x_row_used);
       }
       const uint2 row_g = make_uint2(w[j].x, w[j].y), row_g8 = make_uint2(w[j].z, w[j].w);
 #pragma unroll

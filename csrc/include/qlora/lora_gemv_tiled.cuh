@@ -71,21 +71,29 @@ __device__ __forceinline__ uint32_t tiled_pair(uint32_t table, uint32_t lo, uint
   return v;
 }
 
-// d += one 64-k block's four k16 steps for a lane: A from its 8 code bytes of rows g and g + 8 of the block, B from
-// the block's 8 words of x at x_block in the lanes' order (pair 8s + t + 4e at word 8t + 2s + e, x_block already at
-// the lane's 8t). x_used: whether the lane's B column g is a row of x. The other lanes' columns are never stored, so
-// they skip the loads: fewer lanes, fewer shared-memory wavefronts (H200, 2026-12-01, tools/tiled_ring_gemv.cu, y the
-// same bit for bit: 8192x28672 M = 1 47.6 -> 44.8 µs, M = 4 48.7 -> 46.7; 28672x8192 M = 1 50.5 -> 47.7).
-template <typename T>
-__device__ __forceinline__ void tiled_block_mma(float (&d)[4], uint32_t table, uint2 row_g, uint2 row_g8,
-                                                const uint32_t* x_block, uint32_t lane4, bool x_used) {
+// A lane's B fragments of one 64-k block for its four k16 steps: the block's 8 words of x at x_block in the lanes'
+// order (pair 8s + t + 4e at word 8t + 2s + e, x_block already at the lane's 8t). x_used: whether the lane's B column g
+// is a row of x. The other lanes' columns are never stored, so they skip the loads: fewer lanes, fewer shared-memory
+// wavefronts (H200, 2026-12-01, tools/tiled_ring_gemv.cu, y the same bit for bit: 8192x28672 M = 1 47.6 -> 44.8 µs,
+// M = 4 48.7 -> 46.7; 28672x8192 M = 1 50.5 -> 47.7).
+__device__ __forceinline__ void load_tiled_x_block(uint32_t (&xr)[8], const uint32_t* x_block, bool x_used) {
   const uint4* xb = reinterpret_cast<const uint4*>(x_block);
   uint4 x0 = make_uint4(0, 0, 0, 0), x1 = x0;
   if (x_used) {
     x0 = xb[0];
     x1 = xb[1];
   }
-  const uint32_t xr[8] = {x0.x, x0.y, x0.z, x0.w, x1.x, x1.y, x1.z, x1.w};
+  const uint32_t words[8] = {x0.x, x0.y, x0.z, x0.w, x1.x, x1.y, x1.z, x1.w};
+#pragma unroll
+  for (int i = 0; i < 8; ++i) xr[i] = words[i];
+}
+// d += one 64-k block's four k16 steps for a lane: A from its 8 code bytes of rows g and g + 8 of the block, B from
+// x_block as load_tiled_x_block reads it.
+template <typename T>
+__device__ __forceinline__ void tiled_block_mma(float (&d)[4], uint32_t table, uint2 row_g, uint2 row_g8,
+                                                const uint32_t* x_block, uint32_t lane4, bool x_used) {
+  uint32_t xr[8];
+  load_tiled_x_block(xr, x_block, x_used);
 #pragma unroll
   for (int s = 0; s < 4; ++s) {
     const uint32_t a[4] = {tiled_pair(table, row_g.x, row_g.y, 2 * s, lane4),
