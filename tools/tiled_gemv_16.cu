@@ -33,17 +33,15 @@ constexpr int kMaxRows = 16;
 __device__ __forceinline__ void tiled_block_mma2(float (&d0)[4], float (&d1)[4], uint32_t table, uint2 row_g,
                                                  uint2 row_g8, const uint32_t* x0, const uint32_t* x1,
                                                  uint32_t lane4) {
-  const uint4* b0 = reinterpret_cast<const uint4*>(x0);
-  const uint4* b1 = reinterpret_cast<const uint4*>(x1);
-  const uint4 p0 = b0[0], p1 = b0[1], q0 = b1[0], q1 = b1[1];
-  const uint32_t xr[8] = {p0.x, p0.y, p0.z, p0.w, p1.x, p1.y, p1.z, p1.w};
-  const uint32_t xs[8] = {q0.x, q0.y, q0.z, q0.w, q1.x, q1.y, q1.z, q1.w};
+  uint32_t xr[8], xs[8];
+  load_tiled_x_block(xr, x0, true);
+  load_tiled_x_block(xs, x1, true);
 #pragma unroll
   for (int s = 0; s < 4; ++s) {
-    const uint32_t a[4] = {tiled_pair(table, row_g.x, row_g.y, 2 * s, lane4),
-                           tiled_pair(table, row_g8.x, row_g8.y, 2 * s, lane4),
-                           tiled_pair(table, row_g.x, row_g.y, 2 * s + 1, lane4),
-                           tiled_pair(table, row_g8.x, row_g8.y, 2 * s + 1, lane4)};
+    uint32_t a[4];
+    tiled_a_step(a, row_g, row_g8, s, [&](uint32_t lo, uint32_t hi, int byte) {
+      return tiled_pair(table, lo, hi, byte, lane4);
+    });
     const uint32_t b[2] = {xr[2 * s], xr[2 * s + 1]};
     const uint32_t c[2] = {xs[2 * s], xs[2 * s + 1]};
     MmaType<bf16>::mma(d0, a, b);

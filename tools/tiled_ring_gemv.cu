@@ -82,32 +82,25 @@ __device__ __forceinline__ void probe_group(float (&acc)[2][2], uint32_t table, 
           a[2] = a[0] ^ lane4;
           a[3] = a[1] ^ lane4;
         } else if constexpr (kProbe == Probe::kNoTableLoad) {
-          const auto at = [&](uint2 row, int byte) {
-            return __byte_perm(byte < 4 ? row.x : row.y, lane4, 0x5504u | ((byte & 3) << 4));
-          };
-          a[0] = at(row_g, 2 * s);
-          a[1] = at(row_g8, 2 * s);
-          a[2] = at(row_g, 2 * s + 1);
-          a[3] = at(row_g8, 2 * s + 1);
+          tiled_a_step(a, row_g, row_g8, s, [&](uint32_t lo, uint32_t hi, int byte) {
+            return tiled_pair_offset(lo, hi, byte, lane4);
+          });
         } else {
-          a[0] = tiled_pair(table, row_g.x, row_g.y, 2 * s, lane4);
-          a[1] = tiled_pair(table, row_g8.x, row_g8.y, 2 * s, lane4);
-          a[2] = tiled_pair(table, row_g.x, row_g.y, 2 * s + 1, lane4);
-          a[3] = tiled_pair(table, row_g8.x, row_g8.y, 2 * s + 1, lane4);
+          tiled_a_step(a, row_g, row_g8, s, [&](uint32_t lo, uint32_t hi, int byte) {
+            return tiled_pair(table, lo, hi, byte, lane4);
+          });
         }
         const uint32_t b[2] = {xr[2 * s], xr[2 * s + 1]};
         MmaType<bf16>::mma(d, a, b);
       }
+      if constexpr (kProbe == Probe::kNoScales) {
 #pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        if constexpr (kProbe == Probe::kNoScales) {
+        for (int h = 0; h < 2; ++h) {
           acc[h][0] += d[2 * h];
           acc[h][1] += d[2 * h + 1];
-        } else {
-          const float scale = mul_then_add(code2[(sc.q[h] >> (8 * j)) & 255], sc.a2[h], mean);
-          acc[h][0] = fmaf(scale, d[2 * h], acc[h][0]);
-          acc[h][1] = fmaf(scale, d[2 * h + 1], acc[h][1]);
         }
+      } else {
+        add_scaled_block(acc, d, sc, j, code2, mean);
       }
     }
   }

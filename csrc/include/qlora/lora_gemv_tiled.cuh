@@ -10,8 +10,9 @@
 // flight a warp. A byte of two codes is one PRMT (its address in a per-lane table of pairs) and one shared load;
 // each k16 step lies inside one block, so the block's scale multiplies the step sums once. x of the CTA's K split
 // is staged once, each block's pairs in the order of the lanes' B fragments. Rows of x are the mma's n columns, so
-// M = 1 to 8 cost about the same (the lanes of columns past M skip x's loads). x·Aᵀ runs beside it (lora_down_mma on the SM it leaves free) for bfloat16; with one K
-// split the GEMV adds the LoRA term and bias itself, else lora_epilogue_kernel sums the splits.
+// M = 1 to 8 cost about the same (the lanes of columns past M skip x's loads). x·Aᵀ runs beside it (lora_down_mma on
+// the SM it leaves free) for bfloat16; with one K split the GEMV adds the LoRA term and bias itself, else
+// lora_epilogue_kernel sums the splits.
 #pragma once
 
 #include <algorithm>
@@ -63,12 +64,23 @@ __device__ __forceinline__ uint4 load_streaming16(const uint8_t* p) {
   return v;
 }
 
-// The pair of byte `byte` (0..7) of a lane's 8 bytes {lo, hi} of one block row.
+// Where in the pair table the pair of byte `byte` (0..7) of a lane's 8 bytes {lo, hi} of one block row lies.
+__device__ __forceinline__ uint32_t tiled_pair_offset(uint32_t lo, uint32_t hi, int byte, uint32_t lane4) {
+  return __byte_perm(byte < 4 ? lo : hi, lane4, 0x5504u | ((byte & 3) << 4));
+}
+// That pair itself.
 __device__ __forceinline__ uint32_t tiled_pair(uint32_t table, uint32_t lo, uint32_t hi, int byte, uint32_t lane4) {
-  const uint32_t at = __byte_perm(byte < 4 ? lo : hi, lane4, 0x5504u | ((byte & 3) << 4));
   uint32_t v;
-  asm volatile("ld.shared.u32 %0, [%1];\n" : "=r"(v) : "r"(table + at));
+  asm volatile("ld.shared.u32 %0, [%1];\n" : "=r"(v) : "r"(table + tiled_pair_offset(lo, hi, byte, lane4)));
   return v;
+}
+// a = a lane's A fragments of k16 step s of a block: pair(lo, hi, byte) of bytes 2s and 2s + 1 of rows g and g + 8.
+template <typename Pair>
+__device__ __forceinline__ void tiled_a_step(uint32_t (&a)[4], uint2 row_g, uint2 row_g8, int s, Pair pair) {
+  a[0] = pair(row_g.x, row_g.y, 2 * s);
+  a[1] = pair(row_g8.x, row_g8.y, 2 * s);
+  a[2] = pair(row_g.x, row_g.y, 2 * s + 1);
+  a[3] = pair(row_g8.x, row_g8.y, 2 * s + 1);
 }
 
 // A lane's B fragments of one 64-k block for its four k16 steps: the block's 8 words of x at x_block in the lanes'
@@ -96,10 +108,10 @@ __device__ __forceinline__ void tiled_block_mma(float (&d)[4], uint32_t table, u
   load_tiled_x_block(xr, x_block, x_used);
 #pragma unroll
   for (int s = 0; s < 4; ++s) {
-    const uint32_t a[4] = {tiled_pair(table, row_g.x, row_g.y, 2 * s, lane4),
-                           tiled_pair(table, row_g8.x, row_g8.y, 2 * s, lane4),
-                           tiled_pair(table, row_g.x, row_g.y, 2 * s + 1, lane4),
-                           tiled_pair(table, row_g8.x, row_g8.y, 2 * s + 1, lane4)};
+    uint32_t a[4];
+    tiled_a_step(a, row_g, row_g8, s, [&](uint32_t lo, uint32_t hi, int byte) {
+      return tiled_pair(table, lo, hi, byte, lane4);
+    });
     const uint32_t b[2] = {xr[2 * s], xr[2 * s + 1]};
     MmaType<T>::mma(d, a, b);
   }
@@ -131,6 +143,23 @@ __device__ __forceinline__ void load_tiled_scales(TiledScales<kDoubleQuant>& sc,
   }
 }
 
+// acc += d, one block's step sums (block j of a lane's group), each row's scaled as dequantize_4bit scales it.
+template <bool kDoubleQuant>
+__device__ __forceinline__ void add_scaled_block(float (&acc)[2][2], const float (&d)[4],
+                                                 const TiledScales<kDoubleQuant>& sc, int j, const float* code2,
+                                                 float mean) {
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    float scale;
+    if constexpr (kDoubleQuant)
+      scale = mul_then_add(code2[(sc.q[h] >> (8 * j)) & 255], sc.a2[h], mean);  // as dequantize_4bit rounds it
+    else
+      scale = j == 0 ? sc.absmax[h].x : j == 1 ? sc.absmax[h].y : j == 2 ? sc.absmax[h].z : sc.absmax[h].w;
+    acc[h][0] = fmaf(scale, d[2 * h], acc[h][0]);
+    acc[h][1] = fmaf(scale, d[2 * h + 1], acc[h][1]);
+  }
+}
+
 // acc[row g, g + 8][x rows 2t, 2t + 1] += a lane's group: its four blocks' bytes w, their scales, x's staged pairs
 // from x_group (the lane's words of the group's first block; x_used as tiled_block_mma's); code2 and mean as
 // dequantize_4bit applies them.
@@ -143,16 +172,7 @@ __device__ __forceinline__ void decode_tiled_group(float (&acc)[2][2], uint32_t 
     float d[4] = {0.0f, 0.0f, 0.0f, 0.0f};
     tiled_block_mma<T>(d, table, make_uint2(w[j].x, w[j].y), make_uint2(w[j].z, w[j].w), x_group + j * 32, lane4,
                        x_used);
-#pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      float scale;
-      if constexpr (kDoubleQuant)
-        scale = mul_then_add(code2[(sc.q[h] >> (8 * j)) & 255], sc.a2[h], mean);  // as dequantize_4bit rounds it
-      else
-        scale = j == 0 ? sc.absmax[h].x : j == 1 ? sc.absmax[h].y : j == 2 ? sc.absmax[h].z : sc.absmax[h].w;
-      acc[h][0] = fmaf(scale, d[2 * h], acc[h][0]);
-      acc[h][1] = fmaf(scale, d[2 * h + 1], acc[h][1]);
-    }
+    add_scaled_block(acc, d, sc, j, code2, mean);
   }
 }
 
