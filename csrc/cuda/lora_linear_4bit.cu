@@ -129,16 +129,19 @@ at::Tensor tiled_gemv_forward(const at::Tensor& x2, const at::Tensor& packed, co
                               const std::optional<at::Tensor>& lora_A, const std::optional<at::Tensor>& lora_B,
                               double scale, const std::optional<at::Tensor>& xl2, int num_sms) {
   const GemvInputs in = gemv_inputs(x2, packed, absmax, args, absmax2, code2, offset, bias, lora_A, lora_B, xl2);
-  at::Tensor scratch = at::empty({std::max<int64_t>(plan.scratch_floats, 1)}, in.x.options().dtype(at::kFloat));
-  at::Tensor xa;
-  if (plan.xa_beside) xa = at::empty({args.M, args.r}, in.x.options());
+  // The fp32 scratch and xa (16-byte aligned behind it) in one allocation, none where neither is needed: each
+  // allocation is host time of every call (tools/host_time.py).
+  const int64_t xa_at = (plan.scratch_floats + 3) / 4 * 4;
+  const int64_t floats = xa_at + (plan.xa_beside ? (args.M * args.r + 1) / 2 : 0);
+  const at::Tensor workspace = floats > 0 ? at::empty({floats}, in.x.options().dtype(at::kFloat)) : at::Tensor();
+  float* scratch = workspace.defined() ? workspace.data_ptr<float>() : nullptr;
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   dispatch_half(in.x.scalar_type(), [&](auto tag) {
     using T = decltype(tag);
-    T* xa_out = xa.defined() ? static_cast<T*>(xa.data_ptr()) : nullptr;
+    T* xa_out = plan.xa_beside ? reinterpret_cast<T*>(scratch + xa_at) : nullptr;
     C10_CUDA_CHECK(launch_lora_gemv_tiled<T>(in.params<T>(args, scale, kTileOrderK), plan, in.x_lora_ptr<T>(),
-                                             in.lora_A_ptr<T>(), scratch.data_ptr<float>(), xa_out,
-                                             args.weight.quant_type, num_sms, stream));
+                                             in.lora_A_ptr<T>(), scratch, xa_out, args.weight.quant_type, num_sms,
+                                             stream));
   });
   return in.y;
 }
